@@ -1,0 +1,1 @@
+"""modelpeer: the command-line client of a modelpeerd daemon."""

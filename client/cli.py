@@ -1,0 +1,196 @@
+"""`modelpeer`: the command-line client of a modelpeerd daemon (it only talks to the daemon).
+
+Exit codes: 0 success, 1 the daemon reported a problem (e.g. verify found bad chunks),
+2 bad usage, 3 the daemon cannot be reached, 4 not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+DEFAULT_DAEMON = "http://127.0.0.1:6580"
+API = "/_modelpeer/v1"
+EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_age(ts: float) -> str:
+    s = max(0, time.time() - ts)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit} ago"
+    return f"{s:.0f}s ago"
+
+
+class Daemon:
+    def __init__(self, url: str, timeout: float = 30) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + API + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read()).get("error", e.reason)
+            except ValueError:
+                message = e.reason
+            code = EXIT_NOT_FOUND if e.code == 404 else EXIT_PROBLEM
+            raise CliError(f"the daemon answered {e.code}: {message}", code) from e
+        except (urllib.error.URLError, OSError) as e:
+            raise CliError(f"cannot reach modelpeerd at {self.url} ({getattr(e, 'reason', e)});"
+                           " is it running? (systemctl status modelpeer, or start modelpeerd;"
+                           " --daemon URL / MODELPEER_URL pick another)", EXIT_UNREACHABLE) from e
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
+    s = d.call("GET", "/status")
+    if args.json:
+        _print_json(s)
+        return 0
+    store, served = s["store"], s["served_bytes"]
+    peers = s["peers"]
+    print(f"node      {s['node']}  (modelpeerd {s['version']}, up {s['uptime']:.0f}s)")
+    print(f"serving   {s['listen']}   upstream {', '.join(s['upstream'])}"
+          + ("   OFFLINE" if s["offline"] else ""))
+    limit = human_size(s["max_cache_size"]) if s["max_cache_size"] else "no limit"
+    print(f"cache     {human_size(store['bytes'])} in {store['complete_blobs']} files, "
+          f"{store['chunks']} chunks ({limit})  at {s['cache_dir']}")
+    print("served    " + ", ".join(f"{human_size(served[k])} from {k}" for k in served)
+          + f";  {human_size(s['upstream_bytes'])} read from upstream")
+    off = "" if peers["enabled"] else f"(off: {peers['reason']})"
+    print(f"peers     {peers['count']} {off}")
+    for t in s["transfers"]:
+        pct = 100 * t["available"] / t["size"] if t["size"] else 100
+        print(f"  {pct:5.1f}%  {human_size(t['rate'])}/s  {t['file']}")
+    return 0
+
+
+def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
+    repos = d.call("GET", "/repos")
+    if args.json:
+        _print_json(repos)
+        return 0
+    if not repos:
+        print("the cache is empty")
+        return 0
+    print(f"{'REPO':50} {'TYPE':8} {'FILES':>6} {'SIZE':>10}  LAST USED")
+    for r in repos:
+        print(f"{r['repo_id']:50} {r['repo_type']:8} {r['files']:>6} "
+              f"{human_size(r['bytes']):>10}  {human_age(r['last_access'])}")
+    return 0
+
+
+def cmd_rm(d: Daemon, args: argparse.Namespace) -> int:
+    repo_id = urllib.parse.quote(args.repo, safe="/")
+    result = d.call("DELETE", f"/repos/{args.repo_type}/{repo_id}")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"removed {result['removed']}, freed {human_size(result['freed_bytes'])}")
+    return 0
+
+
+def cmd_gc(d: Daemon, args: argparse.Namespace) -> int:
+    result = d.call("POST", "/gc")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"freed {human_size(result['freed_bytes'])} ({len(result['removed'])} unreferenced,"
+              f" {len(result['evicted'])} evicted)")
+    return 0
+
+
+def cmd_verify(d: Daemon, args: argparse.Namespace) -> int:
+    d.timeout = 3600
+    result = d.call("POST", "/verify?full=1" if args.full else "/verify")
+    if args.json:
+        _print_json(result)
+    else:
+        checked = result["checked"]
+        print(f"checked {checked['chunks']} chunks"
+              + (f" and {checked['complete_blobs']} blobs (sha256/sha1)" if args.full else ""))
+        for p in result["problems"]:
+            where = f"chunk {p['chunk']}" if p["chunk"] is not None else "whole blob"
+            print(f"  BAD {p['digest']} {where} ({p['error']}): dropped, will be fetched again")
+        print("all good" if not result["problems"] else f"{len(result['problems'])} problems")
+    return EXIT_PROBLEM if result["problems"] else 0
+
+
+def cmd_env(d: Daemon, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json({"HF_ENDPOINT": d.url})
+    else:
+        print(f"export HF_ENDPOINT={d.url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--daemon", default=os.environ.get("MODELPEER_URL", DEFAULT_DAEMON),
+                        help="URL of the modelpeerd to talk to (default: $MODELPEER_URL or "
+                             f"{DEFAULT_DAEMON})")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p = argparse.ArgumentParser(prog="modelpeer", parents=[common],
+                                description="Talk to the local modelpeerd: status, cache, peers.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", parents=[common], help="this node: cache, transfers, peers"
+                   ).set_defaults(func=cmd_status)
+    sub.add_parser("ls", parents=[common], help="cached repos, sizes, last use"
+                   ).set_defaults(func=cmd_ls)
+    rm = sub.add_parser("rm", parents=[common], help="remove a repo from the cache")
+    rm.add_argument("repo", help="repo id, e.g. org/model")
+    rm.add_argument("--repo-type", default="model", choices=("model", "dataset", "space"))
+    rm.set_defaults(func=cmd_rm)
+    sub.add_parser("gc", parents=[common], help="drop unreferenced blobs, evict to the limit"
+                   ).set_defaults(func=cmd_gc)
+    v = sub.add_parser("verify", parents=[common], help="check every chunk's xxh3")
+    v.add_argument("--full", action="store_true", help="also check every blob's sha256/sha1")
+    v.set_defaults(func=cmd_verify)
+    sub.add_parser("env", parents=[common], help="print the HF_ENDPOINT line for your shell"
+                   ).set_defaults(func=cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(Daemon(args.daemon), args))
+    except CliError as e:
+        print(f"modelpeer: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

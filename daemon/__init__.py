@@ -1,0 +1,1 @@
+"""modelpeerd: the node daemon."""

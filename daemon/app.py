@@ -1,0 +1,141 @@
+"""One daemon: builds the parts from a Config, serves until told to stop, stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sqlite3
+from typing import Any
+
+from aiohttp import web
+
+from . import notify
+from .catalog import Catalog
+from .config import Config, ConfigError, load_config
+from .control import Control
+from .fetch import Fetcher
+from .index import open_index
+from .logs import set_level
+from .metrics import Metrics
+from .proxy import Proxy
+from .store import Store
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+MAX_HEADER_BYTES = 16 * 1024
+
+
+async def _server_header(request: web.Request, resp: web.StreamResponse) -> None:
+    resp.headers["Server"] = f"modelpeer/{VERSION}"
+
+
+class Daemon:
+    def __init__(self, cfg: Config, argv: list[str] | None = None) -> None:
+        self.cfg = cfg
+        self.argv = argv
+        self.node_name = cfg.node_name or socket.gethostname()
+        self.metrics = Metrics()
+        self.db: sqlite3.Connection | None = None
+        self._runner: web.AppRunner | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.db = open_index(cfg.cache_dir / "index.sqlite3")
+        self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size)
+        recovered = await self.store.recover()
+        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped",
+                 cfg.cache_dir, recovered["good"], recovered["partial"], recovered["dropped"])
+        self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
+                                 user_agent=f"modelpeer/{VERSION}")
+        await self.upstream.start()
+        self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
+        self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
+                               max_cache_size=cfg.max_cache_size, offline=cfg.offline)
+        self.fetcher.on_upstream_bytes = self.metrics.upstream_read
+        self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
+                               self.describe)
+        self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)
+        app = web.Application(client_max_size=1024**2,
+                              handler_args={"max_field_size": MAX_HEADER_BYTES,
+                                            "max_line_size": MAX_HEADER_BYTES})
+        app.on_response_prepare.append(_server_header)
+        self.control.add_routes(app)
+        self.proxy.add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = cfg.listen
+        await web.TCPSite(self._runner, host, port, backlog=512).start()
+        self.control.ready = True
+        log.info("modelpeerd %s serving the Hub API on http://%s:%d (upstream %s%s)", VERSION,
+                 host, port, ", ".join(cfg.upstream), ", offline" if cfg.offline else "")
+        notify.ready()
+        notify.status(self.status_line())
+
+    def describe(self) -> dict[str, Any]:
+        peers_reason = ("disabled by --no-peers" if self.cfg.no_peers else
+                        "no cluster key (--cluster-key-file): running as a local cache only")
+        return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
+                "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
+                "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "peers": {"enabled": False, "reason": peers_reason, "count": 0}}
+
+    def status_line(self) -> str:
+        usage = self.store.usage()
+        return (f"serving on {self.cfg.local_url}; cache {usage.bytes / 1e9:.2f} GB in "
+                f"{usage.complete_blobs} files; {len(self.fetcher.transfers)} transfers")
+
+    async def stop(self) -> None:
+        notify.stopping()
+        self.control.ready = False
+        log.info("stopping: closing listeners and checkpointing transfers")
+        if self._runner is not None:
+            await self._runner.shutdown()
+        await self.fetcher.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.upstream.close()
+        if self.db is not None:
+            self.db.close()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the settings that can change while running."""
+        try:
+            new = load_config(self.argv)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running settings: %s", e)
+            return
+        notify.reloading()
+        set_level(new.log_level)
+        self.cfg.log_level = new.log_level
+        self.fetcher.max_cache_size = self.cfg.max_cache_size = new.max_cache_size
+        self.fetcher.connections = self.cfg.upstream_connections = new.upstream_connections
+        self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
+        needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
+                                           "offline", "peer_listen", "bt_listen", "interface",
+                                           "cluster_key_file", "log_format")
+                         if getattr(new, name) != getattr(self.cfg, name)]
+        if needs_restart:
+            log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
+        log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl)")
+        notify.ready()
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self.start()
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), 10)
+                except TimeoutError:
+                    notify.status(self.status_line())
+        finally:
+            await self.stop()

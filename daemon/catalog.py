@@ -1,0 +1,351 @@
+"""What the Hub said about repos: revisions, file entries, API answers, and who may see them.
+
+Commits are immutable and kept forever; branch and tag answers are trusted for `ref_ttl` and
+then asked again, and the last known answer is served while the upstream is unreachable. A
+repo's cached data goes to a tokenless request only once the upstream served that repo without a
+token; otherwise to a request whose token the upstream accepted for that repo lately (kept in
+memory as a hash, never on disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import sqlite3
+import time
+from typing import Any
+from urllib.parse import quote
+
+from .store import BlobId
+from .upstream import Answer, Upstream, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+GRANT_TTL = 300.0  # how long an upstream "yes" to a token is trusted while the upstream is up
+OFFLINE_GRACE = 24 * 3600.0  # ... and while it is down
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Repo:
+    type: str  # model, dataset, space
+    id: str
+
+    @property
+    def url_prefix(self) -> str:
+        return "" if self.type == "model" else REPO_TYPES[self.type] + "/"
+
+    @property
+    def api_path(self) -> str:
+        return f"/api/{REPO_TYPES[self.type]}/{self.id}"
+
+    def __str__(self) -> str:
+        return f"{self.url_prefix}{self.id}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    repo: Repo
+    commit: str
+    path: str
+    blob: BlobId
+    lfs: bool
+
+    @property
+    def resolve_path(self) -> str:
+        return f"/{self.repo.url_prefix}{self.repo.id}/resolve/{self.commit}/{quote(self.path)}"
+
+
+@dataclasses.dataclass
+class ApiAnswer:
+    status: int
+    body: bytes
+    content_type: str
+    next_link: str  # path+query of the next page, or ""
+    commit: str
+
+
+class HubError(Exception):
+    """An answer in the Hub's error form: status, X-Error-Code, message."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    @classmethod
+    def from_answer(cls, answer: Answer) -> HubError:
+        message = answer.headers.get("X-Error-Message", "")
+        if not message and answer.body:
+            try:
+                message = json.loads(answer.body).get("error", "")
+            except (ValueError, AttributeError):
+                message = answer.body[:200].decode(errors="replace")
+        keep = {k: answer.headers[k] for k in ("X-Repo-Commit", "X-Error-Message")
+                if k in answer.headers}
+        return cls(answer.status, answer.headers.get("X-Error-Code", ""),
+                   message or f"upstream answered HTTP {answer.status}", keep)
+
+    @classmethod
+    def unreachable(cls, what: str, reason: object) -> HubError:
+        return cls(502, "", f"{what}: the upstream Hub is unreachable and nothing usable is "
+                            f"cached ({reason}); retry when it is back")
+
+
+def _token_key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Catalog:
+    def __init__(self, db: sqlite3.Connection, upstream: Upstream, *, ref_ttl: float,
+                 offline: bool) -> None:
+        self.db = db
+        self.upstream = upstream
+        self.ref_ttl = ref_ttl
+        self.offline = offline
+        self._grants: dict[tuple[Repo, str], float] = {}
+
+    # --- access -------------------------------------------------------------------------
+    def _is_public(self, repo: Repo) -> bool:
+        row = self.db.execute("SELECT public FROM repos WHERE repo_type=? AND repo_id=?",
+                              (repo.type, repo.id)).fetchone()
+        return bool(row and row[0])
+
+    def _allowed(self, repo: Repo, token: str | None, *, max_age: float) -> bool:
+        if self._is_public(repo):
+            return True
+        if not token:
+            return False
+        granted = self._grants.get((repo, _token_key(token)))
+        return granted is not None and time.monotonic() - granted < max_age
+
+    def _record_access(self, repo: Repo, token: str | None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO repos (repo_type, repo_id, public, last_access) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO UPDATE SET public=MAX(public, excluded.public),"
+            " last_access=excluded.last_access", (repo.type, repo.id, 0 if token else 1, now))
+        if token:
+            self._grants[(repo, _token_key(token))] = time.monotonic()
+
+    def _touch(self, repo: Repo) -> None:
+        self.db.execute("UPDATE repos SET last_access=? WHERE repo_type=? AND repo_id=?",
+                        (time.time(), repo.type, repo.id))
+
+    # --- revisions ----------------------------------------------------------------------
+    def _commit_of(self, repo: Repo, revision: str, *, max_age: float) -> str | None:
+        if COMMIT_RE.fullmatch(revision):
+            return revision
+        row = self.db.execute(
+            "SELECT commit_sha, fetched_at FROM refs WHERE repo_type=? AND repo_id=? AND"
+            " revision=?", (repo.type, repo.id, revision)).fetchone()
+        if row and time.time() - row["fetched_at"] < max_age:
+            return row["commit_sha"]
+        return None
+
+    def _save_ref(self, repo: Repo, revision: str, commit: str) -> None:
+        if revision != commit and COMMIT_RE.fullmatch(commit):
+            self.db.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?, ?)",
+                            (repo.type, repo.id, revision, commit, time.time()))
+
+    # --- files --------------------------------------------------------------------------
+    def _cached_entry(self, repo: Repo, commit: str, path: str) -> FileEntry | None:
+        row = self.db.execute(
+            "SELECT digest, algo, size FROM files WHERE repo_type=? AND repo_id=? AND"
+            " commit_sha=? AND path=?", (repo.type, repo.id, commit, path)).fetchone()
+        if row is None:
+            return None
+        blob = BlobId(row["digest"], row["algo"], row["size"])
+        return FileEntry(repo, commit, path, blob, lfs=blob.algo == "sha256")
+
+    def _save_entry(self, entry: FileEntry) -> None:
+        self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (entry.repo.type, entry.repo.id, entry.commit, entry.path,
+                         entry.blob.digest, entry.blob.algo, entry.blob.size, entry.blob.digest))
+
+    async def resolve_file(self, repo: Repo, revision: str, path: str,
+                           token: str | None) -> FileEntry:
+        """The file `path` of `repo` at `revision`: its commit, blob digest and size."""
+        commit = self._commit_of(repo, revision, max_age=self.ref_ttl)
+        entry = self._cached_entry(repo, commit, path) if commit else None
+        if entry is not None and self._allowed(repo, token, max_age=GRANT_TTL):
+            self._touch(repo)
+            return entry
+        if self.offline:
+            return self._stale_entry(repo, revision, path, token, "offline mode")
+        resolve = f"/{repo.url_prefix}{repo.id}/resolve/{quote(revision, safe='')}/{quote(path)}"
+        try:
+            answer = await self.upstream.hub("HEAD", resolve, token=token,
+                                             headers={"Accept-Encoding": "identity"})
+        except UpstreamUnavailable as e:
+            return self._stale_entry(repo, revision, path, token, e)
+        if answer.status >= 400:
+            raise HubError.from_answer(answer)
+        entry = _entry_from_head(repo, path, answer)
+        self._save_ref(repo, revision, entry.commit)
+        self._save_entry(entry)
+        self._record_access(repo, token)
+        return entry
+
+    def _stale_entry(self, repo: Repo, revision: str, path: str, token: str | None,
+                     reason: object) -> FileEntry:
+        commit = self._commit_of(repo, revision, max_age=float("inf"))
+        entry = self._cached_entry(repo, commit, path) if commit else None
+        if entry is None:
+            raise HubError.unreachable(f"{repo}@{revision}/{path}", reason)
+        if not self._allowed(repo, token, max_age=OFFLINE_GRACE):
+            raise HubError(502, "", f"{repo}: the upstream Hub is unreachable ({reason}), so "
+                                    "access to this gated or private repo cannot be checked")
+        log.info("upstream unavailable (%s); serving cached %s@%s/%s", reason, repo,
+                 revision, path)
+        return entry
+
+    # --- API answers --------------------------------------------------------------------
+    async def api(self, repo: Repo, method: str, path_qs: str, *, revision: str | None,
+                  token: str | None, body: bytes = b"",
+                  content_type: str = "") -> ApiAnswer:
+        """A JSON answer of the Hub API about `repo`, Xet-free, cached by request."""
+        key = hashlib.sha256(b"\0".join([method.encode(), path_qs.encode(), body])).hexdigest()
+        immutable = revision is not None and COMMIT_RE.fullmatch(revision) is not None
+        cached = self._cached_api(key)
+        fresh = cached is not None and (
+            immutable or time.time() - cached[1] < self.ref_ttl)
+        if cached and fresh and self._allowed(repo, token, max_age=GRANT_TTL):
+            self._touch(repo)
+            return cached[0]
+        if self.offline:
+            return self._stale_api(repo, cached, token, "offline mode", path_qs)
+        headers = {"Content-Type": content_type} if content_type else {}
+        try:
+            answer = await self.upstream.hub(method, path_qs, token=token, data=body or None,
+                                             headers=headers)
+        except UpstreamUnavailable as e:
+            return self._stale_api(repo, cached, token, e, path_qs)
+        if answer.status >= 400:
+            raise HubError.from_answer(answer)
+        result = _sanitized_api_answer(answer)
+        self._record_access(repo, token)
+        if result.status == 200:
+            self._save_api(key, repo, result)
+            if revision and result.commit:
+                self._save_ref(repo, revision, result.commit)
+        return result
+
+    def _stale_api(self, repo: Repo, cached: tuple[ApiAnswer, float] | None,
+                   token: str | None, reason: object, what: str) -> ApiAnswer:
+        if cached is None:
+            raise HubError.unreachable(what, reason)
+        if not self._allowed(repo, token, max_age=OFFLINE_GRACE):
+            raise HubError(502, "", f"{repo}: the upstream Hub is unreachable ({reason}), so "
+                                    "access to this gated or private repo cannot be checked")
+        return cached[0]
+
+    def _cached_api(self, key: str) -> tuple[ApiAnswer, float] | None:
+        row = self.db.execute("SELECT * FROM api_cache WHERE key=?", (key,)).fetchone()
+        if row is None:
+            return None
+        return (ApiAnswer(row["status"], row["body"], row["content_type"], row["link"],
+                          row["commit_sha"]), row["fetched_at"])
+
+    def _save_api(self, key: str, repo: Repo, a: ApiAnswer) -> None:
+        self.db.execute("INSERT OR REPLACE INTO api_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (key, repo.type, repo.id, a.status, a.content_type, a.next_link,
+                         a.commit, a.body, time.time()))
+
+    # --- the CLI's view -----------------------------------------------------------------
+    def repos(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT r.repo_type, r.repo_id, r.last_access,"
+            " (SELECT COUNT(DISTINCT f.digest) FROM files f WHERE f.repo_type=r.repo_type"
+            "  AND f.repo_id=r.repo_id) AS files,"
+            " (SELECT COALESCE(SUM(b.size),0) FROM blobs b WHERE b.complete=1 AND b.digest IN"
+            "  (SELECT digest FROM files f WHERE f.repo_type=r.repo_type"
+            "   AND f.repo_id=r.repo_id)) AS bytes"
+            " FROM repos r ORDER BY r.last_access DESC").fetchall()
+        return [{"repo_type": r[0], "repo_id": r[1], "last_access": r[2], "files": r[3],
+                 "bytes": r[4]} for r in rows]
+
+    def forget(self, repo: Repo) -> list[str]:
+        """Drop what is known of a repo; returns the digests no other repo refers to."""
+        digests = [r[0] for r in self.db.execute(
+            "SELECT DISTINCT digest FROM files WHERE repo_type=? AND repo_id=? AND digest NOT IN"
+            " (SELECT digest FROM files WHERE NOT (repo_type=? AND repo_id=?))",
+            (repo.type, repo.id, repo.type, repo.id))]
+        with self.db:
+            for table in ("files", "refs", "repos", "api_cache"):
+                self.db.execute(f"DELETE FROM {table} WHERE repo_type=? AND repo_id=?",
+                                (repo.type, repo.id))
+        return digests
+
+    def referenced_digests(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM files")}
+
+
+def _unquote_etag(value: str) -> str:
+    return value.strip().removeprefix("W/").strip('"').lower()
+
+
+def _entry_from_head(repo: Repo, path: str, answer: Answer) -> FileEntry:
+    h = answer.headers
+    commit = h.get("X-Repo-Commit", "")
+    if not COMMIT_RE.fullmatch(commit):
+        raise HubError(502, "", f"{repo}/{path}: the upstream sent no X-Repo-Commit")
+    linked = _unquote_etag(h.get("X-Linked-Etag", ""))
+    etag = linked or _unquote_etag(h.get("ETag", ""))
+    size_header = h.get("X-Linked-Size") if linked else None
+    if size_header is None and answer.status == 200:
+        size_header = h.get("Content-Length")
+    if size_header is None:
+        size_header = h.get("X-Linked-Size")
+    algo = "sha256" if len(etag) == 64 else "gitsha1"
+    try:
+        blob = BlobId(etag, algo, int(size_header or ""))
+    except ValueError as e:
+        raise HubError(502, "", f"{repo}/{path}: the upstream sent no usable ETag/size "
+                                f"(etag {etag!r}, size {size_header!r})") from e
+    return FileEntry(repo, commit, path, blob, lfs=bool(linked))
+
+
+def _strip_xet(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_xet(v) for k, v in value.items() if k != "xetHash"}
+    if isinstance(value, list):
+        return [_strip_xet(v) for v in value]
+    return value
+
+
+_LINK_RE = re.compile(r'<([^>]*)>\s*((?:;\s*[^,;]+)*)')
+
+
+def _next_link(link_header: str) -> str:
+    """The path+query of the rel="next" link; every other link (xet-*) is dropped."""
+    for m in _LINK_RE.finditer(link_header):
+        if re.search(r'rel="?next"?', m.group(2)):
+            url = m.group(1)
+            return re.sub(r"^[a-z]+://[^/]+", "", url)
+    return ""
+
+
+def _sanitized_api_answer(answer: Answer) -> ApiAnswer:
+    content_type = answer.headers.get("Content-Type", "application/json")
+    body = answer.body
+    commit = ""
+    if "json" in content_type:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if data is not None:
+            data = _strip_xet(data)
+            if isinstance(data, dict) and isinstance(data.get("sha"), str):
+                commit = data["sha"]
+            body = json.dumps(data, separators=(",", ":")).encode()
+    return ApiAnswer(answer.status, body, content_type,
+                     _next_link(answer.headers.get("Link", "")), commit)

@@ -1,0 +1,105 @@
+"""The daemon's own API under /_modelpeer/v1/ on the local listener (a prefix no Hub repo path
+can take), used by the `modelpeer` CLI, plus /metrics for Prometheus."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .catalog import REPO_TYPES, Catalog, Repo
+from .fetch import Fetcher
+from .metrics import Metrics
+from .store import Store
+
+PREFIX = "/_modelpeer/v1"
+
+
+class Control:
+    def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
+                 describe: Callable[[], dict[str, Any]]) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.describe = describe
+        self.ready = False
+        self.started = time.time()
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get(f"{PREFIX}/health", self.health)
+        r.add_get(f"{PREFIX}/status", self.status)
+        r.add_get(f"{PREFIX}/repos", self.repos)
+        r.add_delete(f"{PREFIX}/repos/{{repo_type}}/{{repo_id:.+}}", self.remove_repo)
+        r.add_post(f"{PREFIX}/gc", self.gc)
+        r.add_post(f"{PREFIX}/verify", self.verify)
+        r.add_get("/metrics", self.prometheus)
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "stopping"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    def _refresh_gauges(self) -> dict[str, int]:
+        usage = self.store.usage()
+        self.metrics.store_bytes.set(usage.bytes)
+        self.metrics.store_chunks.set(usage.chunks)
+        self.metrics.active_transfers.set(len(self.fetcher.transfers))
+        return {"bytes": usage.bytes, "blobs": usage.blobs,
+                "complete_blobs": usage.complete_blobs, "chunks": usage.chunks}
+
+    async def status(self, request: web.Request) -> web.Response:
+        body = {
+            **self.describe(),
+            "uptime": round(time.time() - self.started, 1),
+            "store": self._refresh_gauges(),
+            "served_bytes": dict(self.metrics.served_totals),
+            "upstream_bytes": self.metrics.upstream_total,
+            "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
+        }
+        return web.json_response(body)
+
+    async def repos(self, request: web.Request) -> web.Response:
+        return web.json_response(self.catalog.repos())
+
+    async def remove_repo(self, request: web.Request) -> web.Response:
+        repo_type = request.match_info["repo_type"]
+        if repo_type not in REPO_TYPES:
+            return web.json_response({"error": f"unknown repo type {repo_type!r}"}, status=400)
+        repo = Repo(repo_type, request.match_info["repo_id"])
+        known = {(r["repo_type"], r["repo_id"]) for r in self.catalog.repos()}
+        if (repo.type, repo.id) not in known:
+            return web.json_response({"error": f"{repo} is not in the cache"}, status=404)
+        freed = sum(self.store.remove(d) for d in self.catalog.forget(repo)
+                    if d not in self.fetcher.transfers)
+        return web.json_response({"removed": str(repo), "freed_bytes": freed})
+
+    async def gc(self, request: web.Request) -> web.Response:
+        """Drop blobs no file entry refers to, then evict down to max_cache_size."""
+        in_flight = set(self.fetcher.transfers)
+        referenced = self.catalog.referenced_digests()
+        freed = 0
+        removed = []
+        for row in self.store.db.execute("SELECT digest FROM blobs").fetchall():
+            if row[0] not in referenced and row[0] not in in_flight:
+                freed += self.store.remove(row[0])
+                removed.append(row[0])
+        before = self.store.usage().bytes
+        evicted = self.store.evict(self.fetcher.max_cache_size, keep=in_flight)
+        freed += before - self.store.usage().bytes
+        return web.json_response({"removed": removed, "evicted": evicted, "freed_bytes": freed})
+
+    async def verify(self, request: web.Request) -> web.Response:
+        full = request.query.get("full", "") in ("1", "true", "yes")
+        problems = await self.store.verify(full=full)
+        self.metrics.verify_failures.inc(len(problems))
+        return web.json_response({"full": full, "problems": problems,
+                                  "checked": self._refresh_gauges()})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self._refresh_gauges()
+        body, content_type = self.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})

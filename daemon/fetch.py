@@ -1,0 +1,249 @@
+"""The one place that decides where a blob's bytes come from: the store, else the upstream.
+
+One Transfer per blob at a time (single-flight): every client that wants the blob reads from
+the same Transfer as its contiguous prefix grows on disk. The upstream is read with several
+Range requests at once (segments), written to the store strictly in order, so the prefix a
+client streams keeps moving while later segments arrive. The last byte is held back until the
+blob's digest has checked, so no client ever completes a wrong file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from .store import BlobId, BlobWriter, DigestMismatch, Store
+from .upstream import Upstream, UpstreamError, backoff
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 8 * 1024 * 1024
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where the upstream serves a blob: the Hub resolve path (at a commit) and the token
+    of the client that asked, kept in memory only."""
+    resolve_path: str
+    token: str | None
+    label: str  # "repo_type:repo_id/path", for logs and status
+
+
+class TransferFailed(Exception):
+    pass
+
+
+class Transfer:
+    """A blob being made available: its contiguous prefix, growing; readers wait on it."""
+
+    def __init__(self, blob: BlobId, label: str, available: int = 0,
+                 verified: bool = False) -> None:
+        self.blob = blob
+        self.label = label
+        self.available = available
+        self.verified = verified
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.start_offset = available
+        self.bytes_upstream = 0
+        self.readers = 0
+        self._event = asyncio.Event()
+        self.done = asyncio.get_running_loop().create_future()
+
+    @property
+    def servable(self) -> int:
+        return self.available if self.verified else min(self.available, self.blob.size - 1)
+
+    def advance(self, available: int) -> None:
+        self.available = available
+        self._wake()
+
+    def finish(self) -> None:
+        self.verified = True
+        self._wake()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+        if not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()  # a failure nobody awaited is still not "never retrieved"
+
+    def _wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def readable(self, pos: int) -> int:
+        """Wait until bytes past `pos` may be served; returns the servable limit."""
+        while True:
+            if self.error is not None:
+                raise TransferFailed(str(self.error)) from self.error
+            limit = self.servable
+            if limit > pos or (self.verified and pos >= self.blob.size):
+                return limit
+            await self._event.wait()
+
+    def snapshot(self) -> dict[str, object]:
+        elapsed = max(1e-3, time.monotonic() - self.started)
+        return {"digest": self.blob.digest, "file": self.label, "size": self.blob.size,
+                "available": self.available, "verified": self.verified,
+                "bytes_upstream": self.bytes_upstream, "readers": self.readers,
+                "rate": round((self.available - self.start_offset) / elapsed)}
+
+
+@dataclasses.dataclass
+class _Segment:
+    start: int
+    end: int
+    buf: bytearray = dataclasses.field(default_factory=bytearray)
+    finished: bool = False
+    error: BaseException | None = None
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+
+class Fetcher:
+    def __init__(self, store: Store, upstream: Upstream, *, connections: int = 4,
+                 max_cache_size: int = 0, offline: bool = False) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.connections = connections
+        self.max_cache_size = max_cache_size
+        self.offline = offline
+        self.transfers: dict[str, Transfer] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_upstream_bytes: Callable[[int], None] = lambda n: None
+
+    def open(self, blob: BlobId, origin: Origin) -> Transfer:
+        """The blob's bytes: from the store when complete, else joined to (or starting) the
+        one transfer that fetches it."""
+        if self.store.is_complete(blob.digest):
+            self.store.touch(blob.digest)
+            return Transfer(blob, origin.label, available=blob.size, verified=True)
+        running = self.transfers.get(blob.digest)
+        if running is not None:
+            return running
+        transfer = Transfer(blob, origin.label)
+        self.transfers[blob.digest] = transfer
+        task = asyncio.create_task(self._run(transfer, origin), name=f"fetch {blob.digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return transfer
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(self, transfer: Transfer, origin: Origin) -> None:
+        blob = transfer.blob
+        writer = self.store.open_writer(blob)
+        try:
+            await writer.prepare()
+            transfer.start_offset = writer.offset
+            transfer.advance(writer.offset)
+            if writer.offset < blob.size:
+                if self.offline:
+                    raise UpstreamError("offline mode: the blob is not fully cached")
+                log.info("fetching %s (%s) from upstream at byte %d of %d",
+                         origin.label, blob.digest[:12], writer.offset, blob.size)
+                await self._from_upstream(transfer, writer, origin)
+            await writer.finish()
+            transfer.finish()
+            log.info("stored %s (%s, %d bytes, %d from upstream)", origin.label,
+                     blob.digest[:12], blob.size, transfer.bytes_upstream)
+        except asyncio.CancelledError:
+            transfer.fail(TransferFailed("the daemon is shutting down"))
+            raise
+        except (DigestMismatch, UpstreamError, OSError) as e:
+            log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
+            transfer.fail(e)
+        finally:
+            with contextlib.suppress(OSError):
+                await writer.close()
+            self.transfers.pop(blob.digest, None)
+            if self.max_cache_size:
+                self.store.evict(self.max_cache_size, keep=set(self.transfers))
+
+    async def _locate(self, origin: Origin) -> URL:
+        """The URL the upstream serves the bytes at (a CDN after a redirect, or the Hub)."""
+        answer = await self.upstream.hub("HEAD", origin.resolve_path, token=origin.token,
+                                         headers={"Accept-Encoding": "identity"})
+        if answer.status in (301, 302, 303, 307, 308) and answer.location is not None:
+            return answer.location
+        if answer.status == 200:
+            return answer.url
+        raise UpstreamError(f"upstream answered HTTP {answer.status} for {origin.label}")
+
+    async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
+        url = await self._locate(origin)
+        size = transfer.blob.size
+        segments = [_Segment(s, min(s + SEGMENT, size))
+                    for s in range(writer.offset, size, SEGMENT)]
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i, seg in enumerate(segments):
+                while len(tasks) < min(len(segments), i + self.connections):
+                    tasks.append(asyncio.create_task(
+                        self._fill(segments[len(tasks)], url, origin, transfer)))
+                await self._commit(seg, writer, transfer)
+                segments[i] = _Segment(seg.start, seg.end, finished=True)  # drop the buffer
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _commit(self, seg: _Segment, writer: BlobWriter,
+                      transfer: Transfer) -> None:
+        written = 0
+        while True:
+            if len(seg.buf) > written:
+                data = bytes(seg.buf[written:])
+                await writer.write(data)
+                written += len(data)
+                transfer.advance(writer.offset)
+                continue
+            if seg.error is not None:
+                raise seg.error
+            if seg.finished:
+                return
+            seg.changed.clear()
+            await seg.changed.wait()
+
+    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer) -> None:
+        failures = 0
+        try:
+            while seg.start + len(seg.buf) < seg.end:
+                before = len(seg.buf)
+                try:
+                    async for data in self.upstream.read_range(
+                            url, seg.start + len(seg.buf), seg.end, token=origin.token):
+                        seg.buf += data
+                        transfer.bytes_upstream += len(data)
+                        self.on_upstream_bytes(len(data))
+                        seg.changed.set()
+                except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
+                    failures = 0 if len(seg.buf) > before else failures + 1
+                    if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+                        raise UpstreamError(f"{origin.label}: bytes {seg.start}-{seg.end} "
+                                            f"failed {failures} times: {e}") from e
+                    log.warning("upstream read of %s at byte %d broke (%s); resuming",
+                                origin.label, seg.start + len(seg.buf), e)
+                    await backoff(failures)
+                    if failures >= 2:
+                        url = await self._locate(origin)  # a signed URL may have expired
+            seg.finished = True
+        except BaseException as e:
+            seg.error = e if isinstance(e, Exception) else TransferFailed("cancelled")
+            raise
+        finally:
+            seg.changed.set()

@@ -1,0 +1,52 @@
+"""Prometheus metrics of one daemon, with the official client library. Labels are bounded:
+sources, route kinds and error kinds, never repo or file names."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+SOURCES = ("store", "peer", "upstream")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.served_bytes = Counter(
+            "modelpeer_served_bytes", "Bytes of files served to clients, by where they came from",
+            ["source"], registry=r)
+        self.upstream_bytes = Counter(
+            "modelpeer_upstream_bytes", "Bytes read from the upstream Hub and its CDNs",
+            registry=r)
+        self.upstream_errors = Counter(
+            "modelpeer_upstream_errors", "Failed upstream reads, by kind", ["kind"], registry=r)
+        self.requests = Histogram(
+            "modelpeer_request_seconds", "Time to answer a Hub API request, by route",
+            ["route"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.active_transfers = Gauge(
+            "modelpeer_active_transfers", "Blobs being fetched right now", registry=r)
+        self.store_bytes = Gauge("modelpeer_store_bytes", "Bytes in the chunk store", registry=r)
+        self.store_chunks = Gauge("modelpeer_store_chunks", "Chunks in the store", registry=r)
+        self.verify_failures = Counter(
+            "modelpeer_verification_failures", "Chunks or blobs that failed a digest check",
+            registry=r)
+        self.served_totals = dict.fromkeys(SOURCES, 0)
+        self.upstream_total = 0
+        for s in SOURCES:
+            self.served_bytes.labels(s)
+
+    def served(self, source: str, n: int) -> None:
+        self.served_bytes.labels(source).inc(n)
+        self.served_totals[source] += n
+
+    def upstream_read(self, n: int) -> None:
+        self.upstream_bytes.inc(n)
+        self.upstream_total += n
+
+    def observe_request(self, route: str, seconds: float) -> None:
+        self.requests.labels(route).observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,251 @@
+"""The Hub-compatible HTTP API (aiohttp.web): routes, headers, Range, streaming, Hub errors.
+
+It only speaks HTTP: what a file is comes from the catalog, its bytes from the fetcher.
+Routing is done on the raw path, because the client percent-encodes revisions (`refs%2Fpr%2F1`)
+and tree sub-paths while file paths keep their slashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import re
+import time
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from .catalog import Catalog, FileEntry, HubError, Repo
+from .fetch import Fetcher, Origin, Transfer, TransferFailed
+from .metrics import Metrics
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
+READ_BLOCK = 1024 * 1024
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
+_API_VERBS = ("revision", "tree", "paths-info")
+
+
+class BadRequest(Exception):
+    pass
+
+
+def hub_error_response(status: int, message: str, code: str = "",
+                       headers: dict[str, str] | None = None) -> web.Response:
+    h = dict(headers or {})
+    if code:
+        h["X-Error-Code"] = code
+    h.setdefault("X-Error-Message", message.replace("\n", " ")[:500])
+    return web.json_response({"error": message}, status=status, headers=h)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Route:
+    kind: str  # resolve, info, revision, tree, paths-info
+    repo: Repo
+    revision: str | None
+    path: str
+
+
+def _repo_id(segments: list[str]) -> str:
+    for s in segments:
+        if not _SEGMENT_RE.fullmatch(s) or ".." in s:
+            raise BadRequest(f"invalid repo id segment {s!r}")
+    return "/".join(segments)
+
+
+def _file_path(raw: str) -> str:
+    path = unquote(raw)
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
+            or any(p in ("", ".", "..") for p in parts)):
+        raise BadRequest(f"invalid file path {path!r}")
+    return path
+
+
+def _revision(raw: str) -> str:
+    rev = unquote(raw)
+    if not rev or len(rev) > 256 or any(c in rev for c in "\x00\r\n") or ".." in rev:
+        raise BadRequest(f"invalid revision {rev!r}")
+    return rev
+
+
+def _split_repo(segs: list[str], verbs: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Repo ids have one segment (gpt2) or two (org/name)."""
+    if len(segs) >= 2 and segs[1] in verbs:
+        return _repo_id(segs[:1]), segs[1:]
+    return _repo_id(segs[:2]), segs[2:]
+
+
+def parse_route(raw_path: str) -> _Route | None:
+    segs = raw_path.lstrip("/").split("/")
+    if segs[0] == "api" and len(segs) >= 3 and segs[1] in _API_KINDS:
+        repo_type = _API_KINDS[segs[1]]
+        repo_id, rest = _split_repo(segs[2:], _API_VERBS)
+        repo = Repo(repo_type, repo_id)
+        if not rest:
+            return _Route("info", repo, None, "")
+        if rest[0] in _API_VERBS and len(rest) >= 2:
+            sub = "/".join(rest[2:])
+            return _Route(rest[0], repo, _revision(rest[1]), unquote(sub))
+        return None
+    repo_type = "model"
+    if segs[0] in ("datasets", "spaces") and len(segs) > 1:
+        repo_type, segs = _API_KINDS[segs[0]], segs[1:]
+    if len(segs) >= 4 and "resolve" in segs[1:3]:
+        repo_id, rest = _split_repo(segs, ("resolve",))
+        if len(rest) >= 3 and rest[0] == "resolve":
+            return _Route("resolve", Repo(repo_type, repo_id), _revision(rest[1]),
+                          _file_path("/".join(rest[2:])))
+    return None
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The [start, end) a Range header asks for; None for the whole body."""
+    if header is None:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if not m or (not m.group(1) and not m.group(2)) or len(header) > 100:
+        raise BadRequest(f"malformed or multi-part Range header {header!r} "
+                         "(use one range: bytes=START-[END] or bytes=-SUFFIX)")
+    if not m.group(1):
+        start, end = max(0, size - int(m.group(2))), size
+    else:
+        start = int(m.group(1))
+        end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+    if start >= size or end <= start:
+        raise _Unsatisfiable(size)
+    return start, end
+
+
+class _Unsatisfiable(Exception):
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class Proxy:
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, store: Store,
+                 metrics: Metrics) -> None:
+        self.catalog = catalog
+        self.fetcher = fetcher
+        self.store = store
+        self.metrics = metrics
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        route_kind = "unknown"
+        try:
+            route = parse_route(request.raw_path.split("?", 1)[0])
+            if route is None:
+                return hub_error_response(404, f"no such endpoint: {request.method} "
+                                          f"{request.path} (modelpeer serves the Hub API)")
+            route_kind = route.kind
+            return await self._dispatch(request, route)
+        except BadRequest as e:
+            return hub_error_response(400, str(e))
+        except HubError as e:
+            return hub_error_response(e.status, e.message, e.code, e.headers)
+        finally:
+            self.metrics.observe_request(route_kind, time.monotonic() - started)
+
+    async def _dispatch(self, request: web.Request, route: _Route) -> web.StreamResponse:
+        token = request.headers.get("Authorization") or None
+        if route.kind == "resolve":
+            if request.method not in ("GET", "HEAD"):
+                return hub_error_response(405, "resolve takes GET or HEAD")
+            assert route.revision is not None
+            entry = await self.catalog.resolve_file(route.repo, route.revision, route.path,
+                                                    token)
+            return await self._serve_file(request, entry, token)
+        if (route.kind == "paths-info") != (request.method == "POST") or request.method not in (
+                "GET", "HEAD", "POST"):
+            return hub_error_response(405, f"{route.kind} does not take {request.method}")
+        body = await request.read() if request.method == "POST" else b""
+        answer = await self.catalog.api(
+            route.repo, request.method, request.raw_path, revision=route.revision, token=token,
+            body=body, content_type=request.headers.get("Content-Type", ""))
+        headers = {"Content-Type": answer.content_type}
+        if answer.next_link:
+            headers["Link"] = f'<{request.url.origin()}{answer.next_link}>; rel="next"'
+        return web.Response(status=answer.status, body=answer.body, headers=headers)
+
+    async def _serve_file(self, request: web.Request, entry: FileEntry,
+                          token: str | None) -> web.StreamResponse:
+        blob = entry.blob
+        headers = {
+            "X-Repo-Commit": entry.commit,
+            "ETag": f'"{blob.digest}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        if entry.lfs:
+            headers["X-Linked-Etag"] = f'"{blob.digest}"'
+            headers["X-Linked-Size"] = str(blob.size)
+        try:
+            span = parse_range(request.headers.get("Range"), blob.size)
+        except _Unsatisfiable as e:
+            return hub_error_response(416, f"range not satisfiable for a {e.size}-byte file",
+                                      headers={"Content-Range": f"bytes */{e.size}"})
+        start, end = span or (0, blob.size)
+        resp = web.StreamResponse(status=206 if span else 200, headers=headers)
+        resp.content_length = end - start
+        if span:
+            resp.headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+        if request.method == "HEAD":
+            await resp.prepare(request)
+            return resp
+        transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
+                                                  f"{entry.repo}/{entry.path}"))
+        source = "store" if transfer.verified else "upstream"
+        transfer.readers += 1
+        try:
+            failure = await self._first_bytes(transfer, start, end)
+            if failure is not None:
+                return failure
+            await resp.prepare(request)
+            await self._stream(request, resp, transfer, start, end, source)
+        finally:
+            transfer.readers -= 1
+        return resp
+
+    async def _first_bytes(self, transfer: Transfer, start: int,
+                           end: int) -> web.Response | None:
+        if start >= end:
+            return None
+        try:
+            await asyncio.wait_for(asyncio.shield(transfer.readable(start)), FIRST_BYTES_WAIT)
+        except TimeoutError:
+            return None
+        except TransferFailed as e:
+            cause = e.__cause__
+            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+                return hub_error_response(507, f"{transfer.label}: the cache disk is full; "
+                                          "free space or lower max_cache_size")
+            return hub_error_response(502, f"{transfer.label}: could not fetch: {e}")
+        return None
+
+    async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
+                      start: int, end: int, source: str) -> None:
+        pos = start
+        try:
+            while pos < end:
+                limit = min(await transfer.readable(pos), end)
+                while pos < limit:
+                    n = min(READ_BLOCK, limit - pos)
+                    await resp.write(self.store.read(transfer.blob, pos, n))
+                    self.metrics.served(source, n)
+                    pos += n
+            await resp.write_eof()
+        except TransferFailed as e:
+            log.error("aborting the response for %s at byte %d: %s", transfer.label, pos, e)
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError(str(e)) from e

@@ -1,0 +1,445 @@
+"""Content-addressed chunk store: bytes and digests, nothing about repos or where bytes come from.
+
+A blob (a file's content, named by its sha256 or git blob sha1) is cut into fixed-size chunks,
+each its own file `chunks/<d[:2]>/<digest>.<index>`. A chunk is written sequentially into
+`<name>.part`; every CHECKPOINT bytes the data is fsynced and the index records how much is
+durable with the xxh3-128 of that prefix, so a killed daemon resumes where it stopped. A full
+chunk is fsynced and renamed into place. A blob counts as complete only after the whole of it
+matched its digest; a mismatch removes every chunk of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = 16 * 1024 * 1024
+READ_BLOCK = 1024 * 1024
+ALGOS = ("sha256", "gitsha1")
+_HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
+
+
+class DigestMismatch(Exception):
+    """The bytes of a blob do not hash to its name; they were discarded."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobId:
+    digest: str
+    algo: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS or not _HEX[self.algo].fullmatch(self.digest):
+            raise ValueError(f"not a {self.algo} digest: {self.digest!r}")
+        if self.size < 0:
+            raise ValueError(f"negative blob size {self.size}")
+
+
+def blob_hasher(blob: BlobId) -> Any:
+    """A hashlib object that, fed the blob's bytes, yields blob.digest."""
+    if blob.algo == "sha256":
+        return hashlib.sha256()
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % blob.size)
+    return h
+
+
+@dataclasses.dataclass
+class ChunkState:
+    idx: int
+    offset: int
+    length: int
+    durable: int
+    complete: bool
+    xxh3: str
+
+
+@dataclasses.dataclass
+class Usage:
+    bytes: int
+    blobs: int
+    complete_blobs: int
+    chunks: int
+
+
+class Store:
+    def __init__(self, root: Path, db: sqlite3.Connection, chunk_size: int) -> None:
+        self.root = root
+        self.db = db
+        self.chunk_size = chunk_size
+        (root / "chunks").mkdir(parents=True, exist_ok=True)
+
+    # --- layout -------------------------------------------------------------------------
+    def chunk_spans(self, size: int) -> Iterator[tuple[int, int, int]]:
+        """(index, offset, length) of each chunk of a blob of `size` bytes (one for size 0)."""
+        count = max(1, -(-size // self.chunk_size))
+        for idx in range(count):
+            offset = idx * self.chunk_size
+            yield idx, offset, min(self.chunk_size, size - offset)
+
+    def chunk_path(self, digest: str, idx: int, *, partial: bool = False) -> Path:
+        name = f"{digest}.{idx}" + (".part" if partial else "")
+        return self.root / "chunks" / digest[:2] / name
+
+    # --- index --------------------------------------------------------------------------
+    def register(self, blob: BlobId) -> None:
+        """Make the blob and its chunk rows known (idempotent)."""
+        now = time.time()
+        with self.db:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO blobs (digest, algo, size, complete, created, last_access)"
+                " VALUES (?, ?, ?, 0, ?, ?)", (blob.digest, blob.algo, blob.size, now, now))
+            if cur.rowcount:
+                self.db.executemany(
+                    "INSERT OR IGNORE INTO chunks (digest, idx, length, durable, xxh3, complete)"
+                    " VALUES (?, ?, ?, 0, ?, 0)",
+                    [(blob.digest, i, n, _xxh3_empty()) for i, _, n in self.chunk_spans(blob.size)])
+
+    def is_complete(self, digest: str) -> bool:
+        row = self.db.execute("SELECT complete FROM blobs WHERE digest=?", (digest,)).fetchone()
+        return bool(row and row[0])
+
+    def chunks(self, blob: BlobId) -> list[ChunkState]:
+        rows = {r["idx"]: r for r in self.db.execute(
+            "SELECT idx, durable, complete, xxh3 FROM chunks WHERE digest=?", (blob.digest,))}
+        out = []
+        for idx, offset, length in self.chunk_spans(blob.size):
+            r = rows.get(idx)
+            out.append(ChunkState(idx, offset, length, r["durable"] if r else 0,
+                                  bool(r and r["complete"]), r["xxh3"] if r else _xxh3_empty()))
+        return out
+
+    def contiguous_prefix(self, blob: BlobId) -> int:
+        """How many bytes from the start of the blob are on disk, durable."""
+        done = 0
+        for c in self.chunks(blob):
+            if c.complete:
+                done += c.length
+                continue
+            return done + c.durable
+        return done
+
+    def touch(self, digest: str) -> None:
+        self.db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (time.time(), digest))
+
+    def usage(self) -> Usage:
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(durable),0), COUNT(*) FROM chunks WHERE durable>0").fetchone()
+        blobs = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(complete),0) FROM blobs").fetchone()
+        return Usage(bytes=row[0], blobs=blobs[0], complete_blobs=blobs[1], chunks=row[1])
+
+    def blob_sizes(self, digests: list[str]) -> dict[str, tuple[int, int]]:
+        """digest -> (bytes on disk, complete flag)."""
+        out: dict[str, tuple[int, int]] = {}
+        for d in digests:
+            row = self.db.execute(
+                "SELECT b.complete, COALESCE((SELECT SUM(durable) FROM chunks c"
+                " WHERE c.digest=b.digest),0) FROM blobs b WHERE b.digest=?", (d,)).fetchone()
+            if row:
+                out[d] = (row[1], row[0])
+        return out
+
+    # --- bytes --------------------------------------------------------------------------
+    def read(self, blob: BlobId, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the blob; the caller knows they are on disk."""
+        parts = []
+        end = offset + length
+        while offset < end:
+            idx = offset // self.chunk_size
+            within = offset - idx * self.chunk_size
+            n = min(end - offset, self.chunk_size - within)
+            data = self._read_chunk(blob.digest, idx, within, n)
+            if len(data) != n:
+                raise OSError(f"chunk {blob.digest}.{idx} is shorter than the index says")
+            parts.append(data)
+            offset += n
+        return b"".join(parts)
+
+    def _read_chunk(self, digest: str, idx: int, offset: int, n: int) -> bytes:
+        # A writer may rename .part into place between our two attempts: try both names.
+        for partial in (False, True, False):
+            try:
+                fd = os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                return os.pread(fd, n, offset)
+            finally:
+                os.close(fd)
+        raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
+
+    def open_writer(self, blob: BlobId) -> BlobWriter:
+        """A sequential writer that continues at the blob's durable prefix."""
+        self.register(blob)
+        return BlobWriter(self, blob, self.contiguous_prefix(blob))
+
+    def remove(self, digest: str) -> int:
+        """Delete a blob's chunks and rows; returns the bytes freed."""
+        freed = 0
+        rows = self.db.execute("SELECT idx, durable FROM chunks WHERE digest=?",
+                               (digest,)).fetchall()
+        for r in rows:
+            for partial in (False, True):
+                with _ignore_missing():
+                    self.chunk_path(digest, r["idx"], partial=partial).unlink()
+            freed += r["durable"]
+        with self.db:
+            self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+            self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+        return freed
+
+    def evict(self, max_bytes: int, keep: set[str]) -> list[str]:
+        """Remove least-recently-used complete blobs until usage <= max_bytes."""
+        used = self.usage().bytes
+        removed: list[str] = []
+        if max_bytes <= 0 or used <= max_bytes:
+            return removed
+        for r in self.db.execute(
+                "SELECT digest FROM blobs WHERE complete=1 ORDER BY last_access").fetchall():
+            if used <= max_bytes:
+                break
+            if r["digest"] in keep:
+                continue
+            used -= self.remove(r["digest"])
+            removed.append(r["digest"])
+            log.info("evicted blob %s to stay under max_cache_size", r["digest"])
+        return removed
+
+    # --- checks -------------------------------------------------------------------------
+    async def recover(self) -> dict[str, int]:
+        """At start: keep what is good. Complete chunks must match their xxh3, partial chunks
+        are cut back to their last checkpoint and must match it; the rest is dropped."""
+        rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
+        verdicts = await asyncio.to_thread(self._check_chunks, rows)
+        stats = {"good": 0, "dropped": 0, "partial": 0}
+        with self.db:
+            for row, ok in zip(rows, verdicts, strict=True):
+                if ok:
+                    stats["partial" if not row["complete"] else "good"] += 1
+                    continue
+                stats["dropped"] += 1
+                log.warning("chunk %s.%d failed its check at start; it will be fetched again",
+                            row["digest"], row["idx"])
+                self._reset_chunk(row["digest"], row["idx"])
+        await asyncio.to_thread(self._remove_strays)
+        return stats
+
+    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:
+        return [self._check_chunk(r) for r in rows]
+
+    def _check_chunk(self, row: dict[str, Any]) -> bool:
+        path = self.chunk_path(row["digest"], row["idx"], partial=not row["complete"])
+        if row["durable"] == 0:
+            with _ignore_missing():
+                os.truncate(path, 0)
+            return True
+        try:
+            if not row["complete"]:
+                os.truncate(path, row["durable"])
+            elif path.stat().st_size != row["length"]:
+                return False
+            return xxh3_of_file(path, row["durable"]) == row["xxh3"]
+        except OSError:
+            return False
+
+    def _reset_chunk(self, digest: str, idx: int) -> None:
+        for partial in (False, True):
+            with _ignore_missing():
+                self.chunk_path(digest, idx, partial=partial).unlink()
+        self.db.execute("UPDATE chunks SET durable=0, complete=0, xxh3=? WHERE digest=? AND idx=?",
+                        (_xxh3_empty(), digest, idx))
+        self.db.execute("UPDATE blobs SET complete=0 WHERE digest=?", (digest,))
+
+    def _remove_strays(self) -> None:
+        """Files under chunks/ that the index does not know (e.g. a crash before the insert)."""
+        known = {(r[0], r[1]) for r in self.db.execute("SELECT digest, idx FROM chunks")}
+        for path in (self.root / "chunks").glob("*/*"):
+            m = re.fullmatch(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?", path.name)
+            if not m or (m.group(1), int(m.group(2))) not in known:
+                log.info("removing stray file %s", path)
+                with _ignore_missing():
+                    path.unlink()
+
+    async def verify(self, *, full: bool) -> list[dict[str, Any]]:
+        """Check every complete chunk's xxh3 (and with full, every complete blob's digest);
+        drop what fails. Returns one record per problem found."""
+        rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks WHERE complete=1")]
+        verdicts = await asyncio.to_thread(self._check_chunks, rows)
+        problems = []
+        for row, ok in zip(rows, verdicts, strict=True):
+            if not ok:
+                problems.append({"digest": row["digest"], "chunk": row["idx"], "error": "xxh3"})
+                self._reset_chunk(row["digest"], row["idx"])
+        if full:
+            for r in self.db.execute("SELECT digest, algo, size FROM blobs WHERE complete=1"
+                                     ).fetchall():
+                blob = BlobId(r["digest"], r["algo"], r["size"])
+                if not await asyncio.to_thread(self._blob_matches, blob):
+                    problems.append({"digest": blob.digest, "chunk": None, "error": blob.algo})
+                    self.remove(blob.digest)
+        for p in problems:
+            log.error("verify: blob %s chunk %s failed its %s check; dropped",
+                      p["digest"], p["chunk"], p["error"])
+        return problems
+
+    def _blob_matches(self, blob: BlobId) -> bool:
+        h = blob_hasher(blob)
+        for pos in range(0, blob.size, READ_BLOCK):
+            h.update(self.read(blob, pos, min(READ_BLOCK, blob.size - pos)))
+        return h.hexdigest() == blob.digest
+
+
+class BlobWriter:
+    """Appends a blob's bytes in order from `offset`, checkpointing and verifying as it goes."""
+
+    def __init__(self, store: Store, blob: BlobId, offset: int) -> None:
+        self.store = store
+        self.blob = blob
+        self.offset = offset
+        self._hasher: Any = None
+        self._fd: int | None = None
+        self._chunk: ChunkState | None = None
+        self._chunk_hash: Any = None
+        self._since_checkpoint = 0
+
+    async def prepare(self) -> None:
+        """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
+        self._hasher = await asyncio.to_thread(self._hash_prefix)
+
+    def _hash_prefix(self) -> Any:
+        h = blob_hasher(self.blob)
+        for pos in range(0, self.offset, READ_BLOCK):
+            h.update(self.store.read(self.blob, pos, min(READ_BLOCK, self.offset - pos)))
+        return h
+
+    def _open_chunk(self) -> None:
+        idx = self.offset // self.store.chunk_size
+        chunk = self.store.chunks(self.blob)[idx]
+        path = self.store.chunk_path(self.blob.digest, idx, partial=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        within = self.offset - chunk.offset
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.truncate(path, within)
+        self._chunk_hash = xxhash.xxh3_128()
+        if within:
+            self._chunk_hash.update(self.store.read(self.blob, chunk.offset, within))
+        os.lseek(fd, within, os.SEEK_SET)
+        self._fd, self._chunk = fd, chunk
+
+    async def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            if self._fd is None:
+                self._open_chunk()
+            assert self._chunk is not None and self._fd is not None
+            room = self._chunk.offset + self._chunk.length - self.offset
+            piece = view[:room]
+            if self.offset + len(piece) > self.blob.size:
+                raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
+            _write_all(self._fd, piece)
+            self._chunk_hash.update(piece)
+            self._hasher.update(piece)
+            self.offset += len(piece)
+            self._since_checkpoint += len(piece)
+            view = view[len(piece):]
+            if self.offset == self._chunk.offset + self._chunk.length:
+                await self._complete_chunk()
+            elif self._since_checkpoint >= CHECKPOINT:
+                await self._checkpoint()
+
+    async def _checkpoint(self) -> None:
+        assert self._fd is not None and self._chunk is not None
+        durable, digest = self.offset - self._chunk.offset, self._chunk_hash.hexdigest()
+        await asyncio.to_thread(os.fsync, self._fd)
+        self.store.db.execute("UPDATE chunks SET durable=?, xxh3=? WHERE digest=? AND idx=?",
+                              (durable, digest, self.blob.digest, self._chunk.idx))
+        self._since_checkpoint = 0
+
+    async def _complete_chunk(self) -> None:
+        assert self._fd is not None and self._chunk is not None
+        fd, chunk = self._fd, self._chunk
+        self._fd = self._chunk = None
+        await asyncio.to_thread(os.fsync, fd)
+        os.close(fd)
+        part = self.store.chunk_path(self.blob.digest, chunk.idx, partial=True)
+        os.replace(part, self.store.chunk_path(self.blob.digest, chunk.idx))
+        self.store.db.execute(
+            "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
+            (chunk.length, self._chunk_hash.hexdigest(), self.blob.digest, chunk.idx))
+        self._since_checkpoint = 0
+
+    async def finish(self) -> None:
+        """All bytes written: check the digest; mark complete, or discard and raise."""
+        if self.blob.size == 0:
+            self._write_empty()
+        if self.offset != self.blob.size:
+            raise DigestMismatch(
+                f"blob {self.blob.digest}: got {self.offset} bytes, expected {self.blob.size}")
+        got = self._hasher.hexdigest()
+        if got != self.blob.digest:
+            self.store.remove(self.blob.digest)
+            raise DigestMismatch(
+                f"blob {self.blob.digest}: content hashes to {got}; discarded, never served")
+        self.store.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
+                              (time.time(), self.blob.digest))
+
+    def _write_empty(self) -> None:
+        path = self.store.chunk_path(self.blob.digest, 0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        self.store.db.execute(
+            "UPDATE chunks SET complete=1, durable=0, xxh3=? WHERE digest=? AND idx=0",
+            (_xxh3_empty(), self.blob.digest))
+
+    async def close(self) -> None:
+        """Stop writing (error or shutdown): make what was written durable for a resume."""
+        if self._fd is None:
+            return
+        try:
+            if self._since_checkpoint:
+                await self._checkpoint()
+        finally:
+            os.close(self._fd)
+            self._fd = self._chunk = None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def xxh3_of_file(path: Path, length: int) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        remaining = length
+        while remaining:
+            data = f.read(min(READ_BLOCK * 8, remaining))
+            if not data:
+                raise OSError(f"{path} is shorter than {length} bytes")
+            h.update(data)
+            remaining -= len(data)
+    return h.hexdigest()
+
+
+def _xxh3_empty() -> str:
+    return xxhash.xxh3_128().hexdigest()
+
+
+def _ignore_missing() -> contextlib.suppress:
+    return contextlib.suppress(FileNotFoundError)

@@ -1,0 +1,160 @@
+"""aiohttp client of the upstream Hub (and its mirrors, tried in order) and of the CDNs it
+redirects to. Knows HTTP, origins and tokens; knows nothing about the store or the client.
+
+The token a client sent goes to the Hub origins only: never to a CDN host, never to disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+READ_SIZE = 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream could not give an answer (unreachable, 5xx, broken transfer)."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    pass
+
+
+@dataclasses.dataclass
+class Answer:
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes
+    url: URL
+
+    @property
+    def location(self) -> URL | None:
+        loc = self.headers.get("Location")
+        return self.url.join(URL(loc, encoded=True)) if loc else None
+
+
+class Upstream:
+    def __init__(self, urls: list[str], *, timeout: float = 30.0, user_agent: str = "") -> None:
+        self.origins = [URL(u) for u in urls]
+        self.timeout = timeout
+        self.user_agent = user_agent or "modelpeer"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.timeout,
+                                          sock_read=self.timeout),
+            headers={"User-Agent": self.user_agent})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Upstream.start() was not awaited"
+        return self._session
+
+    def is_hub(self, url: URL) -> bool:
+        return any(url.origin() == o.origin() for o in self.origins)
+
+    def _headers(self, url: URL, token: str | None, extra: dict[str, str] | None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if token and self.is_hub(url):
+            headers["Authorization"] = token
+        return headers
+
+    async def hub(self, method: str, path_qs: str, *, token: str | None = None,
+                  data: bytes | None = None, headers: dict[str, str] | None = None) -> Answer:
+        """Ask each upstream origin in turn; the first that answers below 500 wins.
+        Same-origin redirects are followed (the Hub's relative /api/resolve-cache/...);
+        a redirect to another origin is returned for the caller to use."""
+        reasons = []
+        for origin in self.origins:
+            url = origin.join(URL(path_qs, encoded=True))
+            try:
+                answer = await self._request_following(method, url, token, data, headers)
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                reasons.append(f"{origin}: {type(e).__name__}: {e}")
+                continue
+            if answer.status >= 500:
+                reasons.append(f"{origin}: HTTP {answer.status}")
+                continue
+            return answer
+        for r in reasons:
+            log.warning("upstream %s %s failed: %s", method, path_qs, r)
+        raise UpstreamUnavailable("; ".join(reasons) or "no upstream configured")
+
+    async def _request_following(self, method: str, url: URL, token: str | None,
+                                 data: bytes | None, headers: dict[str, str] | None) -> Answer:
+        commit = None
+        for _ in range(MAX_REDIRECTS + 1):
+            async with self.session.request(
+                    method, url, data=data, allow_redirects=False,
+                    headers=self._headers(url, token, headers)) as resp:
+                body = await resp.read() if method != "HEAD" else b""
+                answer = Answer(resp.status, CIMultiDict(resp.headers), body, url)
+            # The Hub names the commit on the first hop; keep it if a later hop does not.
+            commit = answer.headers.get("X-Repo-Commit", commit)
+            if commit and "X-Repo-Commit" not in answer.headers:
+                answer.headers["X-Repo-Commit"] = commit
+            target = answer.location
+            if answer.status not in (301, 302, 303, 307, 308) or target is None:
+                return answer
+            if target.origin() != url.origin():
+                return answer
+            url = target
+        raise UpstreamError(f"too many redirects from {url}")
+
+    async def read_range(self, url: URL, start: int, end: int, *,
+                         token: str | None = None) -> AsyncIterator[bytes]:
+        """GET bytes [start, end) of url, following redirects (token only to Hub origins).
+        Fails unless the server answers exactly that range."""
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = self._headers(url, token, {"Range": f"bytes={start}-{end - 1}",
+                                                 "Accept-Encoding": "identity"})
+            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
+                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+                    url = url.join(URL(resp.headers["Location"], encoded=True))
+                    continue
+                _check_range_answer(resp, start, end)
+                got = 0
+                async for data in resp.content.iter_chunked(READ_SIZE):
+                    got += len(data)
+                    if got > end - start:
+                        raise UpstreamError(f"{url.host}: sent more than the {end - start} "
+                                            "bytes asked for")
+                    yield data
+                if got != end - start:
+                    raise UpstreamError(f"{url.host}: connection ended after {got} of "
+                                        f"{end - start} bytes")
+                return
+        raise UpstreamError(f"too many redirects for {url.host}")
+
+
+def _check_range_answer(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
+    if resp.status >= 500:
+        raise UpstreamUnavailable(f"{resp.url.host}: HTTP {resp.status}")
+    if resp.status == 200 and start == 0 and resp.content_length == end:
+        return
+    if resp.status != 206:
+        raise UpstreamError(f"{resp.url.host}: HTTP {resp.status} to a Range request")
+    expected = f"bytes {start}-{end - 1}/"
+    if not resp.headers.get("Content-Range", "").startswith(expected):
+        raise UpstreamError(f"{resp.url.host}: Content-Range "
+                            f"{resp.headers.get('Content-Range')!r}, wanted {expected}…")
+
+
+async def backoff(attempt: int, base: float = 0.25, cap: float = 8.0) -> None:
+    await asyncio.sleep(min(cap, base * 2 ** attempt))
