@@ -1,0 +1,242 @@
+"""One node: the real huggingface_hub client (hf_xet installed) through a real modelpeerd in
+front of the fake Hub, which sends Xet headers, xetHash, CDN redirects and pagination."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import signal
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fakehub import FakeHub, expected_files
+from tests.harness import Modelpeerd, hf_client, tree_bytes
+
+MiB = 1024 * 1024
+MODEL = "acme/tiny-tts"
+BIG_FILE = "model.safetensors"
+GOOD_TOKEN = "hf_good_token"
+
+StartDaemon = Callable[..., Modelpeerd]
+HfHome = Callable[[], Path]
+
+
+def snapshot(d: Modelpeerd, home: Path, repo: str, **kw: object) -> dict[str, bytes]:
+    out = hf_client(d.url, home, "snapshot_download", repo, **kw)
+    assert "result" in out, out
+    return tree_bytes(Path(out["result"]))
+
+
+def download(d: Modelpeerd, home: Path, repo: str, filename: str, **kw: object) -> bytes:
+    out = hf_client(d.url, home, "hf_hub_download", repo, filename, **kw)
+    assert "result" in out, out
+    return Path(out["result"]).read_bytes()
+
+
+def assert_no_leaks(hub: FakeHub) -> None:
+    stats = hub.stats()
+    assert stats["xet_requests"] == 0, "the client left the proxy for Xet"
+    assert stats["cdn_requests_with_auth"] == 0, "a token reached the CDN"
+
+
+def test_snapshot_of_a_xet_model_is_byte_identical_and_stays_on_the_proxy(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    got = snapshot(d, hf_home(), MODEL)
+    assert got == expected_files(MODEL)
+    assert_no_leaks(hub)
+    requests = hub.stats()["requests"]
+    assert not any("xet" in r for r in requests)
+
+
+def test_second_client_gets_the_snapshot_with_zero_cdn_bytes(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    first = snapshot(d, hf_home(), MODEL)
+    cdn_after_first = hub.stats()["cdn_bytes"]
+    assert cdn_after_first >= 48 * MiB
+    second = snapshot(d, hf_home(), MODEL)
+    assert second == first
+    assert hub.stats()["cdn_bytes"] == cdn_after_first
+    status = d.status()
+    assert status["served_bytes"]["store"] >= 48 * MiB
+
+
+@pytest.mark.parametrize("revision", ["dev", "v1.0", "refs/pr/1", "commit", "short-commit"])
+def test_revision_forms(start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub,
+                        revision: str) -> None:
+    d = start_daemon()
+    if revision in ("commit", "short-commit"):
+        sha = hf_client(d.url, hf_home(), "repo_info", MODEL, revision="v1.0")["result"]
+        revision = sha if revision == "commit" else sha[:7]
+        expected = expected_files(MODEL, "v1.0")
+    else:
+        expected = expected_files(MODEL, revision)
+    assert download(d, hf_home(), MODEL, "config.json", revision=revision) == \
+        expected["config.json"]
+    if len(revision) != 7:  # snapshot_download wants a resolvable revision
+        assert snapshot(d, hf_home(), MODEL, revision=revision) == expected
+    assert_no_leaks(hub)
+
+
+def test_folders_and_odd_file_names(start_daemon: StartDaemon, hf_home: HfHome,
+                                    hub: FakeHub) -> None:
+    d = start_daemon()
+    expected = expected_files(MODEL)
+    for name in ("sub/folder/weights.bin", "voices/speaker one.wav", "data/naïve file ü.txt",
+                 "empty.txt"):
+        assert download(d, hf_home(), MODEL, name) == expected[name], name
+    assert_no_leaks(hub)
+
+
+def test_dataset_with_paginated_tree_and_one_segment_repo(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    got = snapshot(d, hf_home(), "acme/speech-set", repo_type="dataset")
+    assert got == expected_files("acme/speech-set", repo_type="dataset")
+    assert len(got) > 100  # needed several pages
+    assert snapshot(d, hf_home(), "gpt2") == expected_files("gpt2")
+    tree = hf_client(d.url, hf_home(), "list_repo_tree", "acme/speech-set",
+                     repo_type="dataset", recursive=True)["result"]
+    assert "data/train-00000.parquet" in tree
+
+
+@pytest.mark.parametrize(("repo", "kwargs", "error"), [
+    ("acme/no-such-model", {"filename": "config.json"}, "RepositoryNotFoundError"),
+    (MODEL, {"filename": "config.json", "revision": "no-such-branch"}, "RevisionNotFoundError"),
+    (MODEL, {"filename": "no/such/file.txt"}, "RemoteEntryNotFoundError"),
+    ("acme/gated-model", {"filename": "config.json"}, "GatedRepoError"),
+])
+def test_hub_errors_raise_the_clients_exceptions(
+        start_daemon: StartDaemon, hf_home: HfHome, repo: str, kwargs: dict[str, str],
+        error: str) -> None:
+    d = start_daemon()
+    out = hf_client(d.url, hf_home(), "hf_hub_download", repo, **kwargs)
+    assert error in out.get("errors", []), out
+
+
+def test_cached_snapshot_is_served_while_the_hub_is_down(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon("--ref-ttl", "0")
+    expected = snapshot(d, hf_home(), MODEL)
+    hub.stop()
+    try:
+        assert snapshot(d, hf_home(), MODEL) == expected
+        assert download(d, hf_home(), MODEL, "config.json") == expected["config.json"]
+    finally:
+        hub.restart()
+
+
+def test_four_cold_clients_share_one_upstream_download_despite_drops(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    hub.faults(cdn_drop_after=7 * MiB, cdn_drop_count=6)
+    homes = [hf_home() for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda h: download(d, h, MODEL, BIG_FILE), homes))
+    want = expected_files(MODEL)[BIG_FILE]
+    assert all(r == want for r in results)
+    cdn = hub.stats()["cdn_bytes"]
+    assert len(want) <= cdn <= 1.3 * len(want), f"{cdn} CDN bytes for a {len(want)}-byte file"
+
+
+def _raw_get(url: str, headers: dict[str, str] | None = None) -> tuple[float, float, bytes]:
+    started = time.monotonic()
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                timeout=60) as resp:
+        first = resp.read(1)
+        first_at = time.monotonic() - started
+        body = first + resp.read()
+    return first_at, time.monotonic() - started, body
+
+
+def test_first_bytes_arrive_long_before_the_whole_cold_file(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    hub.faults(cdn_rate=24 * MiB)  # 48 MiB take ~2 s
+    first, total, body = _raw_get(f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}")
+    assert body == expected_files(MODEL)[BIG_FILE]
+    assert total > 1.5
+    assert first < 0.15 * total, f"first byte after {first:.2f}s of {total:.2f}s"
+
+
+def test_sigkill_mid_download_resumes_without_refetching(
+        start_daemon: StartDaemon, hub: FakeHub, tmp_path: Path) -> None:
+    d = start_daemon()
+    hub.faults(cdn_rate=16 * MiB)
+    url = f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_raw_get, url)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            transfers = d.status()["transfers"]
+            if transfers and transfers[0]["available"] > 30 * MiB:
+                break
+            time.sleep(0.1)
+        d.kill()
+        with pytest.raises(Exception):  # noqa: B017 - the connection just dies
+            pending.result()
+    fetched_before = hub.stats()["cdn_bytes"]
+    hub.reset()
+    d2 = start_daemon(cache_dir=d.cache_dir)
+    _, _, body = _raw_get(url)
+    want = expected_files(MODEL)[BIG_FILE]
+    assert body == want
+    refetched = hub.stats()["cdn_bytes"]
+    assert refetched < len(want) - 20 * MiB, (
+        f"refetched {refetched} of {len(want)} bytes after {fetched_before} were fetched")
+    assert d2.status()["store"]["complete_blobs"] >= 1
+
+
+def test_gated_file_cached_with_a_token_is_refused_without_one(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    repo = "acme/gated-model"
+    want = expected_files(repo)["model.safetensors"]
+    assert download(d, hf_home(), repo, "model.safetensors", token=GOOD_TOKEN) == want
+    out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors")
+    assert "GatedRepoError" in out.get("errors", []), out
+    out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors",
+                    token="hf_wrong_token")
+    assert "GatedRepoError" in out.get("errors", []), out
+    out = hf_client(d.url, hf_home(), "hf_hub_download", "acme/private-model", "config.json")
+    assert "RepositoryNotFoundError" in out.get("errors", []), out
+    assert_no_leaks(hub)
+    assert GOOD_TOKEN.encode() not in (d.cache_dir / "index.sqlite3").read_bytes()
+    assert GOOD_TOKEN not in d.log()
+
+
+def test_lying_upstream_bytes_are_never_served(start_daemon: StartDaemon,
+                                               hub: FakeHub) -> None:
+    d = start_daemon()
+    url = f"{d.url}/acme/gated-model/resolve/main/model.safetensors"
+    auth = {"Authorization": f"Bearer {GOOD_TOKEN}"}
+    for fault in ({"cdn_corrupt": True}, {"cdn_short": True}):
+        hub.reset()
+        hub.faults(**fault)
+        with pytest.raises(Exception):  # noqa: B017 - 502 or a cut connection
+            _raw_get(url, auth)
+        assert d.status()["store"]["complete_blobs"] == 0, fault
+    hub.reset()
+    _, _, body = _raw_get(url, auth)
+    assert hashlib.sha256(body).digest() == hashlib.sha256(
+        expected_files("acme/gated-model")["model.safetensors"]).digest()
+
+
+def test_sigterm_during_a_download_exits_cleanly(start_daemon: StartDaemon,
+                                                 hub: FakeHub) -> None:
+    d = start_daemon()
+    hub.faults(cdn_rate=8 * MiB)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_raw_get, f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}")
+        time.sleep(1.5)
+        started = time.monotonic()
+        assert d.stop(signal.SIGTERM) == 0
+        assert time.monotonic() - started < 10
+        with pytest.raises(Exception):  # noqa: B017
+            pending.result()
+    assert "stopped" in d.log()

@@ -1,0 +1,141 @@
+"""The chunk store on a real disk: atomic chunks, digests, checkpoints, recovery, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from modelpeer.daemon.index import open_index
+from modelpeer.daemon.store import CHECKPOINT, BlobId, DigestMismatch, Store
+
+MiB = 1024 * 1024
+
+
+def make_store(root: Path) -> Store:
+    return Store(root, open_index(root / "index.sqlite3"), chunk_size=4 * MiB)
+
+
+def blob_of(data: bytes) -> BlobId:
+    return BlobId(hashlib.sha256(data).hexdigest(), "sha256", len(data))
+
+
+async def write(store: Store, blob: BlobId, data: bytes, upto: int | None = None) -> None:
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    end = len(data) if upto is None else upto
+    for pos in range(writer.offset, end, 1_000_003):
+        await writer.write(data[pos:min(end, pos + 1_000_003)])
+    if upto is None:
+        await writer.finish()
+    await writer.close()
+
+
+@pytest.fixture
+def data() -> bytes:
+    return random.Random(7).randbytes(10 * MiB + 12345)
+
+
+async def test_blob_round_trip_across_chunks(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    assert store.is_complete(blob.digest)
+    assert [c.complete for c in store.chunks(blob)] == [True, True, True]
+    assert store.read(blob, 0, len(data)) == data
+    assert store.read(blob, 4 * MiB - 10, 20) == data[4 * MiB - 10:4 * MiB + 10]
+    assert not list(tmp_path.glob("chunks/*/*.part"))
+
+
+async def test_git_blob_digest_and_empty_file(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    for content in (b"hello\n", b""):
+        digest = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+        blob = BlobId(digest, "gitsha1", len(content))
+        await write(store, blob, content)
+        assert store.is_complete(digest)
+        assert store.read(blob, 0, len(content)) == content
+
+
+async def test_wrong_bytes_are_discarded(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    bad = bytearray(data)
+    bad[5 * MiB] ^= 0xFF
+    with pytest.raises(DigestMismatch):
+        await write(store, blob, bytes(bad))
+    assert not store.is_complete(blob.digest)
+    assert not list(tmp_path.glob("chunks/*/*"))
+
+
+async def test_killed_writer_resumes_at_last_checkpoint(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data, upto=6 * MiB + 777)
+    store.db.close()
+    # garbage past the durable point (as after a crash) must be cut off at start
+    part = next(tmp_path.glob("chunks/*/*.part"))
+    with open(part, "ab") as f:
+        f.write(b"garbage")
+
+    store = make_store(tmp_path)
+    stats = await store.recover()
+    assert stats == {"good": 1, "dropped": 0, "partial": 2}
+    assert store.contiguous_prefix(blob) == 6 * MiB + 777
+    await write(store, blob, data)
+    assert store.is_complete(blob.digest)
+    assert store.read(blob, 0, len(data)) == data
+
+
+async def test_checkpoints_make_partial_chunks_durable(tmp_path: Path) -> None:
+    store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=64 * MiB)
+    data = random.Random(3).randbytes(CHECKPOINT * 2 + 5)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    await writer.write(data[: CHECKPOINT + 100])
+    # no close(): as if killed right now
+    assert store.contiguous_prefix(blob) == CHECKPOINT + 100
+
+
+async def test_recover_drops_a_corrupted_complete_chunk(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    chunk1 = store.chunk_path(blob.digest, 1)
+    raw = bytearray(chunk1.read_bytes())
+    raw[100] ^= 1
+    chunk1.write_bytes(bytes(raw))
+    stats = await store.recover()
+    assert stats["dropped"] == 1
+    assert not store.is_complete(blob.digest)
+    assert store.contiguous_prefix(blob) == 4 * MiB
+
+
+async def test_verify_finds_and_drops_bad_chunks(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    assert await store.verify(full=True) == []
+    path = store.chunk_path(blob.digest, 2)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    problems = await store.verify(full=False)
+    assert [(p["chunk"], p["error"]) for p in problems] == [(2, "xxh3")]
+    assert not store.is_complete(blob.digest)
+
+
+async def test_eviction_is_least_recently_used(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    blobs = []
+    for seed in range(3):
+        d = random.Random(seed).randbytes(MiB)
+        blobs.append(blob_of(d))
+        await write(store, blobs[-1], d)
+    store.db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (1, blobs[1].digest))
+    removed = store.evict(int(2.5 * MiB), keep=set())
+    assert removed == [blobs[1].digest]
+    assert store.usage().complete_blobs == 2
