@@ -17,6 +17,7 @@ from .config import Config, ConfigError, load_config
 from .control import Control
 from .fetch import Fetcher
 from .index import open_index
+from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
 from .proxy import Proxy
@@ -57,8 +58,10 @@ class Daemon:
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
                                max_cache_size=cfg.max_cache_size, offline=cfg.offline)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
+        self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
+        self.fetcher.sharing = self.lan.sharing
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
-                               self.describe)
+                               self.describe, self.lan)
         self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)
         app = web.Application(client_max_size=1024**2,
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
@@ -77,12 +80,10 @@ class Daemon:
         notify.status(self.status_line())
 
     def describe(self) -> dict[str, Any]:
-        peers_reason = ("disabled by --no-peers" if self.cfg.no_peers else
-                        "no cluster key (--cluster-key-file): running as a local cache only")
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
-                "peers": {"enabled": False, "reason": peers_reason, "count": 0}}
+                "peers": self.lan.summary()}
 
     def status_line(self) -> str:
         usage = self.store.usage()
@@ -96,6 +97,7 @@ class Daemon:
         if self._runner is not None:
             await self._runner.shutdown()
         await self.fetcher.close()
+        await self.lan.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.upstream.close()

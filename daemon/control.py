@@ -11,6 +11,7 @@ from aiohttp import web
 
 from .catalog import REPO_TYPES, Catalog, Repo
 from .fetch import Fetcher
+from .lan import Lan
 from .metrics import Metrics
 from .store import Store
 
@@ -19,12 +20,13 @@ PREFIX = "/_modelpeer/v1"
 
 class Control:
     def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
-                 describe: Callable[[], dict[str, Any]]) -> None:
+                 describe: Callable[[], dict[str, Any]], lan: Lan) -> None:
         self.store = store
         self.catalog = catalog
         self.fetcher = fetcher
         self.metrics = metrics
         self.describe = describe
+        self.lan = lan
         self.ready = False
         self.started = time.time()
 
@@ -33,6 +35,7 @@ class Control:
         r.add_get(f"{PREFIX}/health", self.health)
         r.add_get(f"{PREFIX}/status", self.status)
         r.add_get(f"{PREFIX}/repos", self.repos)
+        r.add_get(f"{PREFIX}/peers", self.peers)
         r.add_delete(f"{PREFIX}/repos/{{repo_type}}/{{repo_id:.+}}", self.remove_repo)
         r.add_post(f"{PREFIX}/gc", self.gc)
         r.add_post(f"{PREFIX}/verify", self.verify)
@@ -61,6 +64,9 @@ class Control:
             "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
         }
         return web.json_response(body)
+
+    async def peers(self, request: web.Request) -> web.Response:
+        return web.json_response({**self.lan.summary(), "peers": self.lan.peer_list()})
 
     async def repos(self, request: web.Request) -> web.Response:
         return web.json_response(self.catalog.repos())

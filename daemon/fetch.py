@@ -15,12 +15,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
+from .peers import PeerError
 from .store import BlobId, BlobWriter, DigestMismatch, Store
 from .upstream import Upstream, UpstreamError, backoff
+
+if TYPE_CHECKING:
+    from .sharing import Sharing
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ class Transfer:
         self.started = time.monotonic()
         self.start_offset = available
         self.bytes_upstream = 0
+        self.bytes_peers = 0
+        self._sources: list[tuple[int, str]] = [(0, "store")]
         self.readers = 0
         self._event = asyncio.Event()
         self.done = asyncio.get_running_loop().create_future()
@@ -61,6 +68,14 @@ class Transfer:
     @property
     def servable(self) -> int:
         return self.available if self.verified else min(self.available, self.blob.size - 1)
+
+    def mark_source(self, offset: int, source: str) -> None:
+        """Bytes from `offset` on come from `source` (peer or upstream)."""
+        if self._sources[-1][1] != source:
+            self._sources.append((offset, source))
+
+    def source_at(self, offset: int) -> str:
+        return next((s for start, s in reversed(self._sources) if offset >= start), "store")
 
     def advance(self, available: int) -> None:
         self.available = available
@@ -97,7 +112,8 @@ class Transfer:
         elapsed = max(1e-3, time.monotonic() - self.started)
         return {"digest": self.blob.digest, "file": self.label, "size": self.blob.size,
                 "available": self.available, "verified": self.verified,
-                "bytes_upstream": self.bytes_upstream, "readers": self.readers,
+                "bytes_upstream": self.bytes_upstream, "bytes_peers": self.bytes_peers,
+                "source": self._sources[-1][1], "readers": self.readers,
                 "rate": round((self.available - self.start_offset) / elapsed)}
 
 
@@ -119,6 +135,7 @@ class Fetcher:
         self.connections = connections
         self.max_cache_size = max_cache_size
         self.offline = offline
+        self.sharing: Sharing | None = None
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
@@ -151,6 +168,8 @@ class Fetcher:
             await writer.prepare()
             transfer.start_offset = writer.offset
             transfer.advance(writer.offset)
+            if writer.offset < blob.size and self.sharing is not None:
+                await self._from_peers(transfer, writer, self.sharing)
             if writer.offset < blob.size:
                 if self.offline:
                     raise UpstreamError("offline mode: the blob is not fully cached")
@@ -159,8 +178,10 @@ class Fetcher:
                 await self._from_upstream(transfer, writer, origin)
             await writer.finish()
             transfer.finish()
-            log.info("stored %s (%s, %d bytes, %d from upstream)", origin.label,
-                     blob.digest[:12], blob.size, transfer.bytes_upstream)
+            log.info("stored %s (%s, %d bytes, %d from peers, %d from upstream)", origin.label,
+                     blob.digest[:12], blob.size, transfer.bytes_peers, transfer.bytes_upstream)
+            if self.sharing is not None:
+                await self.sharing.seed_blob(blob)
         except asyncio.CancelledError:
             transfer.fail(TransferFailed("the daemon is shutting down"))
             raise
@@ -174,6 +195,45 @@ class Fetcher:
             if self.max_cache_size:
                 self.store.evict(self.max_cache_size, keep=set(self.transfers))
 
+    async def _from_peers(self, transfer: Transfer, writer: BlobWriter,
+                          sharing: Sharing) -> None:
+        """As much of the blob, in order from the writer's offset, as LAN peers hold."""
+        blob = transfer.blob
+        holders = await sharing.holders(blob)
+        if not holders:
+            return
+        transfer.mark_source(writer.offset, "peer")
+        if -1 in holders:
+            data = await sharing.small_blob(blob, holders[-1])
+            if data is not None:
+                await self._write(transfer, writer, memoryview(data)[writer.offset:], "peers")
+            return
+        for chunk in self.store.chunks(blob):
+            if chunk.offset + chunk.length <= writer.offset:
+                continue
+            if chunk.idx not in holders:
+                break
+            skip = writer.offset - chunk.offset
+            try:
+                async for data in sharing.chunk(blob, chunk.idx, holders[chunk.idx]):
+                    cut = min(skip, len(data))
+                    skip -= cut
+                    await self._write(transfer, writer, memoryview(data)[cut:], "peers")
+            except PeerError as e:
+                log.warning("chunk %d of %s from peers failed (%s); the upstream takes over",
+                            chunk.idx, transfer.label, e)
+                break
+        transfer.mark_source(writer.offset, "upstream")
+
+    async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview,
+                     counter: str) -> None:
+        if not data:
+            return
+        await writer.write(data)
+        if counter == "peers":
+            transfer.bytes_peers += len(data)
+        transfer.advance(writer.offset)
+
     async def _locate(self, origin: Origin) -> URL:
         """The URL the upstream serves the bytes at (a CDN after a redirect, or the Hub)."""
         answer = await self.upstream.hub("HEAD", origin.resolve_path, token=origin.token,
@@ -186,6 +246,7 @@ class Fetcher:
 
     async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
         url = await self._locate(origin)
+        transfer.mark_source(writer.offset, "upstream")
         size = transfer.blob.size
         segments = [_Segment(s, min(s + SEGMENT, size))
                     for s in range(writer.offset, size, SEGMENT)]

@@ -204,14 +204,13 @@ class Proxy:
             return resp
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
-        source = "store" if transfer.verified else "upstream"
         transfer.readers += 1
         try:
             failure = await self._first_bytes(transfer, start, end)
             if failure is not None:
                 return failure
             await resp.prepare(request)
-            await self._stream(request, resp, transfer, start, end, source)
+            await self._stream(request, resp, transfer, start, end)
         finally:
             transfer.readers -= 1
         return resp
@@ -233,7 +232,7 @@ class Proxy:
         return None
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
-                      start: int, end: int, source: str) -> None:
+                      start: int, end: int) -> None:
         pos = start
         try:
             while pos < end:
@@ -241,7 +240,7 @@ class Proxy:
                 while pos < limit:
                     n = min(READ_BLOCK, limit - pos)
                     await resp.write(self.store.read(transfer.blob, pos, n))
-                    self.metrics.served(source, n)
+                    self.metrics.served(transfer.source_at(pos), n)
                     pos += n
             await resp.write_eof()
         except TransferFailed as e:

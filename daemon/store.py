@@ -19,7 +19,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ class Store:
         self.root = root
         self.db = db
         self.chunk_size = chunk_size
+        self.on_removed: Callable[[str], None] = lambda digest: None
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- layout -------------------------------------------------------------------------
@@ -191,6 +192,7 @@ class Store:
 
     def remove(self, digest: str) -> int:
         """Delete a blob's chunks and rows; returns the bytes freed."""
+        self.on_removed(digest)
         freed = 0
         rows = self.db.execute("SELECT idx, durable FROM chunks WHERE digest=?",
                                (digest,)).fetchall()
@@ -259,6 +261,7 @@ class Store:
             return False
 
     def _reset_chunk(self, digest: str, idx: int) -> None:
+        self.on_removed(digest)
         for partial in (False, True):
             with _ignore_missing():
                 self.chunk_path(digest, idx, partial=partial).unlink()

@@ -1,0 +1,124 @@
+"""The node's place on the LAN: cluster key, node id, peer API, mDNS, BitTorrent, sharing.
+Built only with a cluster key and without --no-peers; otherwise the daemon is a local cache and
+says why."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .cluster import ClusterKey, ClusterKeyError, read_key_file
+from .config import Config
+from .peers import PeerApi, PeerSet
+from .store import Store
+
+if TYPE_CHECKING:
+    from .discovery import Discovery
+    from .sharing import Sharing
+
+log = logging.getLogger(__name__)
+
+
+def node_id_of(cache_dir: Path) -> str:
+    """A stable random id for this node, kept beside its cache."""
+    path = cache_dir / "node-id"
+    with contextlib.suppress(OSError):
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+    node_id = secrets.token_hex(8)
+    path.write_text(node_id + "\n")
+    return node_id
+
+
+class Lan:
+    def __init__(self, reason: str = "") -> None:
+        self.reason = reason
+        self.sharing: Sharing | None = None
+        self.peers: PeerSet | None = None
+        self.node_id = ""
+        self.cluster_id = ""
+        self._parts: list[Any] = []
+
+    def summary(self) -> dict[str, Any]:
+        if self.peers is None:
+            return {"enabled": False, "reason": self.reason, "count": 0}
+        return {"enabled": True, "reason": "", "node_id": self.node_id,
+                "cluster_id": self.cluster_id, "count": len(self.peers.usable())}
+
+    def peer_list(self) -> list[dict[str, Any]]:
+        return [] if self.peers is None else [p.public() for p in self.peers.peers.values()]
+
+    async def close(self) -> None:
+        for part in reversed(self._parts):
+            try:
+                await part.close()
+            except Exception:  # noqa: BLE001 - close everything even if one part fails
+                log.exception("closing %s failed", type(part).__name__)
+
+
+async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> Lan:
+    if cfg.no_peers:
+        return Lan("disabled by --no-peers")
+    if cfg.cluster_key_file is None:
+        return Lan("no cluster key (--cluster-key-file; make one with `modelpeer cluster-key "
+                   "new FILE`): running as a local cache only")
+    try:
+        key = ClusterKey(read_key_file(cfg.cluster_key_file))
+    except ClusterKeyError as e:
+        log.error("peers off: %s", e)
+        return Lan(f"peers off: {e}")
+    lan = Lan()
+    lan.node_id, lan.cluster_id = node_id_of(cfg.cache_dir), key.cluster_id
+    try:
+        await _start_parts(lan, cfg, store, key, node_name, version)
+    except BaseException:
+        await lan.close()
+        raise
+    return lan
+
+
+async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, node_name: str,
+                       version: str) -> None:
+    # libtorrent and zeroconf are loaded only when the node joins a LAN
+    from .discovery import Discovery
+    from .sharing import Sharing
+    from .swarm import Swarm
+
+    peer_host, peer_port = cfg.peer_listen
+    bt_host, bt_port = cfg.bt_listen
+    if cfg.interface:
+        peer_host = bt_host = cfg.interface
+    api = PeerApi(key, lan.node_id)
+    swarm = Swarm((bt_host, bt_port), cfg.cache_dir / "swarm", interface=cfg.interface)
+    await swarm.start()
+    lan._parts.append(swarm)
+    peers = PeerSet(key, lan.node_id, cfg.peer)
+    lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
+                          bt_port=bt_port)
+    store.on_removed = lan.sharing.forget_blob
+    await api.start(peer_host, peer_port)
+    lan._parts.append(api)
+    await peers.start()
+    lan._parts.append(peers)
+    lan.peers = peers
+    await lan.sharing.seed_all()
+    discovery = Discovery(lan.node_id, key.cluster_id, peer_port, bt_port, version,
+                          interface=cfg.interface)
+    discovery.on_change = lambda: _sync_discovered(discovery, peers)
+    await discovery.start()
+    lan._parts.append(discovery)
+    log.info("peers on: node %s in cluster %s, peer API %s:%d, BitTorrent %s:%d", lan.node_id,
+             key.cluster_id, peer_host, peer_port, bt_host, bt_port)
+
+
+def _sync_discovered(discovery: Discovery, peers: PeerSet) -> None:
+    found = discovery.peers()
+    for info in found.values():
+        peers.seen(info.node_id, info.address, info.peer_port, info.bt_port, info.version)
+    for node_id, peer in list(peers.peers.items()):
+        if not peer.static and node_id not in found:
+            peers.gone(node_id)
