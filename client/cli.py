@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
@@ -146,6 +147,41 @@ def cmd_verify(d: Daemon, args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if result["problems"] else 0
 
 
+def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
+    result = d.call("GET", "/peers")
+    if args.json:
+        _print_json(result["peers"])
+        return 0
+    if not result["enabled"]:
+        print(f"peers are off: {result['reason']}")
+        return 0
+    print(f"node {result['node_id']} in cluster {result['cluster_id']}: "
+          f"{result['count']} live peers")
+    print(f"{'NODE':18} {'NAME':16} {'ADDRESS':21} {'VERSION':8} {'LAST SEEN':10} "
+          f"{'CHUNKS':>6} {'FROM':>9} {'TO':>9}")
+    for p in result["peers"]:
+        state = "banned" if p["banned"] else ("" if p["alive"] else "down")
+        print(f"{p['node_id']:18} {p['name'][:16]:16} {p['address'] + ':' + str(p['peer_port']):21}"
+              f" {p['version']:8} {human_age(p['last_seen']) if p['last_seen'] else '-':10}"
+              f" {p['chunks_held']:>6} {human_size(p['bytes_from']):>9}"
+              f" {human_size(p['bytes_to']):>9} {state}")
+    return 0
+
+
+def cmd_cluster_key(d: Daemon, args: argparse.Namespace) -> int:
+    from modelpeer.daemon.cluster import new_key_file
+
+    try:
+        new_key_file(args.file)
+    except FileExistsError as e:
+        raise CliError(f"{args.file} exists already; a key is never overwritten", 1) from e
+    except OSError as e:
+        raise CliError(f"cannot write {args.file}: {e.strerror}", 1) from e
+    print(f"wrote a new cluster key to {args.file} (mode 600). Copy it to every node of the "
+          "cluster and start modelpeerd with --cluster-key-file", file=sys.stderr)
+    return 0
+
+
 def cmd_env(d: Daemon, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"HF_ENDPOINT": d.url})
@@ -176,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", parents=[common], help="check every chunk's xxh3")
     v.add_argument("--full", action="store_true", help="also check every blob's sha256/sha1")
     v.set_defaults(func=cmd_verify)
+    sub.add_parser("peers", parents=[common], help="the LAN peers this node sees"
+                   ).set_defaults(func=cmd_peers)
+    ck = sub.add_parser("cluster-key", parents=[common], help="make a cluster key")
+    ck_sub = ck.add_subparsers(dest="action", required=True)
+    new = ck_sub.add_parser("new", help="write a fresh random key to FILE (never overwrites)")
+    new.add_argument("file", type=Path)
+    new.set_defaults(func=cmd_cluster_key)
     sub.add_parser("env", parents=[common], help="print the HF_ENDPOINT line for your shell"
                    ).set_defaults(func=cmd_env)
     return p
