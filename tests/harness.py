@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ class Modelpeerd:
 
     def __init__(self, cache_dir: Path, upstream: str | list[str], *, host: str = "127.0.0.1",
                  port: int = 0, extra: list[str] | None = None, prefix_cmd: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 getter: Callable[[str], Any] | None = None, peers: bool = False) -> None:
         self.cache_dir = cache_dir
         self.upstreams = [upstream] if isinstance(upstream, str) else upstream
         self.host = host
@@ -46,6 +48,8 @@ class Modelpeerd:
         self.extra = extra or []
         self.prefix_cmd = prefix_cmd or []
         self.env = env or {}
+        self.get = getter or get_json
+        self.peers = peers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = cache_dir.parent / f"{cache_dir.name}.log"
 
@@ -56,7 +60,7 @@ class Modelpeerd:
     def command(self) -> list[str]:
         cmd = [*self.prefix_cmd, sys.executable, "-m", "modelpeer.daemon.main",
                "--cache-dir", str(self.cache_dir), "--listen", f"{self.host}:{self.port}",
-               "--no-peers", "--log-level", "debug"]
+               "--log-level", "debug"] + ([] if self.peers else ["--no-peers"])
         for u in self.upstreams:
             cmd += ["--upstream", u]
         return cmd + self.extra
@@ -79,7 +83,7 @@ class Modelpeerd:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"modelpeerd exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if get_json(self.url + "/_modelpeer/v1/health", timeout=2)["status"] == "ok":
+                if self.get(self.url + "/_modelpeer/v1/health")["status"] == "ok":
                     return
             except (OSError, urllib.error.URLError, ValueError):
                 pass
@@ -93,7 +97,7 @@ class Modelpeerd:
             return ""
 
     def status(self) -> dict[str, Any]:
-        return get_json(self.url + "/_modelpeer/v1/status")
+        return self.get(self.url + "/_modelpeer/v1/status")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.proc is None or self.proc.poll() is not None:
