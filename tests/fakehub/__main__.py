@@ -1,0 +1,3 @@
+from tests.fakehub.server import main
+
+main()

@@ -1,0 +1,162 @@
+"""The fake Hub's repos: deterministic contents, commits and revisions, computed the same way in
+the server and in the tests (which compare downloads byte by byte against them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import random
+from pathlib import Path
+
+MiB = 1024 * 1024
+GOOD_TOKEN = "hf_good_token"
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSpec:
+    path: str
+    size: int
+    lfs: bool
+    seed: str  # contents are a pure function of this
+
+    @functools.cached_property
+    def content(self) -> bytes:
+        if self.path.endswith(".json"):
+            return json.dumps({"seed": self.seed, "model_type": "tiny-tts"}, indent=2).encode()
+        return random.Random(self.seed).randbytes(self.size)
+
+    @property
+    def real_size(self) -> int:
+        return len(self.content) if self.path.endswith(".json") else self.size
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.content).hexdigest()
+
+    @functools.cached_property
+    def git_sha1(self) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
+
+    @property
+    def pointer(self) -> bytes:
+        return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\n"
+                f"size {self.real_size}\n").encode()
+
+    @property
+    def oid(self) -> str:
+        data = self.pointer if self.lfs else self.content
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+    @property
+    def etag(self) -> str:
+        return self.sha256 if self.lfs else self.git_sha1
+
+
+class BigFile(FileSpec):
+    """A large file generated once into the data dir, never held in memory whole."""
+
+    def write_to(self, path: Path) -> None:
+        rng = random.Random(self.seed)
+        h = hashlib.sha256()
+        with open(path, "wb") as f:
+            left = self.size
+            while left:
+                block = rng.randbytes(min(16 * MiB, left))
+                f.write(block)
+                h.update(block)
+                left -= len(block)
+        self.__dict__["sha256"] = h.hexdigest()  # what cached_property would have stored
+
+    @property
+    def content(self) -> bytes:  # type: ignore[override]
+        raise RuntimeError(f"{self.path} is too big to hold in memory; read it from disk")
+
+    @property
+    def real_size(self) -> int:
+        return self.size
+
+
+@dataclasses.dataclass
+class Repo:
+    repo_type: str
+    repo_id: str
+    revisions: dict[str, str]  # name -> commit
+    commits: dict[str, dict[str, FileSpec]]
+    gated: bool = False
+    private: bool = False
+    xet: bool = False
+
+    def commit_of(self, revision: str) -> str | None:
+        if revision in self.revisions:
+            return self.revisions[revision]
+        if revision in self.commits:
+            return revision
+        if len(revision) >= 7:
+            return next((c for c in self.commits if c.startswith(revision)), None)
+        return None
+
+
+def _commit(repo_type: str, repo_id: str, name: str) -> str:
+    return hashlib.sha1(f"{repo_type}/{repo_id}@{name}".encode()).hexdigest()
+
+
+def _files(repo_id: str, specs: dict[str, tuple[int, bool]],
+           variant: str = "") -> dict[str, FileSpec]:
+    return {p: FileSpec(p, size, lfs, f"{repo_id}/{p}/{variant if p == 'config.json' else ''}")
+            for p, (size, lfs) in specs.items()}
+
+
+def _repo(repo_type: str, repo_id: str, revs: dict[str, dict[str, FileSpec]], **kw: bool) -> Repo:
+    revisions = {name: _commit(repo_type, repo_id, name) for name in revs}
+    commits = {revisions[name]: files for name, files in revs.items()}
+    return Repo(repo_type, repo_id, revisions, commits, **kw)
+
+
+def tiny_tts() -> Repo:
+    base = {".gitattributes": (120, False), "README.md": (900, False), "config.json": (0, False),
+            "tokenizer.json": (0, False), "model.safetensors": (48 * MiB, True),
+            "sub/folder/weights.bin": (3 * MiB, True), "voices/speaker one.wav": (1 * MiB, True),
+            "data/naïve file ü.txt": (333, False), "empty.txt": (0, False)}
+    main = _files("acme/tiny-tts", base, "main")
+    main["tokenizer.json"] = FileSpec("tokenizer.json", 200_000, False, "tok")
+    dev = {**main, **_files("acme/tiny-tts", {"config.json": (0, False)}, "dev"),
+           "dev-only.txt": FileSpec("dev-only.txt", 77, False, "dev-only")}
+    old = {p: f for p, f in main.items() if not p.startswith("voices/")}
+    old.update(_files("acme/tiny-tts", {"config.json": (0, False)}, "v1"))
+    pr = {**main, **_files("acme/tiny-tts", {"config.json": (0, False)}, "pr1")}
+    return _repo("model", "acme/tiny-tts",
+                 {"main": main, "dev": dev, "v1.0": old, "refs/pr/1": pr}, xet=True)
+
+
+def catalogue(big_size: int = 0) -> dict[tuple[str, str], Repo]:
+    repos = [
+        tiny_tts(),
+        _repo("model", "gpt2", {"main": _files("gpt2", {"config.json": (0, False),
+                                                         "model.safetensors": (2 * MiB, True)})}),
+        _repo("model", "acme/gated-model",
+              {"main": _files("acme/gated-model", {"config.json": (0, False),
+                                                   "model.safetensors": (4 * MiB, True)})},
+              gated=True),
+        _repo("model", "acme/private-model",
+              {"main": _files("acme/private-model", {"config.json": (0, False)})}, private=True),
+        _repo("dataset", "acme/speech-set", {"main": {
+            **_files("acme/speech-set", {"README.md": (500, False),
+                                         "data/train-00000.parquet": (5 * MiB, True)}),
+            **{f"shards/shard-{i:03d}.txt": FileSpec(f"shards/shard-{i:03d}.txt", 64, False,
+                                                     f"shard{i}") for i in range(120)}}}),
+    ]
+    if big_size:
+        big = BigFile("big.bin", big_size, True, "acme/big/big.bin")
+        repos.append(_repo("model", "acme/big", {"main": {"big.bin": big}}))
+    return {(r.repo_type, r.repo_id): r for r in repos}
+
+
+def expected_files(repo_id: str, revision: str = "main",
+                   repo_type: str = "model") -> dict[str, bytes]:
+    """What a snapshot of the repo at that revision must contain, byte for byte."""
+    repo = catalogue()[(repo_type, repo_id)]
+    commit = repo.commit_of(revision)
+    assert commit is not None, f"no revision {revision} in {repo_id}"
+    return {p: f.content for p, f in repo.commits[commit].items()}

@@ -1,0 +1,465 @@
+"""A test double of the Hugging Face Hub: a real aiohttp server answering like the Hub does,
+and a separate CDN origin that LFS downloads are redirected to with signed URLs.
+
+    python -m tests.fakehub --port 0 --cdn-port 0 --data-dir DIR
+
+prints `FAKEHUB READY {"hub": URL, "cdn": URL}` once both listen. Faults and counters are
+driven through /_fake/... on the hub listener (never affected by faults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from aiohttp import web
+
+from tests.fakehub.repos import GOOD_TOKEN, BigFile, FileSpec, Repo, catalogue
+
+log = logging.getLogger("fakehub")
+SECRET = b"fakehub-cdn-signing"
+KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
+PIECE = 256 * 1024
+
+
+@dataclasses.dataclass
+class Faults:
+    hub_status: int = 0
+    hub_down: bool = False
+    cdn_status: int = 0
+    cdn_drop_after: int = 0
+    cdn_drop_count: int = -1
+    cdn_rate: int = 0
+    cdn_first_byte_delay: float = 0.0
+    cdn_corrupt: bool = False
+    cdn_short: bool = False
+
+    @property
+    def cdn_streaming(self) -> bool:
+        return bool(self.cdn_drop_after or self.cdn_rate or self.cdn_corrupt or self.cdn_short
+                    or self.cdn_first_byte_delay)
+
+
+class HubError(Exception):
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+class FakeHub:
+    def __init__(self, data_dir: Path, page_size: int, big_size: int) -> None:
+        self.data_dir = data_dir
+        self.page_size = page_size
+        self.repos = catalogue(big_size)
+        self.blobs: dict[str, Path] = {}
+        self.faults = Faults()
+        self.stats: dict[str, Any] = {}
+        self.hub_url = self.cdn_url = ""
+        self.reset()
+
+    def reset(self) -> None:
+        self.faults = Faults()
+        self.stats = {"cdn_bytes": 0, "cdn_requests": 0, "cdn_requests_with_auth": 0,
+                      "hub_requests": 0, "xet_requests": 0, "requests": []}
+
+    def prepare(self) -> None:
+        """Write every LFS blob into the data dir so the CDN can serve it from disk."""
+        (self.data_dir / "blobs").mkdir(parents=True, exist_ok=True)
+        for repo in self.repos.values():
+            self.add_blobs(repo)
+
+    def add_blobs(self, repo: Repo) -> None:
+        for files in repo.commits.values():
+            for f in files.values():
+                if not f.lfs:
+                    continue
+                if isinstance(f, BigFile):
+                    path = self.data_dir / "blobs" / f"big-{f.size}"
+                    f.write_to(path)
+                    self.blobs[f.sha256] = path
+                elif f.sha256 not in self.blobs:
+                    path = self.data_dir / "blobs" / f.sha256
+                    if not path.exists():
+                        path.write_bytes(f.content)
+                    self.blobs[f.sha256] = path
+
+    # --- the hub listener -----------------------------------------------------------------
+    def hub_app(self) -> web.Application:
+        app = web.Application(client_max_size=10 * 1024**2)
+        app.router.add_get("/_fake/stats", self.get_stats)
+        app.router.add_post("/_fake/faults", self.set_faults)
+        app.router.add_post("/_fake/reset", self.do_reset)
+        app.router.add_post("/_fake/repos", self.add_repo)
+        app.router.add_route("*", "/{tail:.*}", self.hub)
+        return app
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats)
+
+    async def set_faults(self, request: web.Request) -> web.Response:
+        for k, v in (await request.json()).items():
+            if not hasattr(self.faults, k):
+                return web.json_response({"error": f"unknown fault {k}"}, status=400)
+            setattr(self.faults, k, v)
+        return web.json_response(dataclasses.asdict(self.faults))
+
+    async def do_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return web.json_response({})
+
+    async def add_repo(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        repo_type, repo_id = body.get("repo_type", "model"), body["repo_id"]
+        files = {p: FileSpec(p, int(f["size"]), bool(f.get("lfs", True)),
+                             f"{repo_id}/{p}/{body.get('seed', 0)}")
+                 for p, f in body["files"].items()}
+        commit = hashlib.sha1(f"{repo_type}/{repo_id}@main".encode()).hexdigest()
+        repo = Repo(repo_type, repo_id, {"main": commit}, {commit: files})
+        self.repos[(repo_type, repo_id)] = repo
+        await asyncio.to_thread(self.add_blobs, repo)
+        return web.json_response({"commit": commit})
+
+    async def hub(self, request: web.Request) -> web.StreamResponse:
+        self.stats["hub_requests"] += 1
+        self.stats["requests"] = [*self.stats["requests"][-199:],
+                                  f"{request.method} {request.raw_path}"]
+        if self.faults.hub_down:
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("hub is down")
+        if self.faults.hub_status:
+            return web.json_response({"error": "injected"}, status=self.faults.hub_status)
+        try:
+            return await self.route(request)
+        except HubError as e:
+            headers = {"X-Error-Message": e.message, **e.headers}
+            if e.code:
+                headers["X-Error-Code"] = e.code
+            return web.json_response({"error": e.message}, status=e.status, headers=headers)
+
+    async def route(self, request: web.Request) -> web.StreamResponse:
+        path, _, _ = request.raw_path.partition("?")
+        segs = path.lstrip("/").split("/")
+        if segs[:2] == ["api", "agent-harnesses"]:
+            raise HubError(404, "", "not here")
+        if segs[0] == "api" and len(segs) >= 3 and segs[1] == "resolve-cache":
+            return await self.resolve_cache(request, segs[2:])
+        if segs[0] == "api" and len(segs) >= 3 and segs[1] in KINDS:
+            return await self.api(request, KINDS[segs[1]], segs[2:])
+        repo_type = "model"
+        if segs[0] in ("datasets", "spaces"):
+            repo_type, segs = KINDS[segs[0]], segs[1:]
+        for n in (1, 2):
+            if len(segs) > n + 2 and segs[n] == "resolve":
+                repo = self.repo(request, repo_type, "/".join(segs[:n]), files=True)
+                return await self.resolve(request, repo, unquote(segs[n + 1]),
+                                          unquote("/".join(segs[n + 2:])))
+        raise HubError(404, "", f"no route {path}")
+
+    def repo(self, request: web.Request, repo_type: str, repo_id: str, *,
+             files: bool) -> Repo:
+        repo = self.repos.get((repo_type, repo_id))
+        token = request.headers.get("Authorization", "")
+        good = token == f"Bearer {GOOD_TOKEN}"
+        if repo is None or (repo.private and not good):
+            raise HubError(401, "RepoNotFound", "Repository Not Found for url: "
+                           f"{request.path}. Please make sure you specified the correct repo id.")
+        if repo.gated and files and not good:
+            status = 403 if token else 401
+            raise HubError(status, "GatedRepo", f"Access to model {repo_id} is restricted. "
+                           "You must have access to it and be authenticated to access it.")
+        return repo
+
+    def commit(self, repo: Repo, revision: str) -> str:
+        commit = repo.commit_of(revision)
+        if commit is None:
+            raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return commit
+
+    def file(self, repo: Repo, commit: str, path: str) -> FileSpec:
+        f = repo.commits[commit].get(path)
+        if f is None:
+            raise HubError(404, "EntryNotFound", f"{path} does not exist on this revision",
+                           {"X-Repo-Commit": commit})
+        return f
+
+    async def resolve(self, request: web.Request, repo: Repo, revision: str,
+                      path: str) -> web.StreamResponse:
+        commit = self.commit(repo, revision)
+        f = self.file(repo, commit, path)
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
+        if f.lfs:
+            headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.real_size),
+                            "Location": self.signed_url(f.sha256),
+                            "Content-Length": str(len(f.pointer))})
+            if repo.xet:
+                api = f"/api/{repo.repo_type}s/{repo.repo_id}/xet-read-token/{commit}"
+                xet_hash = hashlib.sha256(b"xet" + f.sha256.encode()).hexdigest()
+                headers.update({
+                    "X-Xet-Hash": xet_hash, "X-Xet-Refresh-Route": api,
+                    "Link": f'<{self.hub_url}{api}>; rel="xet-auth", '
+                            f'<http://127.0.0.1:9/cas/reconstruction/{xet_hash}>; '
+                            'rel="xet-reconstruction-info"'})
+            return web.Response(status=302, headers=headers)
+        if revision != commit:
+            prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+            headers["Location"] = (f"/api/resolve-cache/{repo.repo_type}s/{repo.repo_id}/"
+                                   f"{commit}/{quote(path)}?%2F{prefix}etag={f.git_sha1}")
+            return web.Response(status=307, headers=headers)
+        return self.body(request, f.content, headers)
+
+    async def resolve_cache(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
+        if len(segs) < 4 or segs[0] not in KINDS:
+            raise HubError(404, "", "bad resolve-cache path")
+        n = 2 if len(segs) >= 5 and (KINDS[segs[0]], "/".join(segs[1:3])) in self.repos else 1
+        repo = self.repo(request, KINDS[segs[0]], "/".join(segs[1:1 + n]), files=True)
+        commit = self.commit(repo, segs[1 + n])
+        f = self.file(repo, commit, unquote("/".join(segs[2 + n:])))
+        return self.body(request, f.content, {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"',
+                                              "Accept-Ranges": "bytes"})
+
+    @staticmethod
+    def body(request: web.Request, data: bytes, headers: dict[str, str]) -> web.Response:
+        span = parse_range(request.headers.get("Range"), len(data))
+        if span is None:
+            return web.Response(body=data if request.method != "HEAD" else None,
+                                headers={**headers, "Content-Length": str(len(data))})
+        a, b = span
+        headers["Content-Range"] = f"bytes {a}-{b - 1}/{len(data)}"
+        return web.Response(status=206, body=data[a:b], headers=headers)
+
+    # --- the API --------------------------------------------------------------------------
+    async def api(self, request: web.Request, repo_type: str,
+                  segs: list[str]) -> web.StreamResponse:
+        verbs = ("revision", "tree", "paths-info", "xet-read-token")
+        n = 1 if len(segs) >= 2 and segs[1] in verbs else 2
+        repo_id, rest = "/".join(segs[:n]), segs[n:]
+        if rest and rest[0] == "xet-read-token":
+            self.stats["xet_requests"] += 1
+            return web.json_response({"accessToken": "x", "exp": int(time.time()) + 3600,
+                                      "casUrl": "http://127.0.0.1:9"})
+        repo = self.repo(request, repo_type, repo_id, files=False)
+        if not rest:
+            return self.info(request, repo, "main")
+        if rest[0] == "revision" and len(rest) >= 2:
+            return self.info(request, repo, unquote(rest[1]))
+        if rest[0] == "tree" and len(rest) >= 2:
+            return self.tree(request, repo, unquote(rest[1]), unquote("/".join(rest[2:])))
+        if rest[0] == "paths-info" and len(rest) >= 2:
+            return await self.paths_info(request, repo, unquote(rest[1]))
+        raise HubError(404, "", "no such API route")
+
+    def info(self, request: web.Request, repo: Repo, revision: str) -> web.Response:
+        commit = self.commit(repo, revision)
+        blobs = request.query.get("blobs") in ("true", "1")
+        siblings = []
+        for f in repo.commits[commit].values():
+            s: dict[str, Any] = {"rfilename": f.path}
+            if blobs:
+                s.update({"size": f.real_size, "blobId": f.oid})
+                if f.lfs:
+                    s["lfs"] = {"sha256": f.sha256, "size": f.real_size,
+                                "pointerSize": len(f.pointer)}
+            siblings.append(s)
+        return web.json_response({
+            "id": repo.repo_id, "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
+            "sha": commit, "private": repo.private, "gated": "auto" if repo.gated else False,
+            "disabled": False, "lastModified": "2026-01-01T00:00:00.000Z", "tags": [],
+            "downloads": 0, "likes": 0, "siblings": siblings})
+
+    def entry(self, repo: Repo, f: FileSpec) -> dict[str, Any]:
+        e: dict[str, Any] = {"type": "file", "oid": f.oid, "size": f.real_size, "path": f.path}
+        if f.lfs:
+            e["lfs"] = {"oid": f.sha256, "size": f.real_size, "pointerSize": len(f.pointer)}
+            if repo.xet:
+                e["xetHash"] = hashlib.sha256(b"xet" + f.sha256.encode()).hexdigest()
+        return e
+
+    def entries(self, repo: Repo, commit: str) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in sorted(repo.commits[commit].values(), key=lambda f: f.path):
+            parts = f.path.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                out.setdefault(d, {"type": "directory", "size": 0, "path": d,
+                                   "oid": hashlib.sha1(d.encode()).hexdigest()})
+            out[f.path] = self.entry(repo, f)
+        return out
+
+    def tree(self, request: web.Request, repo: Repo, revision: str, sub: str) -> web.Response:
+        commit = self.commit(repo, revision)
+        everything = self.entries(repo, commit)
+        if sub and sub not in everything:
+            raise HubError(404, "EntryNotFound", f"{sub} does not exist", {"X-Repo-Commit": commit})
+        recursive = request.query.get("recursive") in ("true", "1", "True")
+        prefix = f"{sub}/" if sub else ""
+        listed = [e for p, e in everything.items() if p.startswith(prefix)
+                  and (recursive or "/" not in p[len(prefix):])]
+        start = int(base64.urlsafe_b64decode(request.query["cursor"]) if "cursor" in request.query
+                    else 0)
+        page = listed[start:start + self.page_size]
+        headers = {}
+        if start + self.page_size < len(listed):
+            cursor = base64.urlsafe_b64encode(str(start + self.page_size).encode()).decode()
+            query = {**request.query, "cursor": cursor}
+            qs = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in query.items())
+            headers["Link"] = f'<{self.hub_url}{request.path_qs.split("?")[0]}?{qs}>; rel="next"'
+        return web.json_response(page, headers=headers)
+
+    async def paths_info(self, request: web.Request, repo: Repo,
+                         revision: str) -> web.Response:
+        commit = self.commit(repo, revision)
+        if request.content_type == "application/json":
+            paths = (await request.json()).get("paths", [])
+        else:
+            paths = (await request.post()).getall("paths", [])
+        everything = self.entries(repo, commit)
+        return web.json_response([everything[p] for p in paths if p in everything])
+
+    # --- the CDN ----------------------------------------------------------------------------
+    def signed_url(self, sha256: str) -> str:
+        expires = int(time.time()) + 3600
+        sig = hmac.new(SECRET, f"{sha256}:{expires}".encode(), hashlib.sha256).hexdigest()
+        return f"{self.cdn_url}/repos/{sha256}?Expires={expires}&Signature={sig}"
+
+    def cdn_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/repos/{sha256}", self.cdn)
+        return app
+
+    async def cdn(self, request: web.Request) -> web.StreamResponse:
+        self.stats["cdn_requests"] += 1
+        if "Authorization" in request.headers:
+            self.stats["cdn_requests_with_auth"] += 1
+        sha = request.match_info["sha256"]
+        expires, sig = request.query.get("Expires", "0"), request.query.get("Signature", "")
+        want = hmac.new(SECRET, f"{sha}:{expires}".encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, sig) or int(expires) < time.time():
+            return web.Response(status=403, text="AccessDenied: bad or expired signature")
+        if self.faults.cdn_status:
+            return web.Response(status=self.faults.cdn_status, text="injected CDN error")
+        path = self.blobs.get(sha)
+        if path is None:
+            return web.Response(status=404, text="NoSuchKey")
+        size = path.stat().st_size
+        try:
+            span = parse_range(request.headers.get("Range"), size)
+        except ValueError:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+        a, b = span or (0, size)
+        if request.method == "HEAD":
+            return web.Response(headers={"Content-Length": str(b - a), "Accept-Ranges": "bytes"})
+        if not self.faults.cdn_streaming:
+            self.stats["cdn_bytes"] += b - a
+            return web.FileResponse(path, headers={"Accept-Ranges": "bytes"})
+        return await self.cdn_stream(request, path, a, b, size, span is not None)
+
+    async def cdn_stream(self, request: web.Request, path: Path, a: int, b: int, size: int,
+                         ranged: bool) -> web.StreamResponse:
+        f = self.faults
+        resp = web.StreamResponse(status=206 if ranged else 200,
+                                  headers={"Accept-Ranges": "bytes"})
+        resp.content_length = b - a
+        if ranged:
+            resp.headers["Content-Range"] = f"bytes {a}-{b - 1}/{size}"
+        await resp.prepare(request)
+        if f.cdn_first_byte_delay:
+            await asyncio.sleep(f.cdn_first_byte_delay)
+        drop = f.cdn_drop_after if f.cdn_drop_after and f.cdn_drop_count != 0 else 0
+        if drop and f.cdn_drop_count > 0:
+            f.cdn_drop_count -= 1
+        end = b - 1 if f.cdn_short else b
+        middle = (a + b) // 2
+        sent = 0
+        started = time.monotonic()
+        with open(path, "rb") as fh:
+            fh.seek(a)
+            pos = a
+            while pos < end:
+                n = min(PIECE, end - pos, (drop - sent) if drop else PIECE)
+                data = bytearray(fh.read(n))
+                if f.cdn_corrupt and pos <= middle < pos + n:
+                    data[middle - pos] ^= 0xFF
+                await resp.write(bytes(data))
+                pos += n
+                sent += n
+                self.stats["cdn_bytes"] += n
+                if drop and sent >= drop:
+                    break
+                if f.cdn_rate:
+                    ahead = sent / f.cdn_rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        if pos < b:
+            assert request.transport is not None
+            request.transport.abort()
+            raise ConnectionResetError("fault injected: connection dropped")
+        await resp.write_eof()
+        return resp
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    if not header:
+        return None
+    m = re.fullmatch(r"bytes=(\d*)-(\d*)", header.strip())
+    if not m or not (m.group(1) or m.group(2)):
+        raise ValueError(header)
+    if not m.group(1):
+        a, b = max(0, size - int(m.group(2))), size
+    else:
+        a, b = int(m.group(1)), min(size, int(m.group(2)) + 1) if m.group(2) else size
+    if a >= b:
+        raise ValueError(header)
+    return a, b
+
+
+async def serve(args: argparse.Namespace) -> None:
+    hub = FakeHub(Path(args.data_dir), args.page_size, args.big_size)
+    await asyncio.to_thread(hub.prepare)
+    runners = []
+    urls = []
+    for app, host, port in ((hub.hub_app(), args.host, args.port),
+                            (hub.cdn_app(), args.cdn_host, args.cdn_port)):
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        urls.append(f"http://{host}:{sock.getsockname()[1]}")
+        runners.append(runner)
+    hub.hub_url, hub.cdn_url = urls
+    print("FAKEHUB READY " + json.dumps({"hub": urls[0], "cdn": urls[1]}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for r in runners:
+        await r.cleanup()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="fakehub")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--cdn-host", default="127.0.0.1")
+    p.add_argument("--cdn-port", type=int, default=0)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--page-size", type=int, default=50)
+    p.add_argument("--big-size", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    asyncio.run(serve(args))
