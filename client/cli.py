@@ -190,13 +190,23 @@ def cmd_env(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _common_options(suppress: bool) -> argparse.ArgumentParser:
+    """--daemon and --json, accepted before and after the command; after it they must not
+    reset what was given before it, hence SUPPRESS there."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--daemon", default=os.environ.get("MODELPEER_URL", DEFAULT_DAEMON),
-                        help="URL of the modelpeerd to talk to (default: $MODELPEER_URL or "
+    daemon_default = os.environ.get("MODELPEER_URL", DEFAULT_DAEMON)
+    common.add_argument("--daemon", default=argparse.SUPPRESS if suppress else daemon_default,
+                        help=f"URL of the modelpeerd to talk to (default: $MODELPEER_URL or "
                              f"{DEFAULT_DAEMON})")
-    common.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p = argparse.ArgumentParser(prog="modelpeer", parents=[common],
+    common.add_argument("--json", action="store_true",
+                        default=argparse.SUPPRESS if suppress else False,
+                        help="print JSON for scripts")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options(suppress=True)
+    p = argparse.ArgumentParser(prog="modelpeer", parents=[_common_options(suppress=False)],
                                 description="Talk to the local modelpeerd: status, cache, peers.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", parents=[common], help="this node: cache, transfers, peers"

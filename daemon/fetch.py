@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -44,6 +46,12 @@ class Origin:
 
 class TransferFailed(Exception):
     pass
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return isinstance(error, sqlite3.Error) and "full" in str(error)
 
 
 class Transfer:
@@ -163,8 +171,9 @@ class Fetcher:
 
     async def _run(self, transfer: Transfer, origin: Origin) -> None:
         blob = transfer.blob
-        writer = self.store.open_writer(blob)
+        writer: BlobWriter | None = None
         try:
+            writer = self.store.open_writer(blob)
             await writer.prepare()
             transfer.start_offset = writer.offset
             transfer.advance(writer.offset)
@@ -185,12 +194,13 @@ class Fetcher:
         except asyncio.CancelledError:
             transfer.fail(TransferFailed("the daemon is shutting down"))
             raise
-        except (DigestMismatch, UpstreamError, OSError) as e:
+        except (DigestMismatch, UpstreamError, PeerError, OSError, sqlite3.Error) as e:
             log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
             transfer.fail(e)
         finally:
-            with contextlib.suppress(OSError):
-                await writer.close()
+            if writer is not None:
+                with contextlib.suppress(OSError, sqlite3.Error):
+                    await writer.close()
             self.transfers.pop(blob.digest, None)
             if self.max_cache_size:
                 self.store.evict(self.max_cache_size, keep=set(self.transfers))

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
 import re
+import sqlite3
 import time
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from .catalog import Catalog, FileEntry, HubError, Repo
-from .fetch import Fetcher, Origin, Transfer, TransferFailed
+from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
 from .metrics import Metrics
 from .store import Store
 
@@ -153,6 +153,12 @@ class Proxy:
             return hub_error_response(400, str(e))
         except HubError as e:
             return hub_error_response(e.status, e.message, e.code, e.headers)
+        except (OSError, sqlite3.Error) as e:
+            if is_disk_full(e):
+                log.error("cache disk full while answering %s %s", request.method, request.path)
+                return hub_error_response(507, "the cache disk is full; free space or lower "
+                                          "max_cache_size")
+            raise
         finally:
             self.metrics.observe_request(route_kind, time.monotonic() - started)
 
@@ -224,8 +230,7 @@ class Proxy:
         except TimeoutError:
             return None
         except TransferFailed as e:
-            cause = e.__cause__
-            if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            if is_disk_full(e.__cause__):
                 return hub_error_response(507, f"{transfer.label}: the cache disk is full; "
                                           "free space or lower max_cache_size")
             return hub_error_response(502, f"{transfer.label}: could not fetch: {e}")

@@ -64,10 +64,10 @@ def test_malformed_ranges(start_daemon: StartDaemon, hub: FakeHub, range_header:
 
 def test_valid_ranges(start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
-    want = expected_files(MODEL)["tokenizer.json"]
+    want = expected_files(MODEL)["README.md"]
     for header, (a, b) in {"bytes=0-99": (0, 100), "bytes=100-": (100, len(want)),
                            "bytes=-50": (len(want) - 50, len(want))}.items():
-        status, headers, body = raw(d, "GET", f"/{MODEL}/resolve/main/tokenizer.json",
+        status, headers, body = raw(d, "GET", f"/{MODEL}/resolve/main/README.md",
                                     {"Range": header})
         assert status == 206
         assert body == want[a:b]
@@ -91,19 +91,24 @@ def test_full_disk_gives_a_clear_5xx_and_a_consistent_store(
         start_daemon: StartDaemon, hub: FakeHub, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(small)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
     try:
         d = start_daemon(cache_dir=small / "cache")
-        status, headers, body = raw(d, "GET", f"/{MODEL}/resolve/main/model.safetensors")
-        assert status == 507 or (status == 200 and len(body) < 48 * 1024 * 1024), status
-        if status == 507:
-            assert "disk is full" in json.loads(body)["error"]
-        # small files still work, and a restart finds a consistent store
-        status, _, body = raw(d, "GET", f"/{MODEL}/resolve/main/config.json")
+        filler = small / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+        path = f"/{MODEL}/resolve/main/sub/folder/weights.bin"
+        status, headers, body = raw(d, "GET", path)
+        assert status == 507, (status, body[:200], d.log()[-2500:])
+        assert "disk is full" in json.loads(body)["error"]
+        assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+        # space comes back: the same request works, and a restart finds a consistent store
+        filler.unlink()
+        status, _, body = raw(d, "GET", path)
+        assert status == 200 and body == expected_files(MODEL)["sub/folder/weights.bin"]
         d.stop()
         d2 = start_daemon(cache_dir=small / "cache")
-        status, _, body = raw(d2, "GET", f"/{MODEL}/resolve/main/config.json")
-        assert status == 200 and body == expected_files(MODEL)["config.json"]
-        d2.stop()
+        assert d2.status()["store"]["complete_blobs"] == 1
+        status, _, body = raw(d2, "GET", path)
+        assert status == 200 and body == expected_files(MODEL)["sub/folder/weights.bin"]
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)

@@ -365,7 +365,10 @@ class FakeHub:
         if not self.faults.cdn_streaming:
             self.stats["cdn_bytes"] += b - a
             return web.FileResponse(path, headers={"Accept-Ranges": "bytes"})
-        return await self.cdn_stream(request, path, a, b, size, span is not None)
+        try:
+            return await self.cdn_stream(request, path, a, b, size, span is not None)
+        except ConnectionResetError:  # the client went away, or a fault cut it off
+            raise asyncio.CancelledError from None
 
     async def cdn_stream(self, request: web.Request, path: Path, a: int, b: int, size: int,
                          ranged: bool) -> web.StreamResponse:
