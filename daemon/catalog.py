@@ -126,12 +126,15 @@ class Catalog:
         granted = self._grants.get((repo, _token_key(token)))
         return granted is not None and time.monotonic() - granted < max_age
 
-    def _record_access(self, repo: Repo, token: str | None) -> None:
+    def _record_access(self, repo: Repo, token: str | None, *, files: bool) -> None:
+        """The upstream said yes. Only a tokenless yes to a file makes the repo's files public
+        (a gated repo's API answers are public, its files are not)."""
         now = time.time()
+        public = 1 if files and not token else 0
         self.db.execute(
             "INSERT INTO repos (repo_type, repo_id, public, last_access) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO UPDATE SET public=MAX(public, excluded.public),"
-            " last_access=excluded.last_access", (repo.type, repo.id, 0 if token else 1, now))
+            " last_access=excluded.last_access", (repo.type, repo.id, public, now))
         if token:
             self._grants[(repo, _token_key(token))] = time.monotonic()
 
@@ -191,7 +194,7 @@ class Catalog:
         entry = _entry_from_head(repo, path, answer)
         self._save_ref(repo, revision, entry.commit)
         self._save_entry(entry)
-        self._record_access(repo, token)
+        self._record_access(repo, token, files=True)
         return entry
 
     def _stale_entry(self, repo: Repo, revision: str, path: str, token: str | None,
@@ -217,7 +220,7 @@ class Catalog:
         cached = self._cached_api(key)
         fresh = cached is not None and (
             immutable or time.time() - cached[1] < self.ref_ttl)
-        if cached and fresh and self._allowed(repo, token, max_age=GRANT_TTL):
+        if cached and fresh and self._may_see(repo, cached, token, max_age=GRANT_TTL):
             self._touch(repo)
             return cached[0]
         if self.offline:
@@ -231,33 +234,37 @@ class Catalog:
         if answer.status >= 400:
             raise HubError.from_answer(answer)
         result = _sanitized_api_answer(answer)
-        self._record_access(repo, token)
+        self._record_access(repo, token, files=False)
         if result.status == 200:
-            self._save_api(key, repo, result)
+            self._save_api(key, repo, result, anonymous=not token)
             if revision and result.commit:
                 self._save_ref(repo, revision, result.commit)
         return result
 
-    def _stale_api(self, repo: Repo, cached: tuple[ApiAnswer, float] | None,
+    def _may_see(self, repo: Repo, cached: tuple[ApiAnswer, float, bool], token: str | None,
+                 *, max_age: float) -> bool:
+        return cached[2] or self._allowed(repo, token, max_age=max_age)
+
+    def _stale_api(self, repo: Repo, cached: tuple[ApiAnswer, float, bool] | None,
                    token: str | None, reason: object, what: str) -> ApiAnswer:
         if cached is None:
             raise HubError.unreachable(what, reason)
-        if not self._allowed(repo, token, max_age=OFFLINE_GRACE):
+        if not self._may_see(repo, cached, token, max_age=OFFLINE_GRACE):
             raise HubError(502, "", f"{repo}: the upstream Hub is unreachable ({reason}), so "
                                     "access to this gated or private repo cannot be checked")
         return cached[0]
 
-    def _cached_api(self, key: str) -> tuple[ApiAnswer, float] | None:
+    def _cached_api(self, key: str) -> tuple[ApiAnswer, float, bool] | None:
         row = self.db.execute("SELECT * FROM api_cache WHERE key=?", (key,)).fetchone()
         if row is None:
             return None
         return (ApiAnswer(row["status"], row["body"], row["content_type"], row["link"],
-                          row["commit_sha"]), row["fetched_at"])
+                          row["commit_sha"]), row["fetched_at"], bool(row["anonymous"]))
 
-    def _save_api(self, key: str, repo: Repo, a: ApiAnswer) -> None:
-        self.db.execute("INSERT OR REPLACE INTO api_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    def _save_api(self, key: str, repo: Repo, a: ApiAnswer, *, anonymous: bool) -> None:
+        self.db.execute("INSERT OR REPLACE INTO api_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (key, repo.type, repo.id, a.status, a.content_type, a.next_link,
-                         a.commit, a.body, time.time()))
+                         a.commit, a.body, time.time(), int(anonymous)))
 
     # --- the CLI's view -----------------------------------------------------------------
     def repos(self) -> list[dict[str, Any]]:

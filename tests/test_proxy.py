@@ -198,6 +198,8 @@ def test_gated_file_cached_with_a_token_is_refused_without_one(
     repo = "acme/gated-model"
     want = expected_files(repo)["model.safetensors"]
     assert download(d, hf_home(), repo, "model.safetensors", token=GOOD_TOKEN) == want
+    # the repo's metadata is public (as on the Hub); that must not open its files
+    assert "result" in hf_client(d.url, hf_home(), "repo_info", repo)
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors")
     assert "GatedRepoError" in out.get("errors", []), out
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors",
