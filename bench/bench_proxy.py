@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -43,8 +44,9 @@ def timed_get(url: str) -> tuple[float, str]:
 def nginx_serving(root: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     conf = work / "nginx.conf"
+    user = "user root root;" if os.geteuid() == 0 else ""  # workers must read our temp dir
     conf.write_text(f"""
-worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
+{user} worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
 events {{ worker_connections 64; }}
 http {{
   access_log off; sendfile on; tcp_nopush on;

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
+COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +278,9 @@ class Fetcher:
                       transfer: Transfer) -> None:
         written = 0
         while True:
-            if len(seg.buf) > written:
+            pending = len(seg.buf) - written
+            if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
+                                                         or written == 0)):
                 data = bytes(seg.buf[written:])
                 await writer.write(data)
                 written += len(data)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = 16 * 1024 * 1024
 READ_BLOCK = 1024 * 1024
+OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ALGOS = ("sha256", "gitsha1")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
 
@@ -355,9 +356,10 @@ class BlobWriter:
             piece = view[:room]
             if self.offset + len(piece) > self.blob.size:
                 raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
-            _write_all(self._fd, piece)
-            self._chunk_hash.update(piece)
-            self._hasher.update(piece)
+            if len(piece) >= OFFLOAD:
+                await asyncio.to_thread(self._append, self._fd, piece)
+            else:
+                self._append(self._fd, piece)
             self.offset += len(piece)
             self._since_checkpoint += len(piece)
             view = view[len(piece):]
@@ -365,6 +367,11 @@ class BlobWriter:
                 await self._complete_chunk()
             elif self._since_checkpoint >= CHECKPOINT:
                 await self._checkpoint()
+
+    def _append(self, fd: int, piece: memoryview) -> None:
+        _write_all(fd, piece)
+        self._chunk_hash.update(piece)
+        self._hasher.update(piece)
 
     async def _checkpoint(self) -> None:
         assert self._fd is not None and self._chunk is not None

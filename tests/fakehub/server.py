@@ -203,8 +203,7 @@ class FakeHub:
         headers = {"X-Repo-Commit": commit, "ETag": f'"{f.etag}"', "Accept-Ranges": "bytes"}
         if f.lfs:
             headers.update({"X-Linked-Etag": f'"{f.sha256}"', "X-Linked-Size": str(f.real_size),
-                            "Location": self.signed_url(f.sha256),
-                            "Content-Length": str(len(f.pointer))})
+                            "Location": self.signed_url(f.sha256)})
             if repo.xet:
                 api = f"/api/{repo.repo_type}s/{repo.repo_id}/xet-read-token/{commit}"
                 xet_hash = hashlib.sha256(b"xet" + f.sha256.encode()).hexdigest()
