@@ -292,15 +292,14 @@ class Swarm:
             self._update_stats(a.status)
 
     def _blame(self, handle: lt.torrent_handle, piece: int) -> None:
-        """A piece failed its hash: every peer that sent us data for this torrent is suspect
-        (a chunk torrent usually has one or two), and the caller bans them."""
+        """A piece failed its hash. With one sender the culprit is clear; with several,
+        libtorrent's smart-ban finds it (peer_ban_alert) once the piece comes again."""
         ih = str(handle.info_hashes().v1)
-        for p in handle.get_peer_info():
-            if p.total_download > 0:
-                ip = p.ip[0]
-                log.warning("piece %d of torrent %s failed its hash; suspect peer %s", piece,
-                            ih, ip)
-                self._report(ip, ih)
+        senders = [p.ip[0] for p in handle.get_peer_info() if p.total_download > 0]
+        log.warning("piece %d of torrent %s failed its hash (senders: %s)", piece, ih,
+                    ", ".join(senders) or "none")
+        if len(senders) == 1:
+            self._report(senders[0], ih)
 
     def _report(self, ip: str, ih: str) -> None:
         if self.on_bad_peer is not None:

@@ -4,15 +4,14 @@ inside one of the lab's namespaces."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tests.fakehub import http_json
 from tests.harness import ROOT
 
 NETLAB = ROOT.parent / "shared" / "netlab" / "netlab"
@@ -60,14 +59,7 @@ class Lab:
         return "198.18.0.254" if host == "up" else f"198.18.0.{host.removeprefix('h')}"
 
     def get_json(self, host: str, url: str, timeout: float = 10) -> Any:
-        code = ("import json,sys,urllib.request;"
-                "r=urllib.request.urlopen(sys.argv[1],timeout=float(sys.argv[2]));"
-                "sys.stdout.write(r.read().decode())")
-        out = subprocess.run([*self.ns(host), sys.executable, "-c", code, url, str(timeout)],
-                             capture_output=True, timeout=timeout + 10)
-        if out.returncode != 0:
-            raise OSError(f"GET {url} from {host} failed: {out.stderr.decode()[-500:]}")
-        return json.loads(out.stdout)
+        return http_json("GET", url, prefix_cmd=self.ns(host), timeout=timeout)
 
     def run(self, host: str, *cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.ns(host), *cmd], capture_output=True, text=True,

@@ -3,7 +3,9 @@ verified chunks shared over BitTorrent, driven by the real huggingface_hub clien
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,9 +94,32 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
     for h in ("h1", "h2", "h3"):
         assert "h4" not in cluster.live_names(h)
     assert cluster.live_names("h4") == set()
-    # the stranger's signed calls are refused by the others
-    for h in ("h1", "h2"):
-        assert "refused" in cluster.nodes[h].log() or "unauthorized" in cluster.nodes[h].log()
+    # calls signed with the stranger's key are refused by the others, and so are unsigned ones
+    for key in (stranger, None):
+        status = signed_status(cluster.lab, "h4", key, f"http://{cluster.lab.ip('h1')}:6581")
+        assert status == 401, status
+    assert signed_status(cluster.lab, "h2", cluster.key, f"http://{cluster.lab.ip('h1')}:6581") \
+        == 200
+    assert "peer API: refused" in cluster.nodes["h1"].log()
+
+
+def signed_status(lab: Lab, host: str, key: Path | None, base: str) -> int:
+    """GET a peer API route from `host`, signed with `key` (unsigned without one)."""
+    code = (
+        "import sys, urllib.request, urllib.error\n"
+        "from pathlib import Path\n"
+        "from modelpeer.daemon.cluster import ClusterKey, read_key_file\n"
+        "path = '/_modelpeer/peer/v1/status'\n"
+        "h = ClusterKey(read_key_file(Path(sys.argv[2]))).sign('GET', path, b'', 'x') "
+        "if sys.argv[2] else {}\n"
+        "try:\n"
+        "    print(urllib.request.urlopen(urllib.request.Request(sys.argv[1] + path, "
+        "headers=h), timeout=5).status)\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code)\n")
+    out = lab.run(host, sys.executable, "-c", code, base, str(key or ""))
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
 
 
 def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> None:
@@ -115,22 +140,30 @@ def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> N
 
 
 def test_a_killed_or_lying_peer_does_not_fail_the_client(cluster: Cluster) -> None:
-    for h in ("h1", "h2", "h3"):
+    hosts = ("h1", "h2", "h3", "h4")
+    for h in hosts:
         cluster.start(h)
-    for h in ("h2", "h3"):
-        cluster.lab.wait_for(f"{h} sees h1", lambda h=h: "h1" in cluster.live_names(h))
+    for h in hosts[1:]:
+        cluster.lab.wait_for(f"{h} sees the others",
+                             lambda h=h: len(cluster.live_names(h)) == 3)
     want = expected_files(MODEL)
     assert cluster.snapshot("h1") == want
-    # h1 now lies: its chunk files are corrupted behind its back
+    assert cluster.snapshot("h2") == want  # h1 has now served (and checked) every piece
+    # h1 turns liar: its chunk files change behind its back after they were checked
     for chunk in (cluster.tmp / "cache-h1" / "chunks").rglob("*.[0-9]"):
         if chunk.stat().st_size > MiB:
             raw = bytearray(chunk.read_bytes())
-            for i in range(0, len(raw), 1024 * 1024):
+            for i in range(0, len(raw), 64 * 1024):
                 raw[i] ^= 0xFF
             chunk.write_bytes(bytes(raw))
-    assert cluster.snapshot("h2") == want
-    peers = {p["name"]: p for p in cluster.peers("h2")}
-    assert peers["h1"]["banned"], peers
-    # and a peer that dies mid-transfer: h3 still gets correct bytes
-    cluster.nodes["h1"].kill()
     assert cluster.snapshot("h3") == want
+    peers = {p["name"]: p for p in cluster.peers("h3")}
+    assert peers["h1"]["banned"], peers
+    assert not peers["h2"]["banned"], peers
+    assert "h1" in cluster.nodes["h3"].log() or "banned" in cluster.nodes["h3"].log()
+    # a peer killed while h4 downloads: h4 still gets correct bytes
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(cluster.snapshot, "h4")
+        time.sleep(0.5)
+        cluster.nodes["h2"].kill()
+        assert pending.result() == want

@@ -7,13 +7,31 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.fakehub.repos import GOOD_TOKEN, catalogue, expected_files
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+_HTTP_JSON = """
+import json, sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, data=body.encode() if body else None, method=method,
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as resp:
+    sys.stdout.write(resp.read().decode())
+"""
+
+
+def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | None = None,
+              timeout: float = 30) -> Any:
+    """A JSON request, run inside a network namespace when prefix_cmd enters one."""
+    payload = json.dumps(body) if body is not None else ""
+    out = subprocess.run([*(prefix_cmd or []), sys.executable, "-c", _HTTP_JSON, method, url,
+                          payload, str(timeout)], capture_output=True, timeout=timeout + 10)
+    if out.returncode != 0:
+        raise OSError(f"{method} {url} failed: {out.stderr.decode()[-800:]}")
+    return json.loads(out.stdout)
 
 __all__ = ["GOOD_TOKEN", "FakeHub", "catalogue", "expected_files"]
 
@@ -68,11 +86,7 @@ class FakeHub:
         return self.start()
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read())
+        return http_json(method, self.url + path, body, self.prefix_cmd)
 
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/_fake/stats")
