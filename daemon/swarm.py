@@ -261,7 +261,10 @@ class Swarm:
         if self._ses is None:
             return
         for a in self._ses.pop_alerts():
-            self._dispatch(a)
+            try:
+                self._dispatch(a)
+            except Exception:  # one odd alert must not stop the others from being handled
+                log.exception("handling %s failed", type(a).__name__)
 
     def _dispatch(self, a: lt.alert) -> None:
         if isinstance(a, lt.read_piece_alert):
@@ -277,7 +280,7 @@ class Swarm:
             if fetch is not None:
                 fetch.progress()
         elif isinstance(a, lt.hash_failed_alert):
-            self._blame(a.handle, a.piece)
+            self._blame(a.handle, a.piece_index)
         elif isinstance(a, lt.peer_ban_alert):
             self._report(str(a.endpoint[0]), str(a.handle.info_hashes().v1))
         elif isinstance(a, lt.torrent_error_alert | lt.file_error_alert):
