@@ -41,7 +41,8 @@ def timed_get(url: str) -> tuple[float, str]:
     return time.perf_counter() - started, h.hexdigest()
 
 
-def nginx_serving(root: Path, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+def nginx_serving(root: Path, work: Path, prefix_cmd: list[str] | None = None,
+                  host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     conf = work / "nginx.conf"
     user = "user root root;" if os.geteuid() == 0 else ""  # workers must read our temp dir
@@ -52,11 +53,12 @@ http {{
   access_log off; sendfile on; tcp_nopush on;
   client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
   fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
+  server {{ listen {host}:{port}; root {root}; }}
 }}""")
-    proc = subprocess.Popen(["nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*(prefix_cmd or []), "nginx", "-c", str(conf)],
+                            stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    return proc, f"http://127.0.0.1:{port}"
+    return proc, f"http://{host}:{port}"
 
 
 def main() -> None:

@@ -219,21 +219,24 @@ class Fetcher:
             if data is not None:
                 await self._write(transfer, writer, memoryview(data)[writer.offset:], "peers")
             return
+        wanted = []
         for chunk in self.store.chunks(blob):
             if chunk.offset + chunk.length <= writer.offset:
                 continue
             if chunk.idx not in holders:
                 break
-            skip = writer.offset - chunk.offset
-            try:
-                async for data in sharing.chunk(blob, chunk.idx, holders[chunk.idx]):
-                    cut = min(skip, len(data))
-                    skip -= cut
-                    await self._write(transfer, writer, memoryview(data)[cut:], "peers")
-            except PeerError as e:
-                log.warning("chunk %d of %s from peers failed (%s); the upstream takes over",
-                            chunk.idx, transfer.label, e)
-                break
+            wanted.append(chunk)
+        if not wanted:
+            return
+        pos = wanted[0].offset  # the blob offset of the bytes coming next (whole chunks)
+        try:
+            async for data in sharing.chunks_in_order(blob, [c.idx for c in wanted], holders):
+                skip = max(0, writer.offset - pos)
+                pos += len(data)
+                await self._write(transfer, writer, memoryview(data)[skip:], "peers")
+        except PeerError as e:
+            log.warning("getting %s from peers stopped at byte %d (%s); the upstream takes "
+                        "over", transfer.label, writer.offset, e)
         transfer.mark_source(writer.offset, "upstream")
 
     async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview,

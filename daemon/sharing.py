@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SMALL_BLOB = 1024 * 1024  # smaller blobs travel over the peer API, not as torrents
 BAN_SECONDS = 600.0
+PREFETCH = 2  # chunks downloaded ahead of the one being written
 
 
 class Sharing:
@@ -151,6 +152,43 @@ class Sharing:
                 return data
             self.peers.ban(peer.node_id, BAN_SECONDS, f"sent wrong bytes for {blob.digest}")
         return None
+
+    async def chunks_in_order(self, blob: BlobId, indices: list[int],
+                              holders: dict[int, list[tuple[Peer, str]]]) -> AsyncIterator[bytes]:
+        """The bytes of these chunks in order; the next PREFETCH chunks download meanwhile,
+        so per-chunk start-up (metadata, connecting) overlaps the transfer."""
+        queues: dict[int, asyncio.Queue[bytes | BaseException | None]] = {}
+        tasks: list[asyncio.Task[None]] = []
+
+        def start(i: int) -> None:
+            if i < len(indices) and indices[i] not in queues:
+                q: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
+                queues[indices[i]] = q
+                tasks.append(asyncio.create_task(
+                    self._pump(blob, indices[i], holders[indices[i]], q)))
+
+        try:
+            for i, idx in enumerate(indices):
+                for ahead in range(i, i + PREFETCH + 1):
+                    start(ahead)
+                while (item := await queues[idx].get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                del queues[idx]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, blob: BlobId, idx: int, holders: list[tuple[Peer, str]],
+                    q: asyncio.Queue[bytes | BaseException | None]) -> None:
+        try:
+            async for data in self.chunk(blob, idx, holders):
+                q.put_nowait(data)
+            q.put_nowait(None)
+        except PeerError as e:
+            q.put_nowait(e)
 
     async def chunk(self, blob: BlobId, idx: int,
                     holders: list[tuple[Peer, str]]) -> AsyncIterator[bytes]:

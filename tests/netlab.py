@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.fakehub import http_json
-from tests.harness import ROOT
+from tests.fakehub import FakeHub, http_json
+from tests.harness import ROOT, Modelpeerd, hf_client, tree_bytes
 
 NETLAB = ROOT.parent / "shared" / "netlab" / "netlab"
 
@@ -84,3 +84,43 @@ def write_key(path: Path) -> Path:
 
     new_key_file(path)
     return path
+
+
+class Cluster:
+    def __init__(self, lab: Lab, hub: FakeHub, tmp: Path) -> None:
+        self.lab = lab
+        self.hub = hub
+        self.tmp = tmp
+        self.key = write_key(tmp / "cluster.key")
+        self.nodes: dict[str, Modelpeerd] = {}
+
+    def start(self, host: str, key: Path | None = None, *extra: str) -> Modelpeerd:
+        ip = self.lab.ip(host)
+        d = Modelpeerd(self.tmp / f"cache-{host}", self.hub.url, host=ip, port=6580,
+                       prefix_cmd=self.lab.ns(host),
+                       getter=lambda url: self.lab.get_json(host, url),
+                       extra=["--chunk-size", "8MiB", "--interface", ip,
+                              "--cluster-key-file", str(key or self.key),
+                              "--peer-listen", f"{ip}:6581", "--bt-listen", f"{ip}:6582",
+                              "--node-name", host, *extra], peers=True)
+        self.nodes[host] = d
+        return d.start()
+
+    def peers(self, host: str) -> list[dict[str, object]]:
+        d = self.nodes[host]
+        return self.lab.get_json(host, d.url + "/_modelpeer/v1/peers")["peers"]
+
+    def live_names(self, host: str) -> set[str]:
+        return {str(p["name"]) for p in self.peers(host) if p["alive"]}
+
+    def snapshot(self, host: str, repo: str = "acme/tiny-tts") -> dict[str, bytes]:
+        home = self.tmp / f"hf-{host}-{time.monotonic_ns()}"
+        home.mkdir()
+        out = hf_client(self.nodes[host].url, home, "snapshot_download", repo,
+                        prefix_cmd=self.lab.ns(host))
+        assert "result" in out, out
+        return tree_bytes(Path(out["result"]))
+
+    def stop(self) -> None:
+        for d in self.nodes.values():
+            d.stop()

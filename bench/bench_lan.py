@@ -1,0 +1,108 @@
+"""Peer-to-peer throughput between two nodes on a shaped LAN link, against a plain HTTP
+transfer (nginx) of the same bytes over the same link, in the same run. Needs root (netlab).
+
+    python bench/bench_lan.py --size 1GiB --lan 1gbit
+
+Node h1 first gets the file from the (unshaped) upstream; then h2's client reads it through
+h2's modelpeerd, which gets it from h1 over BitTorrent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_proxy import nginx_serving  # noqa: E402
+from modelpeer.daemon.config import parse_size  # noqa: E402
+from tests.fakehub import FakeHub  # noqa: E402
+from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
+
+TIMED_GET = """
+import hashlib, sys, time, urllib.request
+h = hashlib.sha256(); t = time.perf_counter()
+with urllib.request.urlopen(sys.argv[1], timeout=600) as r:
+    while data := r.read(1 << 20):
+        h.update(data)
+print(time.perf_counter() - t, h.hexdigest())
+"""
+
+
+def timed_get(lab: Lab, host: str, url: str) -> tuple[float, str]:
+    out = lab.run(host, sys.executable, "-c", TIMED_GET, url, timeout=900)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    seconds, digest = out.stdout.split()
+    return float(seconds), digest
+
+
+def rate_bits(text: str) -> float:
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    for u, f in units.items():
+        if text.endswith(u):
+            return float(text[: -len(u)]) * f
+    return float(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="1GiB")
+    ap.add_argument("--lan", default="1gbit")
+    args = ap.parse_args()
+    if reason := netlab_available():
+        sys.exit(f"bench_lan: {reason}")
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="mp-benchlan-"))
+    os.chmod(work, 0o755)
+    lab = Lab(2, prefix=f"mpb{os.getpid() % 10000}", lan=args.lan).up()
+    hub = FakeHub(work / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
+                  cdn_port=8081, prefix_cmd=lab.ns("up"), big_size=size)
+    cluster = Cluster(lab, hub, work)
+    nginx = None
+    try:
+        hub.start(timeout=600)
+        for h in ("h1", "h2"):
+            cluster.start(h, None, "--chunk-size", "64MiB", "--log-level", "info")
+        lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+        url = "/acme/big/resolve/main/big.bin"
+        t_up, digest = timed_get(lab, "h1", cluster.nodes["h1"].url + url)
+        chunks = -(-size // (64 * 1024 * 1024))
+        lab.wait_for("h1 seeds every chunk", lambda: any(
+            p["name"] == "h1" and p["chunks_held"] >= chunks for p in cluster.peers("h2")),
+            timeout=120)
+        t_p2p, got = timed_get(lab, "h2", cluster.nodes["h2"].url + url)
+        assert got == digest, "h2 got different bytes"
+        served = cluster.nodes["h2"].status()["served_bytes"]
+        blob = next(p for p in (work / "hub" / "blobs").iterdir() if p.stat().st_size == size)
+        www = work / "www"
+        www.mkdir()
+        os.link(blob, www / "big.bin")
+        nginx, base = nginx_serving(www, work, lab.ns("h1"), lab.ip("h1"))
+        t_http, got = timed_get(lab, "h2", base + "/big.bin")
+        assert got == digest
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait()
+        cluster.stop()
+        hub.stop()
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+    link = rate_bits(args.lan) / 8
+    print(f"\n{size / 2**30:.2f} GiB, LAN shaped to {args.lan} per host egress\n")
+    print("| what | seconds | MB/s | of link rate |\n|---|---|---|---|")
+    for label, t in (("h1 from upstream (unshaped WAN), through modelpeerd", t_up),
+                     ("h2 from h1 over BitTorrent, through modelpeerd", t_p2p),
+                     ("plain HTTP h1 → h2 (nginx, baseline)", t_http)):
+        print(f"| {label} | {t:.2f} | {size / t / 1e6:.0f} | {size / t / link:.0%} |")
+    print(f"\n| ratio | value |\n|---|---|\n| P2P / plain HTTP (rate) | {t_http / t_p2p:.2f} |")
+    print(f"| bytes h2 served from peers | {served['peer']} of {size} |")
+
+
+if __name__ == "__main__":
+    main()
