@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 MIN_PIECE = 16 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 PIECES_PER_CHUNK = 16
-LOOKAHEAD = 8
+LOOKAHEAD = 16
 _FLAGS = lt.create_torrent.no_attributes | lt.create_torrent.v1_only
 
 

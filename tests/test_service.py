@@ -1,0 +1,230 @@
+"""Running as a systemd service: the unit verifies, sd_notify is spoken, SIGTERM is graceful,
+the config example is complete, install.sh is idempotent and uninstalls cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from modelpeer.daemon.config import OPTIONS, ConfigError, read_config_file
+from tests.fakehub import FakeHub, expected_files
+from tests.harness import ROOT, Modelpeerd, get_json
+
+SYSTEMD = ROOT / "systemd"
+StartDaemon = Callable[..., Modelpeerd]
+MiB = 1024 * 1024
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify insists that ExecStart exists: point it at this checkout's modelpeerd
+    daemon = Path(sys.executable).parent / "modelpeerd"
+    unit = (SYSTEMD / "modelpeer.service").read_text()
+    assert "ExecStart=/opt/modelpeer/bin/modelpeerd " in unit
+    (tmp_path / "modelpeer.service").write_text(
+        unit.replace("/opt/modelpeer/bin/modelpeerd", str(daemon)))
+    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "modelpeer.service")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    for setting in ("Type=notify", "User=modelpeer", "CacheDirectory=modelpeer",
+                    "StateDirectory=modelpeer", "ConfigurationDirectory=modelpeer",
+                    "Restart=on-failure", "LimitNOFILE=", "ProtectSystem=strict",
+                    "NoNewPrivileges=yes", "RestrictAddressFamilies="):
+        assert setting in unit
+
+
+def test_config_example_has_every_key_and_parses(tmp_path: Path) -> None:
+    text = (SYSTEMD / "modelpeer.toml").read_text()
+    for opt in OPTIONS:
+        assert re.search(rf"^# {opt.name} = ", text, re.M), opt.name
+    assert read_config_file(SYSTEMD / "modelpeer.toml") == {}
+    uncommented = tmp_path / "all.toml"
+    uncommented.write_text(re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M))
+    values = read_config_file(uncommented)
+    assert set(values) == {o.name for o in OPTIONS}
+    assert values["listen"] == ("127.0.0.1", 6580)
+    assert values["chunk_size"] == 64 * MiB
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('listen = "127.0.0.1:6580"\nlisten_port = 3\n', ":2: unknown key 'listen_port'"),
+    ('\n\nmax_cache_size = "lots"\n', ":3: bad value for max_cache_size"),
+    ("upstream = [\"ftp://x\"]\n", ":1: bad value for upstream"),
+])
+def test_bad_config_is_refused_with_file_and_line(tmp_path: Path, content: str,
+                                                  message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}{message}")):
+        read_config_file(path)
+    out = subprocess.run([sys.executable, "-m", "modelpeer.daemon.main", "--config", str(path)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and f"{path}{message}" in out.stderr
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's; records what the daemon says, and
+    whether the daemon's health check already answered at that moment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[str, bool]] = []
+        self.health_url = ""
+        self._stop = False
+        self._thread = threading.Thread(target=self._listen, daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            healthy = False
+            if self.health_url:
+                try:
+                    healthy = get_json(self.health_url, timeout=2)["status"] == "ok"
+                except OSError:
+                    healthy = False
+            self.messages.extend((line, healthy) for line in data.splitlines())
+
+    def wait_for(self, line: str, timeout: float = 15) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(m == line for m, _ in self.messages):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
+        tmp_path: Path, hub: FakeHub) -> None:
+    ns = NotifySocket(tmp_path / "notify.sock")
+    d = Modelpeerd(tmp_path / "cache", hub.url, extra=["--chunk-size", "8MiB"],
+                   env={"NOTIFY_SOCKET": str(ns.path)})
+    ns.health_url = d.url + "/_modelpeer/v1/health"
+    try:
+        d.start()
+        assert ns.wait_for("READY=1")
+        assert [h for m, h in ns.messages if m == "READY=1"] == [True], \
+            "READY=1 came before the API answered"
+        hub.faults(cdn_rate=2 * MiB)  # 48 MiB at 4 x 2 MiB/s: in flight for several seconds
+        url = f"{d.url}/acme/tiny-tts/resolve/main/model.safetensors"
+        reader = threading.Thread(target=_read_quietly, args=(url,), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not d.status()["transfers"]:
+            time.sleep(0.1)
+        time.sleep(2)
+        started = time.monotonic()
+        assert d.stop(signal.SIGTERM, timeout=10) == 0
+        assert time.monotonic() - started < 10
+        assert ns.wait_for("STOPPING=1", timeout=1)
+        assert any(m.startswith("STATUS=") for m, _ in ns.messages)
+    finally:
+        d.stop()
+        ns.close()
+    durable = _durable_bytes(tmp_path / "cache")
+    assert durable > 1 * MiB, "the stop should have checkpointed what was written"
+    hub.reset()
+    d2 = Modelpeerd(tmp_path / "cache", hub.url, extra=["--chunk-size", "8MiB"]).start()
+    try:
+        with urllib.request.urlopen(f"{d2.url}/acme/tiny-tts/resolve/main/model.safetensors",
+                                    timeout=60) as resp:
+            assert resp.read() == expected_files("acme/tiny-tts")["model.safetensors"]
+        refetched = hub.stats()["cdn_bytes"]
+        assert refetched == 48 * MiB - durable, (durable, refetched)
+    finally:
+        d2.stop()
+
+
+def _durable_bytes(cache: Path) -> int:
+    db = sqlite3.connect(cache / "index.sqlite3")
+    try:
+        return db.execute("SELECT COALESCE(SUM(durable), 0) FROM chunks").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _read_quietly(url: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            resp.read()
+    except (OSError, http.client.HTTPException):
+        pass  # the daemon stops under it
+
+
+def test_profile_snippet_and_modelpeer_env_agree() -> None:
+    sourced = subprocess.run(["sh", "-c", f". {SYSTEMD / 'profile.d/modelpeer.sh'}; "
+                                          "echo $HF_ENDPOINT"],
+                             capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    env = subprocess.run([sys.executable, "-m", "modelpeer.client.cli", "env"],
+                         capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "MODELPEER_URL"})
+    assert env.stdout.strip() == f"export HF_ENDPOINT={sourced.stdout.strip()}"
+    assert (SYSTEMD / "environment.d/60-modelpeer.conf").read_text().strip().endswith(
+        f"HF_ENDPOINT={sourced.stdout.strip()}")
+
+
+def _tree(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not p.is_symlink() and "__pycache__" not in rel \
+                and not rel.endswith((".pyc", "/RECORD")):
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[rel + "/"] = ""
+    return out
+
+
+def test_install_twice_is_idempotent_and_uninstall_keeps_cache_and_config(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    env = {**os.environ, "MODELPEER_INSTALL_PIP_ARGS": "--no-deps"}
+    script = str(SYSTEMD / "install.sh")
+    first = subprocess.run([script, "--root", str(root)], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert (root / "opt/modelpeer/bin/modelpeerd").exists()
+    assert (root / "etc/systemd/system/modelpeer.service").exists()
+    before = _tree(root)
+    config = root / "etc/modelpeer/modelpeer.toml"
+    config.write_text(config.read_text() + 'log_level = "debug"\n')  # an admin's edit
+    second = subprocess.run([script, "--root", str(root)], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert second.returncode == 0, second.stderr
+    after = _tree(root)
+    assert 'log_level = "debug"' in config.read_text(), "an edited config was overwritten"
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {"etc/modelpeer/modelpeer.toml", "etc/modelpeer/modelpeer.toml.example"}
+    (root / "var/cache/modelpeer").mkdir(parents=True)
+    (root / "var/cache/modelpeer/index.sqlite3").write_text("x")
+    out = subprocess.run([script, "--root", str(root), "--uninstall"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    left = {k for k, _ in _tree(root).items() if not k.endswith("/")}
+    assert left == {"etc/modelpeer/modelpeer.toml", "var/cache/modelpeer/index.sqlite3"}
