@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 SMALL_BLOB = 1024 * 1024  # smaller blobs travel over the peer API, not as torrents
 BAN_SECONDS = 600.0
-PREFETCH = 3  # chunks downloaded ahead of the one being written
+PREFETCH = 6  # chunks downloaded ahead of the one being written
 
 
 class Sharing:

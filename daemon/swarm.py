@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 MIN_PIECE = 16 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 PIECES_PER_CHUNK = 16
-LOOKAHEAD = 16
 _FLAGS = lt.create_torrent.no_attributes | lt.create_torrent.v1_only
 
 
@@ -126,6 +125,8 @@ class Swarm:
             "send_buffer_low_watermark": 1024 * 1024,
             "send_buffer_watermark_factor": 150,
             "allow_multiple_connections_per_ip": True,
+            # cluster peers are admitted by the IP filter; none of them should wait for a slot
+            "unchoke_slots_limit": -1,
             "user_agent": "modelpeer",
             "alert_mask": (lt.alert_category.error | lt.alert_category.peer
                            | lt.alert_category.status | lt.alert_category.storage
@@ -220,19 +221,16 @@ class Swarm:
         scratch.mkdir(parents=True, exist_ok=True)
         fetch = _Fetch(ti.num_pieces())
         self._fetches[ih] = fetch
-        handle = self.ses.add_torrent(self._params(torrent, scratch))
+        atp = self._params(torrent, scratch)
+        atp.flags |= lt.torrent_flags.sequential_download  # the prefix a client waits on first
+        handle = self.ses.add_torrent(atp)
         self._handles[ih] = handle
         try:
             for p in peers:
                 if p != self.listen:
                     handle.connect_peer(p)
-            for piece in range(min(LOOKAHEAD, fetch.num_pieces)):
-                handle.set_piece_deadline(piece, 0, lt.deadline_flags_t.alert_when_available)
             for piece in range(fetch.num_pieces):
                 yield await self._next_piece(ih, fetch, piece, stall_timeout)
-                ahead = piece + LOOKAHEAD
-                if ahead < fetch.num_pieces:
-                    handle.set_piece_deadline(ahead, 0, lt.deadline_flags_t.alert_when_available)
         finally:
             self._fetches.pop(ih, None)
             self._handles.pop(ih, None)
@@ -278,6 +276,7 @@ class Swarm:
         elif isinstance(a, lt.piece_finished_alert):
             fetch = self._fetches.get(str(a.handle.info_hashes().v1))
             if fetch is not None:
+                a.handle.read_piece(a.piece_index)  # never the partial file: see the notes
                 fetch.progress()
         elif isinstance(a, lt.hash_failed_alert):
             self._blame(a.handle, a.piece_index)
