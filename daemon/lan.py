@@ -18,6 +18,7 @@ from .store import Store
 if TYPE_CHECKING:
     from .discovery import Discovery
     from .sharing import Sharing
+    from .swarm import Swarm
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Lan:
         self.reason = reason
         self.sharing: Sharing | None = None
         self.peers: PeerSet | None = None
+        self.swarm: Swarm | None = None
         self.node_id = ""
         self.cluster_id = ""
         self._parts: list[Any] = []
@@ -50,7 +52,19 @@ class Lan:
                 "cluster_id": self.cluster_id, "count": len(self.peers.usable())}
 
     def peer_list(self) -> list[dict[str, Any]]:
-        return [] if self.peers is None else [p.public() for p in self.peers.peers.values()]
+        """Each peer with the bytes exchanged: over the peer API plus over BitTorrent."""
+        if self.peers is None or self.swarm is None:
+            return []
+        by_ip = self.swarm.stats().peers
+        out = []
+        for p in self.peers.peers.values():
+            d = p.public()
+            bt = by_ip.get(p.address)
+            if bt is not None:
+                d["bytes_from"] += bt.downloaded
+                d["bytes_to"] += bt.uploaded
+            out.append(d)
+        return out
 
     async def close(self) -> None:
         for part in reversed(self._parts):
@@ -96,6 +110,7 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
     swarm = Swarm((bt_host, bt_port), cfg.cache_dir / "swarm", interface=cfg.interface)
     await swarm.start()
     lan._parts.append(swarm)
+    lan.swarm = swarm
     peers = PeerSet(key, lan.node_id, cfg.peer)
     lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
                           bt_port=bt_port)

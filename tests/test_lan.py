@@ -96,6 +96,8 @@ def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> N
     for h in ("h2", "h3"):
         served = cluster.nodes[h].status()["served_bytes"]
         assert served["peer"] >= 48 * MiB, served
+    from_h1 = {p["name"]: p["bytes_from"] for p in cluster.peers("h2")}
+    assert from_h1["h1"] > 0, from_h1
 
 
 def wait_seeding(cluster: Cluster, seeder: str, observer: str, chunks: int = 7) -> None:
