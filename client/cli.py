@@ -74,6 +74,9 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
+    if getattr(args, "watch", False) and not args.json:
+        args.watch = False
+        return cmd_status_watch(d, args)
     s = d.call("GET", "/status")
     if args.json:
         _print_json(s)
@@ -92,8 +95,22 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
     print(f"peers     {peers['count']} {off}")
     for t in s["transfers"]:
         pct = 100 * t["available"] / t["size"] if t["size"] else 100
-        print(f"  {pct:5.1f}%  {human_size(t['rate'])}/s  {t['file']}")
+        bar = "#" * int(pct / 5)
+        print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {t['source']}"
+              f"  {t['file']}")
     return 0
+
+
+def cmd_status_watch(d: Daemon, args: argparse.Namespace) -> int:
+    """Redraw the status every --interval seconds until Ctrl-C."""
+    try:
+        while True:
+            sys.stdout.write("\x1b[H\x1b[2J")
+            cmd_status(d, args)
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
@@ -209,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelpeer", parents=[_common_options(suppress=False)],
                                 description="Talk to the local modelpeerd: status, cache, peers.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", parents=[common], help="this node: cache, transfers, peers"
-                   ).set_defaults(func=cmd_status)
+    st = sub.add_parser("status", parents=[common], help="this node: cache, transfers, peers")
+    st.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    st.set_defaults(func=cmd_status)
     sub.add_parser("ls", parents=[common], help="cached repos, sizes, last use"
                    ).set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", parents=[common], help="remove a repo from the cache")

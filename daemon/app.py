@@ -58,6 +58,7 @@ class Daemon:
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
                                max_cache_size=cfg.max_cache_size, offline=cfg.offline)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
+        self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
         self.fetcher.sharing = self.lan.sharing
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,

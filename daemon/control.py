@@ -3,8 +3,11 @@ can take), used by the `modelpeer` CLI, plus /metrics for Prometheus."""
 
 from __future__ import annotations
 
+import collections
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +19,19 @@ from .metrics import Metrics
 from .store import Store
 
 PREFIX = "/_modelpeer/v1"
+STATIC = Path(__file__).parent / "static"
+
+
+class RecentErrors(logging.Handler):
+    """The last warnings and errors, for the status page."""
+
+    def __init__(self, size: int = 50) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append({"time": record.created, "level": record.levelname.lower(),
+                             "logger": record.name, "message": record.getMessage()[:500]})
 
 
 class Control:
@@ -29,6 +45,8 @@ class Control:
         self.lan = lan
         self.ready = False
         self.started = time.time()
+        self.recent_errors = RecentErrors()
+        logging.getLogger().addHandler(self.recent_errors)
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
@@ -40,6 +58,9 @@ class Control:
         r.add_post(f"{PREFIX}/gc", self.gc)
         r.add_post(f"{PREFIX}/verify", self.verify)
         r.add_get("/metrics", self.prometheus)
+        r.add_get("/_modelpeer", self.page_redirect)
+        r.add_get("/_modelpeer/", self.page)
+        r.add_static("/_modelpeer/static/", STATIC)
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.ready:
@@ -51,6 +72,11 @@ class Control:
         self.metrics.store_bytes.set(usage.bytes)
         self.metrics.store_chunks.set(usage.chunks)
         self.metrics.active_transfers.set(len(self.fetcher.transfers))
+        peers = self.lan.peer_list()
+        self.metrics.peers.set(sum(1 for p in peers if p["alive"]))
+        for p in peers:
+            self.metrics.peer_bytes.labels(p["node_id"], "from").set(p["bytes_from"])
+            self.metrics.peer_bytes.labels(p["node_id"], "to").set(p["bytes_to"])
         return {"bytes": usage.bytes, "blobs": usage.blobs,
                 "complete_blobs": usage.complete_blobs, "chunks": usage.chunks}
 
@@ -62,6 +88,9 @@ class Control:
             "served_bytes": dict(self.metrics.served_totals),
             "upstream_bytes": self.metrics.upstream_total,
             "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
+            "peer_list": self.lan.peer_list(),
+            "jobs": [],
+            "recent_errors": list(self.recent_errors.records)[::-1],
         }
         return web.json_response(body)
 
@@ -104,6 +133,12 @@ class Control:
         self.metrics.verify_failures.inc(len(problems))
         return web.json_response({"full": full, "problems": problems,
                                   "checked": self._refresh_gauges()})
+
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+    async def page_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/_modelpeer/")
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self._refresh_gauges()

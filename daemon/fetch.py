@@ -148,6 +148,7 @@ class Fetcher:
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
+        self.on_upstream_error: Callable[[str], None] = lambda kind: None
 
     def open(self, blob: BlobId, origin: Origin) -> Transfer:
         """The blob's bytes: from the store when complete, else joined to (or starting) the
@@ -309,6 +310,7 @@ class Fetcher:
                         self.on_upstream_bytes(len(data))
                         seg.changed.set()
                 except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
+                    self.on_upstream_error(type(e).__name__)
                     failures = 0 if len(seg.buf) > before else failures + 1
                     if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
                         raise UpstreamError(f"{origin.label}: bytes {seg.start}-{seg.end} "

@@ -29,9 +29,23 @@ class Metrics:
             "modelpeer_active_transfers", "Blobs being fetched right now", registry=r)
         self.store_bytes = Gauge("modelpeer_store_bytes", "Bytes in the chunk store", registry=r)
         self.store_chunks = Gauge("modelpeer_store_chunks", "Chunks in the store", registry=r)
+        self.cache_hits = Counter(
+            "modelpeer_cache_hits", "File requests answered wholly from the store", registry=r)
+        self.cache_misses = Counter(
+            "modelpeer_cache_misses", "File requests that needed peers or the upstream",
+            registry=r)
+        self.peers = Gauge("modelpeer_peers", "Live LAN peers of this node's cluster",
+                           registry=r)
+        self.peer_bytes = Gauge(
+            "modelpeer_peer_bytes", "Bytes exchanged with each peer so far (label: its node id)",
+            ["peer", "direction"], registry=r)
+        self.warm_jobs = Gauge("modelpeer_warm_jobs", "Warm jobs on this node, by state",
+                               ["state"], registry=r)
         self.verify_failures = Counter(
             "modelpeer_verification_failures", "Chunks or blobs that failed a digest check",
             registry=r)
+        for state in ("running", "done", "failed"):
+            self.warm_jobs.labels(state)
         self.served_totals = dict.fromkeys(SOURCES, 0)
         self.upstream_total = 0
         for s in SOURCES:
@@ -40,6 +54,12 @@ class Metrics:
     def served(self, source: str, n: int) -> None:
         self.served_bytes.labels(source).inc(n)
         self.served_totals[source] += n
+
+    def file_request(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+
+    def upstream_failed(self, kind: str) -> None:
+        self.upstream_errors.labels(kind).inc()
 
     def upstream_read(self, n: int) -> None:
         self.upstream_bytes.inc(n)

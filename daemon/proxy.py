@@ -210,6 +210,7 @@ class Proxy:
             return resp
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
+        self.metrics.file_request(hit=transfer.verified)
         transfer.readers += 1
         try:
             failure = await self._first_bytes(transfer, start, end)

@@ -1,0 +1,118 @@
+"use strict";
+// The status page: polls the daemon's control API once a second and redraws.
+const API = "/_modelpeer/v1/status";
+const $ = (id) => document.getElementById(id);
+
+function size(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
+}
+
+function ago(ts) {
+  if (!ts) return "–";
+  const s = Math.max(0, Date.now() / 1000 - ts);
+  if (s < 60) return s.toFixed(0) + "s ago";
+  if (s < 3600) return (s / 60).toFixed(0) + "m ago";
+  return (s / 3600).toFixed(1) + "h ago";
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function fill(container, items, render, emptyText) {
+  container.replaceChildren();
+  if (!items.length) { container.append(el("p", "empty", emptyText)); return; }
+  for (const item of items) container.append(render(item));
+}
+
+function transfer(t) {
+  const pct = t.size ? (100 * t.available) / t.size : 100;
+  const box = el("div", "transfer");
+  box.dataset.digest = t.digest;
+  box.append(el("div", "name", t.file));
+  const bar = el("div", "bar " + t.source);
+  const inner = el("div");
+  inner.style.width = pct.toFixed(1) + "%";
+  bar.append(inner);
+  box.append(bar);
+  const meta = el("div", "meta");
+  meta.append(el("span", "pct", pct.toFixed(1) + "%"),
+              el("span", "", size(t.available) + " of " + size(t.size)),
+              el("span", "", size(t.rate) + "/s"),
+              el("span", "", "from " + t.source),
+              el("span", "", t.readers + " reader" + (t.readers === 1 ? "" : "s")));
+  box.append(meta);
+  return box;
+}
+
+function peerRow(p) {
+  const tr = el("tr");
+  const state = p.banned ? "banned" : p.alive ? "live" : "down";
+  for (const v of [p.name || p.node_id, p.address + ":" + p.peer_port, p.version || "–",
+                   ago(p.last_seen), p.chunks_held, size(p.bytes_from), size(p.bytes_to), state]) {
+    tr.append(el("td", "", String(v)));
+  }
+  return tr;
+}
+
+function job(j) {
+  const box = el("div", "transfer");
+  box.append(el("div", "name", j.repo + " (" + j.state + ")"));
+  return box;
+}
+
+function errorLine(e) {
+  return el("div", "error", new Date(e.time * 1000).toLocaleTimeString() + " " + e.level +
+            " " + e.logger + ": " + e.message);
+}
+
+function render(s) {
+  $("node").textContent = s.node + " · v" + s.version;
+  $("cache").textContent = size(s.store.bytes);
+  $("cache-sub").textContent = s.store.complete_blobs + " files, " + s.store.chunks + " chunks, " +
+    (s.max_cache_size ? "limit " + size(s.max_cache_size) : "no limit");
+  const served = s.served_bytes;
+  $("served").textContent = size(served.store + served.peer + served.upstream);
+  $("served-sub").textContent = size(served.store) + " store · " + size(served.peer) +
+    " peers · " + size(served.upstream) + " upstream";
+  $("peer-count").textContent = s.peers.enabled ? String(s.peers.count) : "off";
+  $("peer-sub").textContent = s.peers.enabled ? "cluster " + s.peers.cluster_id : s.peers.reason;
+  $("upstream").textContent = s.offline ? "offline" : size(s.upstream_bytes);
+  $("upstream-sub").textContent = s.upstream.join(", ");
+  fill($("transfers"), s.transfers, transfer, "nothing is moving");
+  const body = $("peers").querySelector("tbody");
+  body.replaceChildren(...s.peer_list.map(peerRow));
+  if (!s.peer_list.length) {
+    const tr = el("tr");
+    const td = el("td", "empty", s.peers.enabled ? "no peers seen yet" : s.peers.reason);
+    td.colSpan = 8;
+    tr.append(td);
+    body.append(tr);
+  }
+  fill($("jobs"), s.jobs, job, "no warm jobs");
+  fill($("errors"), s.recent_errors, errorLine, "none");
+  $("about").textContent = "serving " + s.listen + " · cache " + s.cache_dir + " · up " +
+    Math.round(s.uptime) + "s";
+}
+
+async function poll() {
+  try {
+    const resp = await fetch(API, { cache: "no-store" });
+    if (!resp.ok) throw new Error("HTTP " + resp.status);
+    render(await resp.json());
+    $("conn").textContent = "live";
+    $("conn").className = "badge ok";
+  } catch (e) {
+    $("conn").textContent = "daemon unreachable";
+    $("conn").className = "badge bad";
+  }
+  setTimeout(poll, 1000);
+}
+
+poll();

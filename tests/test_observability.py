@@ -1,0 +1,151 @@
+"""Operators can see it: Prometheus metrics move by the right amounts, and the live status page
+shows a transfer growing in a real browser with no console errors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakehub import FakeHub, expected_files
+from tests.harness import ROOT, Modelpeerd
+
+StartDaemon = Callable[..., Modelpeerd]
+MiB = 1024 * 1024
+URL = "/acme/tiny-tts/resolve/main/model.safetensors"
+SIZE = len(expected_files("acme/tiny-tts")["model.safetensors"])
+
+
+def scrape(d: Modelpeerd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def served(m: dict, source: str) -> float:  # type: ignore[type-arg]
+    return m[("modelpeer_served_bytes_total", (("source", source),))]
+
+
+def read_in_background(url: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=120) as resp:
+                resp.read()
+        except (OSError, http.client.HTTPException):
+            pass  # the test may stop the daemon under it
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    before = scrape(d)
+    assert served(before, "upstream") == 0
+    hub.faults(cdn_rate=4 * MiB)
+    reader = read_in_background(d.url + URL)
+    time.sleep(1.5)
+    during = scrape(d)
+    assert 0 < served(during, "upstream") < SIZE
+    assert during[("modelpeer_active_transfers", ())] == 1
+    reader.join(60)
+    after = scrape(d)
+    assert served(after, "upstream") == SIZE
+    assert after[("modelpeer_upstream_bytes_total", ())] == SIZE
+    assert after[("modelpeer_cache_misses_total", ())] == 1
+    hub.reset()
+    with urllib.request.urlopen(d.url + URL, timeout=60) as resp:
+        assert len(resp.read()) == SIZE
+    again = scrape(d)
+    assert served(again, "store") == SIZE
+    assert served(again, "upstream") == SIZE
+    assert again[("modelpeer_cache_hits_total", ())] == 1
+    assert again[("modelpeer_store_bytes", ())] >= SIZE
+    assert again[("modelpeer_request_seconds_count", (("route", "resolve"),))] == 2
+    for (name, labels), _ in again.items():
+        assert all(k in ("source", "route", "kind", "state", "peer", "direction", "le")
+                   for k, _ in labels), (name, labels)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver")
+def test_status_page_shows_a_growing_transfer_without_console_errors(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    d = start_daemon()
+    hub.faults(cdn_rate=1 * MiB)  # ~12 s for the 48 MiB file over 4 connections
+    read_in_background(d.url + URL)
+    opts = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1100,900",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='mp-chrome-')}"):
+        opts.add_argument(arg)
+    opts.binary_location = shutil.which("chromium") or ""
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    try:
+        driver.get(d.url + "/_modelpeer/")
+        first = _progress(driver, By)
+        time.sleep(2.5)
+        second = _progress(driver, By)
+        assert second > first, (first, second)
+        assert "acme/tiny-tts/model.safetensors" in driver.find_element(By.ID, "transfers").text
+        assert driver.find_element(By.ID, "conn").text == "live"
+        driver.save_screenshot(str(ROOT / "docs" / "statuspage.png"))
+        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == [], errors
+    finally:
+        driver.quit()
+
+
+def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pcts = driver.find_elements(by.CSS_SELECTOR, "#transfers .pct")
+        if pcts:
+            return float(pcts[0].text.rstrip("%"))
+        time.sleep(0.2)
+    raise AssertionError("no transfer shown on the status page")
+
+
+def test_status_watch_redraws_until_interrupted(start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    proc = subprocess.Popen([sys.executable, "-m", "modelpeer.client.cli", "--daemon", d.url,
+                             "status", "--watch", "--interval", "0.3"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "TERM": "xterm"})
+    time.sleep(1.5)
+    proc.send_signal(2)
+    out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert out.count("\x1b[H") >= 3 and "cache" in out
+
+
+def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> None:
+    d = Modelpeerd(tmp_path / "cache", hub.url, extra=["--log-format", "json"])
+    d.start()
+    try:
+        with urllib.request.urlopen(d.url + "/acme/tiny-tts/resolve/main/config.json") as r:
+            r.read()
+    finally:
+        d.stop()
+    lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(rec) for rec in lines)
+    assert any("serving the Hub API" in rec["msg"] for rec in lines)
