@@ -60,6 +60,13 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
     assert signed_status(cluster.lab, "h2", cluster.key, f"http://{cluster.lab.ip('h1')}:6581") \
         == 200
     assert "peer API: refused" in cluster.nodes["h1"].log()
+    # a node that stops says goodbye on mDNS; one that is killed stops answering the probes
+    cluster.nodes["h3"].stop()
+    cluster.lab.wait_for("h1 forgets h3", lambda: "h3" not in cluster.live_names("h1"),
+                         timeout=5)
+    cluster.nodes["h2"].kill()
+    cluster.lab.wait_for("h1 marks the killed h2 down",
+                         lambda: "h2" not in cluster.live_names("h1"), timeout=20)
 
 
 def signed_status(lab: Lab, host: str, key: Path | None, base: str) -> int:

@@ -228,3 +228,29 @@ def test_install_twice_is_idempotent_and_uninstall_keeps_cache_and_config(
     assert out.returncode == 0, out.stderr
     left = {k for k, _ in _tree(root).items() if not k.endswith("/")}
     assert left == {"etc/modelpeer/modelpeer.toml", "var/cache/modelpeer/index.sqlite3"}
+
+
+def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
+        tmp_path: Path, hub: FakeHub) -> None:
+    config = tmp_path / "modelpeer.toml"
+    config.write_text('log_level = "warning"\nref_ttl = "60s"\n')
+    d = Modelpeerd(tmp_path / "cache", hub.url, extra=["--config", str(config)])
+    d.start()
+    try:
+        config.write_text('log_level = "info"\nref_ttl = "5s"\nchunk_size = "8MiB"\n')
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "reloaded settings" not in d.log():
+            time.sleep(0.1)
+        assert "reloaded settings" in d.log()
+        assert "chunk_size changed; restart the daemon to apply" in d.log()
+        config.write_text("log_level = 3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "reload refused" not in d.log():
+            time.sleep(0.1)
+        assert f"reload refused, keeping the running settings: {config}:1" in d.log()
+        assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+    finally:
+        d.stop()
