@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -254,3 +255,27 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
         assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
     finally:
         d.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root to switch to an unprivileged user")
+def test_runs_as_an_unprivileged_user(hub: FakeHub) -> None:
+    work = Path(tempfile.mkdtemp(prefix="mp-nobody-"))
+    try:
+        os.chmod(work, 0o755)
+        cache = work / "cache"
+        cache.mkdir()
+        os.chown(cache, 65534, 65534)
+        d = Modelpeerd(cache, hub.url, prefix_cmd=["setpriv", "--reuid=65534", "--regid=65534",
+                                                   "--clear-groups", "--"])
+        d.start()
+        try:
+            path = "/acme/tiny-tts/resolve/main/sub/folder/weights.bin"
+            with urllib.request.urlopen(d.url + path, timeout=60) as resp:
+                assert resp.read() == expected_files("acme/tiny-tts")["sub/folder/weights.bin"]
+            owners = {p.stat().st_uid for p in cache.rglob("*")}
+            assert owners == {65534}, owners
+        finally:
+            d.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
