@@ -6,7 +6,6 @@ peers which chunks it holds, and gets chunks from peers for the fetcher.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from .peers import Peer, PeerApi, PeerError, PeerSet
 from .store import BlobId, Store, blob_hasher
-from .swarm import Swarm, SwarmError, SwarmStalled, chunk_torrent
+from .swarm import Swarm, SwarmError, SwarmStalled, chunk_torrent, info_hash_of
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ class Sharing:
         cached = self.torrents_dir / f"{digest}.{idx}.torrent"
         if cached.exists():
             torrent = cached.read_bytes()
-            info_hash = _info_hash(torrent)
+            info_hash = info_hash_of(torrent)
         else:
             ct = await asyncio.to_thread(chunk_torrent, path)
             torrent, info_hash = ct.torrent, ct.info_hash
@@ -195,7 +194,7 @@ class Sharing:
         """The chunk's bytes in order, over BitTorrent from the peers that hold it."""
         peer0, info_hash = holders[0]
         torrent = await self.peers.request(peer0, "GET", f"/torrent/{blob.digest}/{idx}")
-        if _info_hash(torrent) != info_hash:
+        if _safe_info_hash(torrent) != info_hash:
             self.peers.ban(peer0.node_id, BAN_SECONDS, "torrent does not match its info-hash")
             raise PeerError(f"peer {peer0.node_id} sent a torrent that is not {info_hash}")
         endpoints = [(p.address, p.bt_port) for p, ih in holders if ih == info_hash and p.bt_port]
@@ -218,25 +217,9 @@ class Sharing:
         self.swarm.allow_only({p.address for p in self.peers.usable()})
 
 
-def _info_hash(torrent: bytes) -> str:
-    """The v1 info-hash of bencoded torrent bytes: sha1 of the bencoded `info` value."""
-    start = torrent.find(b"4:info")
-    if start < 0:
-        raise ValueError("not a torrent: no info dictionary")
-    start += len(b"4:info")
-    end = _bencode_end(torrent, start)
-    return hashlib.sha1(torrent[start:end]).hexdigest()
-
-
-def _bencode_end(data: bytes, i: int) -> int:
-    c = data[i:i + 1]
-    if c == b"i":
-        return data.index(b"e", i) + 1
-    if c in (b"l", b"d"):
-        i += 1
-        while data[i:i + 1] != b"e":
-            i = _bencode_end(data, i)
-        return i + 1
-    colon = data.index(b":", i)
-    return colon + 1 + int(data[i:colon])
-
+def _safe_info_hash(torrent: bytes) -> str:
+    """The info-hash of bytes a peer sent as a torrent; '' if they are not one."""
+    try:
+        return info_hash_of(torrent)
+    except (RuntimeError, ValueError, TypeError):
+        return ""

@@ -204,12 +204,6 @@ class Swarm:
         return atp
 
     # --- fetching -----------------------------------------------------------------------------
-    def add_peers(self, info_hash: str, peers: list[tuple[str, int]]) -> None:
-        handle = self._handles.get(info_hash)
-        if handle is not None:
-            for p in peers:
-                handle.connect_peer(p)
-
     async def fetch(self, torrent: bytes, peers: list[tuple[str, int]], *,
                     stall_timeout: float = 10.0) -> AsyncIterator[bytes]:
         """The chunk's bytes in order, piece by piece, as soon as each piece is verified."""
