@@ -61,6 +61,8 @@ class Daemon:
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
         self.fetcher.sharing = self.lan.sharing
+        if self.lan.sharing is not None:
+            self.lan.sharing.transfer_state = self.fetcher.transfer_state
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan)
         self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import logging
 import sqlite3
 import time
@@ -27,13 +28,17 @@ from .store import BlobId, BlobWriter, DigestMismatch, Store
 from .upstream import Upstream, UpstreamError, backoff
 
 if TYPE_CHECKING:
-    from .sharing import Sharing
+    from .peers import Peer
+    from .sharing import Holders, Sharing
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
+FOLLOW_POLL = 0.3  # how often to look for chunks a peer is downloading
+FOLLOW_STALL = 20.0  # give up following a peer whose chunks stop coming for this long
+LEADER_WAIT = 3.0  # how long to wait for the node chosen to fetch a blob to start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,10 @@ class Transfer:
         if self._sources[-1][1] != source:
             self._sources.append((offset, source))
 
+    @property
+    def source(self) -> str:
+        return self._sources[-1][1]
+
     def source_at(self, offset: int) -> str:
         return next((s for start, s in reversed(self._sources) if offset >= start), "store")
 
@@ -122,8 +131,37 @@ class Transfer:
         return {"digest": self.blob.digest, "file": self.label, "size": self.blob.size,
                 "available": self.available, "verified": self.verified,
                 "bytes_upstream": self.bytes_upstream, "bytes_peers": self.bytes_peers,
-                "source": self._sources[-1][1], "readers": self.readers,
+                "source": self.source, "readers": self.readers,
                 "rate": round((self.available - self.start_offset) / elapsed)}
+
+
+class _Follow:
+    """Whether to wait for peers rather than go to the upstream. Follow a peer that is
+    downloading the blob from the upstream while its chunks keep coming; when several nodes
+    want the blob and none fetches yet, the one ranked first for this blob (rendezvous
+    hashing) goes upstream and the others wait briefly for it."""
+
+    def __init__(self, node_id: str, digest: str) -> None:
+        self.node_id = node_id
+        self.digest = digest
+        self.chunks_seen = -1
+        self.last_growth = time.monotonic()
+        self.waiting_since = time.monotonic()
+
+    def _rank(self, node: str) -> str:
+        return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
+
+    def worth_waiting(self, held: Holders) -> bool:
+        now = time.monotonic()
+        count = sum(len(v) for v in held.chunks.values())
+        if count > self.chunks_seen:
+            self.chunks_seen, self.last_growth = count, now
+        if "upstream" in held.transfers.values():
+            return now - self.last_growth < FOLLOW_STALL
+        if not held.transfers:
+            return False
+        first = max([self.node_id, *held.transfers], key=self._rank)
+        return first != self.node_id and now - self.waiting_since < LEADER_WAIT
 
 
 @dataclasses.dataclass
@@ -165,6 +203,11 @@ class Fetcher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return transfer
+
+    def transfer_state(self, digest: str) -> str:
+        """Where this node's transfer of a blob gets its bytes now ("" when none runs)."""
+        t = self.transfers.get(digest)
+        return t.source if t is not None else ""
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -209,44 +252,63 @@ class Fetcher:
 
     async def _from_peers(self, transfer: Transfer, writer: BlobWriter,
                           sharing: Sharing) -> None:
-        """As much of the blob, in order from the writer's offset, as LAN peers hold."""
+        """As much of the blob, in order from the writer's offset, as LAN peers have or are
+        getting: chunks peers hold come over BitTorrent; while a peer is downloading the blob
+        from the upstream, its chunks are followed as they land instead of downloading the
+        blob a second time. Returns when the upstream should take over."""
         blob = transfer.blob
-        holders = await sharing.holders(blob)
-        if not holders:
-            return
         transfer.mark_source(writer.offset, "peer")
-        if -1 in holders:
-            data = await sharing.small_blob(blob, holders[-1])
-            if data is not None:
-                await self._write(transfer, writer, memoryview(data)[writer.offset:], "peers")
-            return
-        wanted = []
-        for chunk in self.store.chunks(blob):
-            if chunk.offset + chunk.length <= writer.offset:
-                continue
-            if chunk.idx not in holders:
+        follow = _Follow(sharing.peers.node_id, blob.digest)
+        while writer.offset < blob.size:
+            held = await sharing.holders(blob)
+            if -1 in held.chunks:
+                data = await sharing.small_blob(blob, held.chunks[-1])
+                if data is not None:
+                    await self._write(transfer, writer, memoryview(data)[writer.offset:])
                 break
-            wanted.append(chunk)
-        if not wanted:
-            return
-        pos = wanted[0].offset  # the blob offset of the bytes coming next (whole chunks)
+            run = self._held_run(blob, writer.offset, held.chunks)
+            if run:
+                if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks):
+                    break
+                continue
+            if not follow.worth_waiting(held):
+                break
+            await asyncio.sleep(FOLLOW_POLL)
+        transfer.mark_source(writer.offset, "upstream")
+
+    def _held_run(self, blob: BlobId, offset: int,
+                  chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:
+        """The chunks from the one holding `offset` on that some peer holds, in a row."""
+        run = []
+        for chunk in self.store.chunks(blob):
+            if chunk.offset + chunk.length <= offset:
+                continue
+            if chunk.idx not in chunks:
+                break
+            run.append(chunk.idx)
+        return run
+
+    async def _stream_chunks(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
+                             run: list[int], chunks: dict[int, list[tuple[Peer, str]]]) -> bool:
+        blob = transfer.blob
+        pos = run[0] * self.store.chunk_size  # the blob offset of the bytes coming next
         try:
-            async for data in sharing.chunks_in_order(blob, [c.idx for c in wanted], holders):
+            async for data in sharing.chunks_in_order(blob, run, chunks):
                 skip = max(0, writer.offset - pos)
                 pos += len(data)
-                await self._write(transfer, writer, memoryview(data)[skip:], "peers")
+                await self._write(transfer, writer, memoryview(data)[skip:])
         except PeerError as e:
             log.warning("getting %s from peers stopped at byte %d (%s); the upstream takes "
                         "over", transfer.label, writer.offset, e)
-        transfer.mark_source(writer.offset, "upstream")
+            return False
+        return True
 
-    async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview,
-                     counter: str) -> None:
+    async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview) -> None:
+        """Bytes from peers, in order."""
         if not data:
             return
         await writer.write(data)
-        if counter == "peers":
-            transfer.bytes_peers += len(data)
+        transfer.bytes_peers += len(data)
         transfer.advance(writer.offset)
 
     async def _locate(self, origin: Origin) -> URL:

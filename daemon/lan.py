@@ -115,6 +115,7 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
     lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
                           bt_port=bt_port)
     store.on_removed = lan.sharing.forget_blob
+    store.on_chunk_complete = lan.sharing.chunk_complete
     await api.start(peer_host, peer_port)
     lan._parts.append(api)
     await peers.start()

@@ -6,8 +6,9 @@ peers which chunks it holds, and gets chunks from peers for the fetcher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 SMALL_BLOB = 1024 * 1024  # smaller blobs travel over the peer API, not as torrents
 BAN_SECONDS = 600.0
 PREFETCH = 6  # chunks downloaded ahead of the one being written
+
+
+@dataclasses.dataclass
+class Holders:
+    chunks: dict[int, list[tuple[Peer, str]]] = dataclasses.field(default_factory=dict)
+    transfers: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> source
 
 
 class Sharing:
@@ -37,6 +44,8 @@ class Sharing:
         self.torrents_dir.mkdir(exist_ok=True)
         self._seeded: dict[tuple[str, int], tuple[str, str]] = {}  # -> (info_hash, xxh3)
         self.bytes_from_peers = 0
+        self.transfer_state: Callable[[str], str] = lambda digest: ""
+        self._tasks: set[asyncio.Task[None]] = set()
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
         api.route("GET", "/status", self._status)
@@ -46,11 +55,19 @@ class Sharing:
 
     # --- seeding ------------------------------------------------------------------------
     async def seed_all(self) -> None:
-        rows = self.store.db.execute(
-            "SELECT digest, algo, size FROM blobs WHERE complete=1").fetchall()
+        """At start: every complete chunk (its xxh3 was checked by Store.recover)."""
+        rows = self.store.db.execute("SELECT digest, algo, size FROM blobs").fetchall()
         for r in rows:
             await self.seed_blob(BlobId(r["digest"], r["algo"], r["size"]))
         log.info("seeding %d chunks of %d blobs", len(self._seeded), len(rows))
+
+    def chunk_complete(self, blob: BlobId, idx: int) -> None:
+        """A chunk just landed: share it now, long before its blob is complete, so that a
+        cluster pipelines one upstream download. (The blob digest still guards every node.)"""
+        if blob.size > SMALL_BLOB:
+            task = asyncio.get_running_loop().create_task(self.seed_blob(blob))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def seed_blob(self, blob: BlobId) -> None:
         if blob.size <= SMALL_BLOB:
@@ -91,7 +108,8 @@ class Sharing:
         chunks = [{"index": idx, "info_hash": ih, "xxh3": x}
                   for (d, idx), (ih, x) in sorted(self._seeded.items()) if d == digest]
         small = self.store.is_complete(digest) and not chunks
-        return web.json_response({"digest": digest, "chunks": chunks, "small": small})
+        return web.json_response({"digest": digest, "chunks": chunks, "small": small,
+                                  "transfer": self.transfer_state(digest)})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         key = (request.match_info["digest"], int(request.match_info["idx"]))
@@ -114,18 +132,21 @@ class Sharing:
         return web.Response(body=data, content_type="application/octet-stream")
 
     # --- fetching from peers --------------------------------------------------------------
-    async def holders(self, blob: BlobId) -> dict[int, list[tuple[Peer, str]]]:
-        """chunk index -> [(peer, info_hash)] over the live peers; index -1: small blob."""
+    async def holders(self, blob: BlobId) -> Holders:
+        """Which live peers hold which chunks (index -1: the whole small blob), and which are
+        transferring the blob right now (by source: "upstream", "peer", "store")."""
         peers = self.peers.usable()
         maps = await asyncio.gather(*(self._map_of(p, blob.digest) for p in peers))
-        out: dict[int, list[tuple[Peer, str]]] = {}
+        out = Holders()
         for peer, m in zip(peers, maps, strict=True):
             if m is None:
                 continue
             if m.get("small"):
-                out.setdefault(-1, []).append((peer, ""))
+                out.chunks.setdefault(-1, []).append((peer, ""))
             for c in m.get("chunks", []):
-                out.setdefault(int(c["index"]), []).append((peer, str(c["info_hash"])))
+                out.chunks.setdefault(int(c["index"]), []).append((peer, str(c["info_hash"])))
+            if m.get("transfer"):
+                out.transfers[peer.node_id] = str(m["transfer"])
         return out
 
     async def _map_of(self, peer: Peer, digest: str) -> dict[str, Any] | None:

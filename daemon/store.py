@@ -84,6 +84,7 @@ class Store:
         self.db = db
         self.chunk_size = chunk_size
         self.on_removed: Callable[[str], None] = lambda digest: None
+        self.on_chunk_complete: Callable[[BlobId, int], None] = lambda blob, idx: None
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- layout -------------------------------------------------------------------------
@@ -393,6 +394,7 @@ class BlobWriter:
             "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
             (chunk.length, self._chunk_hash.hexdigest(), self.blob.digest, chunk.idx))
         self._since_checkpoint = 0
+        self.store.on_chunk_complete(self.blob, chunk.idx)
 
     async def finish(self) -> None:
         """All bytes written: check the digest; mark complete, or discard and raise."""

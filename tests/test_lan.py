@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files
+from tests.harness import hf_client
 from tests.netlab import Cluster, Lab, netlab_available, write_key
 
 pytestmark = [pytest.mark.netlab,
@@ -23,8 +24,9 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit").up()
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    wan = getattr(request, "param", "")
+    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit", wan=wan).up()
     hub = FakeHub(tmp_path / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
                   cdn_port=8081, prefix_cmd=lab.ns("up"))
     c = Cluster(lab, hub, tmp_path)
@@ -149,3 +151,30 @@ def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
         time.sleep(0.5)
         cluster.nodes["h3"].kill()
         assert pending.result() == want
+
+
+@pytest.mark.parametrize("cluster", ["160mbit"], indirect=True)
+def test_nodes_wanting_a_file_at_once_download_it_from_upstream_once(cluster: Cluster) -> None:
+    hosts = ("h1", "h2", "h3")
+    for h in hosts:
+        cluster.start(h)
+    for h in hosts:
+        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) >= 2)
+    want = expected_files(MODEL)["model.safetensors"]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda h: _download(cluster, h, "model.safetensors"), hosts))
+    assert all(r == want for r in results)
+    cdn = cluster.hub.stats()["cdn_bytes"]
+    print(f"CDN bytes: {cdn / len(want):.3f} x the file")
+    assert cdn <= 1.1 * len(want), f"{cdn / len(want):.2f} x the file came from the CDN"
+    sources = [cluster.nodes[h].status()["served_bytes"] for h in hosts]
+    assert sum(s["peer"] for s in sources) >= len(want), sources
+
+
+def _download(cluster: Cluster, host: str, filename: str) -> bytes:
+    home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
+    home.mkdir()
+    out = hf_client(cluster.nodes[host].url, home, "hf_hub_download", MODEL, filename,
+                    prefix_cmd=cluster.lab.ns(host))
+    assert "result" in out, out
+    return Path(out["result"]).read_bytes()
