@@ -199,6 +199,76 @@ def cmd_cluster_key(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warm(d: Daemon, args: argparse.Namespace) -> int:
+    body = {"repo": args.repo, "repo_type": args.repo_type, "revision": args.revision,
+            "include": args.include, "exclude": args.exclude, "nodes": args.nodes,
+            "token": args.token or os.environ.get("HF_TOKEN")}
+    started = d.call("POST", "/warm", body)
+    if started.get("errors"):
+        for node, error in started["errors"].items():
+            print(f"modelpeer: node {node} did not take the job: {error}", file=sys.stderr)
+    if not args.wait:
+        if args.json:
+            _print_json(started)
+        else:
+            print(f"warm job {started['job']}: {started['files']} files, "
+                  f"{human_size(started['bytes'])} on {len(started['nodes'])} nodes")
+        return 0
+    return _wait_for_job(d, started["job"], args.json)
+
+
+def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
+    """Live progress, one bar per node and a total; the exit code says whether all made it."""
+    started = time.monotonic()
+    while True:
+        status = d.call("GET", f"/jobs/{job}")
+        if not as_json:
+            _draw_job(status, time.monotonic() - started)
+        if status["state"] != "running":
+            break
+        time.sleep(0.5)
+    if as_json:
+        _print_json(status)
+    failed = {n: s.get("error", "") for n, s in status["nodes"].items() if s["state"] != "done"}
+    for node, error in failed.items():
+        print(f"modelpeer: node {node} failed: {error}", file=sys.stderr)
+    return EXIT_PROBLEM if failed else 0
+
+
+def _draw_job(status: dict[str, Any], elapsed: float) -> None:
+    lines = []
+    total = have = 0
+    for node, s in sorted(status["nodes"].items()):
+        size, got = s.get("bytes", 0), s.get("have_bytes", 0)
+        total, have = total + size, have + got
+        pct = 100 * got / size if size else 100.0
+        lines.append(f"  {node:16} [{'#' * int(pct / 5):20}] {pct:5.1f}% "
+                     f"{human_size(got):>9} {s['state']}")
+    rate = human_size(have / elapsed if elapsed else 0)
+    lines.append(f"  {'total':16} {human_size(have)} of {human_size(total)}, {rate}/s, "
+                 f"{status['state']}")
+    if sys.stdout.isatty():
+        sys.stdout.write("\x1b[H\x1b[2J")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
+    if args.action == "cancel":
+        result = d.call("POST", f"/jobs/{args.job}/cancel", {})
+        print(f"cancelled {result['cancelled']}")
+        return 0
+    jobs = d.call("GET", "/jobs")
+    if args.json:
+        _print_json(jobs)
+        return 0
+    if not jobs:
+        print("no warm jobs")
+    for j in jobs:
+        print(f"{j['job']}  {j['state']:9} {j['repo']:40} {j['done_files']}/{j['files']} files "
+              f"{human_size(j['have_bytes'])} of {human_size(j['bytes'])}")
+    return 0
+
+
 def cmd_env(d: Daemon, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"HF_ENDPOINT": d.url})
@@ -248,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     new = ck_sub.add_parser("new", help="write a fresh random key to FILE (never overwrites)")
     new.add_argument("file", type=Path)
     new.set_defaults(func=cmd_cluster_key)
+    w = sub.add_parser("warm", parents=[common], help="put a repo on nodes of the cluster")
+    w.add_argument("repo")
+    w.add_argument("--revision", default="main")
+    w.add_argument("--repo-type", default="model", choices=("model", "dataset", "space"))
+    w.add_argument("--include", action="append", default=[], metavar="GLOB")
+    w.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    w.add_argument("--nodes", default="all", help="all, local, or NODE,NODE (names or ids)")
+    w.add_argument("--token", help="Hub token for gated or private repos (default $HF_TOKEN)")
+    w.add_argument("--wait", action="store_true", help="show progress until every node is done")
+    w.set_defaults(func=cmd_warm)
+    j = sub.add_parser("jobs", parents=[common], help="list warm jobs, or cancel one")
+    j.add_argument("action", nargs="?", choices=("list", "cancel"), default="list")
+    j.add_argument("job", nargs="?")
+    j.set_defaults(func=cmd_jobs)
     sub.add_parser("env", parents=[common], help="print the HF_ENDPOINT line for your shell"
                    ).set_defaults(func=cmd_env)
     return p

@@ -23,6 +23,7 @@ from .metrics import Metrics
 from .proxy import Proxy
 from .store import Store
 from .upstream import Upstream
+from .warmup import Warmup
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,11 @@ class Daemon:
         self.fetcher.sharing = self.lan.sharing
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+        self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
+                             self.node_name, self.lan.peers, self.lan.api)
+        await self.lan.open()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
-                               self.describe, self.lan)
+                               self.describe, self.lan, self.warmup)
         self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)
         app = web.Application(client_max_size=1024**2,
                               handler_args={"max_field_size": MAX_HEADER_BYTES,

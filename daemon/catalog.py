@@ -210,6 +210,14 @@ class Catalog:
                  revision, path)
         return entry
 
+    def remember(self, repo: Repo, revision: str, commit: str,
+                 entries: list[FileEntry]) -> None:
+        """What a warm job learned, so later client requests resolve without the upstream."""
+        with self.db:
+            self._save_ref(repo, revision, commit)
+            for entry in entries:
+                self._save_entry(entry)
+
     # --- API answers --------------------------------------------------------------------
     async def api(self, repo: Repo, method: str, path_qs: str, *, revision: str | None,
                   token: str | None, body: bytes = b"",

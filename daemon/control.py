@@ -12,11 +12,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .catalog import REPO_TYPES, Catalog, Repo
+from .catalog import REPO_TYPES, Catalog, HubError, Repo
 from .fetch import Fetcher
 from .lan import Lan
 from .metrics import Metrics
 from .store import Store
+from .warmup import Warmup
 
 PREFIX = "/_modelpeer/v1"
 STATIC = Path(__file__).parent / "static"
@@ -36,13 +37,14 @@ class RecentErrors(logging.Handler):
 
 class Control:
     def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
-                 describe: Callable[[], dict[str, Any]], lan: Lan) -> None:
+                 describe: Callable[[], dict[str, Any]], lan: Lan, warmup: Warmup) -> None:
         self.store = store
         self.catalog = catalog
         self.fetcher = fetcher
         self.metrics = metrics
         self.describe = describe
         self.lan = lan
+        self.warmup = warmup
         self.ready = False
         self.started = time.time()
         self.recent_errors = RecentErrors()
@@ -54,6 +56,10 @@ class Control:
         r.add_get(f"{PREFIX}/status", self.status)
         r.add_get(f"{PREFIX}/repos", self.repos)
         r.add_get(f"{PREFIX}/peers", self.peers)
+        r.add_post(f"{PREFIX}/warm", self.warm)
+        r.add_get(f"{PREFIX}/jobs", self.jobs)
+        r.add_get(f"{PREFIX}/jobs/{{job}}", self.job)
+        r.add_post(f"{PREFIX}/jobs/{{job}}/cancel", self.cancel_job)
         r.add_delete(f"{PREFIX}/repos/{{repo_type}}/{{repo_id:.+}}", self.remove_repo)
         r.add_post(f"{PREFIX}/gc", self.gc)
         r.add_post(f"{PREFIX}/verify", self.verify)
@@ -72,6 +78,9 @@ class Control:
         self.metrics.store_bytes.set(usage.bytes)
         self.metrics.store_chunks.set(usage.chunks)
         self.metrics.active_transfers.set(len(self.fetcher.transfers))
+        for state in ("running", "done", "failed"):
+            self.metrics.warm_jobs.labels(state).set(
+                sum(1 for j in self.warmup.jobs.values() if j.state == state))
         peers = self.lan.peer_list()
         self.metrics.peers.set(sum(1 for p in peers if p["alive"]))
         for p in peers:
@@ -89,13 +98,38 @@ class Control:
             "upstream_bytes": self.metrics.upstream_total,
             "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
             "peer_list": self.lan.peer_list(),
-            "jobs": [],
+            "jobs": self.warmup.summary(),
             "recent_errors": list(self.recent_errors.records)[::-1],
         }
         return web.json_response(body)
 
     async def peers(self, request: web.Request) -> web.Response:
         return web.json_response({**self.lan.summary(), "peers": self.lan.peer_list()})
+
+    async def warm(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("repo"), str):
+                raise ValueError("a JSON object with at least 'repo'")
+        except ValueError as e:
+            return web.json_response({"error": f"bad warm request: {e}"}, status=400)
+        token = body.pop("token", None) or request.headers.get("Authorization")
+        if token and not token.startswith("Bearer "):
+            token = f"Bearer {token}"
+        try:
+            return web.json_response(await self.warmup.create(body, token))
+        except HubError as e:
+            return web.json_response({"error": e.message, "code": e.code}, status=e.status)
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        return web.json_response(self.warmup.summary())
+
+    async def job(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.warmup.status(request.match_info["job"]))
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        await self.warmup.cancel(request.match_info["job"])
+        return web.json_response({"cancelled": request.match_info["job"]})
 
     async def repos(self, request: web.Request) -> web.Response:
         return web.json_response(self.catalog.repos())

@@ -41,7 +41,9 @@ class Lan:
         self.sharing: Sharing | None = None
         self.peers: PeerSet | None = None
         self.swarm: Swarm | None = None
+        self.api: PeerApi | None = None
         self.node_id = ""
+        self._opening: list[Any] = []
         self.cluster_id = ""
         self._parts: list[Any] = []
 
@@ -65,6 +67,11 @@ class Lan:
                 d["bytes_to"] += bt.uploaded
             out.append(d)
         return out
+
+    async def open(self) -> None:
+        """Start answering peers and announce this node (after every peer route is added)."""
+        for start in self._opening:
+            await start()
 
     async def close(self) -> None:
         for part in reversed(self._parts):
@@ -116,17 +123,23 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
                           bt_port=bt_port)
     store.on_removed = lan.sharing.forget_blob
     store.on_chunk_complete = lan.sharing.chunk_complete
-    await api.start(peer_host, peer_port)
-    lan._parts.append(api)
-    await peers.start()
-    lan._parts.append(peers)
-    lan.peers = peers
+    lan.api, lan.peers = api, peers
     await lan.sharing.seed_all()
     discovery = Discovery(lan.node_id, key.cluster_id, peer_port, bt_port, version,
                           interface=cfg.interface)
     discovery.on_change = lambda: _sync_discovered(discovery, peers)
-    await discovery.start()
-    lan._parts.append(discovery)
+
+    async def serve_api() -> None:
+        await api.start(peer_host, peer_port)
+        lan._parts.append(api)
+
+    async def join() -> None:
+        await peers.start()
+        lan._parts.append(peers)
+        await discovery.start()
+        lan._parts.append(discovery)
+
+    lan._opening = [serve_api, join]
     log.info("peers on: node %s in cluster %s, peer API %s:%d, BitTorrent %s:%d", lan.node_id,
              key.cluster_id, peer_host, peer_port, bt_host, bt_port)
 

@@ -4,7 +4,9 @@ verified chunks shared over BitTorrent, driven by the real huggingface_hub clien
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -178,3 +180,51 @@ def _download(cluster: Cluster, host: str, filename: str) -> bytes:
                     prefix_cmd=cluster.lab.ns(host))
     assert "result" in out, out
     return Path(out["result"]).read_bytes()
+
+
+def _cli(cluster: Cluster, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return cluster.lab.run(host, sys.executable, "-m", "modelpeer.client.cli", "--daemon",
+                           cluster.nodes[host].url, *args, timeout=300)
+
+
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> None:
+    hosts = ("h1", "h2", "h3", "h4")
+    for h in hosts:
+        cluster.start(h)
+    for h in hosts:
+        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
+    want = expected_files(MODEL)
+    lfs_bytes = sum(len(v) for k, v in want.items() if len(v) > 64 * 1024)
+    out = _cli(cluster, "h1", "warm", MODEL, "--nodes", "all", "--wait", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = json.loads(out.stdout)
+    assert {n: s["state"] for n, s in status["nodes"].items()} == dict.fromkeys(hosts, "done")
+    cdn = cluster.hub.stats()["cdn_bytes"]
+    print(f"warm: CDN bytes {cdn / lfs_bytes:.3f} x the repo's large files")
+    assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
+    jobs = json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+    assert jobs and jobs[0]["state"] == "done"
+    # every node now serves the repo with the CDN switched off
+    cluster.hub.faults(cdn_status=503)
+    for h in hosts:
+        assert cluster.snapshot(h) == want, h
+
+
+@pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
+def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
+    hosts = ("h1", "h2", "h3")
+    for h in hosts:
+        cluster.start(h)
+    for h in hosts:
+        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_cli, cluster, "h1", "warm", MODEL, "--wait", "--json")
+        time.sleep(2)
+        cluster.nodes["h3"].kill()
+        out = pending.result()
+    assert out.returncode == 1, out.stdout + out.stderr
+    status = json.loads(out.stdout)
+    assert status["nodes"]["h3"]["state"] == "failed"
+    assert status["nodes"]["h1"]["state"] == "done" and status["nodes"]["h2"]["state"] == "done"
+    assert "node h3 failed" in out.stderr

@@ -1,0 +1,267 @@
+"""Warm jobs: put a repo on chosen nodes of the cluster before anyone asks for it.
+
+The node the CLI talks to is the job's coordinator: it resolves the revision once, lists the
+files, and hands the same job to every chosen node over the signed peer API. Each node fetches
+the files through its ordinary Fetcher, so the cooperative rules of fetch.py apply: one node
+goes to the upstream for each blob, the others follow its chunks over BitTorrent. The client's
+token travels with the job in memory only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fnmatch
+import json
+import logging
+import secrets
+import time
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from .catalog import Catalog, FileEntry, HubError, Repo
+from .fetch import Fetcher, Origin
+from .peers import PeerApi, PeerError, PeerSet
+from .store import BlobId
+
+log = logging.getLogger(__name__)
+
+PARALLEL_FILES = 2
+
+
+@dataclasses.dataclass
+class WarmFile:
+    path: str
+    digest: str
+    algo: str
+    size: int
+    lfs: bool
+
+
+@dataclasses.dataclass
+class Job:
+    id: str
+    repo_type: str
+    repo_id: str
+    revision: str
+    commit: str
+    files: list[WarmFile]
+    token: str | None = None  # memory only
+    state: str = "running"  # running, done, failed, cancelled
+    error: str = ""
+    done_files: int = 0
+    failed: list[str] = dataclasses.field(default_factory=list)
+    started: float = dataclasses.field(default_factory=time.time)
+    finished: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def spec(self) -> dict[str, Any]:
+        """What is sent to the other nodes (with the token, over the signed peer API)."""
+        return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
+                "revision": self.revision, "commit": self.commit, "token": self.token,
+                "files": [dataclasses.asdict(f) for f in self.files]}
+
+
+class Warmup:
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, node_id: str, node_name: str,
+                 peers: PeerSet | None, api: PeerApi | None) -> None:
+        self.catalog = catalog
+        self.fetcher = fetcher
+        self.node_id = node_id
+        self.node_name = node_name
+        self.peers = peers
+        self.jobs: dict[str, Job] = {}
+        self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
+        if api is not None:
+            api.route("POST", "/warm", self._peer_start)
+            api.route("GET", "/warm/{job}", self._peer_status)
+            api.route("POST", "/warm/{job}/cancel", self._peer_cancel)
+
+    # --- the coordinator ------------------------------------------------------------------
+    async def create(self, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+        repo = Repo(body.get("repo_type", "model"), body["repo"])
+        revision = body.get("revision") or "main"
+        commit = await self._resolve(repo, revision, token)
+        files = await self._list(repo, commit, token, body.get("include") or [],
+                                 body.get("exclude") or [])
+        job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token)
+        nodes = self._choose(body.get("nodes") or "all")
+        self.members[job.id] = [n for n, _ in nodes]
+        errors = {}
+        for node_id, peer in nodes:
+            if peer is None:
+                self._start(job)
+                continue
+            try:
+                assert self.peers is not None
+                await self.peers.request_json(peer, "POST", "/warm", job.spec())
+            except PeerError as e:
+                errors[node_id] = str(e)
+        log.info("warm job %s: %s@%s, %d files, %d bytes, on %d nodes", job.id, repo,
+                 commit[:12], len(files), job.total_bytes, len(nodes))
+        return {"job": job.id, "commit": commit, "files": len(files),
+                "bytes": job.total_bytes, "nodes": self.members[job.id], "errors": errors}
+
+    async def _resolve(self, repo: Repo, revision: str, token: str | None) -> str:
+        answer = await self.catalog.api(
+            repo, "GET", f"{repo.api_path}/revision/{quote(revision, safe='')}",
+            revision=revision, token=token)
+        if not answer.commit:
+            raise HubError(502, "", f"{repo}@{revision}: the upstream named no commit")
+        return answer.commit
+
+    async def _list(self, repo: Repo, commit: str, token: str | None, include: list[str],
+                    exclude: list[str]) -> list[WarmFile]:
+        path = f"{repo.api_path}/tree/{commit}?recursive=true&expand=false"
+        files: list[WarmFile] = []
+        while path:
+            answer = await self.catalog.api(repo, "GET", path, revision=commit, token=token)
+            for e in json.loads(answer.body):
+                if e.get("type") != "file" or not _selected(e["path"], include, exclude):
+                    continue
+                lfs = e.get("lfs")
+                files.append(WarmFile(e["path"], lfs["oid"] if lfs else e["oid"],
+                                      "sha256" if lfs else "gitsha1", int(e["size"]), bool(lfs)))
+            path = answer.next_link
+        return files
+
+    def _choose(self, nodes: str) -> list[tuple[str, Any]]:
+        """(node id, peer or None for this node) for `all`, `local` or NODE,NODE,..."""
+        live = self.peers.usable() if self.peers is not None else []
+        everyone = [(self.node_id, self.node_name, None),
+                    *[(p.node_id, p.name, p) for p in live]]
+        if nodes in ("all", "local"):
+            return [(n, p) for n, _, p in everyone if nodes == "all" or p is None]
+        wanted = {n.strip() for n in nodes.split(",") if n.strip()}
+        chosen = [(n, name, p) for n, name, p in everyone if n in wanted or name in wanted]
+        missing = wanted - {n for n, _, _ in chosen} - {name for _, name, _ in chosen}
+        if missing:
+            raise HubError(404, "", f"no live node named {', '.join(sorted(missing))} "
+                                    "(see `modelpeer peers`)")
+        return [(n, p) for n, _, p in chosen]
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        """The job on every node it was given to; a node that does not answer has failed."""
+        nodes: dict[str, Any] = {}
+        for node_id in self.members.get(job_id, [self.node_id]):
+            if node_id == self.node_id:
+                job = self.jobs.get(job_id)
+                nodes[self.node_name or node_id] = (self.local_status(job) if job else
+                                                    {"state": "failed", "error": "unknown job"})
+                continue
+            peer = self.peers.peers.get(node_id) if self.peers is not None else None
+            name = peer.name if peer is not None and peer.name else node_id
+            if peer is None or not peer.alive:
+                nodes[name] = {"state": "failed", "error": "the node is gone"}
+                continue
+            try:
+                nodes[name] = await self.peers.request_json(peer, "GET", f"/warm/{job_id}")
+            except PeerError as e:
+                nodes[name] = {"state": "failed", "error": f"the node does not answer: {e}"}
+        states = {n["state"] for n in nodes.values()}
+        state = ("running" if "running" in states else
+                 "failed" if states - {"done"} else "done")
+        return {"job": job_id, "state": state, "nodes": nodes}
+
+    async def cancel(self, job_id: str) -> None:
+        for node_id in self.members.get(job_id, [self.node_id]):
+            if node_id == self.node_id:
+                self._cancel_local(job_id)
+            elif self.peers is not None and node_id in self.peers.peers:
+                try:
+                    await self.peers.request_json(self.peers.peers[node_id], "POST",
+                                                  f"/warm/{job_id}/cancel", {})
+                except PeerError as e:
+                    log.warning("warm job %s: cancel on %s failed: %s", job_id, node_id, e)
+
+    # --- every node ---------------------------------------------------------------------
+    def _start(self, job: Job) -> None:
+        if job.id in self.jobs:
+            return
+        self.jobs[job.id] = job
+        repo = Repo(job.repo_type, job.repo_id)
+        self.catalog.remember(repo, job.revision, job.commit,
+                              [FileEntry(repo, job.commit, f.path,
+                                         BlobId(f.digest, f.algo, f.size), f.lfs)
+                               for f in job.files])
+        job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"warm {job.id}")
+
+    async def _run(self, job: Job) -> None:
+        repo = Repo(job.repo_type, job.repo_id)
+        gate = asyncio.Semaphore(PARALLEL_FILES)
+
+        async def one(f: WarmFile) -> None:
+            async with gate:
+                entry = FileEntry(repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size),
+                                  f.lfs)
+                transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
+                                                                f"{repo}/{f.path}"))
+                try:
+                    await transfer.done
+                    job.done_files += 1
+                except Exception as e:  # noqa: BLE001 - recorded per file, the job goes on
+                    job.failed.append(f"{f.path}: {e}")
+
+        try:
+            await asyncio.gather(*(one(f) for f in job.files))
+            job.state = "failed" if job.failed else "done"
+            job.error = "; ".join(job.failed[:5])
+        except asyncio.CancelledError:
+            job.state = "cancelled"
+        finally:
+            job.finished = time.time()
+            job.token = None
+            log.info("warm job %s on this node: %s (%d of %d files)", job.id, job.state,
+                     job.done_files, len(job.files))
+
+    def local_status(self, job: Job) -> dict[str, Any]:
+        have = 0
+        for f in job.files:
+            t = self.fetcher.transfers.get(f.digest)
+            if t is not None:
+                have += t.available
+            elif self.fetcher.store.is_complete(f.digest):
+                have += f.size
+        return {"state": job.state, "error": job.error, "files": len(job.files),
+                "done_files": job.done_files, "bytes": job.total_bytes, "have_bytes": have,
+                "repo": f"{job.repo_id}@{job.commit[:12]}", "started": job.started,
+                "finished": job.finished}
+
+    def _cancel_local(self, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is not None and job.task is not None and not job.task.done():
+            job.task.cancel()
+
+    async def _peer_start(self, request: web.Request, sender: str) -> web.Response:
+        spec = await request.json()
+        job = Job(spec["id"], spec["repo_type"], spec["repo_id"], spec["revision"],
+                  spec["commit"], [WarmFile(**f) for f in spec["files"]], spec.get("token"))
+        self._start(job)
+        log.info("warm job %s from node %s: %s, %d files", job.id, sender, job.repo_id,
+                 len(job.files))
+        return web.json_response({"job": job.id})
+
+    async def _peer_status(self, request: web.Request, sender: str) -> web.Response:
+        job = self.jobs.get(request.match_info["job"])
+        if job is None:
+            return web.json_response({"error": "unknown job"}, status=404)
+        return web.json_response(self.local_status(job))
+
+    async def _peer_cancel(self, request: web.Request, sender: str) -> web.Response:
+        self._cancel_local(request.match_info["job"])
+        return web.json_response({})
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [{"job": j.id, **self.local_status(j)} for j in self.jobs.values()]
+
+
+def _selected(path: str, include: list[str], exclude: list[str]) -> bool:
+    if include and not any(fnmatch.fnmatch(path, g) for g in include):
+        return False
+    return not any(fnmatch.fnmatch(path, g) for g in exclude)
