@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.fakehub.repos import GOOD_TOKEN, catalogue, expected_files
+from tests.fakehub.repos import (
+    ADDED,
+    GOOD_TOKEN,
+    added_repo,
+    catalogue,
+    expected_files,
+    file_sha256,
+)
+
+log = logging.getLogger("fakehub.handle")
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 _HTTP_JSON = """
@@ -22,21 +34,39 @@ with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as resp:
     sys.stdout.write(resp.read().decode())
 """
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
+
 
 def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | None = None,
               timeout: float = 30) -> Any:
     """A JSON request, run inside a network namespace when prefix_cmd enters one."""
     payload = json.dumps(body) if body is not None else ""
+    if not prefix_cmd:
+        req = urllib.request.Request(url, data=payload.encode() if payload else None,
+                                     method=method, headers={"Content-Type": "application/json"})
+        with _DIRECT.open(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
     out = subprocess.run([*(prefix_cmd or []), sys.executable, "-c", _HTTP_JSON, method, url,
                           payload, str(timeout)], capture_output=True, timeout=timeout + 10)
     if out.returncode != 0:
         raise OSError(f"{method} {url} failed: {out.stderr.decode()[-800:]}")
     return json.loads(out.stdout)
 
-__all__ = ["GOOD_TOKEN", "FakeHub", "catalogue", "expected_files"]
+
+__all__ = ["GOOD_TOKEN", "FakeHub", "catalogue", "expected_files", "file_sha256", "http_json"]
+
+
+def _read_ready(stdout: Any, found: queue.Queue[str | None]) -> None:
+    """Hand the READY line (or None at EOF) to the starting thread; drain the rest."""
+    for line in stdout:
+        if line.startswith("FAKEHUB READY "):
+            found.put(line)
+    found.put(None)
 
 
 class FakeHub:
+    """A fake Hub process: `.url` (hub) and `.cdn_url` (CDN) once started."""
+
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", cdn_host: str = "127.0.0.1",
                  port: int = 0, cdn_port: int = 0, prefix_cmd: list[str] | None = None,
                  big_size: int = 0, page_size: int = 50) -> None:
@@ -48,29 +78,36 @@ class FakeHub:
         self.page_size = page_size
         self.url = self.cdn_url = ""
         self.proc: subprocess.Popen[str] | None = None
+        self._added: list[dict[str, Any]] = []  # replayed by restart()
 
-    def start(self, timeout: float = 120) -> FakeHub:
+    def start(self, timeout: float | None = None) -> FakeHub:
+        """Spawn the server and wait for its READY line (30 s, plus time to write big.bin)."""
+        if timeout is None:
+            timeout = 30 + self.big_size / (50 * 1024 * 1024)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [*self.prefix_cmd, sys.executable, "-m", "tests.fakehub",
                "--host", self.host, "--port", str(self.port), "--cdn-host", self.cdn_host,
                "--cdn-port", str(self.cdn_port), "--data-dir", str(self.data_dir),
                "--page-size", str(self.page_size), "--big-size", str(self.big_size)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
-            if line.startswith("FAKEHUB READY "):
-                urls = json.loads(line.removeprefix("FAKEHUB READY "))
-                self.url, self.cdn_url = urls["hub"], urls["cdn"]
-                self.port = int(self.url.rsplit(":", 1)[1])
-                self.cdn_port = int(self.cdn_url.rsplit(":", 1)[1])
-                return self
-            if time.monotonic() > deadline:
-                break
-        self.stop()
-        raise RuntimeError("the fake hub did not start")
+        found: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_read_ready, args=(self.proc.stdout, found), daemon=True).start()
+        try:
+            line = found.get(timeout=timeout)
+        except queue.Empty:
+            line = None
+        if line is None:
+            self.stop()
+            raise RuntimeError(f"the fake hub did not start: {' '.join(cmd)}")
+        urls = json.loads(line.removeprefix("FAKEHUB READY "))
+        self.url, self.cdn_url = urls["hub"], urls["cdn"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        self.cdn_port = int(self.cdn_url.rsplit(":", 1)[1])
+        log.info("fake hub at %s, CDN at %s", self.url, self.cdn_url)
+        return self
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -83,24 +120,38 @@ class FakeHub:
     def restart(self) -> FakeHub:
         """Stop and start again on the same ports (the hub comes back)."""
         self.stop()
-        return self.start()
+        self.start()
+        for body in self._added:
+            self._call("POST", "/_fake/repos", body)
+        return self
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         return http_json(method, self.url + path, body, self.prefix_cmd)
 
     def stats(self) -> dict[str, Any]:
+        """cdn_bytes, cdn_requests, cdn_requests_with_auth, hub_requests, xet_requests,
+        requests (the last 200 "METHOD raw-path")."""
         return self._call("GET", "/_fake/stats")
 
     def faults(self, **faults: Any) -> dict[str, Any]:
+        """Set some faults (hub_status, hub_down, cdn_status, cdn_drop_after, cdn_drop_count,
+        cdn_rate, cdn_first_byte_delay, cdn_corrupt, cdn_short); returns all of them."""
         return self._call("POST", "/_fake/faults", faults)
 
     def reset(self) -> None:
+        """Clear faults and counters."""
         self._call("POST", "/_fake/reset", {})
 
     def add_repo(self, repo_id: str, files: dict[str, dict[str, Any]],
                  repo_type: str = "model", seed: int = 0) -> str:
-        return self._call("POST", "/_fake/repos", {"repo_id": repo_id, "repo_type": repo_type,
-                                                    "files": files, "seed": seed})["commit"]
+        """Add a repo at runtime ({"path": {"size": N, "lfs": bool}}); returns its commit.
+
+        expected_files() and file_sha256() know it afterwards, in this process."""
+        body = {"repo_id": repo_id, "repo_type": repo_type, "files": files, "seed": seed}
+        commit = self._call("POST", "/_fake/repos", body)["commit"]
+        self._added.append(body)
+        ADDED[(repo_type, repo_id)] = added_repo(repo_id, files, repo_type, seed)
+        return commit
 
     def __enter__(self) -> FakeHub:
         return self.start()

@@ -9,9 +9,25 @@ import hashlib
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
 GOOD_TOKEN = "hf_good_token"
+
+
+def json_document(seed: str, size: int) -> bytes:
+    """Valid JSON derived from the seed, padded with a vocabulary to about `size` bytes."""
+    doc: dict[str, object] = {"seed": seed, "model_type": "tiny-tts"}
+    rng = random.Random(seed)
+    vocab: dict[str, int] = {}
+    approx = len(json.dumps(doc))
+    while approx < size - 40:
+        token = rng.randbytes(6).hex()
+        vocab[token] = len(vocab)
+        approx += len(token) + len(str(len(vocab))) + 6
+    if vocab:
+        doc["vocab"] = vocab
+    return json.dumps(doc, indent=2 if not vocab else None).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +40,7 @@ class FileSpec:
     @functools.cached_property
     def content(self) -> bytes:
         if self.path.endswith(".json"):
-            return json.dumps({"seed": self.seed, "model_type": "tiny-tts"}, indent=2).encode()
+            return json_document(self.seed, self.size)
         return random.Random(self.seed).randbytes(self.size)
 
     @property
@@ -58,6 +74,11 @@ class BigFile(FileSpec):
     """A large file generated once into the data dir, never held in memory whole."""
 
     def write_to(self, path: Path) -> None:
+        """Generate the file once; a later start with the same data dir reuses it."""
+        done = path.with_name(path.name + ".sha256")
+        if path.exists() and path.stat().st_size == self.size and done.exists():
+            self.__dict__["sha256"] = done.read_text().strip()
+            return
         rng = random.Random(self.seed)
         h = hashlib.sha256()
         with open(path, "wb") as f:
@@ -68,6 +89,7 @@ class BigFile(FileSpec):
                 h.update(block)
                 left -= len(block)
         self.__dict__["sha256"] = h.hexdigest()  # what cached_property would have stored
+        done.write_text(h.hexdigest())
 
     @property
     def content(self) -> bytes:  # type: ignore[override]
@@ -153,10 +175,42 @@ def catalogue(big_size: int = 0) -> dict[tuple[str, str], Repo]:
     return {(r.repo_type, r.repo_id): r for r in repos}
 
 
+def added_repo(repo_id: str, files: dict[str, dict[str, Any]], repo_type: str = "model",
+               seed: int = 0) -> Repo:
+    """A repo added at runtime (POST /_fake/repos): one commit on `main`."""
+    specs = {p: FileSpec(p, int(f.get("size", 0)), bool(f.get("lfs", True)),
+                         f"{repo_id}/{p}/{seed}") for p, f in files.items()}
+    return _repo(repo_type, repo_id, {"main": specs})
+
+
+# Repos this process added through FakeHub.add_repo, so expected_files knows them too.
+ADDED: dict[tuple[str, str], Repo] = {}
+
+
+def find_repo(repo_id: str, repo_type: str = "model") -> Repo:
+    repo = ADDED.get((repo_type, repo_id)) or _static_catalogue().get((repo_type, repo_id))
+    assert repo is not None, f"no {repo_type} {repo_id} in the fake hub's catalogue"
+    return repo
+
+
+@functools.cache
+def _static_catalogue() -> dict[tuple[str, str], Repo]:
+    return catalogue()
+
+
+def _commit_files(repo_id: str, revision: str, repo_type: str) -> dict[str, FileSpec]:
+    repo = find_repo(repo_id, repo_type)
+    commit = repo.commit_of(revision)
+    assert commit is not None, f"no revision {revision} in {repo_id}"
+    return repo.commits[commit]
+
+
 def expected_files(repo_id: str, revision: str = "main",
                    repo_type: str = "model") -> dict[str, bytes]:
     """What a snapshot of the repo at that revision must contain, byte for byte."""
-    repo = catalogue()[(repo_type, repo_id)]
-    commit = repo.commit_of(revision)
-    assert commit is not None, f"no revision {revision} in {repo_id}"
-    return {p: f.content for p, f in repo.commits[commit].items()}
+    return {p: f.content for p, f in _commit_files(repo_id, revision, repo_type).items()}
+
+
+def file_sha256(repo_id: str, path: str, revision: str = "main", repo_type: str = "model") -> str:
+    """The sha256 of one file of the catalogue (what X-Linked-Etag says for LFS files)."""
+    return _commit_files(repo_id, revision, repo_type)[path].sha256

@@ -22,17 +22,18 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from tests.fakehub.repos import GOOD_TOKEN, BigFile, FileSpec, Repo, catalogue
+from tests.fakehub.repos import GOOD_TOKEN, BigFile, FileSpec, Repo, added_repo, catalogue
 
 log = logging.getLogger("fakehub")
 SECRET = b"fakehub-cdn-signing"
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PIECE = 256 * 1024
+XET_CAS = "http://127.0.0.1:9"  # the discard port: a client that goes to Xet fails there
 
 
 @dataclasses.dataclass
@@ -122,24 +123,19 @@ class FakeHub:
 
     async def add_repo(self, request: web.Request) -> web.Response:
         body = await request.json()
-        repo_type, repo_id = body.get("repo_type", "model"), body["repo_id"]
-        files = {p: FileSpec(p, int(f["size"]), bool(f.get("lfs", True)),
-                             f"{repo_id}/{p}/{body.get('seed', 0)}")
-                 for p, f in body["files"].items()}
-        commit = hashlib.sha1(f"{repo_type}/{repo_id}@main".encode()).hexdigest()
-        repo = Repo(repo_type, repo_id, {"main": commit}, {commit: files})
-        self.repos[(repo_type, repo_id)] = repo
+        repo = added_repo(body["repo_id"], body["files"], body.get("repo_type", "model"),
+                          int(body.get("seed", 0)))
         await asyncio.to_thread(self.add_blobs, repo)
-        return web.json_response({"commit": commit})
+        self.repos[(repo.repo_type, repo.repo_id)] = repo
+        log.info("added %s %s", repo.repo_type, repo.repo_id)
+        return web.json_response({"commit": repo.revisions["main"]})
 
     async def hub(self, request: web.Request) -> web.StreamResponse:
         self.stats["hub_requests"] += 1
         self.stats["requests"] = [*self.stats["requests"][-199:],
                                   f"{request.method} {request.raw_path}"]
         if self.faults.hub_down:
-            assert request.transport is not None
-            request.transport.abort()
-            raise ConnectionResetError("hub is down")
+            abort(request)
         if self.faults.hub_status:
             return web.json_response({"error": "injected"}, status=self.faults.hub_status)
         try:
@@ -210,15 +206,22 @@ class FakeHub:
                 headers.update({
                     "X-Xet-Hash": xet_hash, "X-Xet-Refresh-Route": api,
                     "Link": f'<{self.hub_url}{api}>; rel="xet-auth", '
-                            f'<http://127.0.0.1:9/cas/reconstruction/{xet_hash}>; '
+                            f'<{XET_CAS}/cas/reconstruction/{xet_hash}>; '
                             'rel="xet-reconstruction-info"'})
-            return web.Response(status=302, headers=headers)
+            return self.redirect(request, 302, headers, f.pointer)
         if revision != commit:
-            prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
             headers["Location"] = (f"/api/resolve-cache/{repo.repo_type}s/{repo.repo_id}/"
-                                   f"{commit}/{quote(path)}?%2F{prefix}etag={f.git_sha1}")
-            return web.Response(status=307, headers=headers)
+                                   f"{commit}/{quote(path)}?etag=%22{f.git_sha1}%22")
+            return self.redirect(request, 307, headers, b"")
         return self.body(request, f.content, headers)
+
+    @staticmethod
+    def redirect(request: web.Request, status: int, headers: dict[str, str],
+                 body: bytes) -> web.Response:
+        """A redirect whose Content-Length is that of the pointer (LFS) or empty (plain)."""
+        headers["Content-Length"] = str(len(body))
+        return web.Response(status=status, headers=headers,
+                            body=body if request.method != "HEAD" else None)
 
     async def resolve_cache(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
         if len(segs) < 4 or segs[0] not in KINDS:
@@ -232,13 +235,18 @@ class FakeHub:
 
     @staticmethod
     def body(request: web.Request, data: bytes, headers: dict[str, str]) -> web.Response:
-        span = parse_range(request.headers.get("Range"), len(data))
+        try:
+            span = parse_range(request.headers.get("Range"), len(data))
+        except ValueError:
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
         if span is None:
             return web.Response(body=data if request.method != "HEAD" else None,
                                 headers={**headers, "Content-Length": str(len(data))})
         a, b = span
         headers["Content-Range"] = f"bytes {a}-{b - 1}/{len(data)}"
-        return web.Response(status=206, body=data[a:b], headers=headers)
+        headers["Content-Length"] = str(b - a)
+        return web.Response(status=206, body=data[a:b] if request.method != "HEAD" else None,
+                            headers=headers)
 
     # --- the API --------------------------------------------------------------------------
     async def api(self, request: web.Request, repo_type: str,
@@ -248,8 +256,11 @@ class FakeHub:
         repo_id, rest = "/".join(segs[:n]), segs[n:]
         if rest and rest[0] == "xet-read-token":
             self.stats["xet_requests"] += 1
-            return web.json_response({"accessToken": "x", "exp": int(time.time()) + 3600,
-                                      "casUrl": "http://127.0.0.1:9"})
+            exp = int(time.time()) + 3600
+            return web.json_response(  # the client reads the headers, not the body
+                {"accessToken": "x", "exp": exp, "casUrl": XET_CAS},
+                headers={"X-Xet-Cas-Url": XET_CAS, "X-Xet-Access-Token": "x",
+                         "X-Xet-Token-Expiration": str(exp)})
         repo = self.repo(request, repo_type, repo_id, files=False)
         if not rest:
             return self.info(request, repo, "main")
@@ -315,7 +326,8 @@ class FakeHub:
             cursor = base64.urlsafe_b64encode(str(start + self.page_size).encode()).decode()
             query = {**request.query, "cursor": cursor}
             qs = "&".join(f"{k}={quote(str(v), safe='')}" for k, v in query.items())
-            headers["Link"] = f'<{self.hub_url}{request.path_qs.split("?")[0]}?{qs}>; rel="next"'
+            path = request.raw_path.partition("?")[0]
+            headers["Link"] = f'<{self.hub_url}{path}?{qs}>; rel="next"'
         return web.json_response(page, headers=headers)
 
     async def paths_info(self, request: web.Request, repo: Repo,
@@ -360,14 +372,17 @@ class FakeHub:
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
         a, b = span or (0, size)
         if request.method == "HEAD":
-            return web.Response(headers={"Content-Length": str(b - a), "Accept-Ranges": "bytes"})
+            headers = {"Content-Length": str(b - a), "Accept-Ranges": "bytes"}
+            if span is not None:
+                headers["Content-Range"] = f"bytes {a}-{b - 1}/{size}"
+            return web.Response(status=206 if span else 200, headers=headers)
         if not self.faults.cdn_streaming:
             self.stats["cdn_bytes"] += b - a
             return web.FileResponse(path, headers={"Accept-Ranges": "bytes"})
         try:
             return await self.cdn_stream(request, path, a, b, size, span is not None)
-        except ConnectionResetError:  # the client went away, or a fault cut it off
-            raise asyncio.CancelledError from None
+        except ConnectionResetError:  # the client went away
+            abort(request)
 
     async def cdn_stream(self, request: web.Request, path: Path, a: int, b: int, size: int,
                          ranged: bool) -> web.StreamResponse:
@@ -406,11 +421,16 @@ class FakeHub:
                     if ahead > 0:
                         await asyncio.sleep(ahead)
         if pos < b:
-            assert request.transport is not None
-            request.transport.abort()
-            raise ConnectionResetError("fault injected: connection dropped")
+            abort(request)
         await resp.write_eof()
         return resp
+
+
+def abort(request: web.Request) -> NoReturn:
+    """Close the connection with no (further) response, quietly for aiohttp's logger."""
+    if request.transport is not None:
+        request.transport.abort()
+    raise asyncio.CancelledError("fault injected: connection dropped")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

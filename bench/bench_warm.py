@@ -1,0 +1,183 @@
+"""Cluster warm-up vs its lower bound and two baselines, on netlab (root):
+
+    python bench/bench_warm.py --size 256MiB --wan 400mbit --lan 1gbit --nodes 2 4 6
+
+- lower bound: one node downloads the file from the upstream alone over the shaped WAN;
+- modelpeer: `modelpeer warm --nodes all --wait` from one node of N;
+- direct: all N nodes download from the upstream at once (no cache);
+- nginx: one central nginx `proxy_cache` (with proxy_cache_lock) in front of the CDN, all N
+  nodes downloading through it at once.
+Prints a Markdown table and writes an SVG plot (default docs/warmup.svg).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_lan import timed_get  # noqa: E402
+from modelpeer.daemon.config import parse_size  # noqa: E402
+from tests.fakehub import FakeHub, http_json  # noqa: E402
+from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
+
+FILE = "/acme/big/resolve/main/big.bin"
+
+
+def cdn_path(lab: Lab, hub: FakeHub) -> str:
+    code = ("import sys, urllib.request\n"
+            "class N(urllib.request.HTTPRedirectHandler):\n"
+            "    def redirect_request(self, *a, **k): return None\n"
+            "o = urllib.request.build_opener(N)\n"
+            "try:\n    o.open(urllib.request.Request(sys.argv[1], method='HEAD'))\n"
+            "except urllib.error.HTTPError as e:\n    print(e.headers['Location'])\n")
+    out = lab.run("up", sys.executable, "-c", code, hub.url + FILE)
+    location = out.stdout.strip()
+    return location[location.index("/repos/"):]
+
+
+def nginx_cache(lab: Lab, host: str, work: Path, cdn: str) -> subprocess.Popen[bytes]:
+    conf = work / "nginx-cache.conf"
+    (work / "cache").mkdir(exist_ok=True)
+    conf.write_text(f"""
+user root root; worker_processes 2; daemon off; pid {work}/nginx-cache.pid;
+error_log {work}/nginx-cache.err;
+events {{ worker_connections 256; }}
+http {{
+  access_log off; sendfile on;
+  proxy_cache_path {work}/cache levels=1:2 keys_zone=models:10m max_size=20g inactive=1h;
+  proxy_temp_path {work}/proxy-tmp;
+  client_body_temp_path {work}/body; fastcgi_temp_path {work}/fcgi;
+  uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+  server {{
+    listen {lab.ip(host)}:8090;
+    location / {{
+      proxy_pass {cdn}; proxy_cache models; proxy_cache_valid 200 1h;
+      proxy_cache_lock on; proxy_cache_lock_timeout 600s; proxy_cache_lock_age 600s;
+      proxy_buffering on; proxy_max_temp_file_size 0;
+    }}
+  }}
+}}""")
+    proc = subprocess.Popen([*lab.ns(host), "nginx", "-c", str(conf)], stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc
+
+
+def all_at_once(lab: Lab, hosts: list[str], urls: list[str]) -> float:
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+        list(pool.map(lambda hu: timed_get(lab, hu[0], hu[1]), zip(hosts, urls, strict=True)))
+    return time.perf_counter() - started
+
+
+def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, float]:
+    lab = Lab(n + 1, prefix=f"mpw{os.getpid() % 1000}{n}", lan=lan, wan=wan).up()
+    hub = FakeHub(work / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
+                  cdn_port=8081, prefix_cmd=lab.ns("up"), big_size=size)
+    cluster = Cluster(lab, hub, work / f"n{n}")
+    hosts = [f"h{i}" for i in range(1, n + 1)]
+    nginx = None
+    result: dict[str, float] = {}
+    try:
+        hub.start(timeout=600)
+        cdn = f"http://{lab.ip('up')}:8081"
+        path = cdn_path(lab, hub)
+        result["lower_bound"], _ = timed_get(lab, "h1", cdn + path)
+        result["direct"] = all_at_once(lab, hosts, [cdn + path] * n)
+        nginx = nginx_cache(lab, f"h{n + 1}", work, cdn)
+        result["nginx"] = all_at_once(lab, hosts, [f"http://{lab.ip(f'h{n + 1}')}:8090{path}"] * n)
+        for h in hosts:
+            cluster.start(h, None, "--log-level", "info")
+        for h in hosts:
+            lab.wait_for(f"{h} sees the others",
+                         lambda h=h: len(cluster.live_names(h)) == n - 1, timeout=30)
+        http_json("POST", hub.url + "/_fake/reset", {}, lab.ns("up"))
+        started = time.perf_counter()
+        out = lab.run("h1", sys.executable, "-m", "modelpeer.client.cli", "--daemon",
+                      cluster.nodes["h1"].url, "warm", "acme/big", "--wait", "--json",
+                      timeout=1200)
+        result["modelpeer"] = time.perf_counter() - started
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout)["state"] == "done"
+        stats = http_json("GET", hub.url + "/_fake/stats", None, lab.ns("up"))
+        result["cdn_ratio"] = stats["cdn_bytes"] / size
+    finally:
+        if nginx is not None:
+            nginx.terminate()
+            nginx.wait()
+        cluster.stop()
+        hub.stop()
+        lab.down()
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    return result
+
+
+def svg(results: dict[int, dict[str, float]], path: Path) -> None:
+    series = [("lower_bound", "#8b949e"), ("modelpeer", "#3fb950"), ("nginx", "#58a6ff"),
+              ("direct", "#d29922")]
+    top = max(r[k] for r in results.values() for k, _ in series)
+    w, h, pad = 640, 320, 40
+    group = (w - 2 * pad) / len(results)
+    bar = group / (len(series) + 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" '
+             'font-family="sans-serif" font-size="12">',
+             f'<text x="{pad}" y="18">warm-up time (s) by cluster size</text>']
+    for gi, (n, r) in enumerate(sorted(results.items())):
+        x0 = pad + gi * group
+        parts.append(f'<text x="{x0 + group / 2 - 20}" y="{h + 35}">{n} nodes</text>')
+        for si, (key, color) in enumerate(series):
+            bh = (h - pad) * r[key] / top
+            x, y = x0 + si * bar, h - bh + 10
+            parts.append(f'<rect x="{x:.0f}" y="{y:.0f}" width="{bar - 2:.0f}" height="{bh:.0f}"'
+                         f' fill="{color}"><title>{key}: {r[key]:.1f}s</title></rect>')
+            parts.append(f'<text x="{x:.0f}" y="{y - 3:.0f}" font-size="10">{r[key]:.0f}</text>')
+    for si, (key, color) in enumerate(series):
+        parts.append(f'<rect x="{pad + si * 130}" y="{h + 45}" width="10" height="10" '
+                     f'fill="{color}"/><text x="{pad + si * 130 + 14}" y="{h + 54}">{key}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--wan", default="400mbit")
+    ap.add_argument("--lan", default="1gbit")
+    ap.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 6])
+    ap.add_argument("--plot", default=str(Path(__file__).resolve().parent.parent / "docs" /
+                                          "warmup.svg"))
+    args = ap.parse_args()
+    if reason := netlab_available():
+        sys.exit(f"bench_warm: {reason}")
+    size = parse_size(args.size)
+    work = Path(tempfile.mkdtemp(prefix="mp-benchwarm-"))
+    os.chmod(work, 0o755)
+    results = {}
+    try:
+        for n in args.nodes:
+            results[n] = run_size(n, size, args.wan, args.lan, work)
+            print(n, results[n], flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{size / 2**20:.0f} MiB file, WAN {args.wan}, LAN {args.lan} per host\n")
+    print("| nodes | lower bound s | modelpeer warm s | ratio to bound | upstream bytes / size "
+          "| nginx proxy_cache s | direct s |\n|---|---|---|---|---|---|---|")
+    for n, r in sorted(results.items()):
+        print(f"| {n} | {r['lower_bound']:.1f} | {r['modelpeer']:.1f} | "
+              f"{r['modelpeer'] / r['lower_bound']:.2f} | {r['cdn_ratio']:.3f} | "
+              f"{r['nginx']:.1f} | {r['direct']:.1f} |")
+    svg(results, Path(args.plot))
+    print(f"\nplot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
