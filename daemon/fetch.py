@@ -268,7 +268,9 @@ class Fetcher:
                 break
             run = self._held_run(blob, writer.offset, held.chunks)
             if run:
-                if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks):
+                co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
+                if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks,
+                                                 co):
                     break
                 continue
             if not follow.worth_waiting(held):
@@ -289,11 +291,12 @@ class Fetcher:
         return run
 
     async def _stream_chunks(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
-                             run: list[int], chunks: dict[int, list[tuple[Peer, str]]]) -> bool:
+                             run: list[int], chunks: dict[int, list[tuple[Peer, str]]],
+                             co_downloaders: list[Peer]) -> bool:
         blob = transfer.blob
         pos = run[0] * self.store.chunk_size  # the blob offset of the bytes coming next
         try:
-            async for data in sharing.chunks_in_order(blob, run, chunks):
+            async for data in sharing.chunks_in_order(blob, run, chunks, co_downloaders):
                 skip = max(0, writer.offset - pos)
                 pos += len(data)
                 await self._write(transfer, writer, memoryview(data)[skip:])

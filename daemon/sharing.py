@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -174,7 +174,8 @@ class Sharing:
         return None
 
     async def chunks_in_order(self, blob: BlobId, indices: list[int],
-                              holders: dict[int, list[tuple[Peer, str]]]) -> AsyncIterator[bytes]:
+                              holders: dict[int, list[tuple[Peer, str]]],
+                              co_downloaders: list[Peer]) -> AsyncIterator[bytes]:
         """The bytes of these chunks in order; the next PREFETCH chunks download meanwhile,
         so per-chunk start-up (metadata, connecting) overlaps the transfer."""
         queues: dict[int, asyncio.Queue[bytes | BaseException | None]] = {}
@@ -185,7 +186,7 @@ class Sharing:
                 q: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
                 queues[indices[i]] = q
                 tasks.append(asyncio.create_task(
-                    self._pump(blob, indices[i], holders[indices[i]], q)))
+                    self._pump(blob, indices[i], holders[indices[i]], co_downloaders, q)))
 
         try:
             for i, idx in enumerate(indices):
@@ -202,23 +203,27 @@ class Sharing:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _pump(self, blob: BlobId, idx: int, holders: list[tuple[Peer, str]],
+                    co_downloaders: list[Peer],
                     q: asyncio.Queue[bytes | BaseException | None]) -> None:
         try:
-            async for data in self.chunk(blob, idx, holders):
+            async for data in self.chunk(blob, idx, holders, co_downloaders):
                 q.put_nowait(data)
             q.put_nowait(None)
         except PeerError as e:
             q.put_nowait(e)
 
-    async def chunk(self, blob: BlobId, idx: int,
-                    holders: list[tuple[Peer, str]]) -> AsyncIterator[bytes]:
-        """The chunk's bytes in order, over BitTorrent from the peers that hold it."""
+    async def chunk(self, blob: BlobId, idx: int, holders: list[tuple[Peer, str]],
+                    co_downloaders: Sequence[Peer] = ()) -> AsyncIterator[bytes]:
+        """The chunk's bytes in order, over BitTorrent from the peers that hold it and from
+        those downloading it at the same time (they trade the pieces they already have, so a
+        cluster does not queue behind the first holder's uplink)."""
         peer0, info_hash = holders[0]
         torrent = await self.peers.request(peer0, "GET", f"/torrent/{blob.digest}/{idx}")
         if _safe_info_hash(torrent) != info_hash:
             self.peers.ban(peer0.node_id, BAN_SECONDS, "torrent does not match its info-hash")
             raise PeerError(f"peer {peer0.node_id} sent a torrent that is not {info_hash}")
-        endpoints = [(p.address, p.bt_port) for p, ih in holders if ih == info_hash and p.bt_port]
+        sources = [p for p, ih in holders if ih == info_hash] + list(co_downloaders)
+        endpoints = list(dict.fromkeys((p.address, p.bt_port) for p in sources if p.bt_port))
         try:
             async for data in self.swarm.fetch(torrent, endpoints):
                 self.bytes_from_peers += len(data)

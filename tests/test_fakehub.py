@@ -202,3 +202,12 @@ def test_add_repo_and_restart_on_the_same_ports(tmp_path: Path) -> None:
         assert fetch(hub.url + "/acme/added/resolve/main/w.bin")[2] == data
         status, headers, body = fetch(f"{hub.url}/acme/added/resolve/{commit}/a.txt")
         assert (status, body) == (200, expected_files("acme/added")["a.txt"])
+
+
+def test_a_direct_xet_client_leaves_for_xet_and_fails_fast(hub: FakeHub, tmp_path: Path) -> None:
+    out = hf_client(hub.url, tmp_path, "hf_hub_download", "acme/tiny-tts",
+                    "sub/folder/weights.bin", timeout=60)
+    assert "error" in out and out["seconds"] < 20, out
+    stats = hub.stats()
+    assert stats["xet_requests"] >= 2  # the read token, then Xet storage refused
+    assert stats["cdn_requests"] == 0

@@ -33,7 +33,6 @@ log = logging.getLogger("fakehub")
 SECRET = b"fakehub-cdn-signing"
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PIECE = 256 * 1024
-XET_CAS = "http://127.0.0.1:9"  # the discard port: a client that goes to Xet fails there
 
 
 @dataclasses.dataclass
@@ -97,6 +96,11 @@ class FakeHub:
                         path.write_bytes(f.content)
                     self.blobs[f.sha256] = path
 
+    @property
+    def xet_cas(self) -> str:
+        """Where Xet storage would be: on the hub listener, refusing everything (403)."""
+        return f"{self.hub_url}/xet-cas"
+
     # --- the hub listener -----------------------------------------------------------------
     def hub_app(self) -> web.Application:
         app = web.Application(client_max_size=10 * 1024**2)
@@ -149,6 +153,9 @@ class FakeHub:
     async def route(self, request: web.Request) -> web.StreamResponse:
         path, _, _ = request.raw_path.partition("?")
         segs = path.lstrip("/").split("/")
+        if segs[0] == "xet-cas":  # a client that went to Xet storage: refuse, it fails fast
+            self.stats["xet_requests"] += 1
+            raise HubError(403, "", "this fake hub has no Xet storage")
         if segs[:2] == ["api", "agent-harnesses"]:
             raise HubError(404, "", "not here")
         if segs[0] == "api" and len(segs) >= 3 and segs[1] == "resolve-cache":
@@ -206,7 +213,7 @@ class FakeHub:
                 headers.update({
                     "X-Xet-Hash": xet_hash, "X-Xet-Refresh-Route": api,
                     "Link": f'<{self.hub_url}{api}>; rel="xet-auth", '
-                            f'<{XET_CAS}/cas/reconstruction/{xet_hash}>; '
+                            f'<{self.xet_cas}/reconstructions/{xet_hash}>; '
                             'rel="xet-reconstruction-info"'})
             return self.redirect(request, 302, headers, f.pointer)
         if revision != commit:
@@ -258,8 +265,8 @@ class FakeHub:
             self.stats["xet_requests"] += 1
             exp = int(time.time()) + 3600
             return web.json_response(  # the client reads the headers, not the body
-                {"accessToken": "x", "exp": exp, "casUrl": XET_CAS},
-                headers={"X-Xet-Cas-Url": XET_CAS, "X-Xet-Access-Token": "x",
+                {"accessToken": "x", "exp": exp, "casUrl": self.xet_cas},
+                headers={"X-Xet-Cas-Url": self.xet_cas, "X-Xet-Access-Token": "x",
                          "X-Xet-Token-Expiration": str(exp)})
         repo = self.repo(request, repo_type, repo_id, files=False)
         if not rest:
