@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,17 @@ def timed_get(lab: Lab, host: str, url: str) -> tuple[float, str]:
         raise RuntimeError(out.stderr[-2000:])
     seconds, digest = out.stdout.split()
     return float(seconds), digest
+
+
+def shutdown(nginx: subprocess.Popen[bytes] | None, cluster: Cluster, hub: FakeHub,
+             lab: Lab) -> None:
+    """Stop everything a lab benchmark started, the lab itself last."""
+    if nginx is not None:
+        nginx.terminate()
+        nginx.wait()
+    cluster.stop()
+    hub.stop()
+    lab.down()
 
 
 def rate_bits(text: str) -> float:
@@ -86,12 +98,7 @@ def main() -> None:
         t_http, got = timed_get(lab, "h2", base + "/big.bin")
         assert got == digest
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            nginx.wait()
-        cluster.stop()
-        hub.stop()
-        lab.down()
+        shutdown(nginx, cluster, hub, lab)
         shutil.rmtree(work, ignore_errors=True)
     link = rate_bits(args.lan) / 8
     print(f"\n{size / 2**30:.2f} GiB, LAN shaped to {args.lan} per host egress\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_lan import timed_get  # noqa: E402
+from bench.bench_lan import shutdown, timed_get  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from tests.fakehub import FakeHub, http_json  # noqa: E402
 from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
@@ -111,12 +111,7 @@ def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, flo
         stats = http_json("GET", hub.url + "/_fake/stats", None, lab.ns("up"))
         result["cdn_ratio"] = stats["cdn_bytes"] / size
     finally:
-        if nginx is not None:
-            nginx.terminate()
-            nginx.wait()
-        cluster.stop()
-        hub.stop()
-        lab.down()
+        shutdown(nginx, cluster, hub, lab)
         shutil.rmtree(work / "cache", ignore_errors=True)
     return result
 
