@@ -71,12 +71,13 @@ def main() -> None:
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mp-benchlan-"))
     os.chmod(work, 0o755)
-    lab = Lab(2, prefix=f"mpb{os.getpid() % 10000}", lan=args.lan).up()
+    lab = Lab(2, prefix=f"mpb{os.getpid() % 10000}", lan=args.lan)
     hub = FakeHub(work / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
                   cdn_port=8081, prefix_cmd=lab.ns("up"), big_size=size)
     cluster = Cluster(lab, hub, work)
     nginx = None
     try:
+        lab.up()
         hub.start(timeout=600)
         for h in ("h1", "h2"):
             cluster.start(h, None, "--chunk-size", "64MiB", "--log-level", "info")

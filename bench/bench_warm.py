@@ -80,7 +80,7 @@ def all_at_once(lab: Lab, hosts: list[str], urls: list[str]) -> float:
 
 
 def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, float]:
-    lab = Lab(n + 1, prefix=f"mpw{os.getpid() % 1000}{n}", lan=lan, wan=wan).up()
+    lab = Lab(n + 1, prefix=f"mpw{os.getpid() % 1000}{n}", lan=lan, wan=wan)
     hub = FakeHub(work / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
                   cdn_port=8081, prefix_cmd=lab.ns("up"), big_size=size)
     cluster = Cluster(lab, hub, work / f"n{n}")
@@ -88,6 +88,7 @@ def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, flo
     nginx = None
     result: dict[str, float] = {}
     try:
+        lab.up()
         hub.start(timeout=600)
         cdn = f"http://{lab.ip('up')}:8081"
         path = cdn_path(lab, hub)
