@@ -28,11 +28,12 @@ MiB = 1024 * 1024
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     wan = getattr(request, "param", "")
-    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit", wan=wan).up()
+    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit", wan=wan)
     hub = FakeHub(tmp_path / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
                   cdn_port=8081, prefix_cmd=lab.ns("up"))
     c = Cluster(lab, hub, tmp_path)
     try:
+        lab.up()
         hub.start()
         yield c
     finally:
