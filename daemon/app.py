@@ -67,6 +67,7 @@ class Daemon:
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers, self.lan.api)
         await self.lan.open()
+        self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup)
         self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)
@@ -103,6 +104,7 @@ class Daemon:
         log.info("stopping: closing listeners and checkpointing transfers")
         if self._runner is not None:
             await self._runner.shutdown()
+        await self.warmup.close()
         await self.fetcher.close()
         await self.lan.close()
         if self._runner is not None:

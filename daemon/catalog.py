@@ -210,6 +210,10 @@ class Catalog:
                  revision, path)
         return entry
 
+    def upstream_served_without_token(self, repo: Repo) -> None:
+        """A file of the repo came from the upstream with no token: its files are public."""
+        self._record_access(repo, None, files=True)
+
     def remember(self, repo: Repo, revision: str, commit: str,
                  entries: list[FileEntry]) -> None:
         """What a warm job learned, so later client requests resolve without the upstream."""

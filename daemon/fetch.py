@@ -78,6 +78,8 @@ class Transfer:
         self.readers = 0
         self._event = asyncio.Event()
         self.done = asyncio.get_running_loop().create_future()
+        if verified:
+            self.done.set_result(None)
 
     @property
     def servable(self) -> int:

@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS api_cache (
     commit_sha TEXT NOT NULL, body BLOB NOT NULL, fetched_at REAL NOT NULL,
     anonymous INTEGER NOT NULL  -- 1 when the upstream gave it without a token: anyone may see it
 );
+-- warmup.py: warm jobs this node runs, so a restarted daemon resumes them (never the token)
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS api_cache_repo ON api_cache (repo_type, repo_id);
 CREATE INDEX IF NOT EXISTS files_digest ON files (digest);
 """

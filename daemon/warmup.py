@@ -56,6 +56,7 @@ class Job:
     started: float = dataclasses.field(default_factory=time.time)
     finished: float = 0.0
     task: asyncio.Task[None] | None = None
+    shutting_down: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -181,10 +182,35 @@ class Warmup:
                     log.warning("warm job %s: cancel on %s failed: %s", job_id, node_id, e)
 
     # --- every node ---------------------------------------------------------------------
+    def resume(self) -> None:
+        """Jobs that were running when the daemon stopped go on (their token is not kept:
+        files of gated repos then fail with a reason, and `warm --token` starts them again)."""
+        for row in self.catalog.db.execute("SELECT spec FROM jobs WHERE state='running'"):
+            job = _job_from_spec(json.loads(row[0]))
+            log.info("resuming warm job %s: %s, %d files", job.id, job.repo_id, len(job.files))
+            self._start(job)
+
+    async def close(self) -> None:
+        """Shutdown: stop the jobs but keep them 'running' in the index, to resume."""
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for job in self.jobs.values():
+            job.shutting_down = True
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _save(self, job: Job) -> None:
+        spec = {**job.spec(), "token": None}
+        self.catalog.db.execute(
+            "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, ?, ?) ON CONFLICT(id)"
+            " DO UPDATE SET state=excluded.state", (job.id, json.dumps(spec), job.state,
+                                                    job.started))
+
     def _start(self, job: Job) -> None:
         if job.id in self.jobs:
             return
         self.jobs[job.id] = job
+        self._save(job)
         repo = Repo(job.repo_type, job.repo_id)
         self.catalog.remember(repo, job.revision, job.commit,
                               [FileEntry(repo, job.commit, f.path,
@@ -205,6 +231,8 @@ class Warmup:
                 try:
                     await transfer.done
                     job.done_files += 1
+                    if job.token is None and transfer.bytes_upstream:
+                        self.catalog.upstream_served_without_token(repo)
                 except Exception as e:  # noqa: BLE001 - recorded per file, the job goes on
                     job.failed.append(f"{f.path}: {e}")
 
@@ -213,10 +241,12 @@ class Warmup:
             job.state = "failed" if job.failed else "done"
             job.error = "; ".join(job.failed[:5])
         except asyncio.CancelledError:
-            job.state = "cancelled"
+            job.state = "stopped" if job.shutting_down else "cancelled"
         finally:
             job.finished = time.time()
             job.token = None
+            if not job.shutting_down:
+                self._save(job)
             log.info("warm job %s on this node: %s (%d of %d files)", job.id, job.state,
                      job.done_files, len(job.files))
 
@@ -239,9 +269,7 @@ class Warmup:
             job.task.cancel()
 
     async def _peer_start(self, request: web.Request, sender: str) -> web.Response:
-        spec = await request.json()
-        job = Job(spec["id"], spec["repo_type"], spec["repo_id"], spec["revision"],
-                  spec["commit"], [WarmFile(**f) for f in spec["files"]], spec.get("token"))
+        job = _job_from_spec(await request.json())
         self._start(job)
         log.info("warm job %s from node %s: %s, %d files", job.id, sender, job.repo_id,
                  len(job.files))
@@ -259,6 +287,11 @@ class Warmup:
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"job": j.id, **self.local_status(j)} for j in self.jobs.values()]
+
+
+def _job_from_spec(spec: dict[str, Any]) -> Job:
+    return Job(spec["id"], spec["repo_type"], spec["repo_id"], spec["revision"],
+               spec["commit"], [WarmFile(**f) for f in spec["files"]], spec.get("token"))
 
 
 def _selected(path: str, include: list[str], exclude: list[str]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 
@@ -73,3 +74,29 @@ def test_env_and_unreachable_daemon() -> None:
     down = cli(url, "status")
     assert down.returncode == 3
     assert "cannot reach modelpeerd" in down.stderr
+
+
+def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    hub.faults(cdn_rate=2 * 1024 * 1024)
+    started = cli(d, "warm", MODEL, "--nodes", "local", "--json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    time.sleep(1.5)
+    assert d.stop() == 0
+    hub.reset()
+    d2 = start_daemon(cache_dir=d.cache_dir)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        jobs = json.loads(cli(d2, "jobs", "--json").stdout)
+        if jobs and jobs[0]["state"] != "running":
+            break
+        time.sleep(0.5)
+    assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")]
+    assert "resuming warm job" in d2.log()
+    # the warm job taught the catalog the files: they resolve with the upstream gone
+    hub.stop()
+    try:
+        assert fetch(d2, "model.safetensors") == expected_files(MODEL)["model.safetensors"]
+    finally:
+        hub.restart()
