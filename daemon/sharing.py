@@ -43,7 +43,6 @@ class Sharing:
         self.torrents_dir = store.root / "torrents"
         self.torrents_dir.mkdir(exist_ok=True)
         self._seeded: dict[tuple[str, int], tuple[str, str]] = {}  # -> (info_hash, xxh3)
-        self.bytes_from_peers = 0
         self.transfer_state: Callable[[str], str] = lambda digest: ""
         self._tasks: set[asyncio.Task[None]] = set()
         swarm.on_bad_peer = self._bad_peer
@@ -168,7 +167,6 @@ class Sharing:
             h.update(data)
             if len(data) == blob.size and h.hexdigest() == blob.digest:
                 peer.bytes_from += len(data)
-                self.bytes_from_peers += len(data)
                 return data
             self.peers.ban(peer.node_id, BAN_SECONDS, f"sent wrong bytes for {blob.digest}")
         return None
@@ -226,7 +224,6 @@ class Sharing:
         endpoints = list(dict.fromkeys((p.address, p.bt_port) for p in sources if p.bt_port))
         try:
             async for data in self.swarm.fetch(torrent, endpoints):
-                self.bytes_from_peers += len(data)
                 yield data
         except (SwarmError, SwarmStalled) as e:
             raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} failed: {e}") from e
