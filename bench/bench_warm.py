@@ -1,6 +1,6 @@
 """Cluster warm-up vs its lower bound and two baselines, on netlab (root):
 
-    python bench/bench_warm.py --size 256MiB --wan 400mbit --lan 1gbit --nodes 2 4 6
+    python bench/bench_warm.py --size 1GiB --wan 400mbit --lan 1gbit --nodes 2 4 6
 
 - lower bound: one node downloads the file from the upstream alone over the shaped WAN;
 - modelpeer: `modelpeer warm --nodes all --wait` from one node of N;
@@ -145,7 +145,7 @@ def svg(results: dict[int, dict[str, float]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", default="256MiB")
+    ap.add_argument("--size", default="1GiB")
     ap.add_argument("--wan", default="400mbit")
     ap.add_argument("--lan", default="1gbit")
     ap.add_argument("--nodes", type=int, nargs="+", default=[2, 4, 6])

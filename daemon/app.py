@@ -62,6 +62,9 @@ class Daemon:
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
         self.fetcher.sharing = self.lan.sharing
+        self.fetcher.relay = self.lan.relay
+        if self.lan.relay is not None:
+            self.lan.relay.fetcher = self.fetcher
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
@@ -70,7 +73,7 @@ class Daemon:
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup)
-        self.proxy = Proxy(self.catalog, self.fetcher, self.store, self.metrics)
+        self.proxy = Proxy(self.catalog, self.fetcher, self.metrics)
         app = web.Application(client_max_size=1024**2,
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
                                             "max_line_size": MAX_HEADER_BYTES})

@@ -5,6 +5,10 @@ the same Transfer as its contiguous prefix grows on disk. The upstream is read w
 Range requests at once (segments), written to the store strictly in order, so the prefix a
 client streams keeps moving while later segments arrive. The last byte is held back until the
 blob's digest has checked, so no client ever completes a wrong file.
+
+With LAN peers, the bytes come from them first: nodes transferring the same blob at once form a
+chain, each relaying the blob from the node just ahead of it as the bytes land there, and only
+the first goes to the upstream; chunks that peers already hold come over BitTorrent.
 """
 
 from __future__ import annotations
@@ -17,18 +21,19 @@ import hashlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
-from .peers import PeerError
+from .peers import BAN_SECONDS, PeerError
 from .store import BlobId, BlobWriter, DigestMismatch, Store
-from .upstream import Upstream, UpstreamError, backoff
+from .upstream import Upstream, UpstreamError, UpstreamRefused, backoff
 
 if TYPE_CHECKING:
     from .peers import Peer
+    from .relay import Relay
     from .sharing import Holders, Sharing
 
 log = logging.getLogger(__name__)
@@ -36,9 +41,8 @@ log = logging.getLogger(__name__)
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
-FOLLOW_POLL = 0.3  # how often to look for chunks a peer is downloading
-FOLLOW_STALL = 20.0  # give up following a peer whose chunks stop coming for this long
-LEADER_WAIT = 3.0  # how long to wait for the node chosen to fetch a blob to start
+READ_BLOCK = 1024 * 1024
+RELAY_ATTEMPTS = 3  # relays from one node that may break without progress before it is skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +78,7 @@ class Transfer:
         self.start_offset = available
         self.bytes_upstream = 0
         self.bytes_peers = 0
+        self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
         self._sources: list[tuple[int, str]] = [(0, "store")]
         self.readers = 0
         self._event = asyncio.Event()
@@ -137,33 +142,29 @@ class Transfer:
                 "rate": round((self.available - self.start_offset) / elapsed)}
 
 
-class _Follow:
-    """Whether to wait for peers rather than go to the upstream. Follow a peer that is
-    downloading the blob from the upstream while its chunks keep coming; when several nodes
-    want the blob and none fetches yet, the one ranked first for this blob (rendezvous
-    hashing) goes upstream and the others wait briefly for it."""
+class _Chain:
+    """Which node to relay a blob from. The nodes transferring it at once form a chain: those
+    fetching from the upstream first, then the others in rendezvous order for the blob. Each
+    relays from the node just ahead of it, and the first goes to the upstream: every node
+    receives and sends the blob about once, whatever the number of nodes."""
 
     def __init__(self, node_id: str, digest: str) -> None:
         self.node_id = node_id
         self.digest = digest
-        self.chunks_seen = -1
-        self.last_growth = time.monotonic()
-        self.waiting_since = time.monotonic()
+        self.failures: dict[str, int] = {}
 
     def _rank(self, node: str) -> str:
         return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
 
-    def worth_waiting(self, held: Holders) -> bool:
-        now = time.monotonic()
-        count = sum(len(v) for v in held.chunks.values())
-        if count > self.chunks_seen:
-            self.chunks_seen, self.last_growth = count, now
-        if "upstream" in held.transfers.values():
-            return now - self.last_growth < FOLLOW_STALL
-        if not held.transfers:
-            return False
-        first = max([self.node_id, *held.transfers], key=self._rank)
-        return first != self.node_id and now - self.waiting_since < LEADER_WAIT
+    def ahead(self, held: Holders) -> str | None:
+        nodes = [n for n in held.transfers if self.failures.get(n, 0) < RELAY_ATTEMPTS]
+        chain = sorted([*nodes, self.node_id],
+                       key=lambda n: (held.transfers.get(n) != "upstream", self._rank(n)))
+        i = chain.index(self.node_id)
+        return chain[i - 1] if i else None
+
+    def broke(self, node: str) -> None:
+        self.failures[node] = self.failures.get(node, 0) + 1
 
 
 @dataclasses.dataclass
@@ -185,8 +186,10 @@ class Fetcher:
         self.max_cache_size = max_cache_size
         self.offline = offline
         self.sharing: Sharing | None = None
+        self.relay: Relay | None = None
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
 
@@ -197,14 +200,37 @@ class Fetcher:
             self.store.touch(blob.digest)
             return Transfer(blob, origin.label, available=blob.size, verified=True)
         running = self.transfers.get(blob.digest)
-        if running is not None:
+        if running is not None and running.error is None:
             return running
         transfer = Transfer(blob, origin.label)
         self.transfers[blob.digest] = transfer
-        task = asyncio.create_task(self._run(transfer, origin), name=f"fetch {blob.digest}")
+        # a failed transfer may still be closing its writer: the new one starts after it
+        previous = self._runs.get(blob.digest)
+        task = asyncio.create_task(self._run(transfer, origin, previous),
+                                   name=f"fetch {blob.digest}")
+        self._runs[blob.digest] = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return transfer
+
+    def joinable(self, digest: str) -> Transfer | None:
+        """The blob's running transfer, or a done one when the store holds it; never starts
+        one (for peers, who must not make this node download)."""
+        running = self.transfers.get(digest)
+        if running is not None and running.error is None:
+            return running
+        blob = self.store.complete_blob(digest)
+        return Transfer(blob, digest[:12], blob.size, verified=True) if blob else None
+
+    async def read(self, transfer: Transfer, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob, each as soon as the transfer may serve it."""
+        pos = start
+        while pos < end:
+            limit = min(await transfer.readable(pos), end)
+            while pos < limit:
+                n = min(READ_BLOCK, limit - pos)
+                yield self.store.read(transfer.blob, pos, n)
+                pos += n
 
     def transfer_state(self, digest: str) -> str:
         """Where this node's transfer of a blob gets its bytes now ("" when none runs)."""
@@ -216,10 +242,13 @@ class Fetcher:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _run(self, transfer: Transfer, origin: Origin) -> None:
+    async def _run(self, transfer: Transfer, origin: Origin,
+                   previous: asyncio.Task[None] | None) -> None:
         blob = transfer.blob
         writer: BlobWriter | None = None
         try:
+            if previous is not None:
+                await asyncio.wait([previous])
             writer = self.store.open_writer(blob)
             await writer.prepare()
             transfer.start_offset = writer.offset
@@ -232,35 +261,40 @@ class Fetcher:
                 log.info("fetching %s (%s) from upstream at byte %d of %d",
                          origin.label, blob.digest[:12], writer.offset, blob.size)
                 await self._from_upstream(transfer, writer, origin)
+            await writer.verify()
+            transfer.finish()  # the last byte goes out now; durability follows
             await writer.finish()
-            transfer.finish()
             log.info("stored %s (%s, %d bytes, %d from peers, %d from upstream)", origin.label,
                      blob.digest[:12], blob.size, transfer.bytes_peers, transfer.bytes_upstream)
-            if self.sharing is not None:
-                await self.sharing.seed_blob(blob)
         except asyncio.CancelledError:
             transfer.fail(TransferFailed("the daemon is shutting down"))
             raise
-        except (DigestMismatch, UpstreamError, PeerError, OSError, sqlite3.Error) as e:
+        except DigestMismatch as e:
+            self._blame_peers(transfer)
+            log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
+            transfer.fail(e)
+        except (UpstreamError, PeerError, OSError, sqlite3.Error) as e:
             log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
             transfer.fail(e)
         finally:
             if writer is not None:
                 with contextlib.suppress(OSError, sqlite3.Error):
                     await writer.close()
-            self.transfers.pop(blob.digest, None)
+            if self.transfers.get(blob.digest) is transfer:
+                del self.transfers[blob.digest]
+            if self._runs.get(blob.digest) is asyncio.current_task():
+                del self._runs[blob.digest]
             if self.max_cache_size:
                 self.store.evict(self.max_cache_size, keep=set(self.transfers))
 
     async def _from_peers(self, transfer: Transfer, writer: BlobWriter,
                           sharing: Sharing) -> None:
         """As much of the blob, in order from the writer's offset, as LAN peers have or are
-        getting: chunks peers hold come over BitTorrent; while a peer is downloading the blob
-        from the upstream, its chunks are followed as they land instead of downloading the
-        blob a second time. Returns when the upstream should take over."""
+        getting: relayed from the node ahead in the chain while others transfer it, over
+        BitTorrent where peers hold its chunks. Returns when the upstream should take over."""
         blob = transfer.blob
         transfer.mark_source(writer.offset, "peer")
-        follow = _Follow(sharing.peers.node_id, blob.digest)
+        chain = _Chain(sharing.peers.node_id, blob.digest)
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if -1 in held.chunks:
@@ -268,17 +302,49 @@ class Fetcher:
                 if data is not None:
                     await self._write(transfer, writer, memoryview(data)[writer.offset:])
                 break
-            run = self._held_run(blob, writer.offset, held.chunks)
-            if run:
-                co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
-                if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks,
-                                                 co):
-                    break
+            ahead = chain.ahead(held)
+            peer = sharing.peers.peers.get(ahead) if ahead is not None else None
+            if peer is not None and self.relay is not None:
+                if not await self._relay_chunk(transfer, writer, self.relay, peer):
+                    chain.broke(peer.node_id)
                 continue
-            if not follow.worth_waiting(held):
+            run = self._held_run(blob, writer.offset, held.chunks)
+            if not run:
                 break
-            await asyncio.sleep(FOLLOW_POLL)
+            co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
+            if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks, co):
+                break
         transfer.mark_source(writer.offset, "upstream")
+
+    async def _relay_chunk(self, transfer: Transfer, writer: BlobWriter, relay: Relay,
+                           peer: Peer) -> bool:
+        """The rest of the current chunk from `peer`'s copy of the blob, as it lands there
+        (the chain is looked at again at each chunk). False when it broke without progress."""
+        before = writer.offset
+        end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
+        transfer.peers_used.add(peer.node_id)
+        batch = bytearray()  # socket reads are small: fewer, larger writes cost less CPU
+        stream = relay.stream(peer, transfer.blob, before, end)
+        try:
+            async with contextlib.aclosing(stream):
+                async for data in stream:
+                    batch += data
+                    if len(batch) >= COMMIT_BATCH:
+                        await self._write(transfer, writer, memoryview(batch))
+                        batch = bytearray()
+        except PeerError as e:
+            log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
+                     peer.node_id, writer.offset + len(batch), e)
+        await self._write(transfer, writer, memoryview(batch))
+        return writer.offset > before
+
+    def _blame_peers(self, transfer: Transfer) -> None:
+        """The blob failed its digest: the peers that sent parts of it are not trusted again
+        for a while (the upstream alone cannot produce a wrong blob twice)."""
+        if self.sharing is not None:
+            for node_id in transfer.peers_used:
+                self.sharing.peers.ban(node_id, BAN_SECONDS, f"{transfer.label} built with "
+                                       "its bytes failed the blob digest")
 
     def _held_run(self, blob: BlobId, offset: int,
                   chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:
@@ -306,6 +372,8 @@ class Fetcher:
             log.warning("getting %s from peers stopped at byte %d (%s); the upstream takes "
                         "over", transfer.label, writer.offset, e)
             return False
+        finally:
+            transfer.peers_used.update(chunks[i][0][0].node_id for i in run if chunks.get(i))
         return True
 
     async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview) -> None:
@@ -324,6 +392,9 @@ class Fetcher:
             return answer.location
         if answer.status == 200:
             return answer.url
+        if answer.status in (401, 403):
+            raise UpstreamRefused(f"upstream answered HTTP {answer.status} for {origin.label}: "
+                                  "a token with access to the repo is needed")
         raise UpstreamError(f"upstream answered HTTP {answer.status} for {origin.label}")
 
     async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:

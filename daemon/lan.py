@@ -1,4 +1,5 @@
-"""The node's place on the LAN: cluster key, node id, peer API, mDNS, BitTorrent, sharing.
+"""The node's place on the LAN: cluster key, node id, peer API, mDNS, BitTorrent, sharing,
+relay.
 Built only with a cluster key and without --no-peers; otherwise the daemon is a local cache and
 says why."""
 
@@ -17,6 +18,7 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .discovery import Discovery
+    from .relay import Relay
     from .sharing import Sharing
     from .swarm import Swarm
 
@@ -39,6 +41,7 @@ class Lan:
     def __init__(self, reason: str = "") -> None:
         self.reason = reason
         self.sharing: Sharing | None = None
+        self.relay: Relay | None = None
         self.peers: PeerSet | None = None
         self.swarm: Swarm | None = None
         self.api: PeerApi | None = None
@@ -106,6 +109,7 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
                        version: str) -> None:
     # libtorrent and zeroconf are loaded only when the node joins a LAN
     from .discovery import Discovery
+    from .relay import Relay
     from .sharing import Sharing
     from .swarm import Swarm
 
@@ -122,7 +126,7 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
     lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
                           bt_port=bt_port)
     store.on_removed = lan.sharing.forget_blob
-    store.on_chunk_complete = lan.sharing.chunk_complete
+    lan.relay = Relay(peers, api)
     lan.api, lan.peers = api, peers
     await lan.sharing.seed_all()
     discovery = Discovery(lan.node_id, key.cluster_id, peer_port, bt_port, version,

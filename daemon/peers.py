@@ -1,5 +1,5 @@
 """LAN peers: who they are (mDNS + static addresses, checked for liveness) and the signed peer
-API between daemons (chunk maps, torrent metadata, small blobs, node status).
+API between daemons (chunk maps, torrent metadata, small blobs, relayed blobs, node status).
 
 Every request is signed with the cluster key; a request that fails the check gets 401 and is
 logged once per source address. Peers of another cluster never pass the check, so they are
@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -29,6 +29,7 @@ LIVENESS_INTERVAL = 3.0
 DEAD_AFTER = 10.0
 REQUEST_TIMEOUT = 5.0
 MAX_JSON = 4 * 1024 * 1024
+BAN_SECONDS = 600.0  # how long a peer that sent wrong bytes is left out
 
 
 @dataclasses.dataclass
@@ -210,8 +211,11 @@ class PeerSet:
                      peer.peer_port)
             self.on_change()
 
-    async def request(self, peer: Peer, method: str, path: str,
-                      body: Any = None) -> bytes:
+    @contextlib.asynccontextmanager
+    async def _call(self, peer: Peer, method: str, path: str,
+                    body: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A signed request to a peer; an answer other than 200, or a broken connection at any
+        point inside the block, is a PeerError."""
         assert self._session is not None
         data = json.dumps(body).encode() if body is not None else b""
         headers = self.key.sign(method, API + path, data, self.node_id)
@@ -220,13 +224,24 @@ class PeerSet:
             async with self._session.request(method, f"http://{peer.address}:{peer.peer_port}"
                                              f"{API}{path}", data=data or None,
                                              headers=headers) as resp:
-                payload = await resp.read()
                 if resp.status != 200:
+                    payload = await resp.read()
                     raise PeerError(f"peer {peer.node_id} at {peer.address}: HTTP {resp.status}"
                                     f" {payload[:200]!r}")
-                return payload
+                yield resp
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise PeerError(f"peer {peer.node_id} at {peer.address}: {e!r}") from e
+
+    async def request(self, peer: Peer, method: str, path: str,
+                      body: Any = None) -> bytes:
+        async with self._call(peer, method, path, body) as resp:
+            return await resp.read()
+
+    async def stream(self, peer: Peer, path: str) -> AsyncIterator[bytes]:
+        """The body of a GET, as it arrives."""
+        async with self._call(peer, "GET", path) as resp:
+            async for data in resp.content.iter_any():
+                yield data
 
     async def request_json(self, peer: Peer, method: str, path: str, body: Any = None) -> Any:
         payload = await self.request(peer, method, path, body)

@@ -20,12 +20,10 @@ from aiohttp import web
 from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
 from .metrics import Metrics
-from .store import Store
 
 log = logging.getLogger(__name__)
 
 FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
-READ_BLOCK = 1024 * 1024
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_VERBS = ("revision", "tree", "paths-info")
@@ -129,11 +127,9 @@ class _Unsatisfiable(Exception):
 
 
 class Proxy:
-    def __init__(self, catalog: Catalog, fetcher: Fetcher, store: Store,
-                 metrics: Metrics) -> None:
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, metrics: Metrics) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
-        self.store = store
         self.metrics = metrics
 
     def add_routes(self, app: web.Application) -> None:
@@ -241,13 +237,10 @@ class Proxy:
                       start: int, end: int) -> None:
         pos = start
         try:
-            while pos < end:
-                limit = min(await transfer.readable(pos), end)
-                while pos < limit:
-                    n = min(READ_BLOCK, limit - pos)
-                    await resp.write(self.store.read(transfer.blob, pos, n))
-                    self.metrics.served(transfer.source_at(pos), n)
-                    pos += n
+            async for data in self.fetcher.read(transfer, start, end):
+                await resp.write(data)
+                self.metrics.served(transfer.source_at(pos), len(data))
+                pos += len(data)
             await resp.write_eof()
         except TransferFailed as e:
             log.error("aborting the response for %s at byte %d: %s", transfer.label, pos, e)

@@ -1,6 +1,6 @@
 """Chunks shared with the LAN: the bridge between the store (bytes and digests) and the swarm
-(torrents). It seeds every chunk of every verified blob as its own deterministic torrent, tells
-peers which chunks it holds, and gets chunks from peers for the fetcher.
+(torrents). It tells peers which complete chunks it holds, seeds each as its own deterministic
+torrent when a peer first asks for it, and gets chunks from peers for the fetcher.
 """
 
 from __future__ import annotations
@@ -9,18 +9,27 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from .peers import Peer, PeerApi, PeerError, PeerSet
-from .store import BlobId, Store, blob_hasher
-from .swarm import Swarm, SwarmError, SwarmStalled, chunk_torrent, info_hash_of
+from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
+from .store import BlobId, Store, blob_hasher, xxh3_of_file
+from .swarm import (
+    ChunkTorrent,
+    Swarm,
+    SwarmError,
+    SwarmStalled,
+    chunk_torrent,
+    info_hash_of,
+    torrent_file,
+)
 
 log = logging.getLogger(__name__)
 
-SMALL_BLOB = 1024 * 1024  # smaller blobs travel over the peer API, not as torrents
-BAN_SECONDS = 600.0
+SMALL_BLOB = 1024 * 1024  # blobs up to this size travel over the peer API, not as torrents
+SHARED_BLOB = SMALL_BLOB + 1  # the smallest blob shared chunk by chunk
 PREFETCH = 6  # chunks downloaded ahead of the one being written
 
 
@@ -42,9 +51,9 @@ class Sharing:
         self.bt_port = bt_port
         self.torrents_dir = store.root / "torrents"
         self.torrents_dir.mkdir(exist_ok=True)
-        self._seeded: dict[tuple[str, int], tuple[str, str]] = {}  # -> (info_hash, xxh3)
+        self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
+        self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self.transfer_state: Callable[[str], str] = lambda digest: ""
-        self._tasks: set[asyncio.Task[None]] = set()
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
         api.route("GET", "/status", self._status)
@@ -52,78 +61,90 @@ class Sharing:
         api.route("GET", "/torrent/{digest}/{idx}", self._torrent)
         api.route("GET", "/blob/{digest}", self._blob)
 
-    # --- seeding ------------------------------------------------------------------------
+    # --- seeding: a chunk's torrent is made the first time a peer asks for it ---------------
     async def seed_all(self) -> None:
-        """At start: every complete chunk (its xxh3 was checked by Store.recover)."""
-        rows = self.store.db.execute("SELECT digest, algo, size FROM blobs").fetchall()
-        for r in rows:
-            await self.seed_blob(BlobId(r["digest"], r["algo"], r["size"]))
-        log.info("seeding %d chunks of %d blobs", len(self._seeded), len(rows))
+        """At start: the chunks whose torrents were made before (no hashing here: in seed mode
+        libtorrent checks each piece before its first upload)."""
+        held = {(d, i) for d, i, _, _ in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
+        for path in self.torrents_dir.glob("*.torrent"):
+            digest, _, idx = path.name.removesuffix(".torrent").rpartition(".")
+            key = (digest, int(idx)) if idx.isdigit() else None
+            if key in held:
+                self._seed(key, path.read_bytes())
+            else:
+                path.unlink(missing_ok=True)
+        log.info("seeding %d chunks whose torrents were made before", len(self._seeded))
 
-    def chunk_complete(self, blob: BlobId, idx: int) -> None:
-        """A chunk just landed: share it now, long before its blob is complete, so that a
-        cluster pipelines one upstream download. (The blob digest still guards every node.)"""
-        if blob.size > SMALL_BLOB:
-            task = asyncio.get_running_loop().create_task(self.seed_blob(blob))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def _seed(self, key: tuple[str, int], torrent: bytes) -> None:
+        self.swarm.seed(torrent, self.store.chunk_path(*key))
+        self._seeded[key] = info_hash_of(torrent)
 
-    async def seed_blob(self, blob: BlobId) -> None:
-        if blob.size <= SMALL_BLOB:
-            return
-        for c in self.store.chunks(blob):
-            if c.complete and (blob.digest, c.idx) not in self._seeded:
-                await self._seed_chunk(blob.digest, c.idx, c.xxh3)
+    async def torrent_of(self, digest: str, idx: int) -> bytes | None:
+        """The chunk's torrent, made and seeded on first use; None when the chunk is not
+        complete here or its file no longer matches its checksum. (Made lazily, a cluster
+        that relays a blob spends no CPU on torrents nobody asks for.)"""
+        key = (digest, idx)
+        path = self.torrents_dir / f"{digest}.{idx}.torrent"
+        if key in self._seeded:
+            return path.read_bytes()
+        making = self._making.get(key)
+        if making is None:
+            making = self._making[key] = asyncio.ensure_future(self._make_torrent(key, path))
+            making.add_done_callback(lambda _: self._making.pop(key, None))
+        return await asyncio.shield(making)
 
-    async def _seed_chunk(self, digest: str, idx: int, xxh3: str) -> None:
-        path = self.store.chunk_path(digest, idx)
-        cached = self.torrents_dir / f"{digest}.{idx}.torrent"
-        if cached.exists():
-            torrent = cached.read_bytes()
-            info_hash = info_hash_of(torrent)
-        else:
-            ct = await asyncio.to_thread(chunk_torrent, path)
-            torrent, info_hash = ct.torrent, ct.info_hash
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_bytes(torrent)
-            tmp.replace(cached)
-        self.swarm.seed(torrent, path)
-        self._seeded[(digest, idx)] = (info_hash, xxh3)
+    async def _make_torrent(self, key: tuple[str, int], path: Path) -> bytes | None:
+        chunk = next((c for c in self.store.complete_chunks(digest=key[0],
+                                                            min_blob_size=SHARED_BLOB)
+                      if c[1] == key[1]), None)
+        if chunk is None:
+            return None
+        made = await asyncio.to_thread(_checked_torrent, self.store.chunk_path(*key), chunk[2],
+                                       chunk[3])
+        if made is None:
+            log.error("chunk %s.%d no longer matches its xxh3 on disk: not shared (run "
+                      "`modelpeer verify`)", *key)
+            return None
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(made.torrent)
+        tmp.replace(path)
+        self._seed(key, made.torrent)
+        return made.torrent
 
     def forget_blob(self, digest: str) -> None:
         for key in [k for k in self._seeded if k[0] == digest]:
-            info_hash, _ = self._seeded.pop(key)
-            self.swarm.unseed(info_hash)
+            self.swarm.unseed(self._seeded.pop(key))
             (self.torrents_dir / f"{key[0]}.{key[1]}.torrent").unlink(missing_ok=True)
 
     # --- the peer API -------------------------------------------------------------------
     async def _status(self, request: web.Request, sender: str) -> web.Response:
         return web.json_response({"node_id": self.peers.node_id, "name": self.node_name,
                                   "version": self.version, "bt_port": self.bt_port,
-                                  "chunks": len(self._seeded)})
+                                  "chunks": len(self.store.complete_chunks(
+                                      min_blob_size=SHARED_BLOB))})
 
     async def _chunk_map(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
-        chunks = [{"index": idx, "info_hash": ih, "xxh3": x}
-                  for (d, idx), (ih, x) in sorted(self._seeded.items()) if d == digest]
+        chunks = [{"index": idx, "info_hash": self._seeded.get((digest, idx), ""), "xxh3": x}
+                  for _, idx, _, x in self.store.complete_chunks(digest=digest,
+                                                                 min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "transfer": self.transfer_state(digest)})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
-        key = (request.match_info["digest"], int(request.match_info["idx"]))
-        if key not in self._seeded:
+        idx = request.match_info["idx"]
+        torrent = (await self.torrent_of(request.match_info["digest"], int(idx))
+                   if idx.isdigit() else None)
+        if torrent is None:
             return web.json_response({"error": "chunk not held"}, status=404)
-        path = self.torrents_dir / f"{key[0]}.{key[1]}.torrent"
-        return web.Response(body=path.read_bytes(), content_type="application/x-bittorrent")
+        return web.Response(body=torrent, content_type="application/x-bittorrent")
 
     async def _blob(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
-        row = self.store.db.execute("SELECT algo, size, complete FROM blobs WHERE digest=?",
-                                    (digest,)).fetchone()
-        if row is None or not row["complete"] or row["size"] > SMALL_BLOB:
+        blob = self.store.complete_blob(digest)
+        if blob is None or blob.size > SMALL_BLOB:
             return web.json_response({"error": "small blob not held"}, status=404)
-        blob = BlobId(digest, row["algo"], row["size"])
         data = self.store.read(blob, 0, blob.size)
         peer = self.peers.peers.get(sender)
         if peer is not None:
@@ -217,10 +238,16 @@ class Sharing:
         cluster does not queue behind the first holder's uplink)."""
         peer0, info_hash = holders[0]
         torrent = await self.peers.request(peer0, "GET", f"/torrent/{blob.digest}/{idx}")
-        if _safe_info_hash(torrent) != info_hash:
+        got = _safe_info_hash(torrent)
+        if not got or info_hash not in ("", got):
             self.peers.ban(peer0.node_id, BAN_SECONDS, "torrent does not match its info-hash")
             raise PeerError(f"peer {peer0.node_id} sent a torrent that is not {info_hash}")
-        sources = [p for p, ih in holders if ih == info_hash] + list(co_downloaders)
+        length = min(self.store.chunk_size, blob.size - idx * self.store.chunk_size)
+        if torrent_file(torrent) != (f"{blob.digest}.{idx}", length):
+            raise PeerError(f"peer {peer0.node_id}: its torrent of chunk {idx} of {blob.digest} "
+                            f"is not the {length}-byte chunk here (is chunk_size the same on "
+                            "every node?)")
+        sources = [p for p, ih in holders if ih in ("", got)] + list(co_downloaders)
         endpoints = list(dict.fromkeys((p.address, p.bt_port) for p in sources if p.bt_port))
         try:
             async for data in self.swarm.fetch(torrent, endpoints):
@@ -246,3 +273,10 @@ def _safe_info_hash(torrent: bytes) -> str:
         return info_hash_of(torrent)
     except (RuntimeError, ValueError, TypeError):
         return ""
+
+
+def _checked_torrent(path: Path, length: int, xxh3: str) -> ChunkTorrent | None:
+    """The chunk file's torrent, if the file still matches its checksum."""
+    if xxh3_of_file(path, length) != xxh3:
+        return None
+    return chunk_torrent(path)

@@ -19,7 +19,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,6 @@ class Store:
         self.db = db
         self.chunk_size = chunk_size
         self.on_removed: Callable[[str], None] = lambda digest: None
-        self.on_chunk_complete: Callable[[BlobId, int], None] = lambda blob, idx: None
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- layout -------------------------------------------------------------------------
@@ -116,6 +115,21 @@ class Store:
     def is_complete(self, digest: str) -> bool:
         row = self.db.execute("SELECT complete FROM blobs WHERE digest=?", (digest,)).fetchone()
         return bool(row and row[0])
+
+    def complete_blob(self, digest: str) -> BlobId | None:
+        row = self.db.execute("SELECT algo, size FROM blobs WHERE digest=? AND complete=1",
+                              (digest,)).fetchone()
+        return BlobId(digest, row["algo"], row["size"]) if row is not None else None
+
+    def complete_chunks(self, *, digest: str | None = None,
+                        min_blob_size: int = 0) -> list[tuple[str, int, int, str]]:
+        """(digest, index, length, xxh3) of the complete chunks of blobs of at least
+        `min_blob_size` bytes (of one blob, or of all)."""
+        rows = self.db.execute(
+            "SELECT c.digest, c.idx, c.length, c.xxh3 FROM chunks c JOIN blobs b USING (digest)"
+            " WHERE c.complete=1 AND b.size>=? AND (? IS NULL OR c.digest=?) ORDER BY c.idx",
+            (min_blob_size, digest, digest))
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def chunks(self, blob: BlobId) -> list[ChunkState]:
         rows = {r["idx"]: r for r in self.db.execute(
@@ -311,7 +325,11 @@ class Store:
 
 
 class BlobWriter:
-    """Appends a blob's bytes in order from `offset`, checkpointing and verifying as it goes."""
+    """Appends a blob's bytes in order from `offset`, checkpointing and verifying as it goes.
+
+    Written bytes can be read at once (from the page cache); making them durable (fsync, then
+    the index) runs behind, one step after the other, so a chunk's fsync never holds up the
+    bytes that follow it, nor a peer relaying them. A failed step fails the next write."""
 
     def __init__(self, store: Store, blob: BlobId, offset: int) -> None:
         self.store = store
@@ -322,6 +340,7 @@ class BlobWriter:
         self._chunk: ChunkState | None = None
         self._chunk_hash: Any = None
         self._since_checkpoint = 0
+        self._durable: asyncio.Future[None] | None = None  # the last durability step
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
@@ -348,6 +367,7 @@ class BlobWriter:
         self._fd, self._chunk = fd, chunk
 
     async def write(self, data: bytes | memoryview) -> None:
+        self._raise_durability_failure()
         view = memoryview(data)
         while view:
             if self._fd is None:
@@ -365,39 +385,74 @@ class BlobWriter:
             self._since_checkpoint += len(piece)
             view = view[len(piece):]
             if self.offset == self._chunk.offset + self._chunk.length:
-                await self._complete_chunk()
-            elif self._since_checkpoint >= CHECKPOINT:
-                await self._checkpoint()
+                self._complete_chunk()
+            elif self._since_checkpoint >= CHECKPOINT and not self._durability_pending():
+                self._checkpoint()
 
     def _append(self, fd: int, piece: memoryview) -> None:
         _write_all(fd, piece)
         self._chunk_hash.update(piece)
         self._hasher.update(piece)
 
-    async def _checkpoint(self) -> None:
+    def _then(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run a durability step after the ones before it, off the writing path."""
+        previous = self._durable
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await step()
+
+        self._durable = asyncio.ensure_future(run())
+
+    def _durability_pending(self) -> bool:
+        return self._durable is not None and not self._durable.done()
+
+    def _raise_durability_failure(self) -> None:
+        d = self._durable
+        if d is not None and d.done() and not d.cancelled() and d.exception() is not None:
+            raise d.exception()  # type: ignore[misc]
+
+    async def settle(self) -> None:
+        """Wait for the durability steps; raise the first that failed."""
+        if self._durable is not None:
+            await self._durable
+
+    def _checkpoint(self) -> None:
         assert self._fd is not None and self._chunk is not None
+        fd, idx = self._fd, self._chunk.idx
         durable, digest = self.offset - self._chunk.offset, self._chunk_hash.hexdigest()
-        await asyncio.to_thread(os.fsync, self._fd)
-        self.store.db.execute("UPDATE chunks SET durable=?, xxh3=? WHERE digest=? AND idx=?",
-                              (durable, digest, self.blob.digest, self._chunk.idx))
+
+        async def step() -> None:
+            await asyncio.to_thread(os.fsync, fd)
+            self.store.db.execute("UPDATE chunks SET durable=?, xxh3=? WHERE digest=? AND idx=?",
+                                  (durable, digest, self.blob.digest, idx))
+
+        self._then(step)
         self._since_checkpoint = 0
 
-    async def _complete_chunk(self) -> None:
+    def _complete_chunk(self) -> None:
         assert self._fd is not None and self._chunk is not None
-        fd, chunk = self._fd, self._chunk
+        fd, chunk, digest = self._fd, self._chunk, self._chunk_hash.hexdigest()
         self._fd = self._chunk = None
-        await asyncio.to_thread(os.fsync, fd)
-        os.close(fd)
-        part = self.store.chunk_path(self.blob.digest, chunk.idx, partial=True)
-        os.replace(part, self.store.chunk_path(self.blob.digest, chunk.idx))
-        self.store.db.execute(
-            "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
-            (chunk.length, self._chunk_hash.hexdigest(), self.blob.digest, chunk.idx))
-        self._since_checkpoint = 0
-        self.store.on_chunk_complete(self.blob, chunk.idx)
 
-    async def finish(self) -> None:
-        """All bytes written: check the digest; mark complete, or discard and raise."""
+        async def step() -> None:
+            try:
+                await asyncio.to_thread(os.fsync, fd)
+            finally:
+                os.close(fd)
+            part = self.store.chunk_path(self.blob.digest, chunk.idx, partial=True)
+            os.replace(part, self.store.chunk_path(self.blob.digest, chunk.idx))
+            self.store.db.execute(
+                "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
+                (chunk.length, digest, self.blob.digest, chunk.idx))
+
+        self._then(step)
+        self._since_checkpoint = 0
+
+    async def verify(self) -> None:
+        """All bytes written: check them against the digest; discard the blob and raise if
+        they do not match. Once this passes, the bytes may be served whole."""
         if self.blob.size == 0:
             self._write_empty()
         if self.offset != self.blob.size:
@@ -405,9 +460,15 @@ class BlobWriter:
                 f"blob {self.blob.digest}: got {self.offset} bytes, expected {self.blob.size}")
         got = self._hasher.hexdigest()
         if got != self.blob.digest:
+            with contextlib.suppress(OSError, sqlite3.Error):
+                await self.settle()
             self.store.remove(self.blob.digest)
             raise DigestMismatch(
                 f"blob {self.blob.digest}: content hashes to {got}; discarded, never served")
+
+    async def finish(self) -> None:
+        """After verify(): once every chunk is durable, mark the blob complete."""
+        await self.settle()
         self.store.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
                               (time.time(), self.blob.digest))
 
@@ -421,14 +482,17 @@ class BlobWriter:
 
     async def close(self) -> None:
         """Stop writing (error or shutdown): make what was written durable for a resume."""
-        if self._fd is None:
-            return
         try:
-            if self._since_checkpoint:
-                await self._checkpoint()
+            await self.settle()
         finally:
-            os.close(self._fd)
-            self._fd = self._chunk = None
+            if self._fd is not None:
+                try:
+                    if self._since_checkpoint:
+                        self._checkpoint()
+                        await self.settle()
+                finally:
+                    os.close(self._fd)
+                    self._fd = self._chunk = None
 
 
 def _write_all(fd: int, data: memoryview) -> None:

@@ -69,6 +69,12 @@ def info_hash_of(torrent: bytes) -> str:
     return str(lt.torrent_info(lt.bdecode(torrent)).info_hashes().v1)
 
 
+def torrent_file(torrent: bytes) -> tuple[str, int]:
+    """(name, length) of a one-file torrent."""
+    ti = lt.torrent_info(lt.bdecode(torrent))
+    return ti.name(), ti.total_size()
+
+
 @dataclasses.dataclass
 class PeerStats:
     downloaded: int = 0

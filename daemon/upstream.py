@@ -29,6 +29,10 @@ class UpstreamUnavailable(UpstreamError):
     pass
 
 
+class UpstreamRefused(UpstreamError):
+    """The upstream refused the request (401/403): no token, or one without access."""
+
+
 @dataclasses.dataclass
 class Answer:
     status: int

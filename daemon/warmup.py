@@ -3,7 +3,7 @@
 The node the CLI talks to is the job's coordinator: it resolves the revision once, lists the
 files, and hands the same job to every chosen node over the signed peer API. Each node fetches
 the files through its ordinary Fetcher, so the cooperative rules of fetch.py apply: one node
-goes to the upstream for each blob, the others follow its chunks over BitTorrent. The client's
+goes to the upstream for each blob, the others relay it along a chain of nodes. The client's
 token travels with the job in memory only.
 """
 
@@ -24,11 +24,14 @@ from aiohttp import web
 from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Origin
 from .peers import PeerApi, PeerError, PeerSet
-from .store import BlobId
+from .store import BlobId, DigestMismatch
+from .upstream import UpstreamRefused
 
 log = logging.getLogger(__name__)
 
 PARALLEL_FILES = 2
+TOKEN_KEPT = 24 * 3600.0
+TOKEN_WAIT = 15.0  # how long a resumed job looks for a peer holding its token
 
 
 @dataclasses.dataclass
@@ -79,9 +82,11 @@ class Warmup:
         self.peers = peers
         self.jobs: dict[str, Job] = {}
         self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
+        self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
         if api is not None:
             api.route("POST", "/warm", self._peer_start)
             api.route("GET", "/warm/{job}", self._peer_status)
+            api.route("GET", "/warm/{job}/token", self._peer_token)
             api.route("POST", "/warm/{job}/cancel", self._peer_cancel)
 
     # --- the coordinator ------------------------------------------------------------------
@@ -94,6 +99,7 @@ class Warmup:
         job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token)
         nodes = self._choose(body.get("nodes") or "all")
         self.members[job.id] = [n for n, _ in nodes]
+        self._keep_token(job)
         errors = {}
         for node_id, peer in nodes:
             if peer is None:
@@ -108,6 +114,14 @@ class Warmup:
                  commit[:12], len(files), job.total_bytes, len(nodes))
         return {"job": job.id, "commit": commit, "files": len(files),
                 "bytes": job.total_bytes, "nodes": self.members[job.id], "errors": errors}
+
+    def _keep_token(self, job: Job) -> None:
+        """The coordinator holds the job's token in memory while the job may still run, for
+        nodes that resume it after a restart."""
+        now = time.time()
+        self._tokens = {j: kept for j, kept in self._tokens.items() if kept[1] > now}
+        if job.token is not None:
+            self._tokens[job.id] = (job.token, now + TOKEN_KEPT)
 
     async def _resolve(self, repo: Repo, revision: str, token: str | None) -> str:
         answer = await self.catalog.api(
@@ -183,8 +197,9 @@ class Warmup:
 
     # --- every node ---------------------------------------------------------------------
     def resume(self) -> None:
-        """Jobs that were running when the daemon stopped go on (their token is not kept:
-        files of gated repos then fail with a reason, and `warm --token` starts them again)."""
+        """Jobs that were running when the daemon stopped go on. Their token was not kept: a
+        file the upstream refuses asks the nodes still running the job for it; when none has
+        it, the file fails with a reason, and `warm --token` starts the job again."""
         for row in self.catalog.db.execute("SELECT spec FROM jobs WHERE state='running'"):
             job = _job_from_spec(json.loads(row[0]))
             log.info("resuming warm job %s: %s, %d files", job.id, job.repo_id, len(job.files))
@@ -224,15 +239,9 @@ class Warmup:
 
         async def one(f: WarmFile) -> None:
             async with gate:
-                entry = FileEntry(repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size),
-                                  f.lfs)
-                transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
-                                                                f"{repo}/{f.path}"))
                 try:
-                    await transfer.done
+                    await self._fetch_once_more(job, repo, f)
                     job.done_files += 1
-                    if job.token is None and transfer.bytes_upstream:
-                        self.catalog.upstream_served_without_token(repo)
                 except Exception as e:  # noqa: BLE001 - recorded per file, the job goes on
                     job.failed.append(f"{f.path}: {e}")
 
@@ -249,6 +258,51 @@ class Warmup:
                 self._save(job)
             log.info("warm job %s on this node: %s (%d of %d files)", job.id, job.state,
                      job.done_files, len(job.files))
+
+    async def _fetch_once_more(self, job: Job, repo: Repo, f: WarmFile) -> None:
+        """The file, fetched a second time when the first try can be mended: the blob failed
+        its digest (the peers that sent it are banned now), or the upstream wanted the token
+        that a resumed job lacks."""
+        try:
+            await self._fetch(job, repo, f)
+            return
+        except DigestMismatch as e:
+            log.warning("warm job %s: %s/%s: %s; fetching it again", job.id, repo, f.path, e)
+        except UpstreamRefused:
+            if job.token is not None or not await self._token_from_peers(job):
+                raise
+        await self._fetch(job, repo, f)
+
+    async def _fetch(self, job: Job, repo: Repo, f: WarmFile) -> None:
+        entry = FileEntry(repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size), f.lfs)
+        transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
+                                                        f"{repo}/{f.path}"))
+        await transfer.done
+        if job.token is None and transfer.bytes_upstream:
+            self.catalog.upstream_served_without_token(repo)
+
+    async def _token_from_peers(self, job: Job) -> bool:
+        """A job resumed after a restart has no token (it is never written down): its
+        coordinator and the nodes still running it have it in memory. Right after a start the
+        peers may not be found yet, so they are asked for a while."""
+        deadline = time.monotonic() + TOKEN_WAIT
+        while self.peers is not None:
+            for peer in self.peers.usable():
+                try:
+                    answer = await self.peers.request_json(peer, "GET", f"/warm/{job.id}/token")
+                except PeerError:
+                    continue
+                if answer.get("token"):
+                    job.token = str(answer["token"])
+                    log.info("warm job %s: token of %s received from node %s", job.id,
+                             job.repo_id, peer.node_id)
+                    return True
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1.0)
+        log.warning("warm job %s: %s needs a token and no node running the job has it; run "
+                    "`modelpeer warm --token` again", job.id, job.repo_id)
+        return False
 
     def local_status(self, job: Job) -> dict[str, Any]:
         have = 0
@@ -280,6 +334,18 @@ class Warmup:
         if job is None:
             return web.json_response({"error": "unknown job"}, status=404)
         return web.json_response(self.local_status(job))
+
+    async def _peer_token(self, request: web.Request, sender: str) -> web.Response:
+        job_id = request.match_info["job"]
+        job = self.jobs.get(job_id)
+        token = job.token if job is not None else None
+        if token is None:
+            kept, until = self._tokens.get(job_id, ("", 0.0))
+            token = kept if until > time.time() else None
+        if token is None:
+            return web.json_response({"error": "no token held for this job"}, status=404)
+        log.info("warm job %s: token handed to node %s", job_id, sender)
+        return web.json_response({"token": token})
 
     async def _peer_cancel(self, request: web.Request, sender: str) -> web.Response:
         self._cancel_local(request.match_info["job"])

@@ -174,6 +174,26 @@ def test_nodes_wanting_a_file_at_once_download_it_from_upstream_once(cluster: Cl
     assert sum(s["peer"] for s in sources) >= len(want), sources
 
 
+def test_a_peer_relaying_wrong_bytes_is_banned_and_the_warm_still_completes(
+        cluster: Cluster) -> None:
+    for h in ("h1", "h2"):
+        cluster.start(h)
+    cluster.lab.wait_for("h2 sees h1", lambda: cluster.live_names("h2") == {"h1"})
+    cluster.hub.faults(cdn_rate=4 * MiB)
+    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "h1").returncode == 0
+    cache = cluster.tmp / "cache-h1"
+    cluster.lab.wait_for("h1 completes a chunk", lambda: any(
+        c.stat().st_size >= 8 * MiB for c in (cache / "chunks").rglob("*.[0-9]")))
+    corrupt_chunks(cache)  # h1 now relays wrong bytes for what it already holds
+    out = _cli(cluster, "h2", "warm", MODEL, "--nodes", "h2", "--wait", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    peers = {p["name"]: p for p in cluster.peers("h2")}
+    assert peers["h1"]["banned"], peers
+    assert "failed the blob digest" in cluster.nodes["h2"].log()
+    cluster.hub.faults(cdn_status=503)
+    assert cluster.snapshot("h2") == expected_files(MODEL)
+
+
 def _download(cluster: Cluster, host: str, filename: str) -> bytes:
     home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
     home.mkdir()
@@ -206,10 +226,29 @@ def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> N
     assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
     jobs = json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
     assert jobs and jobs[0]["state"] == "done"
+    # the nodes relay the bytes along a chain: none sends the repo to all the others
+    sent = {h: sum(int(p["bytes_to"]) for p in cluster.peers(h)) for h in hosts}
+    print("warm: bytes sent to peers / LFS bytes", [round(v / lfs_bytes, 2) for v in sent.values()])
+    assert max(sent.values()) < 2 * lfs_bytes, sent
     # every node now serves the repo with the CDN switched off
     cluster.hub.faults(cdn_status=503)
     for h in hosts:
         assert cluster.snapshot(h) == want, h
+
+
+def test_a_client_during_a_warm_joins_its_transfer(cluster: Cluster) -> None:
+    for h in ("h1", "h2"):
+        cluster.start(h)
+    cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
+    cluster.hub.faults(cdn_rate=8 * MiB)
+    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "all").returncode == 0
+    want = expected_files(MODEL)["model.safetensors"]
+    assert _download(cluster, "h2", "model.safetensors") == want
+    # a second warm joins the first one's transfers and returns when both nodes hold the repo
+    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "all", "--wait").returncode == 0
+    cdn = cluster.hub.stats()["cdn_bytes"]
+    lfs_bytes = sum(len(v) for v in expected_files(MODEL).values() if len(v) > 64 * 1024)
+    assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
 
 
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
@@ -229,3 +268,26 @@ def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
     assert status["nodes"]["h3"]["state"] == "failed"
     assert status["nodes"]["h1"]["state"] == "done" and status["nodes"]["h2"]["state"] == "done"
     assert "node h3 failed" in out.stderr
+
+
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_a_restarted_node_resumes_a_gated_warm_with_the_coordinators_token(
+        cluster: Cluster) -> None:
+    for h in ("h1", "h2"):
+        cluster.start(h)
+    cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
+    cluster.hub.faults(cdn_rate=MiB // 2)
+    out = _cli(cluster, "h1", "warm", "acme/gated-model", "--nodes", "h2", "--token",
+               "hf_good_token", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = json.loads(out.stdout)["job"]
+    time.sleep(1.5)
+    assert cluster.nodes["h2"].stop() == 0
+    cluster.hub.reset()
+    h2 = cluster.start("h2")
+    cluster.lab.wait_for("the resumed job ends on h2", lambda: [
+        (j["job"], j["state"]) for j in json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+        if j["state"] != "running"], timeout=60)
+    jobs = json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+    assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")], jobs
+    assert "token of acme/gated-model received from node" in h2.log()

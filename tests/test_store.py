@@ -29,6 +29,7 @@ async def write(store: Store, blob: BlobId, data: bytes, upto: int | None = None
     for pos in range(writer.offset, end, 1_000_003):
         await writer.write(data[pos:min(end, pos + 1_000_003)])
     if upto is None:
+        await writer.verify()
         await writer.finish()
     await writer.close()
 
@@ -96,6 +97,7 @@ async def test_checkpoints_make_partial_chunks_durable(tmp_path: Path) -> None:
     writer = store.open_writer(blob)
     await writer.prepare()
     await writer.write(data[: CHECKPOINT + 100])
+    await writer.settle()  # the checkpoint's fsync runs behind the writes
     # no close(): as if killed right now
     assert store.contiguous_prefix(blob) == CHECKPOINT + 100
 

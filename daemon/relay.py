@@ -1,0 +1,72 @@
+"""Relay: a blob's bytes streamed from a peer's copy over the signed peer API, as they land
+there. While several nodes transfer the same blob, each reads from the node ahead of it (the
+fetcher picks which), so no node waits for a whole chunk to complete before it passes bytes on.
+A relayed stream is trusted no more than a torrent: the reader's blob digest guards it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from .fetch import Fetcher, TransferFailed
+from .peers import Peer, PeerApi, PeerError, PeerSet
+from .store import BlobId
+
+log = logging.getLogger(__name__)
+
+
+class Relay:
+    def __init__(self, peers: PeerSet, api: PeerApi) -> None:
+        self.peers = peers
+        self.fetcher: Fetcher | None = None  # set once the daemon has one
+        api.route("GET", "/relay/{digest}", self._serve)
+
+    async def stream(self, peer: Peer, blob: BlobId, start: int,
+                     end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob from the peer's copy, as it gets them."""
+        pos = start
+        body = self.peers.stream(peer, f"/relay/{blob.digest}?start={start}&end={end}")
+        async with contextlib.aclosing(body):
+            async for data in body:
+                if pos + len(data) > end:
+                    raise PeerError(f"peer {peer.node_id} relayed more of {blob.digest} than "
+                                    "asked")
+                pos += len(data)
+                peer.bytes_from += len(data)
+                yield data
+        if pos < end:
+            raise PeerError(f"peer {peer.node_id} ended the relay of {blob.digest} at byte "
+                            f"{pos} of {end}")
+
+    async def _serve(self, request: web.Request, sender: str) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        transfer = self.fetcher.joinable(digest) if self.fetcher is not None else None
+        if transfer is None or self.fetcher is None:
+            return web.json_response({"error": "not transferring this blob"}, status=404)
+        try:
+            start = int(request.query.get("start", "0"))
+            end = int(request.query.get("end", str(transfer.blob.size)))
+        except ValueError:
+            return web.json_response({"error": "start and end must be integers"}, status=400)
+        if not 0 <= start < end <= transfer.blob.size:
+            return web.json_response({"error": "range outside the blob"}, status=416)
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = end - start
+        await resp.prepare(request)
+        peer = self.peers.peers.get(sender)
+        try:
+            async for data in self.fetcher.read(transfer, start, end):
+                await resp.write(data)
+                if peer is not None:
+                    peer.bytes_to += len(data)
+        except TransferFailed as e:
+            log.info("relay of %s to peer %s stopped: %s", transfer.label, sender, e)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        await resp.write_eof()
+        return resp
