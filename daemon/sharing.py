@@ -120,8 +120,7 @@ class Sharing:
     async def _status(self, request: web.Request, sender: str) -> web.Response:
         return web.json_response({"node_id": self.peers.node_id, "name": self.node_name,
                                   "version": self.version, "bt_port": self.bt_port,
-                                  "chunks": len(self.store.complete_chunks(
-                                      min_blob_size=SHARED_BLOB))})
+                                  "chunks": self.store.count_complete_chunks(SHARED_BLOB)})
 
     async def _chunk_map(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]

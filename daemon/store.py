@@ -131,6 +131,11 @@ class Store:
             (min_blob_size, digest, digest))
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def count_complete_chunks(self, min_blob_size: int = 0) -> int:
+        return self.db.execute(
+            "SELECT COUNT(*) FROM chunks c JOIN blobs b USING (digest)"
+            " WHERE c.complete=1 AND b.size>=?", (min_blob_size,)).fetchone()[0]
+
     def chunks(self, blob: BlobId) -> list[ChunkState]:
         rows = {r["idx"]: r for r in self.db.execute(
             "SELECT idx, durable, complete, xxh3 FROM chunks WHERE digest=?", (blob.digest,))}
@@ -410,8 +415,10 @@ class BlobWriter:
 
     def _raise_durability_failure(self) -> None:
         d = self._durable
-        if d is not None and d.done() and not d.cancelled() and d.exception() is not None:
-            raise d.exception()  # type: ignore[misc]
+        if d is not None and d.done() and not d.cancelled():
+            error = d.exception()
+            if error is not None:
+                raise error
 
     async def settle(self) -> None:
         """Wait for the durability steps; raise the first that failed."""
