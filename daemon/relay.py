@@ -44,8 +44,7 @@ class Relay:
 
     async def _serve(self, request: web.Request, sender: str) -> web.StreamResponse:
         digest = request.match_info["digest"]
-        transfer = self.fetcher.joinable(digest) if self.fetcher is not None else None
-        if transfer is None or self.fetcher is None:
+        if self.fetcher is None or (transfer := self.fetcher.joinable(digest)) is None:
             return web.json_response({"error": "not transferring this blob"}, status=404)
         try:
             start = int(request.query.get("start", "0"))
