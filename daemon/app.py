@@ -68,7 +68,8 @@ class Daemon:
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
-                             self.node_name, self.lan.peers, self.lan.api)
+                             self.node_name, self.lan.peers, self.lan.api,
+                             self.lan.credentials.key if self.lan.credentials else None)
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,

@@ -210,9 +210,10 @@ class Catalog:
                  revision, path)
         return entry
 
-    def upstream_served_without_token(self, repo: Repo) -> None:
-        """A file of the repo came from the upstream with no token: its files are public."""
-        self._record_access(repo, None, files=True)
+    def upstream_served_file(self, repo: Repo, token: str | None) -> None:
+        """A file of the repo came from the upstream for this token (None: its files are
+        public)."""
+        self._record_access(repo, token, files=True)
 
     def remember(self, repo: Repo, revision: str, commit: str,
                  entries: list[FileEntry]) -> None:

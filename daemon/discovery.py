@@ -1,5 +1,7 @@
 """mDNS with python-zeroconf's asyncio API: announce this node as _modelpeer._tcp.local. and
 follow the others of the same cluster (by the cluster id in TXT; the key never leaves the node).
+Anyone can announce anything on mDNS: what is found here is only a candidate, which the peer
+set admits once it proves the key (peers.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "_modelpeer._tcp.local."
 RESOLVE_MS = 3000
+MAX_SERVICES = 1024  # mDNS is unauthenticated: a flood of announcements stays bounded
 
 
 @dataclasses.dataclass
@@ -103,7 +106,8 @@ class Discovery:
         info = AsyncServiceInfo(SERVICE, name)
         if not await info.async_request(self._zc.zeroconf, RESOLVE_MS):
             return
-        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        props = {k.decode(errors="replace"): (v or b"").decode(errors="replace")
+                 for k, v in info.properties.items()}
         addresses = info.parsed_addresses(IPVersion.V4Only)
         if not addresses or props.get("node") == self.node_id:
             return
@@ -118,6 +122,9 @@ class Discovery:
             log.warning("mDNS: %s announced malformed TXT %s", name, props)
             return
         known = self._peers.get(name)
+        if known is None and len(self._peers) >= MAX_SERVICES:
+            log.warning("mDNS: ignoring %s: already following %d services", name, MAX_SERVICES)
+            return
         self._peers[name] = peer
         if known is None or (known.address, known.peer_port) != (peer.address, peer.peer_port):
             log.info("mDNS: found node %s at %s:%d", peer.node_id, peer.address, peer.peer_port)

@@ -297,8 +297,8 @@ class Fetcher:
         chain = _Chain(sharing.peers.node_id, blob.digest)
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
-            if -1 in held.chunks:
-                data = await sharing.small_blob(blob, held.chunks[-1])
+            if held.small:
+                data = await sharing.small_blob(blob, held.small)
                 if data is not None:
                     await self._write(transfer, writer, memoryview(data)[writer.offset:])
                 break

@@ -5,13 +5,10 @@ says why."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import secrets
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cluster import ClusterKey, ClusterKeyError, read_key_file
+from .cluster import ClusterKey, Credentials, NodeIdentity, read_key_file
 from .config import Config
 from .peers import PeerApi, PeerSet
 from .store import Store
@@ -25,18 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def node_id_of(cache_dir: Path) -> str:
-    """A stable random id for this node, kept beside its cache."""
-    path = cache_dir / "node-id"
-    with contextlib.suppress(OSError):
-        existing = path.read_text().strip()
-        if existing:
-            return existing
-    node_id = secrets.token_hex(8)
-    path.write_text(node_id + "\n")
-    return node_id
-
-
 class Lan:
     def __init__(self, reason: str = "") -> None:
         self.reason = reason
@@ -45,6 +30,7 @@ class Lan:
         self.peers: PeerSet | None = None
         self.swarm: Swarm | None = None
         self.api: PeerApi | None = None
+        self.credentials: Credentials | None = None
         self.node_id = ""
         self._opening: list[Any] = []
         self.cluster_id = ""
@@ -77,7 +63,9 @@ class Lan:
             await start()
 
     async def close(self) -> None:
-        for part in reversed(self._parts):
+        # the peer API goes first: peers that hear the mDNS goodbye check it, and must fail
+        parts = sorted(reversed(self._parts), key=lambda part: part is not self.api)
+        for part in parts:
             try:
                 await part.close()
             except Exception:  # noqa: BLE001 - close everything even if one part fails
@@ -90,23 +78,21 @@ async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> 
     if cfg.cluster_key_file is None:
         return Lan("no cluster key (--cluster-key-file; make one with `modelpeer cluster-key "
                    "new FILE`): running as a local cache only")
-    try:
-        key = ClusterKey(read_key_file(cfg.cluster_key_file))
-    except ClusterKeyError as e:
-        log.error("peers off: %s", e)
-        return Lan(f"peers off: {e}")
+    key = ClusterKey(read_key_file(cfg.cluster_key_file))  # unusable: ClusterKeyError
+    identity = NodeIdentity.load_or_create(cfg.cache_dir / "node.key")
     lan = Lan()
-    lan.node_id, lan.cluster_id = node_id_of(cfg.cache_dir), key.cluster_id
+    lan.node_id, lan.cluster_id = identity.node_id, key.cluster_id
+    lan.credentials = Credentials(key, identity)
     try:
-        await _start_parts(lan, cfg, store, key, node_name, version)
+        await _start_parts(lan, cfg, store, lan.credentials, node_name, version)
     except BaseException:
         await lan.close()
         raise
     return lan
 
 
-async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, node_name: str,
-                       version: str) -> None:
+async def _start_parts(lan: Lan, cfg: Config, store: Store, credentials: Credentials,
+                       node_name: str, version: str) -> None:
     # libtorrent and zeroconf are loaded only when the node joins a LAN
     from .discovery import Discovery
     from .relay import Relay
@@ -117,19 +103,19 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
     bt_host, bt_port = cfg.bt_listen
     if cfg.interface:
         peer_host = bt_host = cfg.interface
-    api = PeerApi(key, lan.node_id)
+    api = PeerApi(credentials)
     swarm = Swarm((bt_host, bt_port), cfg.cache_dir / "swarm", interface=cfg.interface)
     await swarm.start()
     lan._parts.append(swarm)
     lan.swarm = swarm
-    peers = PeerSet(key, lan.node_id, cfg.peer)
+    peers = PeerSet(credentials, cfg.peer)
     lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
                           bt_port=bt_port)
     store.on_removed = lan.sharing.forget_blob
     lan.relay = Relay(peers, api)
     lan.api, lan.peers = api, peers
     await lan.sharing.seed_all()
-    discovery = Discovery(lan.node_id, key.cluster_id, peer_port, bt_port, version,
+    discovery = Discovery(lan.node_id, lan.cluster_id, peer_port, bt_port, version,
                           interface=cfg.interface)
     discovery.on_change = lambda: _sync_discovered(discovery, peers)
 
@@ -145,13 +131,13 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, key: ClusterKey, nod
 
     lan._opening = [serve_api, join]
     log.info("peers on: node %s in cluster %s, peer API %s:%d, BitTorrent %s:%d", lan.node_id,
-             key.cluster_id, peer_host, peer_port, bt_host, bt_port)
+             lan.cluster_id, peer_host, peer_port, bt_host, bt_port)
 
 
 def _sync_discovered(discovery: Discovery, peers: PeerSet) -> None:
     found = discovery.peers()
     for info in found.values():
-        peers.seen(info.node_id, info.address, info.peer_port, info.bt_port, info.version)
+        peers.seen(info.node_id, info.address, info.peer_port)
     for node_id, peer in list(peers.peers.items()):
         if not peer.static and node_id not in found:
             peers.gone(node_id)

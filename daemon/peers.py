@@ -1,9 +1,11 @@
-"""LAN peers: who they are (mDNS + static addresses, checked for liveness) and the signed peer
-API between daemons (chunk maps, torrent metadata, small blobs, relayed blobs, node status).
+"""LAN peers: who they are and the authenticated peer API between daemons (chunk maps, torrent
+metadata, small blobs, relayed blobs, node status, warm jobs).
 
-Every request is signed with the cluster key; a request that fails the check gets 401 and is
-logged once per source address. Peers of another cluster never pass the check, so they are
-never listed, whatever mDNS shows.
+mDNS and static addresses only name candidates. A candidate becomes a member (listed, admitted
+by the BitTorrent filter, sent jobs, chosen as a source) once it answered a fresh, signed
+request with a signed answer: proof that it holds the cluster key, and that it owns the node id
+it claims (see cluster.py). Members are checked the same way every few seconds. A request that
+fails the check gets 401 and is logged once per source address.
 """
 
 from __future__ import annotations
@@ -14,13 +16,23 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
 
-from .cluster import ClusterKey
+from .cluster import (
+    ANY_RECEIVER,
+    EMPTY_BODY,
+    H_BODY,
+    H_NONCE,
+    UNHASHED_BODY,
+    Credentials,
+    SignatureError,
+    body_digest,
+)
+from .peermsg import NODE_ID_RE, BadMessage, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +40,13 @@ API = "/_modelpeer/peer/v1"
 LIVENESS_INTERVAL = 3.0
 DEAD_AFTER = 10.0
 REQUEST_TIMEOUT = 5.0
-MAX_JSON = 4 * 1024 * 1024
+ADMIT_RETRY = 10.0  # a candidate that failed the proof is not asked again for this long
+MAX_BODY = 4 * 1024 * 1024  # a request body (a warm job's file list)
+MAX_ANSWER = 8 * 1024 * 1024  # a JSON answer, a torrent or a small blob
+MAX_REMEMBERED = 4096  # candidates and refused addresses kept for rate limiting
 BAN_SECONDS = 600.0  # how long a peer that sent wrong bytes is left out
+_NONCE_KEY = web.RequestKey("nonce", str)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -48,14 +65,6 @@ class Peer:
     bytes_to: int = 0
     banned_until: float = 0.0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.address}:{self.peer_port}{API}"
-
-    @property
-    def usable(self) -> bool:
-        return self.alive and time.time() >= self.banned_until
-
     def public(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["banned"] = time.time() < self.banned_until
@@ -63,37 +72,73 @@ class Peer:
 
 
 class PeerError(Exception):
-    pass
+    """A peer did not answer, answered something unauthentic, or something malformed."""
 
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
 
 
 class PeerApi:
-    """The server side: routes registered by the parts that own the data, all signed."""
+    """The server side: routes registered by the parts that own the data. Every request is
+    authenticated from its headers before its body is read; every answer is signed."""
 
-    def __init__(self, key: ClusterKey, node_id: str) -> None:
-        self.key = key
-        self.node_id = node_id
-        self.app = web.Application(client_max_size=MAX_JSON)
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+        self.app = web.Application(client_max_size=MAX_BODY)
+        self.app.on_response_prepare.append(self._sign_answer)
         self._refused: set[str] = set()
         self._runner: web.AppRunner | None = None
 
-    def route(self, method: str, path: str, handler: Handler) -> None:
+    def route(self, method: str, path: str, handler: Handler, *,
+              any_receiver: bool = False) -> None:
+        """`any_receiver`: the route answers a signed first contact that does not name this
+        node (a static peer learning who is at an address); only GET /status does."""
         async def checked(request: web.Request) -> web.StreamResponse:
-            body = await request.read()
             try:
-                sender = self.key.check(request.method, request.raw_path, body,
-                                        dict(request.headers))
-            except PermissionError as e:
-                if request.remote not in self._refused:
-                    self._refused.add(request.remote or "?")
-                    log.warning("peer API: refused %s %s from %s: %s", request.method,
-                                request.path, request.remote, e)
+                sender = self.credentials.check_request(request.method, request.raw_path,
+                                                        request.headers,
+                                                        any_receiver=any_receiver)
+            except SignatureError as e:
+                self._log_refusal(request, str(e))
                 return web.json_response({"error": f"unauthorized: {e}"}, status=401)
+            request[_NONCE_KEY] = request.headers[H_NONCE]
+            problem = await self._body_problem(request)
+            if problem:
+                return web.json_response({"error": problem}, status=400)
             return await handler(request, sender)
 
         self.app.router.add_route(method, API + path, checked)
+
+    async def _body_problem(self, request: web.Request) -> str:
+        signed = request.headers[H_BODY]
+        if request.method in ("GET", "HEAD"):
+            if request.body_exists or signed != EMPTY_BODY:
+                return f"{request.method} takes no body"
+            return ""
+        if body_digest(await request.read()) != signed:
+            return "the body does not match its signed digest"
+        return ""
+
+    def _log_refusal(self, request: web.Request, reason: str) -> None:
+        remote = request.remote or "?"
+        if remote in self._refused:
+            return
+        if len(self._refused) >= MAX_REMEMBERED:
+            self._refused.clear()
+        self._refused.add(remote)
+        log.warning("peer API: refused %s %s from %s: %s", request.method, request.path,
+                    remote, reason)
+
+    async def _sign_answer(self, request: web.Request, resp: web.StreamResponse) -> None:
+        nonce = request.get(_NONCE_KEY)
+        if nonce is None:
+            return  # not an authenticated request: nothing to bind the answer to
+        digest = UNHASHED_BODY
+        if isinstance(resp, web.Response):
+            body = resp.body
+            if body is None or isinstance(body, bytes | bytearray):
+                digest = body_digest(bytes(body or b""))
+        resp.headers.update(self.credentials.sign_answer(nonce, resp.status, digest))
 
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -105,16 +150,27 @@ class PeerApi:
             await self._runner.cleanup()
 
 
-class PeerSet:
-    """The peers this node knows: from mDNS, static addresses, and their liveness."""
+@dataclasses.dataclass
+class _Answer:
+    resp: aiohttp.ClientResponse
+    responder: str
+    digest: str
 
-    def __init__(self, key: ClusterKey, node_id: str, static: list[tuple[str, int]]) -> None:
-        self.key = key
-        self.node_id = node_id
+
+class PeerSet:
+    """The members of the cluster this node knows, and the client side of the peer API."""
+
+    def __init__(self, credentials: Credentials, static: list[tuple[str, int]]) -> None:
+        self.credentials = credentials
+        self.node_id = credentials.node_id
         self.static = static
-        self.peers: dict[str, Peer] = {}
+        self.peers: dict[str, Peer] = {}  # members only: each proved the key and its id
+        self._banned_addresses: dict[str, float] = {}
+        self._refused: dict[tuple[str, str, int], float] = {}  # candidate -> retry after
+        self._admitting: set[tuple[str, str, int]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._probes: set[asyncio.Task[None]] = set()
         self.on_change: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
@@ -124,128 +180,206 @@ class PeerSet:
         self._task = asyncio.create_task(self._liveness_loop(), name="peer liveness")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        tasks = [t for t in (self._task, *self._probes) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
     def usable(self) -> list[Peer]:
-        return [p for p in self.peers.values() if p.usable]
-
-    def seen(self, node_id: str, address: str, peer_port: int, bt_port: int,
-             version: str) -> None:
-        """A peer announced itself on mDNS."""
-        if node_id == self.node_id:
-            return
-        peer = self.peers.get(node_id)
-        if peer is None:
-            peer = self.peers[node_id] = Peer(node_id, address, peer_port, bt_port,
-                                              version=version)
-            log.info("peer %s found at %s:%d", node_id, address, peer_port)
-        peer.address, peer.peer_port, peer.bt_port = address, peer_port, bt_port
-        asyncio.get_running_loop().create_task(self._probe(peer))
-
-    def gone(self, node_id: str) -> None:
-        peer = self.peers.pop(node_id, None)
-        if peer is not None:
-            log.info("peer %s at %s said goodbye", node_id, peer.address)
-            self.on_change()
-
-    def ban(self, node_id: str, seconds: float, reason: str) -> None:
-        peer = self.peers.get(node_id)
-        if peer is not None:
-            peer.banned_until = time.time() + seconds
-            log.warning("peer %s at %s banned for %.0fs: %s", node_id, peer.address, seconds,
-                        reason)
-            self.on_change()
+        now = time.time()
+        return [p for p in self.peers.values() if p.alive and now >= p.banned_until
+                and now >= self._banned_addresses.get(p.address, 0.0)]
 
     def by_address(self, address: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.address == address), None)
 
-    async def _liveness_loop(self) -> None:
-        while True:
-            for host, port in self.static:
-                if not any(p.address == host and p.peer_port == port
-                           for p in self.peers.values()):
-                    await self._probe_static(host, port)
-            await asyncio.gather(*(self._probe(p) for p in list(self.peers.values())))
-            await asyncio.sleep(LIVENESS_INTERVAL)
+    # --- candidates (unauthenticated hints) -------------------------------------------------
+    def seen(self, node_id: str, address: str, peer_port: int) -> None:
+        """mDNS names a node at an address: it is admitted once it proves both."""
+        if node_id == self.node_id or not NODE_ID_RE.fullmatch(node_id):
+            return
+        known = self.peers.get(node_id)
+        if known is None or (known.address, known.peer_port) != (address, peer_port):
+            self._spawn(self._admit(node_id, address, peer_port, static=False))
 
-    async def _probe_static(self, host: str, port: int) -> None:
-        probe = Peer("?", host, port, static=True)
+    def gone(self, node_id: str) -> None:
+        """mDNS says the node left. Anyone can say so, so it is asked first."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            self._spawn(self._confirm_gone(peer))
+
+    def ban(self, node_id: str, seconds: float, reason: str) -> None:
+        """Leave out a member that sent wrong bytes, and whatever claims its address (a new
+        node id is cheap to make)."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.banned_until = time.time() + seconds
+            self._banned_addresses[peer.address] = peer.banned_until
+            log.warning("peer %s at %s banned for %.0fs: %s", node_id, peer.address, seconds,
+                        reason)
+            self.on_change()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _admit(self, expected: str, address: str, port: int, *, static: bool) -> None:
+        candidate = (expected, address, port)
+        now = time.monotonic()
+        if candidate in self._admitting or self._refused.get(candidate, 0.0) > now:
+            return
+        self._admitting.add(candidate)
         try:
-            status = await self.request_json(probe, "GET", "/status")
-        except PeerError:
+            status = await self._hello(address, port, expected or ANY_RECEIVER)
+        except PeerError as e:
+            if len(self._refused) >= MAX_REMEMBERED:
+                self._refused = {c: t for c, t in self._refused.items() if t > now}
+            self._refused[candidate] = now + ADMIT_RETRY
+            log.info("candidate %s at %s:%d not admitted: %s", expected or "(static)",
+                     address, port, e)
             return
-        if status["node_id"] == self.node_id:
-            return
-        peer = self.peers.setdefault(status["node_id"], Peer(status["node_id"], host, port,
-                                                             static=True))
+        finally:
+            self._admitting.discard(candidate)
+        if status.node_id != self.node_id:
+            self._add_member(status, address, port, static)
+
+    def _add_member(self, status: NodeStatus, address: str, port: int, static: bool) -> None:
+        peer = self.peers.get(status.node_id)
+        if peer is None:
+            peer = self.peers[status.node_id] = Peer(status.node_id, address, port,
+                                                     static=static)
+            log.info("peer %s at %s:%d proved the cluster key", status.node_id, address, port)
+        elif (peer.address, peer.peer_port) != (address, port):
+            log.info("peer %s moved from %s:%d to %s:%d (proved by its key)", status.node_id,
+                     peer.address, peer.peer_port, address, port)
+            peer.address, peer.peer_port = address, port
+            self.on_change()
         self._update(peer, status)
 
-    async def _probe(self, peer: Peer) -> None:
+    async def _hello(self, address: str, port: int, expected: str) -> NodeStatus:
+        """The node's status, in a signed answer to a fresh signed request."""
+        target = Peer(expected, address, port)
+        async with self._call(target, "GET", "/status") as answer:
+            data = await self._body(target, answer)
+        status = _parsed(target, "/status", parse_status, data)
+        if status.node_id != answer.responder:
+            raise PeerError(f"{address}:{port} signed as {answer.responder[:16]} but says it is "
+                            f"{status.node_id[:16]}")
+        return status
+
+    async def _confirm_gone(self, peer: Peer) -> None:
         try:
-            status = await self.request_json(peer, "GET", "/status")
+            self._update(peer, await self._hello(peer.address, peer.peer_port, peer.node_id))
+        except PeerError:
+            if self.peers.pop(peer.node_id, None) is not None:
+                log.info("peer %s at %s left", peer.node_id, peer.address)
+                self.on_change()
+
+    # --- liveness -------------------------------------------------------------------------
+    async def _liveness_loop(self) -> None:
+        while True:
+            try:
+                await self._check_everyone()
+            except Exception:  # noqa: BLE001 - one bad round must not end peer tracking
+                log.exception("peer liveness round failed; trying again")
+            await asyncio.sleep(LIVENESS_INTERVAL)
+
+    async def _check_everyone(self) -> None:
+        checks = [self._check_alive(p) for p in list(self.peers.values())]
+        for host, port in self.static:
+            if not any((p.address, p.peer_port) == (host, port) for p in self.peers.values()):
+                checks.append(self._admit("", host, port, static=True))
+        await asyncio.gather(*checks)
+
+    async def _check_alive(self, peer: Peer) -> None:
+        try:
+            status = await self._hello(peer.address, peer.peer_port, peer.node_id)
         except PeerError as e:
             if peer.alive and time.time() - peer.last_seen > DEAD_AFTER:
                 peer.alive = False
                 log.warning("peer %s at %s stopped answering: %s", peer.node_id, peer.address, e)
                 self.on_change()
             return
-        if status.get("node_id") != peer.node_id:
-            self.peers.pop(peer.node_id, None)
-            return
         self._update(peer, status)
 
-    def _update(self, peer: Peer, status: dict[str, Any]) -> None:
+    def _update(self, peer: Peer, status: NodeStatus) -> None:
         was_alive = peer.alive
         peer.alive, peer.last_seen = True, time.time()
-        peer.name = status.get("name", "")
-        peer.version = status.get("version", "")
-        peer.bt_port = int(status.get("bt_port", peer.bt_port))
-        peer.chunks_held = int(status.get("chunks", 0))
+        peer.name, peer.version = status.name, status.version
+        peer.bt_port, peer.chunks_held = status.bt_port, status.chunks
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)
             self.on_change()
 
+    # --- the client side of the peer API ----------------------------------------------------
     @contextlib.asynccontextmanager
     async def _call(self, peer: Peer, method: str, path: str,
-                    body: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A signed request to a peer; an answer other than 200, or a broken connection at any
-        point inside the block, is a PeerError."""
-        assert self._session is not None
+                    body: Any = None) -> AsyncIterator[_Answer]:
+        """A signed request to a peer, its answer checked to be the peer's answer to it; an
+        answer other than 200, or a broken connection at any point inside the block, is a
+        PeerError."""
+        if self._session is None:
+            raise PeerError("the peer client is not started")
         data = json.dumps(body).encode() if body is not None else b""
-        headers = self.key.sign(method, API + path, data, self.node_id)
-        headers["Content-Type"] = "application/json"
+        signed = self.credentials.sign_request(method, API + path, data, peer.node_id)
+        headers = {**signed.headers, **({"Content-Type": "application/json"} if data else {})}
+        where = f"peer {peer.node_id[:16]} at {peer.address}"
         try:
-            async with self._session.request(method, f"http://{peer.address}:{peer.peer_port}"
-                                             f"{API}{path}", data=data or None,
-                                             headers=headers) as resp:
+            async with self._session.request(
+                    method, f"http://{peer.address}:{peer.peer_port}{API}{path}",
+                    data=data or None, headers=headers, allow_redirects=False) as resp:
+                try:
+                    responder, digest = self.credentials.check_answer(
+                        signed.nonce, resp.status, resp.headers, peer.node_id)
+                except SignatureError as e:
+                    raise PeerError(f"{where}: {method} {path}: {e}") from e
                 if resp.status != 200:
-                    payload = await resp.read()
-                    raise PeerError(f"peer {peer.node_id} at {peer.address}: HTTP {resp.status}"
-                                    f" {payload[:200]!r}")
-                yield resp
+                    payload = await resp.content.read(300)
+                    raise PeerError(f"{where}: {method} {path}: HTTP {resp.status} "
+                                    f"{payload[:200]!r}")
+                yield _Answer(resp, responder, digest)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise PeerError(f"peer {peer.node_id} at {peer.address}: {e!r}") from e
+            raise PeerError(f"{where}: {method} {path}: {e!r}") from e
 
-    async def request(self, peer: Peer, method: str, path: str,
-                      body: Any = None) -> bytes:
-        async with self._call(peer, method, path, body) as resp:
-            return await resp.read()
+    async def _body(self, peer: Peer, answer: _Answer, limit: int = MAX_ANSWER) -> bytes:
+        """The whole answer, at most `limit` bytes, matching the digest its signature names."""
+        where = f"peer {peer.node_id[:16]} at {peer.address}"
+        if (answer.resp.content_length or 0) > limit:
+            raise PeerError(f"{where}: an answer of {answer.resp.content_length} bytes is over "
+                            f"the {limit}-byte limit")
+        data = await answer.resp.content.read(limit + 1)
+        if len(data) > limit:
+            raise PeerError(f"{where}: the answer is over the {limit}-byte limit")
+        if answer.digest != body_digest(data):
+            raise PeerError(f"{where}: the answer does not match its signed digest")
+        return data
+
+    async def request(self, peer: Peer, method: str, path: str, body: Any = None, *,
+                      limit: int = MAX_ANSWER) -> bytes:
+        async with self._call(peer, method, path, body) as answer:
+            return await self._body(peer, answer, limit)
+
+    async def request_json(self, peer: Peer, method: str, path: str,
+                           parse: Callable[[object], T], body: Any = None) -> T:
+        """A JSON answer, parsed by `parse` (one of peermsg's); any deviation is a PeerError."""
+        data = await self.request(peer, method, path, body)
+        return _parsed(peer, path, parse, data)
 
     async def stream(self, peer: Peer, path: str) -> AsyncIterator[bytes]:
-        """The body of a GET, as it arrives."""
-        async with self._call(peer, "GET", path) as resp:
-            async for data in resp.content.iter_any():
+        """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
+        async with self._call(peer, "GET", path) as answer:
+            async for data in answer.resp.content.iter_any():
                 yield data
 
-    async def request_json(self, peer: Peer, method: str, path: str, body: Any = None) -> Any:
-        payload = await self.request(peer, method, path, body)
-        try:
-            return json.loads(payload)
-        except ValueError as e:
-            raise PeerError(f"peer {peer.node_id}: answered something that is not JSON") from e
+
+def _parsed(peer: Peer, path: str, parse: Callable[[object], T], data: bytes) -> T:
+    try:
+        return parse(json.loads(data))
+    except (ValueError, RecursionError) as e:  # BadMessage is a ValueError, like bad JSON
+        what = str(e) if isinstance(e, BadMessage) else "not JSON"
+        raise PeerError(f"peer {peer.node_id[:16]} at {peer.address}: bad answer to {path}: "
+                        f"{what}") from e

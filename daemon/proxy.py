@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from . import hubnames
 from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
 from .metrics import Metrics
@@ -24,12 +25,11 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_VERBS = ("revision", "tree", "paths-info")
 
 
-class BadRequest(Exception):
+class BadRequest(ValueError):
     pass
 
 
@@ -50,34 +50,15 @@ class _Route:
     path: str
 
 
-def _repo_id(segments: list[str]) -> str:
-    for s in segments:
-        if not _SEGMENT_RE.fullmatch(s) or ".." in s:
-            raise BadRequest(f"invalid repo id segment {s!r}")
-    return "/".join(segments)
-
-
-def _file_path(raw: str) -> str:
-    path = unquote(raw)
-    parts = path.split("/")
-    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
-            or any(p in ("", ".", "..") for p in parts)):
-        raise BadRequest(f"invalid file path {path!r}")
-    return path
-
-
-def _revision(raw: str) -> str:
-    rev = unquote(raw)
-    if not rev or len(rev) > 256 or any(c in rev for c in "\x00\r\n") or ".." in rev:
-        raise BadRequest(f"invalid revision {rev!r}")
-    return rev
-
-
 def _split_repo(segs: list[str], verbs: tuple[str, ...]) -> tuple[str, list[str]]:
     """Repo ids have one segment (gpt2) or two (org/name)."""
     if len(segs) >= 2 and segs[1] in verbs:
-        return _repo_id(segs[:1]), segs[1:]
-    return _repo_id(segs[:2]), segs[2:]
+        return hubnames.repo_id(segs[:1]), segs[1:]
+    return hubnames.repo_id(segs[:2]), segs[2:]
+
+
+def _revision(raw: str) -> str:
+    return hubnames.revision(unquote(raw))
 
 
 def parse_route(raw_path: str) -> _Route | None:
@@ -99,7 +80,7 @@ def parse_route(raw_path: str) -> _Route | None:
         repo_id, rest = _split_repo(segs, ("resolve",))
         if len(rest) >= 3 and rest[0] == "resolve":
             return _Route("resolve", Repo(repo_type, repo_id), _revision(rest[1]),
-                          _file_path("/".join(rest[2:])))
+                          hubnames.quoted_file_path("/".join(rest[2:])))
     return None
 
 
@@ -145,7 +126,7 @@ class Proxy:
                                           f"{request.path} (modelpeer serves the Hub API)")
             route_kind = route.kind
             return await self._dispatch(request, route)
-        except BadRequest as e:
+        except (BadRequest, hubnames.InvalidName) as e:
             return hub_error_response(400, str(e))
         except HubError as e:
             return hub_error_response(e.status, e.message, e.code, e.headers)

@@ -10,10 +10,11 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
+from . import hubnames
+from .peermsg import ChunkMap, parse_chunk_map
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
 from .swarm import (
@@ -31,11 +32,14 @@ log = logging.getLogger(__name__)
 SMALL_BLOB = 1024 * 1024  # blobs up to this size travel over the peer API, not as torrents
 SHARED_BLOB = SMALL_BLOB + 1  # the smallest blob shared chunk by chunk
 PREFETCH = 6  # chunks downloaded ahead of the one being written
+HOLDERS_TIMEOUT = 2.0  # a peer slower than this to say what it holds is left out of the round
+MAX_TORRENT = 1024 * 1024
 
 
 @dataclasses.dataclass
 class Holders:
     chunks: dict[int, list[tuple[Peer, str]]] = dataclasses.field(default_factory=dict)
+    small: list[Peer] = dataclasses.field(default_factory=list)  # hold the whole small blob
     transfers: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> source
 
 
@@ -56,7 +60,7 @@ class Sharing:
         self.transfer_state: Callable[[str], str] = lambda digest: ""
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
-        api.route("GET", "/status", self._status)
+        api.route("GET", "/status", self._status, any_receiver=True)
         api.route("GET", "/chunks/{digest}", self._chunk_map)
         api.route("GET", "/torrent/{digest}/{idx}", self._torrent)
         api.route("GET", "/blob/{digest}", self._blob)
@@ -124,17 +128,19 @@ class Sharing:
 
     async def _chunk_map(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
-        chunks = [{"index": idx, "info_hash": self._seeded.get((digest, idx), ""), "xxh3": x}
-                  for _, idx, _, x in self.store.complete_chunks(digest=digest,
+        if not _is_digest(digest):
+            return web.json_response({"error": "not a blob digest"}, status=400)
+        chunks = [{"index": idx, "info_hash": self._seeded.get((digest, idx), "")}
+                  for _, idx, _, _ in self.store.complete_chunks(digest=digest,
                                                                  min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "transfer": self.transfer_state(digest)})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
-        idx = request.match_info["idx"]
-        torrent = (await self.torrent_of(request.match_info["digest"], int(idx))
-                   if idx.isdigit() else None)
+        idx, digest = request.match_info["idx"], request.match_info["digest"]
+        torrent = (await self.torrent_of(digest, int(idx))
+                   if idx.isdigit() and len(idx) < 9 and _is_digest(digest) else None)
         if torrent is None:
             return web.json_response({"error": "chunk not held"}, status=404)
         return web.Response(body=torrent, content_type="application/x-bittorrent")
@@ -152,33 +158,40 @@ class Sharing:
 
     # --- fetching from peers --------------------------------------------------------------
     async def holders(self, blob: BlobId) -> Holders:
-        """Which live peers hold which chunks (index -1: the whole small blob), and which are
-        transferring the blob right now (by source: "upstream", "peer", "store")."""
+        """Which live peers hold which chunks or the whole small blob, and which are
+        transferring the blob right now (by source). A peer that does not answer within
+        HOLDERS_TIMEOUT is left out of this round rather than holding up everyone."""
         peers = self.peers.usable()
-        maps = await asyncio.gather(*(self._map_of(p, blob.digest) for p in peers))
+        maps = await asyncio.gather(*(self._map_of(p, blob) for p in peers))
         out = Holders()
         for peer, m in zip(peers, maps, strict=True):
             if m is None:
                 continue
-            if m.get("small"):
-                out.chunks.setdefault(-1, []).append((peer, ""))
-            for c in m.get("chunks", []):
-                out.chunks.setdefault(int(c["index"]), []).append((peer, str(c["info_hash"])))
-            if m.get("transfer"):
-                out.transfers[peer.node_id] = str(m["transfer"])
+            if m.small:
+                out.small.append(peer)
+            for c in m.chunks:
+                out.chunks.setdefault(c.index, []).append((peer, c.info_hash))
+            if m.transfer:
+                out.transfers[peer.node_id] = m.transfer
         return out
 
-    async def _map_of(self, peer: Peer, digest: str) -> dict[str, Any] | None:
+    async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
+        chunks = max(1, -(-blob.size // self.store.chunk_size))
         try:
-            return await self.peers.request_json(peer, "GET", f"/chunks/{digest}")
-        except PeerError as e:
-            log.debug("no chunk map of %s from %s: %s", digest[:12], peer.node_id, e)
+            return await asyncio.wait_for(
+                self.peers.request_json(peer, "GET", f"/chunks/{blob.digest}",
+                                        lambda v: parse_chunk_map(v, blob.digest, chunks)),
+                HOLDERS_TIMEOUT)
+        except (PeerError, TimeoutError) as e:
+            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id,
+                     e or "no answer in time")
             return None
 
-    async def small_blob(self, blob: BlobId, holders: list[tuple[Peer, str]]) -> bytes | None:
-        for peer, _ in holders:
+    async def small_blob(self, blob: BlobId, holders: list[Peer]) -> bytes | None:
+        for peer in holders:
             try:
-                data = await self.peers.request(peer, "GET", f"/blob/{blob.digest}")
+                data = await self.peers.request(peer, "GET", f"/blob/{blob.digest}",
+                                                limit=SMALL_BLOB)
             except PeerError as e:
                 log.info("small blob %s from peer %s failed: %s", blob.digest[:12],
                          peer.node_id, e)
@@ -229,6 +242,9 @@ class Sharing:
             q.put_nowait(None)
         except PeerError as e:
             q.put_nowait(e)
+        except Exception as e:  # noqa: BLE001 - the reader must get an end, whatever broke
+            log.exception("getting chunk %d of %s from peers failed", idx, blob.digest[:12])
+            q.put_nowait(PeerError(f"chunk {idx} of {blob.digest}: {e!r}"))
 
     async def chunk(self, blob: BlobId, idx: int, holders: list[tuple[Peer, str]],
                     co_downloaders: Sequence[Peer] = ()) -> AsyncIterator[bytes]:
@@ -236,7 +252,8 @@ class Sharing:
         those downloading it at the same time (they trade the pieces they already have, so a
         cluster does not queue behind the first holder's uplink)."""
         peer0, info_hash = holders[0]
-        torrent = await self.peers.request(peer0, "GET", f"/torrent/{blob.digest}/{idx}")
+        torrent = await self.peers.request(peer0, "GET", f"/torrent/{blob.digest}/{idx}",
+                                           limit=MAX_TORRENT)
         got = _safe_info_hash(torrent)
         if not got or info_hash not in ("", got):
             self.peers.ban(peer0.node_id, BAN_SECONDS, "torrent does not match its info-hash")
@@ -264,6 +281,14 @@ class Sharing:
 
     def _peers_changed(self) -> None:
         self.swarm.allow_only({p.address for p in self.peers.usable()})
+
+
+def _is_digest(value: str) -> bool:
+    try:
+        hubnames.any_digest(value)
+    except hubnames.InvalidName:
+        return False
+    return True
 
 
 def _safe_info_hash(torrent: bytes) -> str:

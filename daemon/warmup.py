@@ -4,7 +4,11 @@ The node the CLI talks to is the job's coordinator: it resolves the revision onc
 files, and hands the same job to every chosen node over the signed peer API. Each node fetches
 the files through its ordinary Fetcher, so the cooperative rules of fetch.py apply: one node
 goes to the upstream for each blob, the others relay it along a chain of nodes. The client's
-token travels with the job in memory only.
+token travels with the job sealed for the cluster (cluster.py), and is kept in memory only.
+
+A node believes a coordinator no more than it has to: the job is parsed strictly (peermsg.py),
+and its file entries and commit are confirmed with the upstream (one tree listing) before they
+go into the catalog.
 """
 
 from __future__ import annotations
@@ -15,15 +19,30 @@ import fnmatch
 import json
 import logging
 import secrets
+import sqlite3
 import time
 from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 
+from . import hubnames
 from .catalog import Catalog, FileEntry, HubError, Repo
+from .cluster import ClusterKey, SignatureError
 from .fetch import Fetcher, Origin
-from .peers import PeerApi, PeerError, PeerSet
+from .peermsg import (
+    JOB_ID_RE,
+    BadMessage,
+    JobState,
+    JobStatus,
+    WarmFile,
+    WarmSpec,
+    parse_job_status,
+    parse_sealed_token,
+    parse_warm_file,
+    parse_warm_spec,
+)
+from .peers import Peer, PeerApi, PeerError, PeerSet
 from .store import BlobId, DigestMismatch
 from .upstream import UpstreamRefused
 
@@ -35,15 +54,6 @@ TOKEN_WAIT = 15.0  # how long a resumed job looks for a peer holding its token
 
 
 @dataclasses.dataclass
-class WarmFile:
-    path: str
-    digest: str
-    algo: str
-    size: int
-    lfs: bool
-
-
-@dataclasses.dataclass
 class Job:
     id: str
     repo_type: str
@@ -52,7 +62,8 @@ class Job:
     commit: str
     files: list[WarmFile]
     token: str | None = None  # memory only
-    state: str = "running"  # running, done, failed, cancelled
+    confirmed: bool = False  # the file entries came from the upstream (not from a peer)
+    state: JobState = JobState.RUNNING
     error: str = ""
     done_files: int = 0
     failed: list[str] = dataclasses.field(default_factory=list)
@@ -62,24 +73,33 @@ class Job:
     shutting_down: bool = False
 
     @property
+    def repo(self) -> Repo:
+        return Repo(self.repo_type, self.repo_id)
+
+    @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
-    def spec(self) -> dict[str, Any]:
-        """What is sent to the other nodes (with the token, over the signed peer API)."""
-        return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
-                "revision": self.revision, "commit": self.commit, "token": self.token,
-                "files": [dataclasses.asdict(f) for f in self.files]}
+    def spec(self, sealed_token: str | None) -> WarmSpec:
+        return WarmSpec(self.id, self.repo_type, self.repo_id, self.revision, self.commit,
+                        tuple(self.files), sealed_token)
+
+    @classmethod
+    def from_spec(cls, spec: WarmSpec, token: str | None) -> Job:
+        return cls(spec.id, spec.repo_type, spec.repo_id, spec.revision, spec.commit,
+                   list(spec.files), token)
 
 
 class Warmup:
     def __init__(self, catalog: Catalog, fetcher: Fetcher, node_id: str, node_name: str,
-                 peers: PeerSet | None, api: PeerApi | None) -> None:
+                 peers: PeerSet | None, api: PeerApi | None,
+                 cluster_key: ClusterKey | None) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
         self.node_id = node_id
         self.node_name = node_name
         self.peers = peers
+        self.cluster_key = cluster_key
         self.jobs: dict[str, Job] = {}
         self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
         self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
@@ -91,13 +111,12 @@ class Warmup:
 
     # --- the coordinator ------------------------------------------------------------------
     async def create(self, body: dict[str, Any], token: str | None) -> dict[str, Any]:
-        repo = Repo(body.get("repo_type", "model"), body["repo"])
-        revision = body.get("revision") or "main"
+        repo, revision, include, exclude, nodes_wanted = _warm_request(body)
         commit = await self._resolve(repo, revision, token)
-        files = await self._list(repo, commit, token, body.get("include") or [],
-                                 body.get("exclude") or [])
-        job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token)
-        nodes = self._choose(body.get("nodes") or "all")
+        files = await self._list(repo, commit, token, include, exclude)
+        job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
+                  confirmed=True)
+        nodes = self._choose(nodes_wanted)
         self.members[job.id] = [n for n, _ in nodes]
         self._keep_token(job)
         errors = {}
@@ -106,14 +125,28 @@ class Warmup:
                 self._start(job)
                 continue
             try:
-                assert self.peers is not None
-                await self.peers.request_json(peer, "POST", "/warm", job.spec())
+                await self._send_job(peer, job)
             except PeerError as e:
                 errors[node_id] = str(e)
         log.info("warm job %s: %s@%s, %d files, %d bytes, on %d nodes", job.id, repo,
                  commit[:12], len(files), job.total_bytes, len(nodes))
         return {"job": job.id, "commit": commit, "files": len(files),
                 "bytes": job.total_bytes, "nodes": self.members[job.id], "errors": errors}
+
+    async def _send_job(self, peer: Peer, job: Job) -> None:
+        assert self.peers is not None  # a remote node was chosen, so there is a LAN
+        spec = job.spec(self._seal(job.id, job.token)).to_json()
+        await self.peers.request_json(peer, "POST", "/warm", _job_id_answer, spec)
+
+    def _seal(self, job_id: str, token: str | None) -> str | None:
+        if token is None or self.cluster_key is None:
+            return None
+        return self.cluster_key.seal(token, f"warm token {job_id}")
+
+    def _unseal(self, job_id: str, sealed: str | None) -> str | None:
+        if sealed is None or self.cluster_key is None:
+            return None
+        return self.cluster_key.open(sealed, f"warm token {job_id}")
 
     def _keep_token(self, job: Job) -> None:
         """The coordinator holds the job's token in memory while the job may still run, for
@@ -127,7 +160,7 @@ class Warmup:
         answer = await self.catalog.api(
             repo, "GET", f"{repo.api_path}/revision/{quote(revision, safe='')}",
             revision=revision, token=token)
-        if not answer.commit:
+        if not answer.commit or not hubnames.COMMIT_RE.fullmatch(answer.commit):
             raise HubError(502, "", f"{repo}@{revision}: the upstream named no commit")
         return answer.commit
 
@@ -137,20 +170,22 @@ class Warmup:
         files: list[WarmFile] = []
         while path:
             answer = await self.catalog.api(repo, "GET", path, revision=commit, token=token)
-            for e in json.loads(answer.body):
-                if e.get("type") != "file" or not _selected(e["path"], include, exclude):
-                    continue
-                lfs = e.get("lfs")
-                files.append(WarmFile(e["path"], lfs["oid"] if lfs else e["oid"],
-                                      "sha256" if lfs else "gitsha1", int(e["size"]), bool(lfs)))
+            try:
+                entries = json.loads(answer.body)
+                files += [_file_of_tree_entry(e) for e in entries
+                          if isinstance(e, dict) and e.get("type") == "file"
+                          and _selected(str(e.get("path")), include, exclude)]
+            except (ValueError, TypeError) as e:
+                raise HubError(502, "", f"{repo}@{commit[:12]}: the upstream listed files this "
+                                        f"daemon cannot read: {e}") from e
             path = answer.next_link
         return files
 
-    def _choose(self, nodes: str) -> list[tuple[str, Any]]:
+    def _choose(self, nodes: str) -> list[tuple[str, Peer | None]]:
         """(node id, peer or None for this node) for `all`, `local` or NODE,NODE,..."""
         live = self.peers.usable() if self.peers is not None else []
-        everyone = [(self.node_id, self.node_name, None),
-                    *[(p.node_id, p.name, p) for p in live]]
+        everyone: list[tuple[str, str, Peer | None]] = [
+            (self.node_id, self.node_name, None), *[(p.node_id, p.name, p) for p in live]]
         if nodes in ("all", "local"):
             return [(n, p) for n, _, p in everyone if nodes == "all" or p is None]
         wanted = {n.strip() for n in nodes.split(",") if n.strip()}
@@ -162,26 +197,31 @@ class Warmup:
         return [(n, p) for n, _, p in chosen]
 
     async def status(self, job_id: str) -> dict[str, Any]:
-        """The job on every node it was given to; a node that does not answer has failed."""
+        """The job on every node it was given to; a node that does not answer, or answers
+        nonsense, has failed."""
         nodes: dict[str, Any] = {}
         for node_id in self.members.get(job_id, [self.node_id]):
             if node_id == self.node_id:
                 job = self.jobs.get(job_id)
-                nodes[self.node_name or node_id] = (self.local_status(job) if job else
-                                                    {"state": "failed", "error": "unknown job"})
+                nodes[self.node_name or node_id] = (
+                    self.local_status(job).to_json() if job else
+                    {"state": JobState.FAILED, "error": "unknown job"})
                 continue
             peer = self.peers.peers.get(node_id) if self.peers is not None else None
             name = peer.name if peer is not None and peer.name else node_id
-            if peer is None or not peer.alive:
-                nodes[name] = {"state": "failed", "error": "the node is gone"}
+            if self.peers is None or peer is None or not peer.alive:
+                nodes[name] = {"state": JobState.FAILED, "error": "the node is gone"}
                 continue
             try:
-                nodes[name] = await self.peers.request_json(peer, "GET", f"/warm/{job_id}")
+                answer = await self.peers.request_json(peer, "GET", f"/warm/{job_id}",
+                                                       parse_job_status)
+                nodes[name] = answer.to_json()
             except PeerError as e:
-                nodes[name] = {"state": "failed", "error": f"the node does not answer: {e}"}
+                nodes[name] = {"state": JobState.FAILED,
+                               "error": f"the node does not answer: {e}"}
         states = {n["state"] for n in nodes.values()}
-        state = ("running" if "running" in states else
-                 "failed" if states - {"done"} else "done")
+        state = (JobState.RUNNING if JobState.RUNNING in states else
+                 JobState.FAILED if states - {JobState.DONE} else JobState.DONE)
         return {"job": job_id, "state": state, "nodes": nodes}
 
     async def cancel(self, job_id: str) -> None:
@@ -191,7 +231,7 @@ class Warmup:
             elif self.peers is not None and node_id in self.peers.peers:
                 try:
                     await self.peers.request_json(self.peers.peers[node_id], "POST",
-                                                  f"/warm/{job_id}/cancel", {})
+                                                  f"/warm/{job_id}/cancel", _job_id_answer, {})
                 except PeerError as e:
                     log.warning("warm job %s: cancel on %s failed: %s", job_id, node_id, e)
 
@@ -199,9 +239,19 @@ class Warmup:
     def resume(self) -> None:
         """Jobs that were running when the daemon stopped go on. Their token was not kept: a
         file the upstream refuses asks the nodes still running the job for it; when none has
-        it, the file fails with a reason, and `warm --token` starts the job again."""
-        for row in self.catalog.db.execute("SELECT spec FROM jobs WHERE state='running'"):
-            job = _job_from_spec(json.loads(row[0]))
+        it, the file fails with a reason, and `warm --token` starts the job again. A row that
+        cannot be read is marked failed, and the daemon comes up all the same."""
+        rows = self.catalog.db.execute("SELECT id, spec FROM jobs WHERE state=?",
+                                       (JobState.RUNNING,)).fetchall()
+        for job_id, spec in rows:
+            try:
+                job = Job.from_spec(parse_warm_spec(json.loads(spec)), None)
+            except (ValueError, TypeError, RecursionError) as e:
+                log.error("warm job %s cannot be resumed: its saved row is unreadable (%s); "
+                          "marked failed", job_id, e)
+                self.catalog.db.execute("UPDATE jobs SET state=? WHERE id=?",
+                                        (JobState.FAILED, job_id))
+                continue
             log.info("resuming warm job %s: %s, %d files", job.id, job.repo_id, len(job.files))
             self._start(job)
 
@@ -215,71 +265,123 @@ class Warmup:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _save(self, job: Job) -> None:
-        spec = {**job.spec(), "token": None}
         self.catalog.db.execute(
             "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, ?, ?) ON CONFLICT(id)"
-            " DO UPDATE SET state=excluded.state", (job.id, json.dumps(spec), job.state,
-                                                    job.started))
+            " DO UPDATE SET state=excluded.state",
+            (job.id, json.dumps(job.spec(None).to_json()), job.state, job.started))
 
     def _start(self, job: Job) -> None:
         if job.id in self.jobs:
             return
         self.jobs[job.id] = job
         self._save(job)
-        repo = Repo(job.repo_type, job.repo_id)
-        self.catalog.remember(repo, job.revision, job.commit,
-                              [FileEntry(repo, job.commit, f.path,
-                                         BlobId(f.digest, f.algo, f.size), f.lfs)
-                               for f in job.files])
         job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"warm {job.id}")
 
     async def _run(self, job: Job) -> None:
-        repo = Repo(job.repo_type, job.repo_id)
         gate = asyncio.Semaphore(PARALLEL_FILES)
 
         async def one(f: WarmFile) -> None:
             async with gate:
                 try:
-                    await self._fetch_once_more(job, repo, f)
+                    await self._fetch_once_more(job, f)
                     job.done_files += 1
                 except Exception as e:  # noqa: BLE001 - recorded per file, the job goes on
                     job.failed.append(f"{f.path}: {e}")
 
         try:
+            await self._confirm(job)
             await asyncio.gather(*(one(f) for f in job.files))
-            job.state = "failed" if job.failed else "done"
+            job.state = JobState.FAILED if job.failed else JobState.DONE
             job.error = "; ".join(job.failed[:5])
         except asyncio.CancelledError:
-            job.state = "stopped" if job.shutting_down else "cancelled"
+            job.state = JobState.STOPPED if job.shutting_down else JobState.CANCELLED
+        except (HubError, sqlite3.Error) as e:
+            job.state, job.error = JobState.FAILED, str(e)
         finally:
             job.finished = time.time()
             job.token = None
             if not job.shutting_down:
                 self._save(job)
-            log.info("warm job %s on this node: %s (%d of %d files)", job.id, job.state,
-                     job.done_files, len(job.files))
+            log.info("warm job %s on this node: %s (%d of %d files)%s", job.id, job.state,
+                     job.done_files, len(job.files), f": {job.error}" if job.error else "")
 
-    async def _fetch_once_more(self, job: Job, repo: Repo, f: WarmFile) -> None:
+    async def _confirm(self, job: Job) -> None:
+        """The job's file entries as the upstream lists them at the job's commit; only
+        confirmed entries (and a revision the upstream resolves to that commit) go into the
+        catalog, for later clients. Files the upstream does not list are dropped from the job;
+        entries that disagree are corrected."""
+        if not job.confirmed:
+            try:
+                listed = await self._upstream_listing(job)
+            except HubError as e:
+                if e.status < 500:
+                    raise HubError(e.status, e.code, f"the upstream refuses the job's repo "
+                                   f"{job.repo}@{job.commit[:12]}: {e.message}") from e
+                log.warning("warm job %s: the upstream is unreachable (%s); fetching with the "
+                            "coordinator's file entries, which are not kept for later "
+                            "clients", job.id, e.message)
+                return
+            job.files = self._agree_with(job, listed)
+            job.confirmed = True
+        revision = job.revision
+        if revision != job.commit:
+            try:
+                if await self._resolve(job.repo, revision, job.token) != job.commit:
+                    revision = job.commit  # the branch moved on: keep only the commit's files
+            except HubError:
+                revision = job.commit
+        self.catalog.remember(job.repo, revision, job.commit,
+                              [FileEntry(job.repo, job.commit, f.path,
+                                         BlobId(f.digest, f.algo, f.size), f.lfs)
+                               for f in job.files])
+
+    async def _upstream_listing(self, job: Job) -> dict[str, WarmFile]:
+        try:
+            files = await self._list(job.repo, job.commit, job.token, [], [])
+        except HubError as e:
+            if e.status not in (401, 403, 404) or job.token is not None:
+                raise
+            if not await self._token_from_peers(job):
+                raise
+            files = await self._list(job.repo, job.commit, job.token, [], [])
+        return {f.path: f for f in files}
+
+    def _agree_with(self, job: Job, listed: dict[str, WarmFile]) -> list[WarmFile]:
+        agreed = []
+        for f in job.files:
+            upstream = listed.get(f.path)
+            if upstream is None:
+                log.warning("warm job %s: %s/%s is not in the repo at %s; left out", job.id,
+                            job.repo, f.path, job.commit[:12])
+                job.failed.append(f"{f.path}: not in {job.repo}@{job.commit[:12]}")
+                continue
+            if upstream != f:
+                log.warning("warm job %s: %s/%s: the coordinator said %s, the upstream says "
+                            "%s; using the upstream's", job.id, job.repo, f.path, f, upstream)
+            agreed.append(upstream)
+        return agreed
+
+    async def _fetch_once_more(self, job: Job, f: WarmFile) -> None:
         """The file, fetched a second time when the first try can be mended: the blob failed
         its digest (the peers that sent it are banned now), or the upstream wanted the token
         that a resumed job lacks."""
         try:
-            await self._fetch(job, repo, f)
+            await self._fetch(job, f)
             return
         except DigestMismatch as e:
-            log.warning("warm job %s: %s/%s: %s; fetching it again", job.id, repo, f.path, e)
+            log.warning("warm job %s: %s/%s: %s; fetching it again", job.id, job.repo, f.path, e)
         except UpstreamRefused:
             if job.token is not None or not await self._token_from_peers(job):
                 raise
-        await self._fetch(job, repo, f)
+        await self._fetch(job, f)
 
-    async def _fetch(self, job: Job, repo: Repo, f: WarmFile) -> None:
-        entry = FileEntry(repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size), f.lfs)
+    async def _fetch(self, job: Job, f: WarmFile) -> None:
+        entry = FileEntry(job.repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size), f.lfs)
         transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
-                                                        f"{repo}/{f.path}"))
+                                                        f"{job.repo}/{f.path}"))
         await transfer.done
-        if job.token is None and transfer.bytes_upstream:
-            self.catalog.upstream_served_without_token(repo)
+        if transfer.bytes_upstream:
+            self.catalog.upstream_served_file(job.repo, job.token)
 
     async def _token_from_peers(self, job: Job) -> bool:
         """A job resumed after a restart has no token (it is never written down): its
@@ -289,14 +391,15 @@ class Warmup:
         while self.peers is not None:
             for peer in self.peers.usable():
                 try:
-                    answer = await self.peers.request_json(peer, "GET", f"/warm/{job.id}/token")
-                except PeerError:
+                    sealed = await self.peers.request_json(peer, "GET", f"/warm/{job.id}/token",
+                                                           parse_sealed_token)
+                    job.token = self._unseal(job.id, sealed)
+                except (PeerError, SignatureError) as e:
+                    log.debug("warm job %s: no token from node %s: %s", job.id, peer.node_id, e)
                     continue
-                if answer.get("token"):
-                    job.token = str(answer["token"])
-                    log.info("warm job %s: token of %s received from node %s", job.id,
-                             job.repo_id, peer.node_id)
-                    return True
+                log.info("warm job %s: token of %s received from node %s", job.id,
+                         job.repo_id, peer.node_id)
+                return True
             if time.monotonic() > deadline:
                 break
             await asyncio.sleep(1.0)
@@ -304,7 +407,7 @@ class Warmup:
                     "`modelpeer warm --token` again", job.id, job.repo_id)
         return False
 
-    def local_status(self, job: Job) -> dict[str, Any]:
+    def local_status(self, job: Job) -> JobStatus:
         have = 0
         for f in job.files:
             t = self.fetcher.transfers.get(f.digest)
@@ -312,10 +415,9 @@ class Warmup:
                 have += t.available
             elif self.fetcher.store.is_complete(f.digest):
                 have += f.size
-        return {"state": job.state, "error": job.error, "files": len(job.files),
-                "done_files": job.done_files, "bytes": job.total_bytes, "have_bytes": have,
-                "repo": f"{job.repo_id}@{job.commit[:12]}", "started": job.started,
-                "finished": job.finished}
+        return JobStatus(job.state, job.error, len(job.files), job.done_files,
+                         job.total_bytes, have, f"{job.repo_id}@{job.commit[:12]}",
+                         job.started, job.finished)
 
     def _cancel_local(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
@@ -323,7 +425,12 @@ class Warmup:
             job.task.cancel()
 
     async def _peer_start(self, request: web.Request, sender: str) -> web.Response:
-        job = _job_from_spec(await request.json())
+        try:
+            spec = parse_warm_spec(await request.json())
+            job = Job.from_spec(spec, self._unseal(spec.id, spec.sealed_token))
+        except (ValueError, RecursionError, SignatureError) as e:
+            log.warning("warm job from node %s refused: %s", sender, e)
+            return web.json_response({"error": f"bad warm job: {e}"}, status=400)
         self._start(job)
         log.info("warm job %s from node %s: %s, %d files", job.id, sender, job.repo_id,
                  len(job.files))
@@ -333,10 +440,14 @@ class Warmup:
         job = self.jobs.get(request.match_info["job"])
         if job is None:
             return web.json_response({"error": "unknown job"}, status=404)
-        return web.json_response(self.local_status(job))
+        return web.json_response(self.local_status(job).to_json())
 
     async def _peer_token(self, request: web.Request, sender: str) -> web.Response:
         job_id = request.match_info["job"]
+        if job_id in self.members and sender not in self.members[job_id]:
+            log.warning("warm job %s: node %s asked for its token but is not running it",
+                        job_id, sender)
+            return web.json_response({"error": "not a node of this job"}, status=403)
         job = self.jobs.get(job_id)
         token = job.token if job is not None else None
         if token is None:
@@ -344,20 +455,48 @@ class Warmup:
             token = kept if until > time.time() else None
         if token is None:
             return web.json_response({"error": "no token held for this job"}, status=404)
-        log.info("warm job %s: token handed to node %s", job_id, sender)
-        return web.json_response({"token": token})
+        log.info("warm job %s: token handed to node %s, sealed", job_id, sender)
+        return web.json_response({"sealed_token": self._seal(job_id, token)})
 
     async def _peer_cancel(self, request: web.Request, sender: str) -> web.Response:
         self._cancel_local(request.match_info["job"])
-        return web.json_response({})
+        return web.json_response({"job": request.match_info["job"]})
 
     def summary(self) -> list[dict[str, Any]]:
-        return [{"job": j.id, **self.local_status(j)} for j in self.jobs.values()]
+        return [{"job": j.id, **self.local_status(j).to_json()} for j in self.jobs.values()]
 
 
-def _job_from_spec(spec: dict[str, Any]) -> Job:
-    return Job(spec["id"], spec["repo_type"], spec["repo_id"], spec["revision"],
-               spec["commit"], [WarmFile(**f) for f in spec["files"]], spec.get("token"))
+def _job_id_answer(value: object) -> str:
+    job = value.get("job") if isinstance(value, dict) else None
+    if not isinstance(job, str) or not JOB_ID_RE.fullmatch(job):
+        raise BadMessage("field 'job': not a job id")
+    return job
+
+
+def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
+    """What a local client asked to warm: repo, revision, include, exclude, nodes."""
+    try:
+        repo_type = hubnames.repo_type(body.get("repo_type") or "model")
+        repo_id = hubnames.repo_id(str(body.get("repo", "")).split("/"))
+        revision = hubnames.revision(body.get("revision") or "main")
+    except (hubnames.InvalidName, TypeError) as e:
+        raise HubError(400, "", f"bad warm request: {e}") from e
+    globs = {k: body.get(k) or [] for k in ("include", "exclude")}
+    nodes = body.get("nodes") or "all"
+    if (not all(isinstance(v, list) and all(isinstance(g, str) for g in v)
+                for v in globs.values()) or not isinstance(nodes, str)):
+        raise HubError(400, "", "bad warm request: include/exclude are lists of globs, nodes "
+                                "is all, local or NODE,NODE,...")
+    return Repo(repo_type, repo_id), revision, globs["include"], globs["exclude"], nodes
+
+
+def _file_of_tree_entry(e: dict[str, Any]) -> WarmFile:
+    lfs = e.get("lfs")
+    if isinstance(lfs, dict):
+        return parse_warm_file({"path": e.get("path"), "digest": lfs.get("oid"),
+                                "algo": "sha256", "size": e.get("size"), "lfs": True})
+    return parse_warm_file({"path": e.get("path"), "digest": e.get("oid"), "algo": "gitsha1",
+                            "size": e.get("size"), "lfs": False})
 
 
 def _selected(path: str, include: list[str], exclude: list[str]) -> bool:

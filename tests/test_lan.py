@@ -59,11 +59,14 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
         assert "h4" not in cluster.live_names(h)
     assert cluster.live_names("h4") == set()
     # calls signed with the stranger's key are refused by the others, and so are unsigned ones
+    h1_api, h2_api = (f"http://{cluster.lab.ip(h)}:6581" for h in ("h1", "h2"))
     for key in (stranger, None):
-        status = signed_status(cluster.lab, "h4", key, f"http://{cluster.lab.ip('h1')}:6581")
-        assert status == 401, status
-    assert signed_status(cluster.lab, "h2", cluster.key, f"http://{cluster.lab.ip('h1')}:6581") \
-        == 200
+        assert signed_status(cluster.lab, "h4", key, h1_api) == "401"
+    # a signed request is good once, and only at the node it names
+    h1_id = cluster.nodes["h1"].status()["peers"]["node_id"]
+    assert signed_status(cluster.lab, "h3", cluster.key, h1_api, "--to", h1_id,
+                         "--replay") == "200 401"
+    assert signed_status(cluster.lab, "h3", cluster.key, h2_api, "--to", h1_id) == "401"
     assert "peer API: refused" in cluster.nodes["h1"].log()
     # a node that stops says goodbye on mDNS; one that is killed stops answering the probes
     cluster.nodes["h3"].stop()
@@ -74,23 +77,13 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
                          lambda: "h2" not in cluster.live_names("h1"), timeout=20)
 
 
-def signed_status(lab: Lab, host: str, key: Path | None, base: str) -> int:
-    """GET a peer API route from `host`, signed with `key` (unsigned without one)."""
-    code = (
-        "import sys, urllib.request, urllib.error\n"
-        "from pathlib import Path\n"
-        "from modelpeer.daemon.cluster import ClusterKey, read_key_file\n"
-        "path = '/_modelpeer/peer/v1/status'\n"
-        "h = ClusterKey(read_key_file(Path(sys.argv[2]))).sign('GET', path, b'', 'x') "
-        "if sys.argv[2] else {}\n"
-        "try:\n"
-        "    print(urllib.request.urlopen(urllib.request.Request(sys.argv[1] + path, "
-        "headers=h), timeout=5).status)\n"
-        "except urllib.error.HTTPError as e:\n"
-        "    print(e.code)\n")
-    out = lab.run(host, sys.executable, "-c", code, base, str(key or ""))
+def signed_status(lab: Lab, host: str, key: Path | None, base: str, *args: str) -> str:
+    """The HTTP status(es) of a peer API GET /status from `host`, signed with `key` as another
+    node would sign it (unsigned without one); `args` go to tests/peerprobe.py."""
+    out = lab.run(host, sys.executable, "-m", "tests.peerprobe",
+                  base + "/_modelpeer/peer/v1/status", str(key or "-"), *args)
     assert out.returncode == 0, out.stderr
-    return int(out.stdout.strip())
+    return out.stdout.strip()
 
 
 def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> None:

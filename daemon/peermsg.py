@@ -1,0 +1,232 @@
+"""The peer API's JSON messages, parsed strictly where they arrive: a field that is missing, of
+another type or out of range is a BadMessage naming it. A peer that holds the cluster key can
+still be broken, so nothing a peer says is used before it went through here."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from . import hubnames
+
+MAX_NAME = 256
+MAX_FILES = 100_000
+MAX_SIZE = 1 << 50  # 1 PiB: larger is a lie
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+NODE_ID_RE = _HEX32
+JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
+
+T = TypeVar("T")
+
+
+class BadMessage(ValueError):
+    """A peer message that does not have the expected shape."""
+
+
+class JobState(enum.StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    STOPPED = "stopped"  # the daemon stopped; it resumes at the next start
+
+
+class TransferSource(enum.StrEnum):
+    NONE = ""
+    STORE = "store"
+    PEER = "peer"
+    UPSTREAM = "upstream"
+
+
+def _obj(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadMessage(f"{what}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _get(d: dict[str, Any], key: str, kind: type[T], default: T | None = None) -> T:
+    value = d.get(key, default)
+    # bool is an int in Python; a peer sending true for a count is still wrong
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadMessage(f"field {key!r}: expected {kind.__name__}, got {value!r:.60}")
+    return value
+
+
+def _text(d: dict[str, Any], key: str, default: str | None = None,
+          pattern: re.Pattern[str] | None = None, max_len: int = MAX_NAME) -> str:
+    value = _get(d, key, str, default)
+    if len(value) > max_len or (pattern is not None and not pattern.fullmatch(value)):
+        raise BadMessage(f"field {key!r}: {value!r:.60} is not a valid value")
+    return value
+
+
+def _count(d: dict[str, Any], key: str, default: int | None = None, hi: int = MAX_SIZE) -> int:
+    value = _get(d, key, int, default)
+    if not 0 <= value <= hi:
+        raise BadMessage(f"field {key!r}: {value} is out of range")
+    return value
+
+
+def _number(d: dict[str, Any], key: str, default: float = 0.0) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise BadMessage(f"field {key!r}: expected a number, got {value!r:.60}")
+    return float(value)
+
+
+def _choice(d: dict[str, Any], key: str, kind: Callable[[str], T], default: str | None = None
+            ) -> T:
+    value = _get(d, key, str, default)
+    try:
+        return kind(value)
+    except ValueError as e:
+        raise BadMessage(f"field {key!r}: {value!r:.60} is not one of the known values") from e
+
+
+def _named(parse: Callable[[str], str], value: str, key: str) -> str:
+    try:
+        return parse(value)
+    except hubnames.InvalidName as e:
+        raise BadMessage(f"field {key!r}: {e}") from e
+
+
+# --- GET /status --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    name: str
+    version: str
+    bt_port: int
+    chunks: int
+
+
+def parse_status(value: object) -> NodeStatus:
+    d = _obj(value, "status")
+    return NodeStatus(_text(d, "node_id", pattern=NODE_ID_RE), _text(d, "name", ""),
+                      _text(d, "version", ""), _count(d, "bt_port", 0, hi=65535),
+                      _count(d, "chunks", 0))
+
+
+# --- GET /chunks/{digest} -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class HeldChunk:
+    index: int
+    info_hash: str  # "" when its torrent is not made yet
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkMap:
+    chunks: list[HeldChunk]
+    small: bool  # the whole blob, small enough to travel over the peer API
+    transfer: TransferSource  # where the peer's own transfer of the blob gets bytes now
+
+
+def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
+    d = _obj(value, "chunk map")
+    if d.get("digest") != digest:
+        raise BadMessage(f"field 'digest': a map of {str(d.get('digest'))[:64]!r}, not of "
+                         f"{digest}")
+    items = _get(d, "chunks", list, [])
+    if len(items) > max_chunks:
+        raise BadMessage(f"field 'chunks': {len(items)} chunks, the blob has {max_chunks}")
+    chunks = []
+    for item in items:
+        c = _obj(item, "chunk")
+        index = _count(c, "index", hi=max_chunks - 1)
+        info_hash = _text(c, "info_hash", "")
+        if info_hash and not _HEX40.fullmatch(info_hash):
+            raise BadMessage(f"field 'info_hash': {info_hash!r:.60} is not an info-hash")
+        chunks.append(HeldChunk(index, info_hash))
+    return ChunkMap(chunks, _get(d, "small", bool, False),
+                    _choice(d, "transfer", TransferSource, ""))
+
+
+# --- warm jobs ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class WarmFile:
+    path: str
+    digest: str
+    algo: str  # sha256 (LFS) or gitsha1
+    size: int
+    lfs: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmSpec:
+    """A warm job as the coordinator hands it out; the token travels sealed."""
+    id: str
+    repo_type: str
+    repo_id: str
+    revision: str
+    commit: str
+    files: tuple[WarmFile, ...]
+    sealed_token: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
+                "revision": self.revision, "commit": self.commit,
+                "sealed_token": self.sealed_token,
+                "files": [dataclasses.asdict(f) for f in self.files]}
+
+
+def parse_warm_file(value: object) -> WarmFile:
+    d = _obj(value, "file")
+    algo = _text(d, "algo")
+    lfs = _get(d, "lfs", bool)
+    if lfs != (algo == "sha256"):
+        raise BadMessage(f"field 'lfs': {lfs} does not go with a {algo!r} digest")
+    return WarmFile(_named(hubnames.file_path, _text(d, "path", max_len=hubnames.MAX_PATH),
+                           "path"),
+                    _named(lambda v: hubnames.digest(v, algo), _text(d, "digest"), "digest"),
+                    algo, _count(d, "size"), lfs)
+
+
+def parse_warm_spec(value: object) -> WarmSpec:
+    d = _obj(value, "warm job")
+    items = _get(d, "files", list)
+    if len(items) > MAX_FILES:
+        raise BadMessage(f"field 'files': {len(items)} files is more than {MAX_FILES}")
+    files = tuple(parse_warm_file(f) for f in items)
+    if len({f.path for f in files}) != len(files):
+        raise BadMessage("field 'files': a path is listed twice")
+    sealed = d.get("sealed_token")
+    if sealed is not None:
+        sealed = _text(d, "sealed_token", max_len=8192)
+    repo_type = _named(hubnames.repo_type, _text(d, "repo_type"), "repo_type")
+    repo_id = _named(lambda v: hubnames.repo_id(v.split("/")), _text(d, "repo_id"), "repo_id")
+    return WarmSpec(_text(d, "id", pattern=JOB_ID_RE), repo_type, repo_id,
+                    _named(hubnames.revision, _text(d, "revision"), "revision"),
+                    _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStatus:
+    """A node's view of a warm job (GET /warm/{job})."""
+    state: JobState
+    error: str
+    files: int
+    done_files: int
+    bytes: int
+    have_bytes: int
+    repo: str
+    started: float
+    finished: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_job_status(value: object) -> JobStatus:
+    d = _obj(value, "job status")
+    return JobStatus(_choice(d, "state", JobState), _text(d, "error", "", max_len=4096),
+                     _count(d, "files", hi=MAX_FILES), _count(d, "done_files", hi=MAX_FILES),
+                     _count(d, "bytes"), _count(d, "have_bytes"), _text(d, "repo", ""),
+                     _number(d, "started"), _number(d, "finished"))
+
+
+def parse_sealed_token(value: object) -> str:
+    return _text(_obj(value, "token answer"), "sealed_token", max_len=8192)

@@ -1,0 +1,110 @@
+"""Peer messages are parsed strictly: every malformation is a BadMessage naming the field,
+never another exception."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from modelpeer.daemon.peermsg import (
+    BadMessage,
+    JobState,
+    TransferSource,
+    parse_chunk_map,
+    parse_job_status,
+    parse_sealed_token,
+    parse_status,
+    parse_warm_spec,
+)
+
+D = "a" * 64
+NODE = "0123456789abcdef" * 2
+GOOD_FILE = {"path": "model.bin", "digest": D, "algo": "sha256", "size": 10, "lfs": True}
+GOOD_SPEC = {"id": "0123456789ab", "repo_type": "model", "repo_id": "acme/tts",
+             "revision": "main", "commit": "c" * 40, "sealed_token": None, "files": [GOOD_FILE]}
+
+
+def test_good_messages_parse() -> None:
+    s = parse_status({"node_id": NODE, "name": "h1", "version": "0.1", "bt_port": 6582,
+                      "chunks": 3})
+    assert (s.node_id, s.bt_port, s.chunks) == (NODE, 6582, 3)
+    m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
+                         "small": False, "transfer": "upstream"}, D, 4)
+    assert m.chunks[0].index == 1 and m.transfer is TransferSource.UPSTREAM
+    spec = parse_warm_spec(GOOD_SPEC)
+    assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
+    j = parse_job_status({"state": "done", "error": "", "files": 1, "done_files": 1,
+                          "bytes": 5, "have_bytes": 5, "repo": "acme/tts@c", "started": 1.5,
+                          "finished": 2})
+    assert j.state is JobState.DONE
+    assert parse_sealed_token({"sealed_token": "abc"}) == "abc"
+
+
+def spec_with(**change: Any) -> dict[str, Any]:
+    return {**GOOD_SPEC, **change}
+
+
+def file_with(**change: Any) -> dict[str, Any]:
+    return spec_with(files=[{**GOOD_FILE, **change}])
+
+
+@pytest.mark.parametrize("message", [
+    [], "x", None, spec_with(id="../../x"), spec_with(repo_type="weights"),
+    spec_with(repo_id="../acme/tts"), spec_with(repo_id="a/b/c"), spec_with(commit="main"),
+    spec_with(revision="a/../b"), spec_with(files={"x": 1}), spec_with(files=[[]]),
+    file_with(path="../secrets"), file_with(path="/etc/passwd"), file_with(path="a//b"),
+    file_with(path="a\\b"), file_with(path="a\x1b[2Jb"), file_with(digest="A" * 64),
+    file_with(digest="a" * 40), file_with(algo="md5"), file_with(size=-1), file_with(size=True),
+    file_with(size="10"), file_with(size=1 << 60), file_with(lfs=False),
+    spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5),
+])
+def test_malformed_warm_jobs_are_refused(message: Any) -> None:
+    with pytest.raises(BadMessage):
+        parse_warm_spec(message)
+
+
+@pytest.mark.parametrize("message", [
+    {}, [], {"node_id": NODE[:-1]}, {"node_id": NODE, "bt_port": 70000},
+    {"node_id": NODE, "bt_port": "6582"}, {"node_id": NODE, "chunks": -1},
+    {"node_id": NODE, "name": "x" * 1000}, {"node_id": 5},
+])
+def test_malformed_status_is_refused(message: Any) -> None:
+    with pytest.raises(BadMessage):
+        parse_status(message)
+
+
+@pytest.mark.parametrize("message", [
+    {"digest": "b" * 64}, {"digest": D, "chunks": {"index": 1}},
+    {"digest": D, "chunks": [[1]]}, {"digest": D, "chunks": [{"index": 4}]},
+    {"digest": D, "chunks": [{"index": 0, "info_hash": "zz"}]},
+    {"digest": D, "chunks": [{"index": 0}] * 5}, {"digest": D, "small": "yes"},
+    {"digest": D, "transfer": "moon"},
+])
+def test_malformed_chunk_maps_are_refused(message: Any) -> None:
+    with pytest.raises(BadMessage):
+        parse_chunk_map(message, D, 4)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                max_size=5),
+    max_leaves=20)
+
+
+@given(json_values)
+def test_no_json_value_breaks_a_parser_otherwise(value: Any) -> None:
+    for parse in (parse_status, parse_warm_spec, parse_job_status, parse_sealed_token,
+                  lambda v: parse_chunk_map(v, D, 4)):
+        with contextlib.suppress(BadMessage):
+            parse(value)
+
+
+@given(st.dictionaries(st.sampled_from(list(GOOD_FILE)), json_values, max_size=5))
+def test_no_file_entry_breaks_the_warm_parser_otherwise(entry: dict[str, Any]) -> None:
+    with contextlib.suppress(BadMessage):
+        parse_warm_spec(spec_with(files=[{**GOOD_FILE, **entry}]))

@@ -1,0 +1,178 @@
+"""Membership and the peer API in-process, over real loopback sockets: only holders of the key
+that prove it are members, an answer must be the asked node's answer to that request, a request
+is valid once and for one node, and headers are checked before any body is read."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from modelpeer.daemon.cluster import ClusterKey, Credentials, NodeIdentity
+from modelpeer.daemon.peermsg import parse_status
+from modelpeer.daemon.peers import API, Peer, PeerApi, PeerError, PeerSet
+from tests.harness import free_port
+
+KEY = b"k" * 32
+
+
+class Node:
+    """A peer API with a status route, as a daemon has, on a loopback port."""
+
+    def __init__(self, tmp: Path, name: str, key: bytes = KEY,
+                 status: Callable[[Credentials], Any] | None = None) -> None:
+        self.credentials = Credentials(ClusterKey(key),
+                                       NodeIdentity.load_or_create(tmp / f"{name}.key"))
+        self.name = name
+        self.port = free_port()
+        self.api = PeerApi(self.credentials)
+        self.bodies: list[bytes] = []
+        answer = status or (lambda c: {"node_id": c.node_id, "name": name, "bt_port": 1})
+
+        async def handle(request: web.Request, sender: str) -> web.Response:
+            return web.json_response(answer(self.credentials))
+
+        async def echo(request: web.Request, sender: str) -> web.Response:
+            self.bodies.append(await request.read())
+            return web.json_response({"sender": sender})
+
+        self.api.route("GET", "/status", handle, any_receiver=True)
+        self.api.route("POST", "/echo", echo)
+
+    @property
+    def node_id(self) -> str:
+        return self.credentials.node_id
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[[Node], Awaitable[Node]]]:
+    nodes: list[Node] = []
+
+    async def start(node: Node) -> Node:
+        await node.api.start("127.0.0.1", node.port)
+        nodes.append(node)
+        return node
+
+    yield start
+    for n in nodes:
+        await n.api.close()
+
+
+async def impostor(port: int, node_id: str) -> web.AppRunner:
+    """A keyless host answering every route with plausible JSON."""
+    async def anything(request: web.Request) -> web.Response:
+        return web.json_response({"node_id": node_id, "name": "evil", "bt_port": 6582,
+                                  "state": "done", "job": "0123456789ab"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def eventually(check: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("not true in time")
+
+
+async def test_members_prove_the_key_and_impostors_never_get_in(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    evil_port = free_port()
+    evil_id = "e" * 32
+    runner = await impostor(evil_port, evil_id)
+    peers = PeerSet(a.credentials, static=[("127.0.0.1", evil_port)])
+    await peers.start()
+    try:
+        peers.seen(b.node_id, "127.0.0.1", b.port)
+        peers.seen(evil_id, "127.0.0.1", evil_port)
+        await eventually(lambda: b.node_id in peers.peers and peers.peers[b.node_id].alive)
+        peers.seen(b.node_id, "127.0.0.1", evil_port)  # claims b's id at its own address
+        await asyncio.sleep(0.5)
+        assert set(peers.peers) == {b.node_id}
+        assert peers.peers[b.node_id].peer_port == b.port  # its address was not taken
+        assert [p.node_id for p in peers.usable()] == [b.node_id]
+        answer = await peers.request_json(peers.peers[b.node_id], "POST", "/echo",
+                                          lambda v: v, {"x": 1})
+        assert answer == {"sender": a.node_id} and b.bodies == [b'{"x": 1}']
+    finally:
+        await peers.close()
+        await runner.cleanup()
+
+
+async def test_a_keyed_peer_with_malformed_status_is_not_admitted(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    bad = await started(Node(tmp_path, "bad", status=lambda c: {"node_id": c.node_id,
+                                                                  "bt_port": "many"}))
+    liar = await started(Node(tmp_path, "liar", status=lambda c: {"node_id": "f" * 32}))
+    peers = PeerSet(a.credentials, static=[])
+    await peers.start()
+    try:
+        peers.seen(bad.node_id, "127.0.0.1", bad.port)
+        peers.seen(liar.node_id, "127.0.0.1", liar.port)
+        await asyncio.sleep(0.7)
+        assert peers.peers == {}
+        with pytest.raises(PeerError, match="bt_port"):
+            await peers.request_json(Peer(bad.node_id, "127.0.0.1", bad.port), "GET",
+                                     "/status", parse_status)
+    finally:
+        await peers.close()
+
+
+async def raw(port: int, method: str, path: str, headers: dict[str, str],
+              body: bytes = b"") -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.request(
+            method, f"http://127.0.0.1:{port}{API}{path}", headers=headers,
+            data=body or None) as resp:
+        await resp.read()
+        return resp.status, dict(resp.headers)
+
+
+async def test_replays_and_requests_for_other_nodes_are_refused(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    c = await started(Node(tmp_path, "c"))
+    body = json.dumps({"x": 1}).encode()
+    signed = a.credentials.sign_request("POST", API + "/echo", body, b.node_id)
+    headers = {**signed.headers, "Content-Type": "application/json"}
+    assert (await raw(b.port, "POST", "/echo", headers, body))[0] == 200
+    assert (await raw(b.port, "POST", "/echo", headers, body))[0] == 401  # same receiver
+    assert (await raw(c.port, "POST", "/echo", headers, body))[0] == 401  # another receiver
+    assert b.bodies == [body] and c.bodies == []
+
+
+async def test_headers_are_checked_before_the_body_and_bodies_must_match(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    status, _ = await raw(b.port, "POST", "/echo", {"Content-Type": "application/json"},
+                          b"x" * (6 * 1024 * 1024))
+    assert status == 401 and b.bodies == []  # refused unread, not 413
+    signed = a.credentials.sign_request("POST", API + "/echo", b"{}", b.node_id)
+    status, _ = await raw(b.port, "POST", "/echo", signed.headers, b"{ }")
+    assert status == 400 and b.bodies == []
+    signed = a.credentials.sign_request("GET", API + "/status", b"", b.node_id)
+    status, _ = await raw(b.port, "GET", "/status", signed.headers, b"{}")
+    assert status == 400
+
+
+async def test_unauthenticated_answers_are_not_signed(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    b = await started(Node(tmp_path, "b"))
+    status, headers = await raw(b.port, "GET", "/status", {})
+    assert status == 401
+    assert not any(h.lower().startswith("x-modelpeer") for h in headers)
