@@ -20,6 +20,7 @@ from typing import BinaryIO
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
+SO_RCVBUFFORCE = 33  # not in Python's socket module; as root, beyond net.core.rmem_max
 SNAPLEN = 256 * 1024  # veth hands the bridge GSO frames of up to 64 KiB, and more with BIG TCP
 RCVBUF = 64 * 1024 * 1024
 LINKTYPE_ETHERNET = 1
@@ -28,7 +29,7 @@ BRIDGE = "br0"
 
 def open_socket() -> socket.socket:
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, RCVBUF)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     sock.settimeout(0.2)
     return sock
 
