@@ -98,7 +98,8 @@ class Capture:
 
 def read_pcap(path: Path) -> list[bytes]:
     raw = path.read_bytes()
-    frames, at = [], PCAP_HEADER.size
+    frames: list[bytes] = []
+    at = PCAP_HEADER.size
     while at < len(raw):
         *_, caplen, _ = PCAP_RECORD.unpack_from(raw, at)
         at += PCAP_RECORD.size
@@ -277,7 +278,7 @@ class Cluster:
             d.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python3 -m tests.netlab",
                                      description="The project's network lab (root).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -293,7 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prefix", default="mp")
     args = parser.parse_args(argv)
     if args.command == "up":
-        Lab(args.hosts, args.prefix, lan=args.lan, wan=args.wan).up()
+        try:
+            Lab(args.hosts, args.prefix, lan=args.lan, wan=args.wan).up()
+        except LabError as e:
+            sys.exit(f"netlab: {e}")
         print(f"netlab: {args.hosts} hosts up (prefix {args.prefix}), "
               f"upstream at {Lab.ip(UPSTREAM)}")
     elif args.command == "down":
@@ -302,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["ip", "netns", "exec", host_namespace(args.prefix, args.host),
                *(args.cmd or ["bash"])]
         os.execvp(cmd[0], cmd)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
