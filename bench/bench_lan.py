@@ -1,5 +1,6 @@
 """Peer-to-peer throughput between two nodes on a shaped LAN link, against a plain HTTP
-transfer (nginx) of the same bytes over the same link, in the same run. Needs root (netlab).
+transfer (nginx) of the same bytes over the same link, in the same run. Needs root (the lab
+in tests/netlab.py).
 
     python bench/bench_lan.py --size 1GiB --lan 1gbit
 

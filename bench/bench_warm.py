@@ -1,4 +1,5 @@
-"""Cluster warm-up vs its lower bound and two baselines, on netlab (root):
+"""Cluster warm-up vs its lower bound and two baselines, in the network lab of
+tests/netlab.py (root):
 
     python bench/bench_warm.py --size 1GiB --wan 400mbit --lan 1gbit --nodes 2 4 6
 
