@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 
 from tests.fakehub import FakeHub
 from tests.harness import Modelpeerd
+from tests.netlab import Cluster, Lab
 
 MiB = 1024 * 1024
 
@@ -57,3 +59,22 @@ def hf_home(tmp_path: Path) -> Callable[[], Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A lab of 4 hosts on a 1 Gbit/s LAN and a fake Hub on its upstream host (the WAN rate is
+    the test's parameter, if any); everything is stopped and the lab removed at the end."""
+    wan = getattr(request, "param", "")
+    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit", wan=wan)
+    hub = FakeHub(tmp_path / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
+                  cdn_port=8081, prefix_cmd=lab.ns("up"))
+    c = Cluster(lab, hub, tmp_path)
+    try:
+        lab.up()
+        hub.start()
+        yield c
+    finally:
+        c.stop()
+        hub.stop()
+        lab.down()

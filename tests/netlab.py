@@ -273,6 +273,11 @@ class Cluster:
         assert "result" in out, out
         return tree_bytes(Path(out["result"]))
 
+    def cli(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `modelpeer` CLI on `host`, talking to that host's daemon."""
+        return self.lab.run(host, sys.executable, "-m", "modelpeer.client.cli", "--daemon",
+                            self.nodes[host].url, *args, timeout=300)
+
     def stop(self) -> None:
         for d in self.nodes.values():
             d.stop()

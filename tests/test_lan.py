@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
+from tests.fakehub import expected_files
 from tests.harness import hf_client
 from tests.netlab import Cluster, Lab, netlab_available, write_key
 
@@ -23,23 +20,6 @@ pytestmark = [pytest.mark.netlab,
 
 MODEL = "acme/tiny-tts"
 MiB = 1024 * 1024
-
-
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    wan = getattr(request, "param", "")
-    lab = Lab(4, prefix=f"mpt{os.getpid() % 10000}", lan="1gbit", wan=wan)
-    hub = FakeHub(tmp_path / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
-                  cdn_port=8081, prefix_cmd=lab.ns("up"))
-    c = Cluster(lab, hub, tmp_path)
-    try:
-        lab.up()
-        hub.start()
-        yield c
-    finally:
-        c.stop()
-        hub.stop()
-        lab.down()
 
 
 def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
@@ -173,12 +153,12 @@ def test_a_peer_relaying_wrong_bytes_is_banned_and_the_warm_still_completes(
         cluster.start(h)
     cluster.lab.wait_for("h2 sees h1", lambda: cluster.live_names("h2") == {"h1"})
     cluster.hub.faults(cdn_rate=4 * MiB)
-    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "h1").returncode == 0
+    assert cluster.cli("h1", "warm", MODEL, "--nodes", "h1").returncode == 0
     cache = cluster.tmp / "cache-h1"
     cluster.lab.wait_for("h1 completes a chunk", lambda: any(
         c.stat().st_size >= 8 * MiB for c in (cache / "chunks").rglob("*.[0-9]")))
     corrupt_chunks(cache)  # h1 now relays wrong bytes for what it already holds
-    out = _cli(cluster, "h2", "warm", MODEL, "--nodes", "h2", "--wait", "--json")
+    out = cluster.cli("h2", "warm", MODEL, "--nodes", "h2", "--wait", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     peers = {p["name"]: p for p in cluster.peers("h2")}
     assert peers["h1"]["banned"], peers
@@ -196,11 +176,6 @@ def _download(cluster: Cluster, host: str, filename: str) -> bytes:
     return Path(out["result"]).read_bytes()
 
 
-def _cli(cluster: Cluster, host: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return cluster.lab.run(host, sys.executable, "-m", "modelpeer.client.cli", "--daemon",
-                           cluster.nodes[host].url, *args, timeout=300)
-
-
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3", "h4")
@@ -210,14 +185,14 @@ def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> N
         cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
     want = expected_files(MODEL)
     lfs_bytes = sum(len(v) for k, v in want.items() if len(v) > 64 * 1024)
-    out = _cli(cluster, "h1", "warm", MODEL, "--nodes", "all", "--wait", "--json")
+    out = cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--wait", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     status = json.loads(out.stdout)
     assert {n: s["state"] for n, s in status["nodes"].items()} == dict.fromkeys(hosts, "done")
     cdn = cluster.hub.stats()["cdn_bytes"]
     print(f"warm: CDN bytes {cdn / lfs_bytes:.3f} x the repo's large files")
     assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
-    jobs = json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+    jobs = json.loads(cluster.cli("h2", "jobs", "--json").stdout)
     assert jobs and jobs[0]["state"] == "done"
     # the nodes relay the bytes along a chain: none sends the repo to all the others
     sent = {h: sum(int(p["bytes_to"]) for p in cluster.peers(h)) for h in hosts}
@@ -234,11 +209,11 @@ def test_a_client_during_a_warm_joins_its_transfer(cluster: Cluster) -> None:
         cluster.start(h)
     cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
     cluster.hub.faults(cdn_rate=8 * MiB)
-    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "all").returncode == 0
+    assert cluster.cli("h1", "warm", MODEL, "--nodes", "all").returncode == 0
     want = expected_files(MODEL)["model.safetensors"]
     assert _download(cluster, "h2", "model.safetensors") == want
     # a second warm joins the first one's transfers and returns when both nodes hold the repo
-    assert _cli(cluster, "h1", "warm", MODEL, "--nodes", "all", "--wait").returncode == 0
+    assert cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--wait").returncode == 0
     cdn = cluster.hub.stats()["cdn_bytes"]
     lfs_bytes = sum(len(v) for v in expected_files(MODEL).values() if len(v) > 64 * 1024)
     assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
@@ -252,7 +227,7 @@ def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
     for h in hosts:
         cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_cli, cluster, "h1", "warm", MODEL, "--wait", "--json")
+        pending = pool.submit(cluster.cli, "h1", "warm", MODEL, "--wait", "--json")
         time.sleep(2)
         cluster.nodes["h3"].kill()
         out = pending.result()
@@ -270,7 +245,7 @@ def test_a_restarted_node_resumes_a_gated_warm_with_the_coordinators_token(
         cluster.start(h)
     cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
     cluster.hub.faults(cdn_rate=MiB // 2)
-    out = _cli(cluster, "h1", "warm", "acme/gated-model", "--nodes", "h2", "--token",
+    out = cluster.cli("h1", "warm", "acme/gated-model", "--nodes", "h2", "--token",
                "hf_good_token", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     job = json.loads(out.stdout)["job"]
@@ -279,8 +254,8 @@ def test_a_restarted_node_resumes_a_gated_warm_with_the_coordinators_token(
     cluster.hub.reset()
     h2 = cluster.start("h2")
     cluster.lab.wait_for("the resumed job ends on h2", lambda: [
-        (j["job"], j["state"]) for j in json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+        (j["job"], j["state"]) for j in json.loads(cluster.cli("h2", "jobs", "--json").stdout)
         if j["state"] != "running"], timeout=60)
-    jobs = json.loads(_cli(cluster, "h2", "jobs", "--json").stdout)
+    jobs = json.loads(cluster.cli("h2", "jobs", "--json").stdout)
     assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")], jobs
     assert "token of acme/gated-model received from node" in h2.log()
