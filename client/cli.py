@@ -49,10 +49,16 @@ class Daemon:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             token: str | None = None) -> Any:
+        """The daemon refuses state-changing calls without Content-Type: application/json;
+        a Hub token goes in the Authorization header, as the `hf` CLI sends it."""
         data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         req = urllib.request.Request(self.url + API + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 return json.loads(resp.read() or b"null")
@@ -201,9 +207,8 @@ def cmd_cluster_key(d: Daemon, args: argparse.Namespace) -> int:
 
 def cmd_warm(d: Daemon, args: argparse.Namespace) -> int:
     body = {"repo": args.repo, "repo_type": args.repo_type, "revision": args.revision,
-            "include": args.include, "exclude": args.exclude, "nodes": args.nodes,
-            "token": args.token or os.environ.get("HF_TOKEN")}
-    started = d.call("POST", "/warm", body)
+            "include": args.include, "exclude": args.exclude, "nodes": args.nodes}
+    started = d.call("POST", "/warm", body, token=args.token or os.environ.get("HF_TOKEN"))
     if started.get("errors"):
         for node, error in started["errors"].items():
             print(f"modelpeer: node {node} did not take the job: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ from .catalog import Catalog
 from .config import Config, ConfigError, load_config
 from .control import Control
 from .fetch import Fetcher
+from .guard import local_only
 from .index import open_index
 from .lan import start_lan
 from .logs import set_level
@@ -75,7 +76,7 @@ class Daemon:
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup)
         self.proxy = Proxy(self.catalog, self.fetcher, self.metrics)
-        app = web.Application(client_max_size=1024**2,
+        app = web.Application(client_max_size=1024**2, middlewares=[local_only(cfg.listen)],
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
                                             "max_line_size": MAX_HEADER_BYTES})
         app.on_response_prepare.append(_server_header)

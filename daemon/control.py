@@ -113,11 +113,13 @@ class Control:
                 raise ValueError("a JSON object with at least 'repo'")
         except ValueError as e:
             return web.json_response({"error": f"bad warm request: {e}"}, status=400)
-        token = body.pop("token", None) or request.headers.get("Authorization")
-        if token and not token.startswith("Bearer "):
-            token = f"Bearer {token}"
+        if "token" in body:
+            return web.json_response({"error": "bad warm request: a Hub token does not go in the "
+                                      "body; send it as 'Authorization: Bearer hf_...'"},
+                                     status=400)
         try:
-            return web.json_response(await self.warmup.create(body, token))
+            return web.json_response(await self.warmup.create(
+                body, request.headers.get("Authorization") or None))
         except HubError as e:
             return web.json_response({"error": e.message, "code": e.code}, status=e.status)
 

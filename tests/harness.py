@@ -6,6 +6,7 @@ its own environment and an empty HF cache of its own.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,34 @@ def get_json(url: str, method: str = "GET", timeout: float = 10) -> Any:
     req = urllib.request.Request(url, method=method)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
+
+
+def raw(d: Modelpeerd, method: str, path: str, headers: Mapping[str, str | None] | None = None,
+        body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request with exactly these headers (a browser's, a hostile client's): Host defaults
+    to the daemon's address, and a header given as None is not sent at all."""
+    headers = {"Host": f"{d.host}:{d.port}", **(headers or {})}
+    if body is not None:
+        headers["Content-Length"] = str(len(body))
+    conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for name, value in headers.items():
+            if value is not None:
+                conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def cli(d: Modelpeerd | str, *args: str,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The `modelpeer` CLI against the daemon `d` (or a URL)."""
+    url = d if isinstance(d, str) else d.url
+    return subprocess.run([sys.executable, "-m", "modelpeer.client.cli", "--daemon", url, *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
 
 class Modelpeerd:

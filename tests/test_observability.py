@@ -6,21 +6,22 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import ROOT, Modelpeerd
+
+if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
 
 StartDaemon = Callable[..., Modelpeerd]
 MiB = 1024 * 1024
@@ -80,39 +81,23 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
                    for k, _ in labels), (name, labels)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
-                    reason="needs Debian's chromium and chromium-driver")
 def test_status_page_shows_a_growing_transfer_without_console_errors(
-        start_daemon: StartDaemon, hub: FakeHub) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+        start_daemon: StartDaemon, hub: FakeHub, browser: WebDriver) -> None:
     from selenium.webdriver.common.by import By
 
     d = start_daemon()
     hub.faults(cdn_rate=1 * MiB)  # ~12 s for the 48 MiB file over 4 connections
     read_in_background(d.url + URL)
-    opts = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync", "--no-first-run", "--window-size=1100,900",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='mp-chrome-')}"):
-        opts.add_argument(arg)
-    opts.binary_location = shutil.which("chromium") or ""
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    try:
-        driver.get(d.url + "/_modelpeer/")
-        first = _progress(driver, By)
-        time.sleep(2.5)
-        second = _progress(driver, By)
-        assert second > first, (first, second)
-        assert "acme/tiny-tts/model.safetensors" in driver.find_element(By.ID, "transfers").text
-        assert driver.find_element(By.ID, "conn").text == "live"
-        driver.save_screenshot(str(ROOT / "docs" / "statuspage.png"))
-        errors = [e for e in driver.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-        assert errors == [], errors
-    finally:
-        driver.quit()
+    browser.get(d.url + "/_modelpeer/")
+    first = _progress(browser, By)
+    time.sleep(2.5)
+    second = _progress(browser, By)
+    assert second > first, (first, second)
+    assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
+    assert browser.find_element(By.ID, "conn").text == "live"
+    browser.save_screenshot(str(ROOT / "docs" / "statuspage.png"))
+    errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert errors == [], errors
 
 
 def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
