@@ -11,7 +11,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cluster import ClusterKey, ClusterKeyError, read_key_file
+from .cluster import ClusterKey
 from .config import Config
 from .peers import PeerApi, PeerSet
 from .store import Store
@@ -87,14 +87,10 @@ class Lan:
 async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> Lan:
     if cfg.no_peers:
         return Lan("disabled by --no-peers")
-    if cfg.cluster_key_file is None:
+    if cfg.cluster_key is None:
         return Lan("no cluster key (--cluster-key-file; make one with `modelpeer cluster-key "
                    "new FILE`): running as a local cache only")
-    try:
-        key = ClusterKey(read_key_file(cfg.cluster_key_file))
-    except ClusterKeyError as e:
-        log.error("peers off: %s", e)
-        return Lan(f"peers off: {e}")
+    key = ClusterKey(cfg.cluster_key)
     lan = Lan()
     lan.node_id, lan.cluster_id = node_id_of(cfg.cache_dir), key.cluster_id
     try:
