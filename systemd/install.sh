@@ -73,8 +73,8 @@ else
   rm -f "$dropin"
   rmdir "$unit.d" 2>/dev/null || true
   echo "no cluster key at $key: a local cache only; to join a LAN, put the cluster's key there" \
-       "(or make one: modelpeer cluster-key new /etc/modelpeer/cluster.key), then run" \
-       "install.sh again"
+       "(or make one: /opt/modelpeer/bin/modelpeer cluster-key new /etc/modelpeer/cluster.key)," \
+       "then run install.sh again"
 fi
 
 if [[ -z $root ]]; then
