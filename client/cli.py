@@ -195,8 +195,9 @@ def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot write {args.file}: {e.strerror}", 1) from e
     print(f"wrote a new cluster key to {args.file} (mode 600). Copy it to every node of the "
-          "cluster; under systemd as /etc/modelpeer/cluster.key, then run systemd/install.sh "
-          "again, else start modelpeerd with --cluster-key-file", file=sys.stderr)
+          "cluster. Under systemd keep it at /etc/modelpeer/cluster.key and run "
+          "systemd/install.sh again; else start modelpeerd with --cluster-key-file",
+          file=sys.stderr)
     return 0
 
 
