@@ -191,7 +191,7 @@ def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cluster_key(d: Daemon, args: argparse.Namespace) -> int:
+def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
     from modelpeer.daemon.cluster import new_key_file
 
     try:
@@ -201,7 +201,20 @@ def cmd_cluster_key(d: Daemon, args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot write {args.file}: {e.strerror}", 1) from e
     print(f"wrote a new cluster key to {args.file} (mode 600). Copy it to every node of the "
-          "cluster and start modelpeerd with --cluster-key-file", file=sys.stderr)
+          "cluster. Under systemd keep it at /etc/modelpeer/cluster.key and run "
+          "systemd/install.sh again; else start modelpeerd with --cluster-key-file",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_cluster_key_check(d: Daemon, args: argparse.Namespace) -> int:
+    from modelpeer.daemon.cluster import ClusterKey, ClusterKeyError, read_key_file
+
+    try:
+        key = ClusterKey(read_key_file(args.file))
+    except ClusterKeyError as e:
+        raise CliError(str(e), EXIT_PROBLEM) from e
+    print(f"{args.file}: a usable cluster key, cluster {key.cluster_id}")
     return 0
 
 
@@ -318,11 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
     sub.add_parser("peers", parents=[common], help="the LAN peers this node sees"
                    ).set_defaults(func=cmd_peers)
-    ck = sub.add_parser("cluster-key", parents=[common], help="make a cluster key")
+    ck = sub.add_parser("cluster-key", parents=[common], help="make or check a cluster key")
     ck_sub = ck.add_subparsers(dest="action", required=True)
     new = ck_sub.add_parser("new", help="write a fresh random key to FILE (never overwrites)")
     new.add_argument("file", type=Path)
-    new.set_defaults(func=cmd_cluster_key)
+    new.set_defaults(func=cmd_cluster_key_new)
+    check = ck_sub.add_parser("check", help="is FILE a key modelpeerd accepts; its cluster id")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_cluster_key_check)
     w = sub.add_parser("warm", parents=[common], help="put a repo on nodes of the cluster")
     w.add_argument("repo")
     w.add_argument("--revision", default="main")

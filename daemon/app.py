@@ -134,7 +134,7 @@ class Daemon:
         self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
-                                           "cluster_key_file", "log_format")
+                                           "cluster_key_file", "cluster_key", "log_format")
                          if getattr(new, name) != getattr(self.cfg, name)]
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))

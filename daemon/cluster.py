@@ -16,9 +16,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import errno
 import hashlib
 import hmac
 import os
+import pwd
 import secrets
 import stat
 import time
@@ -68,20 +70,24 @@ def new_key_file(path: Path) -> None:
 
 
 def read_key_file(path: Path) -> bytes:
+    """The key in PATH; a key others could read, or one missing, unreadable or malformed, is
+    refused with what to do about it."""
     try:
-        st = path.stat()
-        text = path.read_text().strip()
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4096)
     except OSError as e:
-        raise ClusterKeyError(f"{path}: cannot read the cluster key: {e.strerror}") from e
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ClusterKeyError(_cannot_read(path, e)) from e
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ClusterKeyError(f"{path}: the cluster key is readable by others; chmod 600 it")
     try:
-        key = bytes.fromhex(text)
+        key = bytes.fromhex(raw.decode("ascii").strip())
     except ValueError as e:
-        raise ClusterKeyError(f"{path}: not a hex key (make one with `modelpeer cluster-key new`)"
+        raise ClusterKeyError(f"{path}: not a hex key; make one with `modelpeer cluster-key new`"
                               ) from e
     if len(key) < 16:
-        raise ClusterKeyError(f"{path}: the key is too short ({len(key)} bytes; want >= 16)")
+        raise ClusterKeyError(f"{path}: the key is too short ({len(key)} bytes; want >= 16); "
+                              "make one with `modelpeer cluster-key new`")
     return key
 
 
@@ -99,6 +105,25 @@ def _unb64(text: str) -> bytes:
         return base64.urlsafe_b64decode(text.encode("ascii"))
     except (binascii.Error, UnicodeEncodeError, ValueError) as e:
         raise SignatureError("malformed base64") from e
+
+
+def _cannot_read(path: Path, e: OSError) -> str:
+    if e.errno == errno.ENOENT:
+        return (f"{path}: no cluster key there; copy the cluster's key there or make one with "
+                f"`modelpeer cluster-key new {path}`")
+    if e.errno == errno.EACCES:
+        # typically the old setup: a root-only key named in the config of the systemd service
+        return (f"{path}: user {_user()} cannot read the cluster key; under systemd leave "
+                "cluster_key_file unset and let the unit pass /etc/modelpeer/cluster.key "
+                "(systemd/install.sh)")
+    return f"{path}: cannot read the cluster key: {e.strerror}"
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 class ClusterKey:

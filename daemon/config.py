@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cluster import ClusterKeyError, read_key_file
+
 DEFAULT_CONFIG_FILE = Path("/etc/modelpeer/modelpeer.toml")
 DEFAULT_UPSTREAM = "https://huggingface.co"
 
@@ -103,6 +105,14 @@ def _default_cache_dir() -> Path:
     return Path(xdg) / "modelpeer" if xdg else Path.home() / ".cache" / "modelpeer"
 
 
+def _default_cluster_key_file() -> Path | None:
+    # where the unit's LoadCredential=cluster.key:... puts the key (systemd/install.sh)
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not credentials or not os.path.lexists(Path(credentials) / "cluster.key"):
+        return None
+    return Path(credentials) / "cluster.key"
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the config-file key; the flag is --name with '-' for '_'
@@ -155,8 +165,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("peer", parse_hostport, lambda: [],
            "a static peer's HOST:PORT (peer API), for networks without multicast",
            repeatable=True),
-    Option("cluster_key_file", Path, lambda: None,
-           "file with the cluster key; without one the daemon is a local cache only"),
+    Option("cluster_key_file", Path, _default_cluster_key_file,
+           "file with the cluster key (default: $CREDENTIALS_DIRECTORY/cluster.key if systemd "
+           "passes one); without one the daemon is a local cache only"),
     Option("node_name", str, lambda: "", "a name for this node (default: the host name)"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
@@ -183,6 +194,8 @@ class Config:
     cluster_key_file: Path | None
     node_name: str
     config_file: Path | None = None
+    # read from cluster_key_file by load_config: an unusable key stops the daemon at start
+    cluster_key: bytes | None = dataclasses.field(default=None, repr=False)
 
     @property
     def local_url(self) -> str:
@@ -285,4 +298,14 @@ def load_config(argv: Sequence[str] | None = None,
             values[opt.name] = _parse_value(opt, given, opt.flag)
     cfg = Config(**values, config_file=config_file)
     cfg.validate()
+    cfg.cluster_key = _read_cluster_key(cfg)
     return cfg
+
+
+def _read_cluster_key(cfg: Config) -> bytes | None:
+    if cfg.no_peers or cfg.cluster_key_file is None:
+        return None
+    try:
+        return read_key_file(cfg.cluster_key_file)
+    except ClusterKeyError as e:
+        raise ConfigError(str(e)) from e

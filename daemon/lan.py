@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .cluster import ClusterKey, Credentials, NodeIdentity, read_key_file
+from .cluster import ClusterKey, Credentials, NodeIdentity
 from .config import Config
 from .peers import PeerApi, PeerSet
 from .store import Store
@@ -75,10 +75,10 @@ class Lan:
 async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> Lan:
     if cfg.no_peers:
         return Lan("disabled by --no-peers")
-    if cfg.cluster_key_file is None:
+    if cfg.cluster_key is None:
         return Lan("no cluster key (--cluster-key-file; make one with `modelpeer cluster-key "
                    "new FILE`): running as a local cache only")
-    key = ClusterKey(read_key_file(cfg.cluster_key_file))  # unusable: ClusterKeyError
+    key = ClusterKey(cfg.cluster_key)
     identity = NodeIdentity.load_or_create(cfg.cache_dir / "node.key")
     lan = Lan()
     lan.node_id, lan.cluster_id = identity.node_id, key.cluster_id

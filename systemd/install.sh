@@ -5,6 +5,9 @@
 #   sudo systemctl enable --now modelpeer
 #   sudo systemd/install.sh --uninstall     # remove it; the cache and the config stay
 #
+# With /etc/modelpeer/cluster.key present, the unit hands it to the service (LoadCredential=
+# drop-in); without it the node is a local cache. Run it again after adding or removing the key.
+#
 # Options: --root DIR installs into DIR instead of / (for packaging and tests: no user is
 # created and systemctl is not called); --source PATH installs another checkout.
 # MODELPEER_INSTALL_PIP_ARGS adds pip arguments (e.g. a wheel directory).
@@ -16,7 +19,7 @@ while (($#)); do
     --root) root=${2%/}; shift 2 ;;
     --source) source=$2; shift 2 ;;
     --uninstall) uninstall=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -25,7 +28,9 @@ source=${source:-$(dirname "$here")}
 
 venv=$root/opt/modelpeer
 unit=$root/etc/systemd/system/modelpeer.service
+dropin=$unit.d/cluster-key.conf
 confdir=$root/etc/modelpeer
+key=$confdir/cluster.key
 profile=$root/etc/profile.d/modelpeer.sh
 envd=$root/usr/lib/environment.d/60-modelpeer.conf
 live_system() { [[ -z $root ]] && [[ -d /run/systemd/system ]]; }
@@ -33,7 +38,8 @@ live_system() { [[ -z $root ]] && [[ -d /run/systemd/system ]]; }
 if ((uninstall)); then
   live_system && systemctl disable --now modelpeer.service 2>/dev/null || true
   rm -rf "$venv"
-  rm -f "$unit" "$profile" "$envd" "$confdir/modelpeer.toml.example"
+  rm -f "$unit" "$dropin" "$profile" "$envd" "$confdir/modelpeer.toml.example"
+  rmdir "$unit.d" 2>/dev/null || true
   live_system && systemctl daemon-reload || true
   echo "modelpeer removed; kept the cache ($root/var/cache/modelpeer) and $confdir"
   exit 0
@@ -57,6 +63,20 @@ else
   install -m 0644 "$here/modelpeer.toml" "$confdir/modelpeer.toml"
 fi
 
+# systemd fails the unit if a LoadCredential= file is missing: the drop-in exists only with the key
+if [[ -e $key ]]; then
+  "$venv/bin/modelpeer" cluster-key check "$key" >/dev/null || {
+    echo "install.sh: fix $key and run install.sh again" >&2; exit 1; }
+  install -D -m 0644 "$here/cluster-key.conf" "$dropin"
+  echo "cluster key $key: the unit hands it to modelpeerd (LoadCredential=, $dropin)"
+else
+  rm -f "$dropin"
+  rmdir "$unit.d" 2>/dev/null || true
+  echo "no cluster key at $key: a local cache only; to join a LAN, put the cluster's key there" \
+       "(or make one: /opt/modelpeer/bin/modelpeer cluster-key new /etc/modelpeer/cluster.key)," \
+       "then run install.sh again"
+fi
+
 if [[ -z $root ]]; then
   if ! id modelpeer >/dev/null 2>&1; then
     useradd --system --home-dir /var/lib/modelpeer --no-create-home \
@@ -64,4 +84,5 @@ if [[ -z $root ]]; then
   fi
   live_system && systemctl daemon-reload
 fi
-echo "modelpeer installed in $venv; start it with: systemctl enable --now modelpeer"
+echo "modelpeer installed in $venv; start it with: systemctl enable --now modelpeer" \
+     "(if it runs already: systemctl restart modelpeer)"

@@ -1,5 +1,6 @@
 """Running as a systemd service: the unit verifies, sd_notify is spoken, SIGTERM is graceful,
-the config example is complete, install.sh is idempotent and uninstalls cleanly."""
+the config example is complete, install.sh is idempotent and uninstalls cleanly, the cluster key
+comes as a systemd credential and an unusable one stops the daemon."""
 
 from __future__ import annotations
 
@@ -17,35 +18,50 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from modelpeer.daemon.cluster import ClusterKey, read_key_file
 from modelpeer.daemon.config import OPTIONS, ConfigError, read_config_file
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, get_json
+from tests.harness import ROOT, Modelpeerd, free_port, get_json
+from tests.netlab import write_key
 
 SYSTEMD = ROOT / "systemd"
 StartDaemon = Callable[..., Modelpeerd]
 MiB = 1024 * 1024
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+needs_systemd_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"),
+                                           reason="systemd-analyze not installed")
+
+
+def _systemd_analyze_verify(unit: Path, dropins: list[Path], tmp_path: Path) -> str:
+    """The unit's text, after `systemd-analyze verify` passed on it with its drop-ins."""
     # verify insists that ExecStart exists: point it at this checkout's modelpeerd
     daemon = Path(sys.executable).parent / "modelpeerd"
-    unit = (SYSTEMD / "modelpeer.service").read_text()
-    assert "ExecStart=/opt/modelpeer/bin/modelpeerd " in unit
-    (tmp_path / "modelpeer.service").write_text(
-        unit.replace("/opt/modelpeer/bin/modelpeerd", str(daemon)))
-    out = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "modelpeer.service")],
-                         capture_output=True, text=True)
+    text = unit.read_text()
+    assert "ExecStart=/opt/modelpeer/bin/modelpeerd " in text
+    copy = tmp_path / "verify" / "modelpeer.service"
+    (copy.parent / "modelpeer.service.d").mkdir(parents=True)
+    copy.write_text(text.replace("/opt/modelpeer/bin/modelpeerd", str(daemon)))
+    for dropin in dropins:
+        shutil.copy(dropin, copy.parent / "modelpeer.service.d" / dropin.name)
+    out = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    return text
+
+
+@needs_systemd_analyze
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = _systemd_analyze_verify(SYSTEMD / "modelpeer.service", [SYSTEMD / "cluster-key.conf"],
+                                   tmp_path)
     for setting in ("Type=notify", "User=modelpeer", "CacheDirectory=modelpeer",
                     "StateDirectory=modelpeer", "ConfigurationDirectory=modelpeer",
-                    "Restart=on-failure", "LimitNOFILE=", "ProtectSystem=strict",
-                    "NoNewPrivileges=yes", "RestrictAddressFamilies="):
+                    "Restart=on-failure", "RestartPreventExitStatus=2 ", "LimitNOFILE=",
+                    "ProtectSystem=strict", "NoNewPrivileges=yes", "RestrictAddressFamilies="):
         assert setting in unit
 
 
@@ -76,6 +92,29 @@ def test_bad_config_is_refused_with_file_and_line(tmp_path: Path, content: str,
     out = subprocess.run([sys.executable, "-m", "modelpeer.daemon.main", "--config", str(path)],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and f"{path}{message}" in out.stderr
+
+
+@pytest.mark.parametrize(("content", "mode", "message"), [
+    ("0123456789abcdef" * 4 + "\n", 0o644, "the cluster key is readable by others; chmod 600 it"),
+    (None, 0, "no cluster key there; copy the cluster's key there or make one with"),
+    ("not hex\n", 0o600, "not a hex key; make one with `modelpeer cluster-key new`"),
+    ("00ff\n", 0o600, "the key is too short (2 bytes; want >= 16)"),
+])
+def test_an_unusable_cluster_key_stops_the_daemon_saying_what_to_do(
+        tmp_path: Path, hub: FakeHub, content: str | None, mode: int, message: str) -> None:
+    key = tmp_path / "cluster.key"
+    if content is not None:
+        key.write_text(content)
+        key.chmod(mode)
+    d = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
+        "--cluster-key-file", str(key), "--interface", "127.0.0.1",
+        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}"])
+    started = time.monotonic()
+    out = subprocess.run(d.command(), capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert time.monotonic() - started < 10
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.splitlines()
+    assert line.startswith(f"modelpeerd: {key}: {message}"), line
 
 
 class NotifySocket:
@@ -205,18 +244,14 @@ def _tree(root: Path) -> dict[str, str]:
 def test_install_twice_is_idempotent_and_uninstall_keeps_cache_and_config(
         tmp_path: Path) -> None:
     root = tmp_path / "root"
-    env = {**os.environ, "MODELPEER_INSTALL_PIP_ARGS": "--no-deps"}
-    script = str(SYSTEMD / "install.sh")
-    first = subprocess.run([script, "--root", str(root)], capture_output=True, text=True,
-                           env=env, timeout=300)
+    first = _install_sh(root)
     assert first.returncode == 0, first.stderr
     assert (root / "opt/modelpeer/bin/modelpeerd").exists()
     assert (root / "etc/systemd/system/modelpeer.service").exists()
     before = _tree(root)
     config = root / "etc/modelpeer/modelpeer.toml"
     config.write_text(config.read_text() + 'log_level = "debug"\n')  # an admin's edit
-    second = subprocess.run([script, "--root", str(root)], capture_output=True, text=True,
-                            env=env, timeout=300)
+    second = _install_sh(root)
     assert second.returncode == 0, second.stderr
     after = _tree(root)
     assert 'log_level = "debug"' in config.read_text(), "an edited config was overwritten"
@@ -224,11 +259,46 @@ def test_install_twice_is_idempotent_and_uninstall_keeps_cache_and_config(
     assert changed == {"etc/modelpeer/modelpeer.toml", "etc/modelpeer/modelpeer.toml.example"}
     (root / "var/cache/modelpeer").mkdir(parents=True)
     (root / "var/cache/modelpeer/index.sqlite3").write_text("x")
-    out = subprocess.run([script, "--root", str(root), "--uninstall"], capture_output=True,
-                         text=True, timeout=60)
+    out = _install_sh(root, "--uninstall")
     assert out.returncode == 0, out.stderr
     left = {k for k, _ in _tree(root).items() if not k.endswith("/")}
     assert left == {"etc/modelpeer/modelpeer.toml", "var/cache/modelpeer/index.sqlite3"}
+
+
+def _install_sh(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SYSTEMD / "install.sh"), "--root", str(root), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MODELPEER_INSTALL_PIP_ARGS": "--no-deps"})
+
+
+@needs_systemd_analyze
+def test_install_hands_the_cluster_key_to_the_unit_only_when_there_is_one(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    unit = root / "etc/systemd/system/modelpeer.service"
+    dropin = unit.parent / "modelpeer.service.d/cluster-key.conf"
+    key = write_key(root / "etc/modelpeer/cluster.key")
+    with_key = _install_sh(root)
+    assert with_key.returncode == 0, with_key.stderr
+    assert "LoadCredential=cluster.key:/etc/modelpeer/cluster.key" in \
+        dropin.read_text().splitlines()
+    assert f"cluster key {key}: the unit hands it to modelpeerd" in with_key.stdout
+    _systemd_analyze_verify(unit, [dropin], tmp_path)
+    out = _install_sh(root, "--uninstall")
+    assert out.returncode == 0, out.stderr
+    assert not dropin.parent.exists() and key.exists()
+
+    key.chmod(0o644)
+    refused = _install_sh(root)
+    assert refused.returncode == 1
+    assert f"{key}: the cluster key is readable by others; chmod 600 it" in refused.stderr
+
+    key.unlink()
+    without_key = _install_sh(root)
+    assert without_key.returncode == 0, without_key.stderr
+    assert not dropin.parent.exists()
+    assert not re.search(r"^\s*LoadCredential", unit.read_text(), re.M)
+    assert f"no cluster key at {key}: a local cache only" in without_key.stdout
 
 
 def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
@@ -257,25 +327,57 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
         d.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="needs root to switch to an unprivileged user")
-def test_runs_as_an_unprivileged_user(hub: FakeHub) -> None:
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def nobody_cache() -> Iterator[Path]:
+    """An empty cache dir owned by nobody, in a directory nobody can reach (unlike tmp_path)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to switch to an unprivileged user")
     work = Path(tempfile.mkdtemp(prefix="mp-nobody-"))
     try:
         os.chmod(work, 0o755)
         cache = work / "cache"
         cache.mkdir()
-        os.chown(cache, 65534, 65534)
-        d = Modelpeerd(cache, hub.url, prefix_cmd=["setpriv", "--reuid=65534", "--regid=65534",
-                                                   "--clear-groups", "--"])
-        d.start()
-        try:
-            path = "/acme/tiny-tts/resolve/main/sub/folder/weights.bin"
-            with urllib.request.urlopen(d.url + path, timeout=60) as resp:
-                assert resp.read() == expected_files("acme/tiny-tts")["sub/folder/weights.bin"]
-            owners = {p.stat().st_uid for p in cache.rglob("*")}
-            assert owners == {65534}, owners
-        finally:
-            d.stop()
+        os.chown(cache, NOBODY, NOBODY)
+        yield cache
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_runs_as_an_unprivileged_user(hub: FakeHub, nobody_cache: Path) -> None:
+    d = Modelpeerd(nobody_cache, hub.url, prefix_cmd=AS_NOBODY)
+    d.start()
+    try:
+        path = "/acme/tiny-tts/resolve/main/sub/folder/weights.bin"
+        with urllib.request.urlopen(d.url + path, timeout=60) as resp:
+            assert resp.read() == expected_files("acme/tiny-tts")["sub/folder/weights.bin"]
+        owners = {p.stat().st_uid for p in nobody_cache.rglob("*")}
+        assert owners == {NOBODY}, owners
+    finally:
+        d.stop()
+
+
+def test_the_key_systemd_hands_over_turns_peers_on(hub: FakeHub, nobody_cache: Path) -> None:
+    # laid out as systemd does for LoadCredential=: dir 0500 and file 0400, owned by the user
+    credentials = nobody_cache.parent / "credentials"
+    credentials.mkdir()
+    key = write_key(credentials / "cluster.key")
+    key.chmod(0o400)
+    os.chown(key, NOBODY, NOBODY)
+    os.chown(credentials, NOBODY, NOBODY)
+    credentials.chmod(0o500)
+    d = Modelpeerd(nobody_cache, hub.url, prefix_cmd=AS_NOBODY, peers=True,
+                   env={"CREDENTIALS_DIRECTORY": str(credentials)},
+                   extra=["--interface", "127.0.0.1",
+                          "--peer-listen", f"127.0.0.1:{free_port()}",
+                          "--bt-listen", f"127.0.0.1:{free_port()}"])
+    d.start()
+    try:
+        peers = d.status()["peers"]
+        assert peers["enabled"] is True, peers
+        assert peers["cluster_id"] == ClusterKey(read_key_file(key)).cluster_id
+    finally:
+        d.stop()
