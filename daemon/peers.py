@@ -351,12 +351,14 @@ class PeerSet:
         if (answer.resp.content_length or 0) > limit:
             raise PeerError(f"{where}: an answer of {answer.resp.content_length} bytes is over "
                             f"the {limit}-byte limit")
-        data = await answer.resp.content.read(limit + 1)
-        if len(data) > limit:
-            raise PeerError(f"{where}: the answer is over the {limit}-byte limit")
+        data = bytearray()
+        async for block in answer.resp.content.iter_any():
+            data += block
+            if len(data) > limit:
+                raise PeerError(f"{where}: the answer is over the {limit}-byte limit")
         if answer.digest != body_digest(data):
             raise PeerError(f"{where}: the answer does not match its signed digest")
-        return data
+        return bytes(data)
 
     async def request(self, peer: Peer, method: str, path: str, body: Any = None, *,
                       limit: int = MAX_ANSWER) -> bytes:

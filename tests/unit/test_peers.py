@@ -20,6 +20,7 @@ from modelpeer.daemon.peers import API, Peer, PeerApi, PeerError, PeerSet
 from tests.harness import free_port
 
 KEY = b"k" * 32
+BIG = bytes(range(256)) * 12 * 1024  # 3 MiB: arrives in many reads
 
 
 class Node:
@@ -42,6 +43,10 @@ class Node:
             self.bodies.append(await request.read())
             return web.json_response({"sender": sender})
 
+        async def big(request: web.Request, sender: str) -> web.Response:
+            return web.Response(body=BIG)
+
+        self.api.route("GET", "/big", big)
         self.api.route("GET", "/status", handle, any_receiver=True)
         self.api.route("POST", "/echo", echo)
 
@@ -176,3 +181,18 @@ async def test_unauthenticated_answers_are_not_signed(
     status, headers = await raw(b.port, "GET", "/status", {})
     assert status == 401
     assert not any(h.lower().startswith("x-modelpeer") for h in headers)
+
+
+async def test_large_answers_arrive_whole_and_bounded(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    peers = PeerSet(a.credentials, static=[])
+    await peers.start()
+    try:
+        target = Peer(b.node_id, "127.0.0.1", b.port)
+        assert await peers.request(target, "GET", "/big") == BIG
+        with pytest.raises(PeerError, match="limit"):
+            await peers.request(target, "GET", "/big", limit=len(BIG) - 1)
+    finally:
+        await peers.close()
