@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
+from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
 from tests.harness import Modelpeerd, hf_client, tree_bytes
 
 MiB = 1024 * 1024
 MODEL = "acme/tiny-tts"
 BIG_FILE = "model.safetensors"
-GOOD_TOKEN = "hf_good_token"
 
 StartDaemon = Callable[..., Modelpeerd]
 HfHome = Callable[[], Path]
@@ -203,7 +202,7 @@ def test_gated_file_cached_with_a_token_is_refused_without_one(
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors")
     assert "GatedRepoError" in out.get("errors", []), out
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors",
-                    token="hf_wrong_token")
+                    token=OTHER_TOKEN)
     assert "GatedRepoError" in out.get("errors", []), out
     out = hf_client(d.url, hf_home(), "hf_hub_download", "acme/private-model", "config.json")
     assert "RepositoryNotFoundError" in out.get("errors", []), out
