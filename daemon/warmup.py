@@ -278,8 +278,8 @@ class Warmup:
         transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
                                                         f"{repo}/{f.path}"))
         await transfer.done
-        if job.token is None and transfer.bytes_upstream:
-            self.catalog.upstream_served_without_token(repo)
+        if transfer.upstream_served(entry.resolve_path, job.token):
+            self.catalog.upstream_served_file(repo, job.token)
 
     async def _token_from_peers(self, job: Job) -> bool:
         """A job resumed after a restart has no token (it is never written down): its
