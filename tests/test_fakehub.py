@@ -13,26 +13,15 @@ from typing import Any
 import pytest
 
 from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files, file_sha256
-from tests.harness import hf_client, tree_bytes
+from tests.harness import DIRECT, fetch, hf_client, tree_bytes
 
 NO_XET = {"HF_HUB_DISABLE_XET": "1"}
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def client(hub: FakeHub, tmp_path: Path, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     home = tmp_path / "hf"
     home.mkdir(exist_ok=True)
     return hf_client(hub.url, home, call, *args, env=NO_XET, timeout=60, **kwargs)
-
-
-def fetch(url: str, headers: dict[str, str] | None = None,
-          method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
-    try:
-        with DIRECT.open(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def cdn_location(hub: FakeHub, repo_path: str) -> str:
