@@ -33,7 +33,7 @@ OFFLINE_GRACE = 24 * 3600.0  # ... and while it is down
 MAX_GRANTS = 10_000  # (repo, token) grants held; beyond that the oldest go
 API_CACHE_ROWS = 10_000  # cached API answers kept at most (one per distinct request)
 API_CACHE_AGE = 30 * 24 * 3600.0  # an API answer nobody used this long is dropped
-API_PRUNE_EVERY = 500  # saved API answers between two prunes
+API_PRUNE_EVERY = 500  # the API answers cache is pruned every that many saves
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 
@@ -119,7 +119,7 @@ class Catalog:
         self.ref_ttl = ref_ttl
         self.offline = offline
         self._grants: OrderedDict[tuple[Repo, str], float] = OrderedDict()  # oldest first
-        self._api_saves_before_prune = 0  # the first save after a start prunes
+        self._api_saves_since_prune = API_PRUNE_EVERY  # the first save after a start prunes
 
     # --- access -------------------------------------------------------------------------
     def _is_public(self, repo: Repo) -> bool:
@@ -300,10 +300,10 @@ class Catalog:
         self.db.execute("INSERT OR REPLACE INTO api_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (key, repo.type, repo.id, a.status, a.content_type, a.next_link,
                          a.commit, a.body, time.time(), int(anonymous)))
-        self._api_saves_before_prune -= 1
-        if self._api_saves_before_prune < 0:
+        self._api_saves_since_prune += 1
+        if self._api_saves_since_prune >= API_PRUNE_EVERY:
             self._prune_api_cache()
-            self._api_saves_before_prune = API_PRUNE_EVERY
+            self._api_saves_since_prune = 0
 
     def _mark_api_used(self, key: str, *, fetched_at: float) -> None:
         """An answer at a commit is never fetched again, so its fetched_at is moved to when it
