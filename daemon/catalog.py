@@ -1,10 +1,13 @@
 """What the Hub said about repos: revisions, file entries, API answers, and who may see them.
 
 Commits are immutable and kept forever; branch and tag answers are trusted for `ref_ttl` and
-then asked again, and the last known answer is served while the upstream is unreachable. A
-repo's cached data goes to a tokenless request only once the upstream served that repo without a
-token; otherwise to a request whose token the upstream accepted for that repo lately (kept in
-memory as a hash, never on disk).
+then asked again, and the last known answer is served while the upstream is unreachable. API
+answers nobody used for API_CACHE_AGE are dropped, and the oldest beyond API_CACHE_ROWS.
+
+A repo's cached data goes to a tokenless request only once the upstream served a file of that
+repo without a token; otherwise to a request whose token the upstream served a file of that repo
+lately (a grant, kept in memory as a hash, never on disk). API answers grant nothing: the Hub
+shows a gated repo's metadata to every account, its files only to those with access.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import logging
 import re
 import sqlite3
 import time
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
+from .hubnames import COMMIT_RE, REPO_TYPES
 from .store import BlobId
 from .upstream import Answer, Upstream, UpstreamUnavailable
 
@@ -26,8 +31,10 @@ log = logging.getLogger(__name__)
 
 GRANT_TTL = 300.0  # how long an upstream "yes" to a token is trusted while the upstream is up
 OFFLINE_GRACE = 24 * 3600.0  # ... and while it is down
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
+MAX_GRANTS = 10_000  # (repo, token) grants held; beyond that the oldest go
+API_CACHE_ROWS = 10_000  # cached API answers kept at most (one per distinct request)
+API_CACHE_AGE = 30 * 24 * 3600.0  # an API answer nobody used this long is dropped
+API_PRUNE_EVERY = 500  # the API answers cache is pruned every that many saves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +117,8 @@ class Catalog:
         self.upstream = upstream
         self.ref_ttl = ref_ttl
         self.offline = offline
-        self._grants: dict[tuple[Repo, str], float] = {}
+        self._grants: OrderedDict[tuple[Repo, str], float] = OrderedDict()  # oldest first
+        self._api_saves_since_prune = API_PRUNE_EVERY  # the first save after a start prunes
 
     # --- access -------------------------------------------------------------------------
     def _is_public(self, repo: Repo) -> bool:
@@ -126,17 +134,33 @@ class Catalog:
         granted = self._grants.get((repo, _token_key(token)))
         return granted is not None and time.monotonic() - granted < max_age
 
-    def _record_access(self, repo: Repo, token: str | None, *, files: bool) -> None:
-        """The upstream said yes. Only a tokenless yes to a file makes the repo's files public
-        (a gated repo's API answers are public, its files are not)."""
-        now = time.time()
-        public = 1 if files and not token else 0
+    def upstream_served_file(self, repo: Repo, token: str | None) -> None:
+        """The upstream served a file of the repo to `token`: its cached files may go to that
+        token now; with no token, to anyone (the repo's files are public)."""
+        self._save_repo(repo, public=not token)
+        if token:
+            self._grant(repo, token)
+
+    def _save_repo(self, repo: Repo, *, public: bool) -> None:
         self.db.execute(
             "INSERT INTO repos (repo_type, repo_id, public, last_access) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO UPDATE SET public=MAX(public, excluded.public),"
-            " last_access=excluded.last_access", (repo.type, repo.id, public, now))
-        if token:
-            self._grants[(repo, _token_key(token))] = time.monotonic()
+            " last_access=excluded.last_access", (repo.type, repo.id, int(public), time.time()))
+
+    def _grant(self, repo: Repo, token: str) -> None:
+        key = (repo, _token_key(token))
+        self._grants[key] = time.monotonic()
+        self._grants.move_to_end(key)
+        self._prune_grants()
+
+    def _prune_grants(self) -> None:
+        """Drop grants too old to count even offline, and the oldest beyond MAX_GRANTS."""
+        expired = time.monotonic() - OFFLINE_GRACE
+        while self._grants:
+            oldest = next(iter(self._grants.values()))
+            if oldest >= expired and len(self._grants) <= MAX_GRANTS:
+                return
+            self._grants.popitem(last=False)
 
     def _touch(self, repo: Repo) -> None:
         self.db.execute("UPDATE repos SET last_access=? WHERE repo_type=? AND repo_id=?",
@@ -194,7 +218,7 @@ class Catalog:
         entry = _entry_from_head(repo, path, answer)
         self._save_ref(repo, revision, entry.commit)
         self._save_entry(entry)
-        self._record_access(repo, token, files=True)
+        self.upstream_served_file(repo, token)
         return entry
 
     def _stale_entry(self, repo: Repo, revision: str, path: str, token: str | None,
@@ -209,11 +233,6 @@ class Catalog:
         log.info("upstream unavailable (%s); serving cached %s@%s/%s", reason, repo,
                  revision, path)
         return entry
-
-    def upstream_served_file(self, repo: Repo, token: str | None) -> None:
-        """A file of the repo came from the upstream for this token (None: its files are
-        public)."""
-        self._record_access(repo, token, files=True)
 
     def remember(self, repo: Repo, revision: str, commit: str,
                  entries: list[FileEntry]) -> None:
@@ -235,6 +254,8 @@ class Catalog:
             immutable or time.time() - cached[1] < self.ref_ttl)
         if cached and fresh and self._may_see(repo, cached, token, max_age=GRANT_TTL):
             self._touch(repo)
+            if immutable:
+                self._mark_api_used(key, fetched_at=cached[1])
             return cached[0]
         if self.offline:
             return self._stale_api(repo, cached, token, "offline mode", path_qs)
@@ -247,7 +268,7 @@ class Catalog:
         if answer.status >= 400:
             raise HubError.from_answer(answer)
         result = _sanitized_api_answer(answer)
-        self._record_access(repo, token, files=False)
+        self._save_repo(repo, public=False)
         if result.status == 200:
             self._save_api(key, repo, result, anonymous=not token)
             if revision and result.commit:
@@ -278,6 +299,26 @@ class Catalog:
         self.db.execute("INSERT OR REPLACE INTO api_cache VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (key, repo.type, repo.id, a.status, a.content_type, a.next_link,
                          a.commit, a.body, time.time(), int(anonymous)))
+        self._api_saves_since_prune += 1
+        if self._api_saves_since_prune >= API_PRUNE_EVERY:
+            self._prune_api_cache()
+            self._api_saves_since_prune = 0
+
+    def _mark_api_used(self, key: str, *, fetched_at: float) -> None:
+        """An answer at a commit is never fetched again, so its fetched_at is moved to when it
+        was last used (at most once a day), for the pruning to keep the answers in use."""
+        now = time.time()
+        if now - fetched_at > 24 * 3600:
+            self.db.execute("UPDATE api_cache SET fetched_at=? WHERE key=?", (now, key))
+
+    def _prune_api_cache(self) -> None:
+        """Drop the answers nobody used for API_CACHE_AGE, then the oldest beyond
+        API_CACHE_ROWS (an answer dropped is asked of the upstream again when needed)."""
+        with self.db:
+            self.db.execute("DELETE FROM api_cache WHERE fetched_at < ?",
+                            (time.time() - API_CACHE_AGE,))
+            self.db.execute("DELETE FROM api_cache WHERE key IN (SELECT key FROM api_cache"
+                            " ORDER BY fetched_at DESC LIMIT -1 OFFSET ?)", (API_CACHE_ROWS,))
 
     # --- the CLI's view -----------------------------------------------------------------
     def repos(self) -> list[dict[str, Any]]:

@@ -77,6 +77,7 @@ class Transfer:
         self.started = time.monotonic()
         self.start_offset = available
         self.bytes_upstream = 0
+        self.upstream_origin: Origin | None = None  # whose request the upstream bytes were for
         self.bytes_peers = 0
         self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
         self._sources: list[tuple[int, str]] = [(0, "store")]
@@ -85,6 +86,13 @@ class Transfer:
         self.done = asyncio.get_running_loop().create_future()
         if verified:
             self.done.set_result(None)
+
+    def upstream_served(self, resolve_path: str, token: str | None) -> bool:
+        """Whether the upstream sent bytes of this transfer for that resolve path and token (a
+        transfer joined from another request may have been fetched for another repo or token)."""
+        o = self.upstream_origin
+        return (self.bytes_upstream > 0 and o is not None
+                and (o.resolve_path, o.token) == (resolve_path, token))
 
     @property
     def servable(self) -> int:
@@ -399,6 +407,7 @@ class Fetcher:
 
     async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
         url = await self._locate(origin)
+        transfer.upstream_origin = origin
         transfer.mark_source(writer.offset, "upstream")
         size = transfer.blob.size
         segments = [_Segment(s, min(s + SEGMENT, size))

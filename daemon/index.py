@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS api_cache (
     key TEXT PRIMARY KEY,
     repo_type TEXT NOT NULL, repo_id TEXT NOT NULL,
     status INTEGER NOT NULL, content_type TEXT NOT NULL, link TEXT NOT NULL,
-    commit_sha TEXT NOT NULL, body BLOB NOT NULL, fetched_at REAL NOT NULL,
+    commit_sha TEXT NOT NULL, body BLOB NOT NULL,
+    fetched_at REAL NOT NULL,   -- at a commit (never fetched again): when last used, to the day
     anonymous INTEGER NOT NULL  -- 1 when the upstream gave it without a token: anyone may see it
 );
 -- warmup.py: warm jobs this node runs, so a restarted daemon resumes them (never the token)
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS api_cache_repo ON api_cache (repo_type, repo_id);
+CREATE INDEX IF NOT EXISTS api_cache_fetched ON api_cache (fetched_at);  -- pruning
 CREATE INDEX IF NOT EXISTS files_digest ON files (digest);
 """
 

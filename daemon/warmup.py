@@ -380,7 +380,7 @@ class Warmup:
         transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
                                                         f"{job.repo}/{f.path}"))
         await transfer.done
-        if transfer.bytes_upstream:
+        if transfer.upstream_served(entry.resolve_path, job.token):
             self.catalog.upstream_served_file(job.repo, job.token)
 
     async def _token_from_peers(self, job: Job) -> bool:

@@ -18,9 +18,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,6 +65,17 @@ def cli(d: Modelpeerd | str, *args: str,
     url = d if isinstance(d, str) else d.url
     return subprocess.run([sys.executable, "-m", "modelpeer.client.cli", "--daemon", url, *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+
+
+def fetch(url: str, headers: dict[str, str] | None = None,
+          method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of one request, also when the status is an error."""
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with DIRECT.open(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
 
 
 class Modelpeerd:
@@ -174,3 +189,25 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under root (following the HF cache's symlinks) by relative path."""
     return {p.relative_to(root).as_posix(): p.read_bytes()
             for p in sorted(root.rglob("*")) if p.is_file() and ".cache" not in p.parts}
+
+
+StartDaemon = Callable[..., Modelpeerd]  # the start_daemon fixture
+HfHome = Callable[[], Path]  # the hf_home fixture
+
+
+def snapshot(d: Modelpeerd, home: Path, repo: str, **kw: object) -> dict[str, bytes]:
+    out = hf_client(d.url, home, "snapshot_download", repo, **kw)
+    assert "result" in out, out
+    return tree_bytes(Path(out["result"]))
+
+
+def download(d: Modelpeerd, home: Path, repo: str, filename: str, **kw: object) -> bytes:
+    out = hf_client(d.url, home, "hf_hub_download", repo, filename, **kw)
+    assert "result" in out, out
+    return Path(out["result"]).read_bytes()
+
+
+def assert_no_leaks(hub: FakeHub) -> None:
+    stats = hub.stats()
+    assert stats["xet_requests"] == 0, "the client left the proxy for Xet"
+    assert stats["cdn_requests_with_auth"] == 0, "a token reached the CDN"

@@ -12,27 +12,16 @@ from typing import Any
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, FakeHub, expected_files, file_sha256
-from tests.harness import hf_client, tree_bytes
+from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files, file_sha256
+from tests.harness import DIRECT, fetch, hf_client, tree_bytes
 
 NO_XET = {"HF_HUB_DISABLE_XET": "1"}
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def client(hub: FakeHub, tmp_path: Path, call: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
     home = tmp_path / "hf"
     home.mkdir(exist_ok=True)
     return hf_client(hub.url, home, call, *args, env=NO_XET, timeout=60, **kwargs)
-
-
-def fetch(url: str, headers: dict[str, str] | None = None,
-          method: str = "GET") -> tuple[int, dict[str, str], bytes]:
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
-    try:
-        with DIRECT.open(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
 
 
 def cdn_location(hub: FakeHub, repo_path: str) -> str:
@@ -100,7 +89,10 @@ def test_dataset_snapshot_follows_pagination(hub: FakeHub, tmp_path: Path) -> No
     (["acme/tiny-tts", "config.json"], {"revision": "nope"}, "RevisionNotFoundError"),
     (["acme/tiny-tts", "nope.txt"], {}, "RemoteEntryNotFoundError"),
     (["acme/gated-model", "config.json"], {}, "GatedRepoError"),
-    (["acme/gated-model", "config.json"], {"token": "hf_bad"}, "GatedRepoError"),
+    (["acme/gated-model", "config.json"], {"token": OTHER_TOKEN}, "GatedRepoError"),
+    (["acme/private-model", "config.json"], {"token": OTHER_TOKEN}, "RepositoryNotFoundError"),
+    (["acme/gated-model", "config.json"], {"token": "hf_invalid"}, "HfHubHTTPError"),
+    (["gpt2", "config.json"], {"token": "hf_invalid"}, "HfHubHTTPError"),
 ])
 def test_errors(hub: FakeHub, tmp_path: Path, args: list[str], kwargs: dict[str, str],
                 error: str) -> None:
@@ -112,6 +104,45 @@ def test_private_repo_with_the_good_token(hub: FakeHub, tmp_path: Path) -> None:
     out = client(hub, tmp_path, "hf_hub_download", "acme/private-model", "config.json",
                  token=GOOD_TOKEN)
     assert Path(out["result"]).read_bytes() == expected_files("acme/private-model")["config.json"]
+
+
+GATED_METADATA = ["/api/models/acme/gated-model", "/api/models/acme/gated-model/revision/main",
+                  "/api/models/acme/gated-model/tree/main?recursive=true"]
+
+
+@pytest.mark.parametrize("token", [None, OTHER_TOKEN, GOOD_TOKEN])
+def test_gated_metadata_goes_to_anyone_and_files_to_accounts_with_access(
+        hub: FakeHub, token: str | None) -> None:
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    for path in GATED_METADATA:
+        assert fetch(hub.url + path, auth)[0] == 200, path
+    req = urllib.request.Request(
+        hub.url + "/api/models/acme/gated-model/paths-info/main", method="POST",
+        data=b"paths=config.json", headers={
+            **auth, "Content-Type": "application/x-www-form-urlencoded"})
+    with DIRECT.open(req, timeout=10) as resp:
+        assert [e["path"] for e in json.loads(resp.read())] == ["config.json"]
+    status, headers, body = fetch(hub.url + "/acme/gated-model/resolve/main/config.json", auth)
+    if token == GOOD_TOKEN:
+        assert body == expected_files("acme/gated-model")["config.json"]
+        return
+    assert (status, headers.get("X-Error-Code")) == (403 if token else 401, "GatedRepo")
+    assert headers["X-Error-Message"].startswith(
+        "Access to model acme/gated-model is restricted. You must have access to it")
+
+
+def test_the_client_reads_gated_metadata_with_another_accounts_token(
+        hub: FakeHub, tmp_path: Path) -> None:
+    out = client(hub, tmp_path, "model_info", "acme/gated-model", token=OTHER_TOKEN)
+    assert "acme/gated-model" in out["result"], out
+
+
+def test_an_invalid_token_is_refused_everywhere(hub: FakeHub) -> None:
+    auth = {"Authorization": "Bearer hf_invalid"}
+    for path in [*GATED_METADATA, "/api/models/gpt2", "/gpt2/resolve/main/config.json"]:
+        status, headers, _ = fetch(hub.url + path, auth)
+        assert (status, headers["X-Error-Message"]) == (
+            401, "Invalid credentials in Authorization header"), path
 
 
 def test_xet_headers_and_read_token(hub: FakeHub) -> None:

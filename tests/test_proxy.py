@@ -8,40 +8,23 @@ import hashlib
 import signal
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, hf_client, tree_bytes
+from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
+from tests.harness import (
+    HfHome,
+    StartDaemon,
+    assert_no_leaks,
+    download,
+    hf_client,
+    snapshot,
+)
 
 MiB = 1024 * 1024
 MODEL = "acme/tiny-tts"
 BIG_FILE = "model.safetensors"
-GOOD_TOKEN = "hf_good_token"
-
-StartDaemon = Callable[..., Modelpeerd]
-HfHome = Callable[[], Path]
-
-
-def snapshot(d: Modelpeerd, home: Path, repo: str, **kw: object) -> dict[str, bytes]:
-    out = hf_client(d.url, home, "snapshot_download", repo, **kw)
-    assert "result" in out, out
-    return tree_bytes(Path(out["result"]))
-
-
-def download(d: Modelpeerd, home: Path, repo: str, filename: str, **kw: object) -> bytes:
-    out = hf_client(d.url, home, "hf_hub_download", repo, filename, **kw)
-    assert "result" in out, out
-    return Path(out["result"]).read_bytes()
-
-
-def assert_no_leaks(hub: FakeHub) -> None:
-    stats = hub.stats()
-    assert stats["xet_requests"] == 0, "the client left the proxy for Xet"
-    assert stats["cdn_requests_with_auth"] == 0, "a token reached the CDN"
-
 
 def test_snapshot_of_a_xet_model_is_byte_identical_and_stays_on_the_proxy(
         start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
@@ -203,7 +186,7 @@ def test_gated_file_cached_with_a_token_is_refused_without_one(
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors")
     assert "GatedRepoError" in out.get("errors", []), out
     out = hf_client(d.url, hf_home(), "hf_hub_download", repo, "model.safetensors",
-                    token="hf_wrong_token")
+                    token=OTHER_TOKEN)
     assert "GatedRepoError" in out.get("errors", []), out
     out = hf_client(d.url, hf_home(), "hf_hub_download", "acme/private-model", "config.json")
     assert "RepositoryNotFoundError" in out.get("errors", []), out

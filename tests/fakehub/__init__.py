@@ -16,6 +16,7 @@ from typing import Any
 from tests.fakehub.repos import (
     ADDED,
     GOOD_TOKEN,
+    OTHER_TOKEN,
     added_repo,
     catalogue,
     expected_files,
@@ -53,7 +54,8 @@ def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | N
     return json.loads(out.stdout)
 
 
-__all__ = ["GOOD_TOKEN", "FakeHub", "catalogue", "expected_files", "file_sha256", "http_json"]
+__all__ = ["GOOD_TOKEN", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files", "file_sha256",
+           "http_json"]
 
 
 def _read_ready(stdout: Any, found: queue.Queue[str | None]) -> None:

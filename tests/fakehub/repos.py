@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1024 * 1024
-GOOD_TOKEN = "hf_good_token"
+GOOD_TOKEN = "hf_good_token"  # an account with access to every gated and private repo
+OTHER_TOKEN = "hf_other_token"  # another valid account, with access to none of them
 
 
 def json_document(seed: str, size: int) -> bytes:

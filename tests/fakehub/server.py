@@ -5,6 +5,10 @@ and a separate CDN origin that LFS downloads are redirected to with signed URLs.
 
 prints `FAKEHUB READY {"hub": URL, "cdn": URL}` once both listen. Faults and counters are
 driven through /_fake/... on the hub listener (never affected by faults).
+
+Accounts are tokens, as on the Hub: GOOD_TOKEN has access to the gated and private repos,
+OTHER_TOKEN is a valid account without it, and any other token is invalid (401 everywhere).
+A gated repo's metadata is public; its files need access.
 """
 
 from __future__ import annotations
@@ -27,12 +31,21 @@ from urllib.parse import quote, unquote
 
 from aiohttp import web
 
-from tests.fakehub.repos import GOOD_TOKEN, BigFile, FileSpec, Repo, added_repo, catalogue
+from tests.fakehub.repos import (
+    GOOD_TOKEN,
+    OTHER_TOKEN,
+    BigFile,
+    FileSpec,
+    Repo,
+    added_repo,
+    catalogue,
+)
 
 log = logging.getLogger("fakehub")
 SECRET = b"fakehub-cdn-signing"
 KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 PIECE = 256 * 1024
+ACCOUNTS = {GOOD_TOKEN, OTHER_TOKEN}
 
 
 @dataclasses.dataclass
@@ -156,6 +169,8 @@ class FakeHub:
         if segs[0] == "xet-cas":  # a client that went to Xet storage: refuse, it fails fast
             self.stats["xet_requests"] += 1
             raise HubError(403, "", "this fake hub has no Xet storage")
+        if token_of(request) not in (None, *ACCOUNTS):
+            raise HubError(401, "", "Invalid credentials in Authorization header")
         if segs[:2] == ["api", "agent-harnesses"]:
             raise HubError(404, "", "not here")
         if segs[0] == "api" and len(segs) >= 3 and segs[1] == "resolve-cache":
@@ -174,16 +189,17 @@ class FakeHub:
 
     def repo(self, request: web.Request, repo_type: str, repo_id: str, *,
              files: bool) -> Repo:
+        """The repo, if this request's account may see it (its files, with `files`)."""
         repo = self.repos.get((repo_type, repo_id))
-        token = request.headers.get("Authorization", "")
-        good = token == f"Bearer {GOOD_TOKEN}"
-        if repo is None or (repo.private and not good):
-            raise HubError(401, "RepoNotFound", "Repository Not Found for url: "
+        token = token_of(request)
+        access = token == GOOD_TOKEN
+        if repo is None or (repo.private and not access):
+            raise HubError(404 if token else 401, "RepoNotFound", "Repository Not Found for url: "
                            f"{request.path}. Please make sure you specified the correct repo id.")
-        if repo.gated and files and not good:
-            status = 403 if token else 401
-            raise HubError(status, "GatedRepo", f"Access to model {repo_id} is restricted. "
-                           "You must have access to it and be authenticated to access it.")
+        if repo.gated and files and not access:
+            raise HubError(403 if token else 401, "GatedRepo",
+                           f"Access to {repo_type} {repo_id} is restricted. You must have access "
+                           "to it and be authenticated to access it.")
         return repo
 
     def commit(self, repo: Repo, revision: str) -> str:
@@ -431,6 +447,11 @@ class FakeHub:
             abort(request)
         await resp.write_eof()
         return resp
+
+
+def token_of(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization")
+    return None if auth is None else auth.removeprefix("Bearer ")
 
 
 def abort(request: web.Request) -> NoReturn:
