@@ -78,6 +78,18 @@ def fetch(url: str, headers: dict[str, str] | None = None,
         return e.code, dict(e.headers), e.read()
 
 
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
+    """Poll `check` until it returns something true; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: not true after {timeout}s (last: {last!r:.300})")
+
+
 class Modelpeerd:
     """A modelpeerd process with its own cache dir and port."""
 

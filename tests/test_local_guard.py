@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 
 from tests.fakehub import GOOD_TOKEN, FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, get_json, hf_client, raw
+from tests.harness import Modelpeerd, cli, get_json, hf_client, raw, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -98,6 +98,7 @@ def cached(start_daemon: StartDaemon, hub: FakeHub) -> Modelpeerd:
     A long ref TTL: reading the cached file again asks the Hub nothing."""
     d = start_daemon("--ref-ttl", "1h")
     assert read(d, CACHED) == expected_files(MODEL)["config.json"]
+    wait_for(lambda: d.status()["transfers"] == [], "the download is stored")
     hub.reset()
     return d
 
