@@ -192,7 +192,7 @@ def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
-    from modelpeer.daemon.cluster import new_key_file
+    from modelpeer.daemon.keyfile import new_key_file
 
     try:
         new_key_file(args.file)
@@ -208,13 +208,13 @@ def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_key_check(d: Daemon, args: argparse.Namespace) -> int:
-    from modelpeer.daemon.cluster import ClusterKey, ClusterKeyError, read_key_file
+    from modelpeer.daemon.keyfile import ClusterKeyError, cluster_id_of, read_key_file
 
     try:
-        key = ClusterKey(read_key_file(args.file))
+        key = read_key_file(args.file)
     except ClusterKeyError as e:
         raise CliError(str(e), EXIT_PROBLEM) from e
-    print(f"{args.file}: a usable cluster key, cluster {key.cluster_id}")
+    print(f"{args.file}: a usable cluster key, cluster {cluster_id_of(key)}")
     return 0
 
 
