@@ -6,6 +6,7 @@ its own environment and an empty HF cache of its own.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -26,6 +27,25 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def raw(d: Modelpeerd, method: str, path: str,
+        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request to the daemon: status, headers, body."""
+    conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def cli(d: Modelpeerd | str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the `modelpeer` CLI against a daemon (or a URL)."""
+    url = d if isinstance(d, str) else d.url
+    return subprocess.run([sys.executable, "-m", "modelpeer.client.cli", "--daemon", url, *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def get_json(url: str, method: str = "GET", timeout: float = 10) -> Any:

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, free_port
+from tests.harness import Modelpeerd, cli, free_port
 
 StartDaemon = Callable[..., Modelpeerd]
 MODEL = "acme/tiny-tts"
-
-
-def cli(d: Modelpeerd | str, *args: str) -> subprocess.CompletedProcess[str]:
-    url = d if isinstance(d, str) else d.url
-    return subprocess.run([sys.executable, "-m", "modelpeer.client.cli", "--daemon", url, *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def fetch(d: Modelpeerd, path: str) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -13,21 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, get_json
+from tests.harness import Modelpeerd, get_json, raw
 
 StartDaemon = Callable[..., Modelpeerd]
 MODEL = "acme/tiny-tts"
-
-
-def raw(d: Modelpeerd, method: str, path: str,
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
-    try:
-        conn.request(method, path, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize("path", [
