@@ -474,6 +474,8 @@ class Fetcher:
                                  url: URL) -> None:
         """The rest of the blob over one connection, for an origin that ignores Range; after
         a break it is asked again from where it stopped (skipping what is already here)."""
+        log.info("fetching %s from %s as one stream at byte %d (it ignores Range)",
+                 origin.label, url.host, writer.offset)
         failures = 0
         while writer.offset < transfer.blob.size:
             before = writer.offset
