@@ -124,6 +124,32 @@ def test_an_upstream_that_ignores_range_is_read_as_one_stream(
     assert after["cdn_bytes"] - before["cdn_bytes"] == len(files["b.bin"])
 
 
+def test_a_stream_from_an_origin_ignoring_range_resumes_after_drops(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    repo = "faults/no-range-dropping-cdn"
+    hub.add_repo(repo, {"c.bin": {"size": 20 * MiB}})
+    d = start_daemon()
+    hub.faults(cdn_ignore_range=True, cdn_drop_after=7 * MiB, cdn_drop_count=2)
+    status, _, body = raw(d, "GET", f"/{repo}/resolve/main/c.bin")
+    assert status == 200 and body == expected_files(repo)["c.bin"]
+    assert "as one stream" in d.log() and "resuming" in d.log()
+
+
+def test_max_cache_size_is_kept_while_a_blob_is_written(start_daemon: StartDaemon,
+                                                         hub: FakeHub) -> None:
+    repo = "faults/past-the-limit"
+    hub.add_repo(repo, {"next.bin": {"size": 40 * MiB}})
+    d = start_daemon("--max-cache-size", "60MiB", "--upstream-connections", "1")
+    assert raw(d, "GET", f"/{MODEL}/resolve/main/model.safetensors")[0] == 200
+    hub.faults(cdn_rate=8 * MiB)  # 5 s for the 40 MiB
+    with open_get(d, f"/{repo}/resolve/main/next.bin"):
+        wait_until(lambda: any(t["available"] > 20 * MiB for t in d.status()["transfers"]))
+        status = d.status()
+        assert status["transfers"], "the transfer ended before the check"
+        assert status["store"]["complete_blobs"] == 0  # the 48 MiB blob went mid-transfer
+        assert status["store"]["bytes"] <= 60 * MiB
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0 or not shutil.which("mount"):
