@@ -35,7 +35,7 @@ def repo_type(value: str) -> str:
 def file_path(path: str) -> str:
     parts = path.split("/")
     if (not path or len(path) > MAX_PATH or path.startswith("/") or "\\" in path
-            or any(c < " " for c in path) or any(p in ("", ".", "..") for p in parts)):
+            or "\x00" in path or any(p in ("", ".", "..") for p in parts)):
         raise InvalidName(f"invalid file path {path!r}")
     return path
 

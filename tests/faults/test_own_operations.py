@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, hf_client, raw
+from tests.harness import Modelpeerd, cli, hf_client, raw, wait_for
 
 MiB = 1024 * 1024
 MODEL = "acme/tiny-tts"
@@ -59,13 +59,6 @@ def read_body(sock: socket.socket, upto: int, pause: float = 0.0) -> Iterator[by
         time.sleep(pause)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_rm_and_gc_under_a_slow_reader_cut_nothing(start_daemon: StartDaemon,
                                                     hub: FakeHub) -> None:
     repo = "faults/read-while-removed"
@@ -87,7 +80,7 @@ def test_rm_and_gc_under_a_slow_reader_cut_nothing(start_daemon: StartDaemon,
     assert json.loads(rm.stdout)["pending_bytes"] == len(want)
     # the repo is forgotten at once; its bytes go once the last reader is done
     assert json.loads(cli(d, "ls", "--json").stdout) == []
-    wait_until(lambda: d.status()["store"]["complete_blobs"] == 0)
+    wait_for(lambda: d.status()["store"]["complete_blobs"] == 0, "the blob is gone", timeout=60)
     assert "after its last reader" in d.log()
 
 
@@ -129,10 +122,12 @@ def test_a_stream_from_an_origin_ignoring_range_resumes_after_drops(
     repo = "faults/no-range-dropping-cdn"
     hub.add_repo(repo, {"c.bin": {"size": 20 * MiB}})
     d = start_daemon()
-    hub.faults(cdn_ignore_range=True, cdn_drop_after=7 * MiB, cdn_drop_count=2)
+    # up to 4 drops go to the parallel Range requests that find out, the rest to the stream
+    hub.faults(cdn_ignore_range=True, cdn_drop_after=7 * MiB, cdn_drop_count=6)
     status, _, body = raw(d, "GET", f"/{repo}/resolve/main/c.bin")
     assert status == 200 and body == expected_files(repo)["c.bin"]
-    assert "as one stream" in d.log() and "resuming" in d.log()
+    log = d.log_path.read_text()
+    assert "as one stream" in log and "resuming" in log
 
 
 def test_max_cache_size_is_kept_while_a_blob_is_written(start_daemon: StartDaemon,
@@ -143,7 +138,8 @@ def test_max_cache_size_is_kept_while_a_blob_is_written(start_daemon: StartDaemo
     assert raw(d, "GET", f"/{MODEL}/resolve/main/model.safetensors")[0] == 200
     hub.faults(cdn_rate=8 * MiB)  # 5 s for the 40 MiB
     with open_get(d, f"/{repo}/resolve/main/next.bin"):
-        wait_until(lambda: any(t["available"] > 20 * MiB for t in d.status()["transfers"]))
+        wait_for(lambda: any(t["available"] > 20 * MiB for t in d.status()["transfers"]),
+                 "20 MiB arrived", timeout=60)
         status = d.status()
         assert status["transfers"], "the transfer ended before the check"
         assert status["store"]["complete_blobs"] == 0  # the 48 MiB blob went mid-transfer
@@ -185,7 +181,7 @@ def test_the_cli_prints_network_labels_escaped(start_daemon: StartDaemon, hub: F
     d = start_daemon()
     hub.faults(cdn_rate=MiB)
     with open_get(d, f"/{repo}/resolve/main/{quote(name)}"):
-        wait_until(lambda: bool(d.status()["transfers"]))
+        wait_for(lambda: bool(d.status()["transfers"]), "the transfer shows", timeout=60)
         text = cli(d, "status")
         assert text.returncode == 0, text.stderr
         assert "\x1b" not in text.stdout and "\r" not in text.stdout
