@@ -1,0 +1,139 @@
+"""Publisher signatures: with `--require-signature PATTERN=KEYFILE`, the real huggingface_hub
+client gets a matching repo's files only as its publisher's model.sig (OpenSSF model signing,
+signed in the set-up with the model_signing library) lists them."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.fakehub import FakeHub, expected_files
+from tests.fakehub.repos import added_repo
+from tests.harness import (
+    HfHome,
+    Modelpeerd,
+    StartDaemon,
+    cli,
+    download,
+    fetch,
+    hf_client,
+    snapshot,
+)
+from tests.signing import new_key, signed_files
+
+MiB = 1024 * 1024
+FILES: dict[str, dict[str, Any]] = {
+    ".gitattributes": {"size": 120, "lfs": False},
+    "config.json": {"size": 400, "lfs": False},
+    "model.safetensors": {"size": 3 * MiB, "lfs": True},
+    "sub/tokenizer.json": {"size": 2000, "lfs": False},
+}
+
+
+def tampered(files: dict[str, dict[str, Any]], *paths: str) -> dict[str, dict[str, Any]]:
+    """The same repo with other bytes in `paths` (and the metadata to match), model.sig kept."""
+    return {**files, **{p: {**files[p], "seed": "evil"} for p in paths}}
+
+
+def metric(d: Modelpeerd, line_start: str) -> float:
+    body = fetch(d.url + "/metrics")[2].decode()
+    return float(next(line.split()[-1] for line in body.splitlines()
+                      if line.startswith(line_start)))
+
+
+def assert_refused(out: dict[str, Any], *words: str) -> None:
+    assert out.get("error") == "HfHubHTTPError", out
+    assert "403 Forbidden: signature verification failed" in out["message"], out
+    for word in words:
+        assert word in out["message"], (word, out)
+
+
+def test_a_signed_repo_is_served_with_the_pinned_key(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub, tmp_path: Path) -> None:
+    private, public = new_key(tmp_path / "keys", "acme")
+    hub.add_repo("acme/signed", signed_files("acme/signed", FILES, private, tmp_path))
+    d = start_daemon("--require-signature", f"acme/signed*={public}")
+    assert snapshot(d, hf_home(), "acme/signed") == expected_files("acme/signed")
+    assert snapshot(d, hf_home(), "acme/signed") == expected_files("acme/signed")
+    assert metric(d, 'modelpeer_signatures_total{result="verified"}') == 1
+    assert metric(d, "modelpeer_signature_refused_files_total") == 0
+    ls = cli(d, "ls")
+    assert f"(main) signed by {public}" in ls.stdout, ls.stdout
+    verify = cli(d, "verify", "--signatures")
+    assert verify.returncode == 0 and "all good" in verify.stdout, verify.stdout
+
+
+def test_a_mirror_serving_other_bytes_with_matching_metadata_is_refused(
+        hf_home: HfHome, tmp_path: Path) -> None:
+    """The mirror changes an LFS file and a small one, with digests and sizes to match."""
+    private, public = new_key(tmp_path / "keys", "acme")
+    genuine = signed_files("acme/mirrored", FILES, private, tmp_path)
+    with FakeHub(tmp_path / "mirror") as mirror:
+        mirror.add_repo("acme/mirrored", tampered(genuine, "model.safetensors", "config.json"))
+        with Modelpeerd(tmp_path / "cache", mirror.url, extra=[
+                "--require-signature", f"acme/*={public}"]) as d:
+            assert_refused(hf_client(d.url, hf_home(), "snapshot_download", "acme/mirrored"))
+            for path in ("model.safetensors", "config.json"):
+                assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/mirrored",
+                                         path), path, "its sha256 is", "the manifest signed by")
+                status, headers, body = fetch(f"{d.url}/acme/mirrored/resolve/main/{path}")
+                assert status == 403 and b"signature verification failed" in body
+                assert headers["X-Error-Code"] == "SignatureVerificationFailed"
+            assert download(d, hf_home(), "acme/mirrored", "sub/tokenizer.json") == \
+                expected_files("acme/mirrored")["sub/tokenizer.json"]
+            assert mirror.stats()["cdn_bytes"] == 0, "the refused LFS blob was fetched"
+            assert d.status()["served_bytes"]["upstream"] < 10_000
+            assert metric(d, "modelpeer_signature_refused_files_total") >= 4
+            errors = " ".join(e["message"] for e in d.status()["recent_errors"])
+            assert "refused acme/mirrored/model.safetensors" in errors
+
+
+def test_unsigned_and_wrongly_signed_repos_are_refused_and_others_are_not_affected(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub, tmp_path: Path) -> None:
+    _, public = new_key(tmp_path / "keys", "acme")
+    other_private, _ = new_key(tmp_path / "keys", "other")
+    hub.add_repo("acme/sig-none", FILES)
+    hub.add_repo("acme/sig-other", signed_files("acme/sig-other", FILES, other_private, tmp_path))
+    d = start_daemon("--require-signature", f"acme/sig-*={public}")
+    assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/sig-none",
+                             "config.json"), "has no model.sig")
+    assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/sig-other",
+                             "model.safetensors"), f"does not verify with {public}")
+    warm = cli(d, "warm", "acme/sig-other")
+    assert warm.returncode == 1, warm.stdout + warm.stderr
+    job = d.get(d.url + "/_modelpeer/v1/jobs")[0]
+    assert "signature verification failed" in job["error"], job
+    assert metric(d, 'modelpeer_signatures_total{result="refused"}') == 2
+    assert download(d, hf_home(), "gpt2", "config.json") == expected_files("gpt2")["config.json"]
+    assert snapshot(d, hf_home(), "acme/gated-model", token="hf_good_token") == \
+        expected_files("acme/gated-model")
+
+
+def test_a_policy_set_by_reload_stops_serving_cached_bytes_that_do_not_match(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub, tmp_path: Path) -> None:
+    """Bytes cached before the rule stay on disk but go to nobody once it holds."""
+    private, public = new_key(tmp_path / "keys", "acme")
+    genuine = signed_files("acme/late", FILES, private, tmp_path)
+    hub.add_repo("acme/late", tampered(genuine, "config.json"))
+    config = tmp_path / "modelpeer.toml"
+    config.write_text("")
+    d = start_daemon("--config", str(config))
+    assert snapshot(d, hf_home(), "acme/late") == expected_files("acme/late")
+    config.write_text(f'require_signature = ["acme/late={public}"]\n')
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "require_signature is now" not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/late", "config.json"),
+                   "config.json")
+    assert download(d, hf_home(), "acme/late", "model.safetensors") == \
+        expected_files("acme/late")["model.safetensors"]
+    verify = cli(d, "verify", "--signatures")
+    assert verify.returncode == 1, verify.stdout
+    assert "REFUSED acme/late/config.json" in verify.stdout, verify.stdout
+    assert "1 problems" in verify.stdout
+    sha256 = added_repo("acme/late", genuine).commits.popitem()[1]["config.json"].sha256
+    assert sha256 in verify.stdout
