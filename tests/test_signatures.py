@@ -101,7 +101,7 @@ def test_unsigned_and_wrongly_signed_repos_are_refused_and_others_are_not_affect
                              "config.json"), "has no model.sig")
     assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/sig-other",
                              "model.safetensors"), f"does not verify with {public}")
-    warm = cli(d, "warm", "acme/sig-other")
+    warm = cli(d, "warm", "--wait", "acme/sig-other")
     assert warm.returncode == 1, warm.stdout + warm.stderr
     job = d.get(d.url + "/_modelpeer/v1/jobs")[0]
     assert "signature verification failed" in job["error"], job
