@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import logging
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -90,12 +92,20 @@ class Manifest:
     sha256: dict[str, str]
 
 
+@functools.cache
+def model_signing() -> tuple[ModuleType, ModuleType]:
+    """model_signing's bundle reader and EC key verifier. Importing them takes half a second of
+    CPU, so only a daemon with a rule does, at start or at the reload that brings the first rule
+    (not at the first request, whose download it would hold up)."""
+    from model_signing._signing import sign_ec_key, sign_sigstore_pb
+
+    return sign_sigstore_pb, sign_ec_key
+
+
 def verified_manifest(data: bytes, rule: SignatureRule) -> dict[str, str]:
     """The per-file sha256 of a model_signing bundle verified with the rule's key; ValueError
     saying why not. CPU-bound: run it in a thread."""
-    # model_signing takes half a second to import: only daemons with a rule pay for it
-    from model_signing._signing import sign_ec_key, sign_sigstore_pb
-
+    sign_sigstore_pb, sign_ec_key = model_signing()
     with tempfile.NamedTemporaryFile(suffix=".sig") as f:
         f.write(data)
         f.flush()
@@ -130,12 +140,14 @@ class Signatures:
         self.catalog = catalog
         self.fetcher = fetcher
         self.metrics = metrics
-        self.rules = rules
         self._manifests: dict[tuple[Repo, str], asyncio.Task[Manifest]] = {}
         self._passed: set[tuple[Repo, str, str, str]] = set()  # (repo, commit, path, digest)
+        self.set_rules(rules)
 
     def set_rules(self, rules: list[SignatureRule]) -> None:
-        """A new policy (SIGHUP): what the old one verified counts no more."""
+        """A new policy (at start, at SIGHUP): what the old one verified counts no more."""
+        if rules:
+            model_signing()
         self.rules = rules
         self._manifests.clear()
         self._passed.clear()
