@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.fakehub import FakeHub, expected_files
 from tests.fakehub.repos import added_repo
 from tests.harness import (
@@ -21,6 +23,7 @@ from tests.harness import (
     hf_client,
     snapshot,
 )
+from tests.netlab import Cluster, netlab_available
 from tests.signing import new_key, signed_files
 
 MiB = 1024 * 1024
@@ -137,3 +140,46 @@ def test_a_policy_set_by_reload_stops_serving_cached_bytes_that_do_not_match(
     assert "1 problems" in verify.stdout
     sha256 = added_repo("acme/late", genuine).commits.popitem()[1]["config.json"].sha256
     assert sha256 in verify.stdout
+
+
+@pytest.mark.netlab
+@pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")
+def test_no_node_of_a_cluster_serves_or_relays_what_its_rule_refuses(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """h1 cached a tampered repo before its rule came (SIGHUP); h2 has no rule and must get
+    nothing of it from h1; h3 has the rule and refuses it; a genuinely signed repo still goes
+    from h1 to h3 over the LAN."""
+    private, public = new_key(tmp_path / "keys", "acme")
+    files = {**FILES, "model.safetensors": {"size": 12 * MiB, "lfs": True}}
+    genuine = signed_files("acme/evil", files, private, tmp_path)
+    cluster.hub.add_repo("acme/evil", tampered(genuine, "model.safetensors", "config.json"))
+    cluster.hub.add_repo("acme/good", signed_files("acme/good", files, private, tmp_path))
+    config = tmp_path / "h1.toml"
+    config.write_text("")
+    rule = f"acme/*={public}"
+    h1 = cluster.start("h1", None, "--config", str(config))
+    h2 = cluster.start("h2")
+    h3 = cluster.start("h3", None, "--require-signature", rule)
+    for h in ("h1", "h2", "h3"):
+        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
+    assert cluster.snapshot("h1", "acme/evil") == expected_files("acme/evil")
+    config.write_text(f'require_signature = ["{rule}"]\n')
+    assert h1.proc is not None
+    h1.proc.send_signal(signal.SIGHUP)
+    cluster.lab.wait_for("h1 reloads", lambda: "require_signature is now" in h1.log())
+    assert cluster.snapshot("h1", "acme/good") == expected_files("acme/good")
+    cluster.hub.reset()
+    assert cluster.snapshot("h2", "acme/evil") == expected_files("acme/evil")
+    assert h2.status()["served_bytes"]["peer"] == 0, "h1 shared a repo its rule refuses"
+    assert cluster.hub.stats()["cdn_bytes"] >= 12 * MiB
+    assert {p["name"]: p["bytes_to"] for p in cluster.peers("h1")}["h2"] == 0
+    home = tmp_path / "hf-h3"
+    home.mkdir()
+    for node, host in ((h1, "h1"), (h3, "h3")):
+        assert_refused(hf_client(node.url, home, "hf_hub_download", "acme/evil",
+                                 "model.safetensors", prefix_cmd=cluster.lab.ns(host)),
+                       "model.safetensors")
+    assert h3.status()["upstream_bytes"] < MiB, "h3 fetched the refused blob"
+    cluster.hub.reset()
+    assert cluster.snapshot("h3", "acme/good") == expected_files("acme/good")
+    assert h3.status()["served_bytes"]["peer"] >= 12 * MiB
