@@ -220,6 +220,7 @@ class Signatures:
             self._count_signature(False, what, str(e))
             raise SignatureRefused(what, str(e)) from e
         self._count_signature(True, what, f"{len(sha256)} files signed by {rule.key_file}")
+        self._passed.add((repo, commit, SIGNATURE_FILE, sig.blob.digest))
         return Manifest(rule, sig.blob.digest, sha256)
 
     def _count_signature(self, verified: bool, what: str, detail: str) -> None:
