@@ -1,5 +1,5 @@
 """Prometheus metrics of one daemon, with the official client library. Labels are bounded:
-sources, route kinds and error kinds, never repo or file names."""
+sources, route kinds, error kinds and signature results, never repo or file names."""
 
 from __future__ import annotations
 
