@@ -139,11 +139,11 @@ class Daemon:
         self.fetcher.max_cache_size = self.cfg.max_cache_size = new.max_cache_size
         self.fetcher.connections = self.cfg.upstream_connections = new.upstream_connections
         self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
-        if new.require_signature != self.cfg.require_signature:
-            self.signatures.set_rules(new.require_signature)
-            self.cfg.require_signature = new.require_signature
-            log.info("reload: require_signature is now %s",
-                     ", ".join(map(str, new.require_signature)) or "empty")
+        # applied even when unchanged: a key file replaced in place must be verified again
+        self.signatures.set_rules(new.require_signature)
+        self.cfg.require_signature = new.require_signature
+        log.info("reload: require_signature is now %s",
+                 ", ".join(map(str, new.require_signature)) or "empty")
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")

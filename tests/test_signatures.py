@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from modelpeer.daemon.config import ConfigError, load_config
 from tests.fakehub import FakeHub, expected_files
 from tests.fakehub.repos import added_repo
 from tests.harness import (
@@ -51,6 +54,24 @@ def assert_refused(out: dict[str, Any], *words: str) -> None:
     assert "403 Forbidden: signature verification failed" in out["message"], out
     for word in words:
         assert word in out["message"], (word, out)
+
+
+def test_a_rule_without_a_usable_public_key_stops_the_daemon_with_the_reason(
+        tmp_path: Path) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    (tmp_path / "rsa.pub").write_bytes(rsa_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "junk.pub").write_text("not a key\n")
+    for value, reason in ((f"acme/*={tmp_path / 'rsa.pub'}", "not an EC P-256/P-384/P-521"),
+                          (f"acme/*={tmp_path / 'junk.pub'}", "not a PEM public key"),
+                          (f"acme/*={tmp_path / 'none.pub'}", "cannot read the public key"),
+                          ("acme/*", "expected PATTERN=KEYFILE")):
+        with pytest.raises(ConfigError, match=reason):
+            load_config(["--require-signature", value], environ={})
+    _, public = new_key(tmp_path, "acme")
+    rules = load_config(["--require-signature", f"datasets/acme/*={public}"],
+                        environ={}).require_signature
+    assert [str(r) for r in rules] == [f"datasets/acme/*={public}"]
 
 
 def test_a_signed_repo_is_served_with_the_pinned_key(
