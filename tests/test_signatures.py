@@ -62,15 +62,17 @@ def test_a_rule_without_a_usable_public_key_stops_the_daemon_with_the_reason(
     (tmp_path / "rsa.pub").write_bytes(rsa_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     (tmp_path / "junk.pub").write_text("not a key\n")
+    empty = tmp_path / "empty.toml"  # not the machine's /etc/modelpeer/modelpeer.toml
+    empty.write_text("")
     for value, reason in ((f"acme/*={tmp_path / 'rsa.pub'}", "not an EC P-256/P-384/P-521"),
                           (f"acme/*={tmp_path / 'junk.pub'}", "not a PEM public key"),
                           (f"acme/*={tmp_path / 'none.pub'}", "cannot read the public key"),
                           ("acme/*", "expected PATTERN=KEYFILE")):
         with pytest.raises(ConfigError, match=reason):
-            load_config(["--require-signature", value], environ={})
+            load_config(["--config", str(empty), "--require-signature", value], environ={})
     _, public = new_key(tmp_path, "acme")
-    rules = load_config(["--require-signature", f"datasets/acme/*={public}"],
-                        environ={}).require_signature
+    rules = load_config(["--config", str(empty), "--require-signature",
+                         f"datasets/acme/*={public}"], environ={}).require_signature
     assert [str(r) for r in rules] == [f"datasets/acme/*={public}"]
 
 
