@@ -140,7 +140,7 @@ def _print_signed_revision(rev: dict[str, Any]) -> None:
     if rev["signed_by"] or rev["signature_error"]:
         names = ", ".join(rev["revisions"]) or "-"
         signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
-                  else f"REFUSED: {rev['signature_error']}")
+                  else f"NOT VERIFIED: {rev['signature_error']}")
         print(f"  @{rev['commit'][:12]} ({names}) {signed}")
 
 
