@@ -140,7 +140,17 @@ def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
     for r in repos:
         print(f"{shown(r['repo_id']):50} {shown(r['repo_type']):8} {r['files']:>6} "
               f"{human_size(r['bytes']):>10}  {human_age(r['last_access'])}")
+        for rev in r.get("revisions", []):
+            _print_signed_revision(rev)
     return 0
+
+
+def _print_signed_revision(rev: dict[str, Any]) -> None:
+    if rev["signed_by"] or rev["signature_error"]:
+        names = ", ".join(rev["revisions"]) or "-"
+        signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
+                  else f"NOT VERIFIED: {rev['signature_error']}")
+        print(f"  @{shown(rev['commit'][:12])} ({shown(names)}) {shown(signed)}")
 
 
 def cmd_rm(d: Daemon, args: argparse.Namespace) -> int:
@@ -167,19 +177,26 @@ def cmd_gc(d: Daemon, args: argparse.Namespace) -> int:
 
 def cmd_verify(d: Daemon, args: argparse.Namespace) -> int:
     d.timeout = 3600
-    result = d.call("POST", "/verify?full=1" if args.full else "/verify")
+    query = urllib.parse.urlencode({"full": int(args.full), "signatures": int(args.signatures)})
+    result = d.call("POST", f"/verify?{query}")
+    refused = result.get("signature_problems", [])
+    problems = len(result["problems"]) + len(refused)
     if args.json:
         _print_json(result)
     else:
         checked = result["checked"]
         print(f"checked {checked['chunks']} chunks"
-              + (f" and {checked['complete_blobs']} blobs (sha256/sha1)" if args.full else ""))
+              + (f" and {checked['complete_blobs']} blobs (sha256/sha1)" if args.full else "")
+              + (" and the publisher signatures" if args.signatures else ""))
         for p in result["problems"]:
             where = f"chunk {p['chunk']}" if p["chunk"] is not None else "whole blob"
             print(f"  BAD {shown(p['digest'])} {where} ({shown(p['error'])}): dropped, will be "
                   "fetched again")
-        print("all good" if not result["problems"] else f"{len(result['problems'])} problems")
-    return EXIT_PROBLEM if result["problems"] else 0
+        for p in refused:
+            print(f"  REFUSED {shown(p['repo'])}/{shown(p['path'])}@{shown(p['commit'][:12])}: "
+                  f"{shown(p['error'])}")
+        print("all good" if not problems else f"{problems} problems")
+    return EXIT_PROBLEM if problems else 0
 
 
 def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
@@ -343,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=cmd_gc)
     v = sub.add_parser("verify", parents=[common], help="check every chunk's xxh3")
     v.add_argument("--full", action="store_true", help="also check every blob's sha256/sha1")
+    v.add_argument("--signatures", action="store_true",
+                   help="also check every cached repo under a require_signature rule against "
+                        "its publisher's model.sig")
     v.set_defaults(func=cmd_verify)
     sub.add_parser("peers", parents=[common], help="the LAN peers this node sees"
                    ).set_defaults(func=cmd_peers)

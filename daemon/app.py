@@ -22,6 +22,7 @@ from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
 from .proxy import Proxy
+from .signatures import Signatures
 from .store import Store
 from .upstream import Upstream
 from .warmup import Warmup
@@ -61,21 +62,26 @@ class Daemon:
                                max_cache_size=cfg.max_cache_size, offline=cfg.offline)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
+        self.signatures = Signatures(cfg.require_signature, self.catalog, self.fetcher,
+                                     self.metrics)
         self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
         self.fetcher.sharing = self.lan.sharing
         self.fetcher.relay = self.lan.relay
         if self.lan.relay is not None:
             self.lan.relay.fetcher = self.fetcher
+            self.lan.relay.may_share = self.signatures.may_share
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+            self.lan.sharing.may_share = self.signatures.may_share
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers, self.lan.api,
                              self.lan.credentials.key if self.lan.credentials else None)
+        self.warmup.check_signature = self.signatures.check
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
-                               self.describe, self.lan, self.warmup)
-        self.proxy = Proxy(self.catalog, self.fetcher, self.metrics)
+                               self.describe, self.lan, self.warmup, self.signatures)
+        self.proxy = Proxy(self.catalog, self.fetcher, self.metrics, self.signatures)
         app = web.Application(client_max_size=1024**2, middlewares=[local_only(cfg.listen)],
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
                                             "max_line_size": MAX_HEADER_BYTES})
@@ -96,6 +102,7 @@ class Daemon:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "require_signature": [str(r) for r in self.cfg.require_signature],
                 "peers": self.lan.summary()}
 
     def status_line(self) -> str:
@@ -132,13 +139,19 @@ class Daemon:
         self.fetcher.max_cache_size = self.cfg.max_cache_size = new.max_cache_size
         self.fetcher.connections = self.cfg.upstream_connections = new.upstream_connections
         self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
+        # applied even when unchanged: a key file replaced in place must be verified again
+        self.signatures.set_rules(new.require_signature)
+        self.cfg.require_signature = new.require_signature
+        log.info("reload: require_signature is now %s",
+                 ", ".join(map(str, new.require_signature)) or "empty")
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
                          if getattr(new, name) != getattr(self.cfg, name)]
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
-        log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl)")
+        log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl, "
+                 "require_signature)")
         notify.ready()
 
     async def serve_forever(self) -> None:

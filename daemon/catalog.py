@@ -348,6 +348,26 @@ class Catalog:
     def referenced_digests(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM files")}
 
+    def cached_entries(self, digest: str | None = None) -> list[FileEntry]:
+        """Every known file entry (of one blob, with `digest`)."""
+        rows = self.db.execute(
+            "SELECT repo_type, repo_id, commit_sha, path, digest, algo, size FROM files"
+            + (" WHERE digest=?" if digest else ""), (digest,) if digest else ()).fetchall()
+        return [FileEntry(Repo(r[0], r[1]), r[2], r[3], BlobId(r[4], r[5], r[6]),
+                          lfs=r[5] == "sha256") for r in rows]
+
+    def cached_commits(self, repo: Repo) -> dict[str, list[str]]:
+        """The commits of the repo that files are known at, each with the revisions naming it."""
+        commits: dict[str, list[str]] = {r[0]: [] for r in self.db.execute(
+            "SELECT DISTINCT commit_sha FROM files WHERE repo_type=? AND repo_id=?",
+            (repo.type, repo.id))}
+        for revision, commit in self.db.execute(
+                "SELECT revision, commit_sha FROM refs WHERE repo_type=? AND repo_id=?",
+                (repo.type, repo.id)):
+            if commit in commits:
+                commits[commit].append(revision)
+        return commits
+
 
 def _unquote_etag(value: str) -> str:
     return value.strip().removeprefix("W/").strip('"').lower()

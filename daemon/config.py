@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .keyfile import ClusterKeyError, read_key_file
+from .signatures import SignatureRule, parse_rule
 
 DEFAULT_CONFIG_FILE = Path("/etc/modelpeer/modelpeer.toml")
 DEFAULT_UPSTREAM = "https://huggingface.co"
@@ -169,6 +170,10 @@ OPTIONS: tuple[Option, ...] = (
            "file with the cluster key (default: $CREDENTIALS_DIRECTORY/cluster.key if systemd "
            "passes one); without one the daemon is a local cache only"),
     Option("node_name", str, lambda: "", "a name for this node (default: the host name)"),
+    Option("require_signature", parse_rule, lambda: [],
+           "PATTERN=KEYFILE: serve files of repos whose id matches the glob only as the "
+           "model.sig signed with that public key lists them (OpenSSF model signing)",
+           repeatable=True, reloadable=True),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -193,6 +198,7 @@ class Config:
     peer: list[tuple[str, int]]
     cluster_key_file: Path | None
     node_name: str
+    require_signature: list[SignatureRule]
     config_file: Path | None = None
     # read from cluster_key_file by load_config: an unusable key stops the daemon at start
     cluster_key: bytes | None = dataclasses.field(default=None, repr=False)

@@ -16,6 +16,7 @@ from .catalog import REPO_TYPES, Catalog, HubError, Repo
 from .fetch import Fetcher
 from .lan import Lan
 from .metrics import Metrics
+from .signatures import Signatures
 from .store import Store
 from .warmup import Warmup
 
@@ -39,7 +40,8 @@ class RecentErrors(logging.Handler):
 
 class Control:
     def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
-                 describe: Callable[[], dict[str, Any]], lan: Lan, warmup: Warmup) -> None:
+                 describe: Callable[[], dict[str, Any]], lan: Lan, warmup: Warmup,
+                 signatures: Signatures) -> None:
         self.store = store
         self.catalog = catalog
         self.fetcher = fetcher
@@ -47,6 +49,7 @@ class Control:
         self.describe = describe
         self.lan = lan
         self.warmup = warmup
+        self.signatures = signatures
         self.ready = False
         self.started = time.time()
         self.recent_errors = RecentErrors()
@@ -136,7 +139,10 @@ class Control:
         return web.json_response({"cancelled": request.match_info["job"]})
 
     async def repos(self, request: web.Request) -> web.Response:
-        return web.json_response(self.catalog.repos())
+        repos = self.catalog.repos()
+        for r in repos:
+            r["revisions"] = await self.signatures.revisions(Repo(r["repo_type"], r["repo_id"]))
+        return web.json_response(repos)
 
     async def remove_repo(self, request: web.Request) -> web.Response:
         repo_type = request.match_info["repo_type"]
@@ -175,8 +181,10 @@ class Control:
         full = request.query.get("full", "") in ("1", "true", "yes")
         problems = await self.store.verify(full=full)
         self.metrics.verify_failures.inc(len(problems))
-        return web.json_response({"full": full, "problems": problems,
-                                  "checked": self._refresh_gauges()})
+        answer = {"full": full, "problems": problems, "checked": self._refresh_gauges()}
+        if request.query.get("signatures", "") in ("1", "true", "yes"):
+            answer["signature_problems"] = await self.signatures.recheck()
+        return web.json_response(answer)
 
     async def page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS api_cache (
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, created REAL NOT NULL
 );
+-- signatures.py: the sha256 of small (gitsha1-named) blobs, to compare with signed manifests
+CREATE TABLE IF NOT EXISTS blob_sha256 (
+    digest TEXT PRIMARY KEY REFERENCES blobs(digest) ON DELETE CASCADE,
+    sha256 TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS api_cache_repo ON api_cache (repo_type, repo_id);
 CREATE INDEX IF NOT EXISTS api_cache_fetched ON api_cache (fetched_at);  -- pruning
 CREATE INDEX IF NOT EXISTS files_digest ON files (digest);

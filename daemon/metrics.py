@@ -1,5 +1,5 @@
 """Prometheus metrics of one daemon, with the official client library. Labels are bounded:
-sources, route kinds and error kinds, never repo or file names."""
+sources, route kinds, error kinds and signature results, never repo or file names."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ class Metrics:
         self.verify_failures = Counter(
             "modelpeer_verification_failures", "Chunks or blobs that failed a digest check",
             registry=r)
+        self.signatures = Counter(
+            "modelpeer_signatures", "Publisher signatures (model.sig at a commit) checked, by "
+            "result", ["result"], registry=r)
+        self.signature_refusals = Counter(
+            "modelpeer_signature_refused_files", "File requests refused by a require_signature "
+            "rule", registry=r)
+        for result in ("verified", "refused"):
+            self.signatures.labels(result)
         for state in ("running", "done", "failed"):
             self.warm_jobs.labels(state)
         self.served_totals = dict.fromkeys(SOURCES, 0)
@@ -64,6 +72,12 @@ class Metrics:
     def upstream_read(self, n: int) -> None:
         self.upstream_bytes.inc(n)
         self.upstream_total += n
+
+    def signature_checked(self, verified: bool) -> None:
+        self.signatures.labels("verified" if verified else "refused").inc()
+
+    def signature_refused_file(self) -> None:
+        self.signature_refusals.inc()
 
     def observe_request(self, route: str, seconds: float) -> None:
         self.requests.labels(route).observe(seconds)

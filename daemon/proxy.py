@@ -21,6 +21,7 @@ from . import hubnames
 from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
 from .metrics import Metrics
+from .signatures import Signatures
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +109,12 @@ class _Unsatisfiable(Exception):
 
 
 class Proxy:
-    def __init__(self, catalog: Catalog, fetcher: Fetcher, metrics: Metrics) -> None:
+    def __init__(self, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
+                 signatures: Signatures) -> None:
         self.catalog = catalog
         self.fetcher = fetcher
         self.metrics = metrics
+        self.signatures = signatures
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -147,6 +150,10 @@ class Proxy:
             assert route.revision is not None
             entry = await self.catalog.resolve_file(route.repo, route.revision, route.path,
                                                     token)
+            if request.method == "GET":
+                # HEAD answers metadata only: huggingface_hub shows a refused GET's message, but
+                # turns a refused HEAD into a vague "cannot find the file in the local cache"
+                await self.signatures.check(entry, token)
             return await self._serve_file(request, entry, token)
         if (route.kind == "paths-info") != (request.method == "POST") or request.method not in (
                 "GET", "HEAD", "POST"):

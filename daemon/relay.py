@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -23,6 +23,7 @@ class Relay:
     def __init__(self, peers: PeerSet, api: PeerApi) -> None:
         self.peers = peers
         self.fetcher: Fetcher | None = None  # set once the daemon has one
+        self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         api.route("GET", "/relay/{digest}", self._serve)
 
     async def stream(self, peer: Peer, blob: BlobId, start: int,
@@ -44,7 +45,8 @@ class Relay:
 
     async def _serve(self, request: web.Request, sender: str) -> web.StreamResponse:
         digest = request.match_info["digest"]
-        if self.fetcher is None or (transfer := self.fetcher.joinable(digest)) is None:
+        if (self.fetcher is None or not self.may_share(digest)
+                or (transfer := self.fetcher.joinable(digest)) is None):
             return web.json_response({"error": "not transferring this blob"}, status=404)
         try:
             start = int(request.query.get("start", "0"))

@@ -58,6 +58,7 @@ class Sharing:
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self.transfer_state: Callable[[str], str] = lambda digest: ""
+        self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
         api.route("GET", "/status", self._status, any_receiver=True)
@@ -130,6 +131,9 @@ class Sharing:
         digest = request.match_info["digest"]
         if not _is_digest(digest):
             return web.json_response({"error": "not a blob digest"}, status=400)
+        if not self.may_share(digest):
+            return web.json_response({"digest": digest, "chunks": [], "small": False,
+                                      "transfer": ""})
         chunks = [{"index": idx, "info_hash": self._seeded.get((digest, idx), "")}
                   for _, idx, _, _ in self.store.complete_chunks(digest=digest,
                                                                  min_blob_size=SHARED_BLOB)]
@@ -140,14 +144,15 @@ class Sharing:
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
         torrent = (await self.torrent_of(digest, int(idx))
-                   if idx.isdigit() and len(idx) < 9 and _is_digest(digest) else None)
+                   if idx.isdigit() and len(idx) < 9 and _is_digest(digest)
+                   and self.may_share(digest) else None)
         if torrent is None:
             return web.json_response({"error": "chunk not held"}, status=404)
         return web.Response(body=torrent, content_type="application/x-bittorrent")
 
     async def _blob(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
-        blob = self.store.complete_blob(digest)
+        blob = self.store.complete_blob(digest) if self.may_share(digest) else None
         if blob is None or blob.size > SMALL_BLOB:
             return web.json_response({"error": "small blob not held"}, status=404)
         data = self.store.read(blob, 0, blob.size)

@@ -21,6 +21,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -103,6 +104,8 @@ class Warmup:
         self.jobs: dict[str, Job] = {}
         self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
         self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
+        # signatures.py's policy: raises HubError when the file may not be served
+        self.check_signature: Callable[[FileEntry, str | None], Awaitable[None]] = _no_policy
         if api is not None:
             api.route("POST", "/warm", self._peer_start)
             api.route("GET", "/warm/{job}", self._peer_status)
@@ -377,6 +380,7 @@ class Warmup:
 
     async def _fetch(self, job: Job, f: WarmFile) -> None:
         entry = FileEntry(job.repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size), f.lfs)
+        await self.check_signature(entry, job.token)
         transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
                                                         f"{job.repo}/{f.path}"))
         await transfer.done
@@ -464,6 +468,10 @@ class Warmup:
 
     def summary(self) -> list[dict[str, Any]]:
         return [{"job": j.id, **self.local_status(j).to_json()} for j in self.jobs.values()]
+
+
+async def _no_policy(entry: FileEntry, token: str | None) -> None:
+    return None
 
 
 def _job_id_answer(value: object) -> str:

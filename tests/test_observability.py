@@ -77,7 +77,7 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert again[("modelpeer_store_bytes", ())] >= SIZE
     assert again[("modelpeer_request_seconds_count", (("route", "resolve"),))] == 2
     for (name, labels), _ in again.items():
-        assert all(k in ("source", "route", "kind", "state", "peer", "direction", "le")
+        assert all(k in ("source", "route", "kind", "state", "peer", "direction", "result", "le")
                    for k, _ in labels), (name, labels)
 
 

@@ -127,8 +127,8 @@ class FakeHub:
             self._call("POST", "/_fake/repos", body)
         return self
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        return http_json(method, self.url + path, body, self.prefix_cmd)
+    def _call(self, method: str, path: str, body: Any = None, timeout: float = 30) -> Any:
+        return http_json(method, self.url + path, body, self.prefix_cmd, timeout)
 
     def stats(self) -> dict[str, Any]:
         """cdn_bytes, cdn_requests, cdn_requests_with_auth, cdn_range_requests, hub_requests,
@@ -146,12 +146,13 @@ class FakeHub:
         self._call("POST", "/_fake/reset", {})
 
     def add_repo(self, repo_id: str, files: dict[str, dict[str, Any]],
-                 repo_type: str = "model", seed: int = 0) -> str:
-        """Add a repo at runtime ({"path": {"size": N, "lfs": bool}}); returns its commit.
+                 repo_type: str = "model", seed: int = 0, timeout: float = 30) -> str:
+        """Add a repo at runtime ({"path": {"size": N, "lfs": bool}}, more in added_repo);
+        returns its commit.
 
         expected_files() and file_sha256() know it afterwards, in this process."""
         body = {"repo_id": repo_id, "repo_type": repo_type, "files": files, "seed": seed}
-        commit = self._call("POST", "/_fake/repos", body)["commit"]
+        commit = self._call("POST", "/_fake/repos", body, timeout)["commit"]
         self._added.append(body)
         ADDED[(repo_type, repo_id)] = added_repo(repo_id, files, repo_type, seed)
         return commit

@@ -3,6 +3,7 @@ the server and in the tests (which compare downloads byte by byte against them).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import hashlib
@@ -101,6 +102,20 @@ class BigFile(FileSpec):
         return self.size
 
 
+@dataclasses.dataclass(frozen=True)
+class GivenFile(FileSpec):
+    """A file whose bytes the test gives (e.g. a model.sig it signed)."""
+    data: bytes = b""
+
+    @property
+    def content(self) -> bytes:  # type: ignore[override]
+        return self.data
+
+    @property
+    def real_size(self) -> int:
+        return len(self.data)
+
+
 @dataclasses.dataclass
 class Repo:
     repo_type: str
@@ -178,10 +193,21 @@ def catalogue(big_size: int = 0) -> dict[tuple[str, str], Repo]:
 
 def added_repo(repo_id: str, files: dict[str, dict[str, Any]], repo_type: str = "model",
                seed: int = 0) -> Repo:
-    """A repo added at runtime (POST /_fake/repos): one commit on `main`."""
-    specs = {p: FileSpec(p, int(f.get("size", 0)), bool(f.get("lfs", True)),
-                         f"{repo_id}/{p}/{seed}") for p, f in files.items()}
-    return _repo(repo_type, repo_id, {"main": specs})
+    """A repo added at runtime (POST /_fake/repos): one commit on `main`. A file is
+    {"size": N, "lfs": bool}, optionally with its own "seed" (other bytes, same commit: what a
+    tampering mirror serves), "big": true (generated on disk, never in memory) or
+    "content_b64" (these exact bytes)."""
+    return _repo(repo_type, repo_id,
+                 {"main": {p: _added_file(repo_id, p, f, seed) for p, f in files.items()}})
+
+
+def _added_file(repo_id: str, path: str, f: dict[str, Any], seed: int) -> FileSpec:
+    seed_text = f"{repo_id}/{path}/{f.get('seed', seed)}"
+    if "content_b64" in f:
+        data = base64.b64decode(f["content_b64"])
+        return GivenFile(path, len(data), bool(f.get("lfs", False)), seed_text, data)
+    kind = BigFile if f.get("big") else FileSpec
+    return kind(path, int(f.get("size", 0)), bool(f.get("lfs", True)), seed_text)
 
 
 # Repos this process added through FakeHub.add_repo, so expected_files knows them too.

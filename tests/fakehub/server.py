@@ -104,7 +104,8 @@ class FakeHub:
                 if not f.lfs:
                     continue
                 if isinstance(f, BigFile):
-                    path = self.data_dir / "blobs" / f"big-{f.size}"
+                    seed = hashlib.sha256(f.seed.encode()).hexdigest()[:12]
+                    path = self.data_dir / "blobs" / f"big-{seed}-{f.size}"
                     f.write_to(path)
                     self.blobs[f.sha256] = path
                 elif f.sha256 not in self.blobs:
