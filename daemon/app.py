@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from . import notify
+from .cacheapi import CacheApi
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config
 from .control import Control
@@ -21,6 +22,7 @@ from .index import open_index
 from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
+from .pins import Pins
 from .proxy import Proxy
 from .store import Store
 from .upstream import Upstream
@@ -68,9 +70,12 @@ class Daemon:
             self.lan.relay.fetcher = self.fetcher
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+        self.pins = Pins(self.db, self.catalog)
+        self.store.pinned = self.pins.digests
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers, self.lan.api,
-                             self.lan.credentials.key if self.lan.credentials else None)
+                             self.lan.credentials.key if self.lan.credentials else None,
+                             self.pins)
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
@@ -81,6 +86,7 @@ class Daemon:
                                             "max_line_size": MAX_HEADER_BYTES})
         app.on_response_prepare.append(_server_header)
         self.control.add_routes(app)
+        CacheApi(self.store, self.catalog, self.fetcher, self.pins).add_routes(app)
         self.proxy.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -96,6 +102,7 @@ class Daemon:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
                 "peers": self.lan.summary()}
 
     def status_line(self) -> str:

@@ -121,18 +121,35 @@ class Catalog:
         self._api_saves_since_prune = API_PRUNE_EVERY  # the first save after a start prunes
 
     # --- access -------------------------------------------------------------------------
-    def _is_public(self, repo: Repo) -> bool:
+    def is_public(self, repo: Repo) -> bool:
         row = self.db.execute("SELECT public FROM repos WHERE repo_type=? AND repo_id=?",
                               (repo.type, repo.id)).fetchone()
         return bool(row and row[0])
 
     def _allowed(self, repo: Repo, token: str | None, *, max_age: float) -> bool:
-        if self._is_public(repo):
+        if self.is_public(repo):
             return True
         if not token:
             return False
         granted = self._grants.get((repo, _token_key(token)))
-        return granted is not None and time.monotonic() - granted < max_age
+        if granted is not None and time.monotonic() - granted < max_age:
+            return True
+        # only while the upstream cannot be asked (max_age is then OFFLINE_GRACE)
+        return max_age >= OFFLINE_GRACE and self._bound(repo, token)
+
+    def _bound(self, repo: Repo, token: str) -> bool:
+        return self.db.execute(
+            "SELECT 1 FROM bound_tokens WHERE repo_type=? AND repo_id=? AND token_sha256=?",
+            (repo.type, repo.id, _token_key(token))).fetchone() is not None
+
+    def imported(self, repo: Repo, *, public: bool, token: str | None) -> None:
+        """A repo came from a bundle or a local HF cache, not from the upstream: public only
+        when `public` (see security.md, Bundles and imported caches); a gated or private one
+        goes to `token` while the upstream cannot be asked, and to upstream grants."""
+        self._save_repo(repo, public=public)
+        if not public and token:
+            self.db.execute("INSERT OR IGNORE INTO bound_tokens VALUES (?, ?, ?)",
+                            (repo.type, repo.id, _token_key(token)))
 
     def upstream_served_file(self, repo: Repo, token: str | None) -> None:
         """The upstream served a file of the repo to `token`: its cached files may go to that
@@ -177,6 +194,10 @@ class Catalog:
             return row["commit_sha"]
         return None
 
+    def known_commit(self, repo: Repo, revision: str) -> str | None:
+        """The commit the revision was last known to name, however old (None if never)."""
+        return self._commit_of(repo, revision, max_age=float("inf"))
+
     def _save_ref(self, repo: Repo, revision: str, commit: str) -> None:
         if revision != commit and COMMIT_RE.fullmatch(commit):
             self.db.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?, ?)",
@@ -187,10 +208,14 @@ class Catalog:
         row = self.db.execute(
             "SELECT digest, algo, size FROM files WHERE repo_type=? AND repo_id=? AND"
             " commit_sha=? AND path=?", (repo.type, repo.id, commit, path)).fetchone()
-        if row is None:
-            return None
-        blob = BlobId(row["digest"], row["algo"], row["size"])
-        return FileEntry(repo, commit, path, blob, lfs=blob.algo == "sha256")
+        return _entry_of_row(repo, commit, path, row) if row is not None else None
+
+    def entries_at(self, repo: Repo, commit: str) -> list[FileEntry]:
+        """Every file entry known at the commit, by path."""
+        rows = self.db.execute(
+            "SELECT path, digest, algo, size FROM files WHERE repo_type=? AND repo_id=? AND"
+            " commit_sha=? ORDER BY path", (repo.type, repo.id, commit)).fetchall()
+        return [_entry_of_row(repo, commit, r["path"], r) for r in rows]
 
     def _save_entry(self, entry: FileEntry) -> None:
         self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -340,13 +365,18 @@ class Catalog:
             " (SELECT digest FROM files WHERE NOT (repo_type=? AND repo_id=?))",
             (repo.type, repo.id, repo.type, repo.id))]
         with self.db:
-            for table in ("files", "refs", "repos", "api_cache"):
+            for table in ("files", "refs", "repos", "api_cache", "pins", "bound_tokens"):
                 self.db.execute(f"DELETE FROM {table} WHERE repo_type=? AND repo_id=?",
                                 (repo.type, repo.id))
         return digests
 
     def referenced_digests(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT DISTINCT digest FROM files")}
+
+
+def _entry_of_row(repo: Repo, commit: str, path: str, row: sqlite3.Row) -> FileEntry:
+    blob = BlobId(row["digest"], row["algo"], row["size"])
+    return FileEntry(repo, commit, path, blob, lfs=blob.algo == "sha256")
 
 
 def _unquote_etag(value: str) -> str:

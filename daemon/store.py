@@ -84,6 +84,8 @@ class Store:
         self.db = db
         self.chunk_size = chunk_size
         self.on_removed: Callable[[str], None] = lambda digest: None
+        self.pinned: Callable[[], set[str]] = set  # digests eviction must skip (pins.py)
+        self.over_limit = 0  # bytes above max_cache_size that eviction could not free
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- layout -------------------------------------------------------------------------
@@ -228,11 +230,14 @@ class Store:
         return freed
 
     def evict(self, max_bytes: int, keep: set[str]) -> list[str]:
-        """Remove least-recently-used complete blobs until usage <= max_bytes."""
+        """Remove least-recently-used complete blobs, except `keep` and pinned ones, until
+        usage <= max_bytes; what cannot be freed is reported, never raised."""
         used = self.usage().bytes
         removed: list[str] = []
         if max_bytes <= 0 or used <= max_bytes:
+            self.over_limit = 0
             return removed
+        keep = keep | self.pinned()
         for r in self.db.execute(
                 "SELECT digest FROM blobs WHERE complete=1 ORDER BY last_access").fetchall():
             if used <= max_bytes:
@@ -242,7 +247,15 @@ class Store:
             used -= self.remove(r["digest"])
             removed.append(r["digest"])
             log.info("evicted blob %s to stay under max_cache_size", r["digest"])
+        self._report_over_limit(max(0, used - max_bytes), max_bytes)
         return removed
+
+    def _report_over_limit(self, over: int, max_bytes: int) -> None:
+        if over and not self.over_limit:
+            log.warning("the cache stays %d bytes above max_cache_size (%d): the rest is pinned"
+                        " or being transferred; `modelpeer unpin` or raise max_cache_size",
+                        over, max_bytes)
+        self.over_limit = over
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:

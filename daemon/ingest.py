@@ -1,0 +1,198 @@
+"""Bundles in and out of the store: export a cached revision, import one (a bundle file, or an
+HF cache the CLI turned into bundles), with every byte checked before anything counts.
+
+An import writes each blob through the store's BlobWriter (chunks, xxh3, digest) as an ordinary
+Transfer of the fetcher, so a client asking for the same blob meanwhile joins it instead of
+writing it a second time, and eviction and `gc` leave it alone until the import ends. Only when
+the whole archive checked are the file entries and refs recorded; a damaged archive leaves the
+store as it was (the blobs it added are removed). Who may read an imported repo is decided in
+`_confirm` (docs/security.md, "Bundles and imported caches").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .bundle import BundleError, Manifest, Reader, blob_member, end, head, member_header, padding
+from .catalog import Catalog, FileEntry, HubError, Repo
+from .fetch import Fetcher, Transfer, TransferFailed
+from .peermsg import WarmFile
+from .store import BlobId, DigestMismatch, Store, blob_hasher
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK = 1024 * 1024
+
+
+def _blob(f: WarmFile) -> BlobId:
+    return BlobId(f.digest, f.algo, f.size)
+
+
+class Ingest:
+    def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.fetcher = fetcher
+
+    # --- export -------------------------------------------------------------------------
+    async def export_manifest(self, repo: Repo, revision: str, token: str | None) -> Manifest:
+        """What a bundle of the revision holds: the files the cache knows at its commit, all
+        of which must be cached; gated or private repos only for a token with access."""
+        commit = self.catalog.known_commit(repo, revision)
+        entries = self.catalog.entries_at(repo, commit) if commit else []
+        if commit is None or not entries:
+            raise HubError(404, "", f"{repo}@{revision} is not cached; `modelpeer warm` it "
+                                    "first")
+        if not self.catalog.is_public(repo):
+            # the same check as a client's download: a grant, else the upstream asked
+            await self.catalog.resolve_file(repo, commit, entries[0].path, token)
+        missing = [e.path for e in entries if not self.store.is_complete(e.blob.digest)]
+        if missing:
+            raise HubError(409, "", f"{len(missing)} files of {repo}@{revision} are not in the "
+                                    f"cache (e.g. {missing[0]}); `modelpeer warm` it first")
+        files = tuple(WarmFile(e.path, e.blob.digest, e.blob.algo, e.blob.size, e.lfs)
+                      for e in entries)
+        return Manifest(repo.type, repo.id, (revision,) if revision != commit else (), commit,
+                        self.catalog.is_public(repo), files)
+
+    async def export_stream(self, manifest: Manifest) -> AsyncIterator[bytes]:
+        yield head(manifest)
+        for f in manifest.blobs():
+            blob = _blob(f)
+            yield member_header(blob_member(f.digest), f.size)
+            for pos in range(0, f.size, READ_BLOCK):
+                yield await asyncio.to_thread(self.store.read, blob, pos,
+                                              min(READ_BLOCK, f.size - pos))
+            yield padding(f.size)
+        yield end()
+
+    # --- import -------------------------------------------------------------------------
+    async def import_bundle(self, reader: Reader, token: str | None, *,
+                            lenient: bool) -> dict[str, Any]:
+        """Read a bundle to its end and record it. Strict (a bundle file): any damage refuses
+        the whole archive. Lenient (an HF cache): a blob failing its digest is skipped and
+        reported, damage to the archive itself still refuses it."""
+        manifest = await reader.manifest()
+        repo = Repo(manifest.repo_type, manifest.repo_id)
+        public, by_upstream = await self._confirm(manifest, repo, token)
+        bad: dict[str, str] = {}
+        added = await self._store_blobs(reader, manifest, repo, bad, lenient=lenient)
+        kept = [FileEntry(repo, manifest.commit, f.path, _blob(f), f.lfs)
+                for f in manifest.files if f.digest not in bad]
+        # branch names from a bundle count only where the upstream cannot say where they are
+        revisions = () if by_upstream else manifest.revisions
+        for revision in revisions or (manifest.commit,):
+            self.catalog.remember(repo, revision, manifest.commit, kept)
+        self.catalog.imported(repo, public=public, token=token)
+        self.store.evict(self.fetcher.max_cache_size, keep=set(self.fetcher.transfers))
+        skipped = [{"path": f.path, "digest": f.digest, "error": bad[f.digest]}
+                   for f in manifest.files if f.digest in bad]
+        log.info("imported %s@%s: %d files, %d bytes new in the store, %d skipped, %s", repo,
+                 manifest.commit[:12], len(kept), added, len(skipped),
+                 "public" if public else "not public")
+        return {"repo": str(repo), "repo_type": repo.type, "repo_id": repo.id,
+                "commit": manifest.commit, "revisions": list(revisions), "files": len(kept),
+                "bytes": sum(e.blob.size for e in kept), "stored_bytes": added,
+                "skipped": skipped, "public": public,
+                "confirmed_by": "upstream" if by_upstream else "bundle", "method": "copy"}
+
+    async def _confirm(self, manifest: Manifest, repo: Repo,
+                       token: str | None) -> tuple[bool, bool]:
+        """(public, confirmed by the upstream). A reachable upstream must agree with every
+        file entry, and says itself whether the repo is public (a file served without a
+        token) and whether `token` has access; when it cannot be reached, the bundle's word
+        is taken: it is the operator's to vouch for."""
+        for f in manifest.files:
+            try:
+                entry = await self.catalog.resolve_file(repo, manifest.commit, f.path, token)
+            except HubError as e:
+                if e.status >= 500:
+                    log.info("importing %s: the upstream cannot confirm it (%s); taking the "
+                             "bundle's entries", repo, e.message)
+                    return manifest.public, False
+                raise HubError(e.status, e.code, f"the upstream does not confirm "
+                               f"{repo}/{f.path}@{manifest.commit[:12]}: {e.message}") from e
+            if entry.blob != _blob(f):
+                raise HubError(409, "", f"{repo}/{f.path}@{manifest.commit[:12]}: the bundle "
+                                        f"says {f.digest}, the upstream {entry.blob.digest}")
+        return self.catalog.is_public(repo), bool(manifest.files)
+
+    async def _store_blobs(self, reader: Reader, manifest: Manifest, repo: Repo,
+                           bad: dict[str, str], *, lenient: bool) -> int:
+        """Every blob member into the store; the bytes new to the store. On any failure the
+        blobs this import added are removed again."""
+        added: list[BlobId] = []
+        ours: list[Transfer] = []
+        try:
+            for f in manifest.blobs():
+                at, name = reader.offset, blob_member(f.digest)
+                await reader.header(name, f.size)
+                data = reader.data(name, f.size, READ_BLOCK)
+                try:
+                    if await self._store_blob(_blob(f), data, f"{repo}/{f.path}", ours):
+                        added.append(_blob(f))
+                except DigestMismatch as e:
+                    if not lenient:
+                        raise BundleError(f"{name} ({repo}/{f.path}): {e}", at) from e
+                    log.warning("importing %s/%s: %s; skipped", repo, f.path, e)
+                    bad[f.digest] = str(e)
+            await reader.end()
+        except BaseException as e:
+            for blob in added:
+                self.store.remove(blob.digest)
+            log.warning("import of %s refused, nothing of it kept: %s", repo, e)
+            raise
+        finally:
+            for t in ours:
+                if self.fetcher.transfers.get(t.blob.digest) is t:
+                    del self.fetcher.transfers[t.blob.digest]
+        return sum(b.size for b in added)
+
+    async def _store_blob(self, blob: BlobId, data: AsyncIterator[bytes], label: str,
+                          ours: list[Transfer]) -> bool:
+        """The blob's bytes into the store, checked; False when the store had it already
+        (then the bytes are only checked). Raises DigestMismatch, or what reading raised."""
+        await self._no_transfer_running(blob.digest)
+        if self.store.is_complete(blob.digest):
+            await _check_digest(blob, data)
+            return False
+        transfer = Transfer(blob, label)
+        self.fetcher.transfers[blob.digest] = transfer  # clients join it; eviction skips it
+        ours.append(transfer)
+        self.store.remove(blob.digest)  # a partial prefix: every byte comes from the bundle
+        writer = self.store.open_writer(blob)
+        try:
+            await writer.prepare()
+            async for piece in data:
+                await writer.write(piece)
+                transfer.advance(writer.offset)
+            await writer.verify()
+            transfer.finish()
+            await writer.finish()
+        except BaseException as e:
+            transfer.fail(e if isinstance(e, Exception) else TransferFailed("cancelled"))
+            with contextlib.suppress(OSError, sqlite3.Error):
+                await writer.close()
+            self.store.remove(blob.digest)
+            raise
+        await writer.close()
+        return True
+
+    async def _no_transfer_running(self, digest: str) -> None:
+        running = self.fetcher.transfers.get(digest)
+        while running is not None and not running.done.done():
+            await asyncio.wait([running.done])
+            running = self.fetcher.transfers.get(digest)
+
+
+async def _check_digest(blob: BlobId, data: AsyncIterator[bytes]) -> None:
+    h = blob_hasher(blob)
+    async for piece in data:
+        await asyncio.to_thread(h.update, piece)
+    if h.hexdigest() != blob.digest:
+        raise DigestMismatch(f"blob {blob.digest}: content hashes to {h.hexdigest()}")
