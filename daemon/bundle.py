@@ -208,4 +208,4 @@ class Reader:
     async def _zeros(self, n: int, what: str) -> None:
         at = self.offset
         if n and (await self._exactly(n, what)).count(0) != n:
-            raise BundleError(f"{what} is not all zeros", at)
+            raise BundleError(f"non-zero bytes in {what}", at)

@@ -21,8 +21,9 @@ import sqlite3
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+from . import offline_api
 from .hubnames import COMMIT_RE, REPO_TYPES
 from .store import BlobId
 from .upstream import Answer, Upstream, UpstreamUnavailable
@@ -269,9 +270,11 @@ class Catalog:
 
     # --- API answers --------------------------------------------------------------------
     async def api(self, repo: Repo, method: str, path_qs: str, *, revision: str | None,
-                  token: str | None, body: bytes = b"",
-                  content_type: str = "") -> ApiAnswer:
-        """A JSON answer of the Hub API about `repo`, Xet-free, cached by request."""
+                  token: str | None, body: bytes = b"", content_type: str = "",
+                  kind: str = "", sub_path: str = "") -> ApiAnswer:
+        """A JSON answer of the Hub API about `repo`, Xet-free, cached by request. `kind`
+        (info, revision, tree) and `sub_path` let an answer be built from the file entries
+        when the upstream cannot be asked and nothing is cached."""
         key = hashlib.sha256(b"\0".join([method.encode(), path_qs.encode(), body])).hexdigest()
         immutable = revision is not None and COMMIT_RE.fullmatch(revision) is not None
         cached = self._cached_api(key)
@@ -282,6 +285,8 @@ class Catalog:
             if immutable:
                 self._mark_api_used(key, fetched_at=cached[1])
             return cached[0]
+        if cached is None and method != "POST":
+            cached = self._answer_from_entries(repo, kind, revision or "main", sub_path, path_qs)
         if self.offline:
             return self._stale_api(repo, cached, token, "offline mode", path_qs)
         headers = {"Content-Type": content_type} if content_type else {}
@@ -312,6 +317,24 @@ class Catalog:
             raise HubError(502, "", f"{repo}: the upstream Hub is unreachable ({reason}), so "
                                     "access to this gated or private repo cannot be checked")
         return cached[0]
+
+    def _answer_from_entries(self, repo: Repo, kind: str, revision: str, sub_path: str,
+                             path_qs: str) -> tuple[ApiAnswer, float, bool] | None:
+        """An answer built from the file entries at the commit the revision last named (never
+        anonymous: it goes only to those who may read the repo's files)."""
+        commit = self.known_commit(repo, revision) if kind in ("info", "revision", "tree") \
+            else None
+        entries = self.entries_at(repo, commit) if commit else []
+        if commit is None or not entries:
+            return None
+        if kind == "tree":
+            data: Any = offline_api.tree_answer(entries, sub_path, urlsplit(path_qs).query)
+            if data is None:
+                return None
+        else:
+            data = offline_api.revision_answer(repo, commit, entries)
+        body = json.dumps(data, separators=(",", ":")).encode()
+        return ApiAnswer(200, body, "application/json", "", commit), 0.0, False
 
     def _cached_api(self, key: str) -> tuple[ApiAnswer, float, bool] | None:
         row = self.db.execute("SELECT * FROM api_cache WHERE key=?", (key,)).fetchone()
