@@ -84,10 +84,12 @@ class Ingest:
         added = await self._store_blobs(reader, manifest, repo, bad, lenient=lenient)
         kept = [FileEntry(repo, manifest.commit, f.path, _blob(f), f.lfs)
                 for f in manifest.files if f.digest not in bad]
-        # branch names from a bundle count only where the upstream cannot say where they are
-        revisions = () if by_upstream else manifest.revisions
-        for revision in revisions or (manifest.commit,):
+        # branch names are the upstream's to say when it can (asked in _confirm)
+        names = () if by_upstream else manifest.revisions
+        for revision in names or (manifest.commit,):
             self.catalog.remember(repo, revision, manifest.commit, kept)
+        revisions = [r for r in manifest.revisions
+                     if self.catalog.known_commit(repo, r) == manifest.commit]
         self.catalog.imported(repo, public=public, token=token)
         self.store.evict(self.fetcher.max_cache_size, keep=set(self.fetcher.transfers))
         skipped = [{"path": f.path, "digest": f.digest, "error": bad[f.digest]}
@@ -96,7 +98,7 @@ class Ingest:
                  manifest.commit[:12], len(kept), added, len(skipped),
                  "public" if public else "not public")
         return {"repo": str(repo), "repo_type": repo.type, "repo_id": repo.id,
-                "commit": manifest.commit, "revisions": list(revisions), "files": len(kept),
+                "commit": manifest.commit, "revisions": revisions, "files": len(kept),
                 "bytes": sum(e.blob.size for e in kept), "stored_bytes": added,
                 "skipped": skipped, "public": public,
                 "confirmed_by": "upstream" if by_upstream else "bundle", "method": "copy"}
@@ -120,7 +122,18 @@ class Ingest:
             if entry.blob != _blob(f):
                 raise HubError(409, "", f"{repo}/{f.path}@{manifest.commit[:12]}: the bundle "
                                         f"says {f.digest}, the upstream {entry.blob.digest}")
+        if manifest.files:
+            await self._ask_revisions(manifest, repo, token)
         return self.catalog.is_public(repo), bool(manifest.files)
+
+    async def _ask_revisions(self, manifest: Manifest, repo: Repo, token: str | None) -> None:
+        """Where the bundle's branch names point now, as the upstream says (the catalog
+        records the answer; a branch that moved on keeps its newer commit)."""
+        for revision in manifest.revisions:
+            try:
+                await self.catalog.resolve_file(repo, revision, manifest.files[0].path, token)
+            except HubError as e:
+                log.info("importing %s: %s is not recorded: %s", repo, revision, e.message)
 
     async def _store_blobs(self, reader: Reader, manifest: Manifest, repo: Repo,
                            bad: dict[str, str], *, lenient: bool) -> int:
