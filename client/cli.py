@@ -376,12 +376,9 @@ def cmd_import(d: Daemon, args: argparse.Namespace) -> int:
 def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
     from modelpeer.client import hfcache
 
-    dirs = args.dirs or hfcache.default_dirs()
     results, problems = [], []
-    for root in dirs:
-        if not root.is_dir():
-            raise CliError(f"{root} is not a directory (an HF hub cache holds models--* "
-                           "directories)", EXIT_USAGE)
+    no_reflink = ""  # why the daemon cannot clone these files; then every snapshot is copied
+    for root in _hf_cache_dirs(args):
         for snap in hfcache.snapshots(root):
             m = snap.manifest
             label = f"{m.repo_id}@{m.commit[:12]}"
@@ -389,8 +386,15 @@ def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
             print(f"importing {label}: {len(m.files)} files, "
                   f"{human_size(sum(f.size for f in m.blobs()))}", file=sys.stderr, flush=True)
             try:
-                result = _send_bundle(d, hfcache.archive(snap), m.archive_size(), _token(args),
-                                      lenient=True, what=label)
+                result = None if no_reflink else d.call(
+                    "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
+                        k: str(v) for k, v in snap.sources.items()}}, token=_token(args))
+                if result is not None and not result["reflink"]:
+                    no_reflink = result["reason"]
+                    print(f"  {no_reflink}; copying instead", file=sys.stderr)
+                if no_reflink:
+                    result = _send_bundle(d, hfcache.archive(snap), m.archive_size(),
+                                          _token(args), lenient=True, what=label)
             except CliError as e:
                 if e.code == EXIT_UNREACHABLE:
                     raise
@@ -403,16 +407,59 @@ def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
                "files": sum(r["files"] for r in results),
                "bytes": sum(r["bytes"] for r in results),
                "stored_bytes": sum(r["stored_bytes"] for r in results),
-               "skipped": problems, "method": "copy", "imports": results}
+               "skipped": problems, "method": "copy" if no_reflink else "reflink",
+               "no_reflink": no_reflink, "imports": results}
     if args.json:
         _print_json(summary)
     else:
+        how = f"copied into the store ({no_reflink})" if no_reflink else "reflinked: no copy"
         print(f"imported {summary['repos']} repos, {summary['files']} files, "
               f"{human_size(summary['bytes'])} ({human_size(summary['stored_bytes'])} new, "
-              f"copied into the store); skipped {len(problems)}")
+              f"{how}); skipped {len(problems)}")
         for p in problems:
             print(f"  skipped {p}")
     return EXIT_PROBLEM if problems else 0
+
+
+def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
+    from modelpeer.client import hfcache
+
+    d.timeout = 3600
+    total = {"shared_files": 0, "shared_bytes": 0, "freed_bytes": 0, "problems": [],
+             "reflink": True, "reason": ""}
+    for root in _hf_cache_dirs(args):
+        for repo_dir, files in hfcache.blob_files(root):
+            result = d.call("POST", "/hf-cache/dedupe", {"files": files})
+            if not result["reflink"]:
+                total.update(reflink=False, reason=result["reason"])
+                break
+            for key in ("shared_files", "shared_bytes", "freed_bytes"):
+                total[key] += result[key]
+            total["problems"] += [f"{repo_dir}: {p['path']}: {p['error']}"
+                                  for p in result["problems"]]
+        if not total["reflink"]:
+            break
+    if args.json:
+        _print_json(total)
+    elif not total["reflink"]:
+        print(f"{total['reason']}; nothing changed")
+    else:
+        print(f"{total['shared_files']} files ({human_size(total['shared_bytes'])}) now share the "
+              f"store's blocks; {human_size(total['freed_bytes'])} freed")
+        for p in total["problems"]:
+            print(f"  left as is: {p}")
+    return EXIT_PROBLEM if total["problems"] or not total["reflink"] else 0
+
+
+def _hf_cache_dirs(args: argparse.Namespace) -> list[Path]:
+    from modelpeer.client import hfcache
+
+    dirs = args.dirs or hfcache.default_dirs()
+    for root in dirs:
+        if not root.is_dir():
+            raise CliError(f"{root} is not a directory (an HF hub cache holds models--* "
+                           "directories)", EXIT_USAGE)
+    return [root.absolute() for root in dirs]
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -532,6 +579,11 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--token", help="Hub token with access to gated or private repos among "
                                     "them (default $HF_TOKEN)")
     hc.set_defaults(func=cmd_import_hf_cache)
+    dd = sub.add_parser("dedupe", parents=[common],
+                        help="make HF-cache files share the store's blocks (reflinks)")
+    dd.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
+                    help="HF hub cache dirs (default as for import-hf-cache)")
+    dd.set_defaults(func=cmd_dedupe)
     j = sub.add_parser("jobs", parents=[common], help="list warm jobs, or cancel one")
     j.add_argument("action", nargs="?", choices=("list", "cancel"), default="list")
     j.add_argument("job", nargs="?")

@@ -72,9 +72,19 @@ def _snapshot(repo_type: str, repo_id: str, snap: Path, revisions: list[str]) ->
         lfs = len(blob.name) == 64
         files.append(WarmFile(path, blob.name, "sha256" if lfs else "gitsha1",
                               blob.stat().st_size, lfs))
-        sources.setdefault(blob.name, blob)
+        sources.setdefault(blob.name, blob.absolute())
     manifest = Manifest(repo_type, repo_id, tuple(revisions), snap.name, False, tuple(files))
     return Snapshot(manifest, sources, problems)
+
+
+def blob_files(root: Path) -> Iterator[tuple[str, list[dict[str, object]]]]:
+    """Per repo directory, its blob files named by a digest: {path, digest, size}."""
+    for repo_dir in sorted(root.glob("*--*")):
+        blobs = [{"path": str(p.resolve()), "digest": p.name, "size": p.stat().st_size}
+                 for p in sorted((repo_dir / "blobs").glob("*"))
+                 if p.is_file() and len(p.name) in (40, 64)]
+        if blobs:
+            yield repo_dir.name, blobs
 
 
 def archive(snapshot: Snapshot) -> Iterator[bytes]:

@@ -60,12 +60,14 @@ class Manifest:
             seen.setdefault(f.digest, f)
         return list(seen.values())
 
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "repo_type": self.repo_type, "repo_id": self.repo_id,
+                "revisions": list(self.revisions), "commit": self.commit, "public": self.public,
+                "files": [dataclasses.asdict(f) for f in self.files]}
+
     def to_bytes(self) -> bytes:
-        return json.dumps({
-            "format": FORMAT, "repo_type": self.repo_type, "repo_id": self.repo_id,
-            "revisions": list(self.revisions), "commit": self.commit, "public": self.public,
-            "files": [dataclasses.asdict(f) for f in self.files],
-        }, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
 
     def archive_size(self) -> int:
         """The bundle's length in bytes, known before any of it is written."""
@@ -80,6 +82,10 @@ def parse_manifest(data: bytes) -> Manifest:
         d = json.loads(data)
     except ValueError as e:
         raise ValueError(f"the manifest is not JSON: {e}") from e
+    return manifest_from_json(d)
+
+
+def manifest_from_json(d: object) -> Manifest:
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"not a {FORMAT} manifest")
     files, revisions = d.get("files"), d.get("revisions")

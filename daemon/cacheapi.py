@@ -1,23 +1,26 @@
-"""Control routes for keeping a cache over months: pins, and bundles in and out
-(`modelpeer pin/unpin/export/import/import-hf-cache`). Beside control.py's routes, same prefix."""
+"""Control routes for keeping a cache over months: pins, bundles in and out, HF caches imported
+(streamed, or cloned by reflink) and deduplicated against the store (`modelpeer pin/unpin/
+export/import/import-hf-cache/dedupe`). Beside control.py's routes, under the same prefix."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 from typing import Any
 
 from aiohttp import web
 
-from . import hubnames
-from .bundle import CONTENT_TYPE, BundleError, Reader
+from . import hfcache, hubnames
+from .bundle import CONTENT_TYPE, MAX_MANIFEST, BundleError, Reader, manifest_from_json
 from .catalog import Catalog, HubError, Repo
 from .control import PREFIX
 from .fetch import Fetcher, is_disk_full
 from .ingest import READ_BLOCK, Ingest
 from .pins import NotCached, Pins
-from .store import Store
+from .reflink import NoReflink
+from .store import BlobId, Store
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class CacheApi:
         r.add_delete(f"{PREFIX}/pins/{{repo_type}}/{{repo_id:.+}}", self.unpin)
         r.add_get(f"{PREFIX}/bundles/{{repo_type}}/{{repo_id:.+}}", self.export)
         r.add_post(f"{PREFIX}/bundles", self.import_bundle)
+        r.add_post(f"{PREFIX}/hf-cache/reflink", self.import_reflinked)
+        r.add_post(f"{PREFIX}/hf-cache/dedupe", self.dedupe)
 
     async def list_pins(self, request: web.Request) -> web.Response:
         return web.json_response(self.pins.list())
@@ -130,6 +135,72 @@ class CacheApi:
         while await request.content.read(READ_BLOCK):
             pass
         return refusal
+
+
+    async def import_reflinked(self, request: web.Request) -> web.Response:
+        """An HF-cache snapshot by paths the daemon clones; {"reflink": false, "reason"} when
+        it cannot (then nothing changed and the CLI streams the bytes instead)."""
+        try:
+            body = await _json_body(request)
+            manifest = manifest_from_json(body.get("manifest"))
+            sources = body.get("sources")
+            if not isinstance(sources, dict) or not all(
+                    isinstance(sources.get(f.digest), str) for f in manifest.blobs()):
+                raise ValueError("'sources' maps every blob digest to a file path")
+            return web.json_response({"reflink": True, **await self.ingest.import_reflinked(
+                manifest, sources, request.headers.get("Authorization") or None)})
+        except ValueError as e:
+            return _error(400, f"bad reflink import: {e}")
+        except HubError as e:
+            return _error(e.status, f"the import is refused: {e.message}")
+        except OSError as e:
+            if is_disk_full(e):
+                return _error(507, "the cache disk is full; free space, lower max_cache_size "
+                                   "or unpin, then retry")
+            reason = e.strerror if isinstance(e, NoReflink) else f"no reflink: {e}"
+            log.info("import by reflink not possible, the client copies instead: %s", reason)
+            return web.json_response({"reflink": False, "reason": reason})
+
+    async def dedupe(self, request: web.Request) -> web.Response:
+        try:
+            body = await _json_body(request)
+            files = [(_text(f, "path"), BlobId(_text(f, "digest"), _algo(f), _count(f, "size")))
+                     for f in body.get("files", [])]
+        except (ValueError, TypeError, AttributeError) as e:
+            return _error(400, f"bad dedupe request: 'files' is a list of {{path, digest, "
+                               f"size}}: {e}")
+        return web.json_response(await hfcache.dedupe(self.ingest.store, files))
+
+
+def _text(d: dict[str, Any], key: str) -> str:
+    value = d[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} is not a string")
+    return value
+
+
+def _count(d: dict[str, Any], key: str) -> int:
+    value = d[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key!r} is not a size")
+    return value
+
+
+def _algo(d: dict[str, Any]) -> str:
+    return "sha256" if len(_text(d, "digest")) == 64 else "gitsha1"
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """A JSON object of up to MAX_MANIFEST bytes (beyond the app's 1 MiB for other routes)."""
+    data = bytearray()
+    while piece := await request.content.read(READ_BLOCK):
+        data += piece
+        if len(data) > MAX_MANIFEST:
+            raise ValueError(f"the body is larger than {MAX_MANIFEST} bytes")
+    body = json.loads(data)
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    return body
 
 
 async def _read_up_to(stream: web.StreamReader, n: int) -> bytes:

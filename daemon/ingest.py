@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from . import hfcache
 from .bundle import BundleError, Manifest, Reader, blob_member, end, head, member_header, padding
 from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Transfer, TransferFailed
@@ -78,30 +79,50 @@ class Ingest:
         the whole archive. Lenient (an HF cache): a blob failing its digest is skipped and
         reported, damage to the archive itself still refuses it."""
         manifest = await reader.manifest()
+        return await self._import(manifest, token, "copy", lambda batch: self._fill_from_archive(
+            reader, manifest, batch, lenient=lenient))
+
+    async def import_reflinked(self, manifest: Manifest, sources: dict[str, str],
+                               token: str | None) -> dict[str, Any]:
+        """An HF-cache snapshot whose blob files (`sources`, by digest) the store clones;
+        NoReflink (after undoing what it did) when their extents cannot be shared."""
+        return await self._import(manifest, token, "reflink", lambda batch: self._fill_by_reflink(
+            manifest, sources, batch))
+
+    async def _import(self, manifest: Manifest, token: str | None, method: str,
+                      fill: Callable[[_Batch], Awaitable[None]]) -> dict[str, Any]:
         repo = Repo(manifest.repo_type, manifest.repo_id)
         public, by_upstream = await self._confirm(manifest, repo, token)
-        bad: dict[str, str] = {}
-        added = await self._store_blobs(reader, manifest, repo, bad, lenient=lenient)
+        batch = _Batch(self.store, self.fetcher, repo)
+        try:
+            await fill(batch)
+        except BaseException as e:
+            batch.undo()
+            log.warning("import of %s refused, nothing of it kept: %s", repo, e)
+            raise
+        finally:
+            batch.release()
         kept = [FileEntry(repo, manifest.commit, f.path, _blob(f), f.lfs)
-                for f in manifest.files if f.digest not in bad]
+                for f in manifest.files if f.digest not in batch.bad]
         # branch names are the upstream's to say when it can (asked in _confirm)
         names = () if by_upstream else manifest.revisions
         for revision in names or (manifest.commit,):
             self.catalog.remember(repo, revision, manifest.commit, kept)
-        revisions = [r for r in manifest.revisions
-                     if self.catalog.known_commit(repo, r) == manifest.commit]
         self.catalog.imported(repo, public=public, token=token)
         self.store.evict(self.fetcher.max_cache_size, keep=set(self.fetcher.transfers))
-        skipped = [{"path": f.path, "digest": f.digest, "error": bad[f.digest]}
-                   for f in manifest.files if f.digest in bad]
-        log.info("imported %s@%s: %d files, %d bytes new in the store, %d skipped, %s", repo,
-                 manifest.commit[:12], len(kept), added, len(skipped),
+        skipped = [{"path": f.path, "digest": f.digest, "error": batch.bad[f.digest]}
+                   for f in manifest.files if f.digest in batch.bad]
+        added = sum(b.size for b in batch.added)
+        log.info("imported %s@%s (%s): %d files, %d bytes new in the store, %d skipped, %s",
+                 repo, manifest.commit[:12], method, len(kept), added, len(skipped),
                  "public" if public else "not public")
         return {"repo": str(repo), "repo_type": repo.type, "repo_id": repo.id,
-                "commit": manifest.commit, "revisions": revisions, "files": len(kept),
+                "commit": manifest.commit, "files": len(kept),
+                "revisions": [r for r in manifest.revisions
+                              if self.catalog.known_commit(repo, r) == manifest.commit],
                 "bytes": sum(e.blob.size for e in kept), "stored_bytes": added,
                 "skipped": skipped, "public": public,
-                "confirmed_by": "upstream" if by_upstream else "bundle", "method": "copy"}
+                "confirmed_by": "upstream" if by_upstream else "bundle", "method": method}
 
     async def _confirm(self, manifest: Manifest, repo: Repo,
                        token: str | None) -> tuple[bool, bool]:
@@ -135,48 +156,25 @@ class Ingest:
             except HubError as e:
                 log.info("importing %s: %s is not recorded: %s", repo, revision, e.message)
 
-    async def _store_blobs(self, reader: Reader, manifest: Manifest, repo: Repo,
-                           bad: dict[str, str], *, lenient: bool) -> int:
-        """Every blob member into the store; the bytes new to the store. On any failure the
-        blobs this import added are removed again."""
-        added: list[BlobId] = []
-        ours: list[Transfer] = []
-        try:
-            for f in manifest.blobs():
-                at, name = reader.offset, blob_member(f.digest)
-                await reader.header(name, f.size)
-                data = reader.data(name, f.size, READ_BLOCK)
-                try:
-                    if await self._store_blob(_blob(f), data, f"{repo}/{f.path}", ours):
-                        added.append(_blob(f))
-                except DigestMismatch as e:
-                    if not lenient:
-                        raise BundleError(f"{name} ({repo}/{f.path}): {e}", at) from e
-                    log.warning("importing %s/%s: %s; skipped", repo, f.path, e)
-                    bad[f.digest] = str(e)
-            await reader.end()
-        except BaseException as e:
-            for blob in added:
-                self.store.remove(blob.digest)
-            log.warning("import of %s refused, nothing of it kept: %s", repo, e)
-            raise
-        finally:
-            for t in ours:
-                if self.fetcher.transfers.get(t.blob.digest) is t:
-                    del self.fetcher.transfers[t.blob.digest]
-        return sum(b.size for b in added)
+    async def _fill_from_archive(self, reader: Reader, manifest: Manifest, batch: _Batch, *,
+                                 lenient: bool) -> None:
+        for f in manifest.blobs():
+            at, name, blob = reader.offset, blob_member(f.digest), _blob(f)
+            await reader.header(name, f.size)
+            data = reader.data(name, f.size, READ_BLOCK)
+            try:
+                transfer = await batch.claim(blob, f.path)
+                if transfer is None:
+                    await _check_digest(blob, data)
+                else:
+                    await batch.fill(transfer, self._write(transfer, data))
+            except DigestMismatch as e:
+                if not lenient:
+                    raise BundleError(f"{name} ({batch.repo}/{f.path}): {e}", at) from e
+                batch.skip(f, e)
 
-    async def _store_blob(self, blob: BlobId, data: AsyncIterator[bytes], label: str,
-                          ours: list[Transfer]) -> bool:
-        """The blob's bytes into the store, checked; False when the store had it already
-        (then the bytes are only checked). Raises DigestMismatch, or what reading raised."""
-        await self._no_transfer_running(blob.digest)
-        if self.store.is_complete(blob.digest):
-            await _check_digest(blob, data)
-            return False
-        transfer = Transfer(blob, label)
-        self.fetcher.transfers[blob.digest] = transfer  # clients join it; eviction skips it
-        ours.append(transfer)
+    async def _write(self, transfer: Transfer, data: AsyncIterator[bytes]) -> None:
+        blob = transfer.blob
         self.store.remove(blob.digest)  # a partial prefix: every byte comes from the bundle
         writer = self.store.open_writer(blob)
         try:
@@ -187,20 +185,73 @@ class Ingest:
             await writer.verify()
             transfer.finish()
             await writer.finish()
-        except BaseException as e:
-            transfer.fail(e if isinstance(e, Exception) else TransferFailed("cancelled"))
+        finally:
             with contextlib.suppress(OSError, sqlite3.Error):
                 await writer.close()
-            self.store.remove(blob.digest)
-            raise
-        await writer.close()
-        return True
 
-    async def _no_transfer_running(self, digest: str) -> None:
-        running = self.fetcher.transfers.get(digest)
+    async def _fill_by_reflink(self, manifest: Manifest, sources: dict[str, str],
+                               batch: _Batch) -> None:
+        for f in manifest.blobs():
+            transfer = await batch.claim(_blob(f), f.path)
+            if transfer is None:
+                continue
+            try:
+                await batch.fill(transfer, self._adopt(transfer, sources[f.digest]))
+            except DigestMismatch as e:
+                batch.skip(f, e)
+
+    async def _adopt(self, transfer: Transfer, path: str) -> None:
+        await hfcache.adopt(self.store, transfer.blob, path)
+        transfer.advance(transfer.blob.size)
+        transfer.finish()
+
+
+class _Batch:
+    """The blobs one import puts in the store: each as a Transfer of the fetcher while the
+    import runs (clients join it, eviction and gc skip it), all removed again by undo()."""
+
+    def __init__(self, store: Store, fetcher: Fetcher, repo: Repo) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.repo = repo
+        self.added: list[BlobId] = []
+        self.bad: dict[str, str] = {}  # digest -> why it was skipped
+        self._ours: list[Transfer] = []
+
+    async def claim(self, blob: BlobId, path: str) -> Transfer | None:
+        """A transfer to fill, or None when the store has the blob already."""
+        running = self.fetcher.transfers.get(blob.digest)
         while running is not None and not running.done.done():
             await asyncio.wait([running.done])
-            running = self.fetcher.transfers.get(digest)
+            running = self.fetcher.transfers.get(blob.digest)
+        if self.store.is_complete(blob.digest):
+            return None
+        transfer = Transfer(blob, f"{self.repo}/{path}")
+        self.fetcher.transfers[blob.digest] = transfer
+        self._ours.append(transfer)
+        return transfer
+
+    async def fill(self, transfer: Transfer, writing: Awaitable[None]) -> None:
+        try:
+            await writing
+        except BaseException as e:
+            transfer.fail(e if isinstance(e, Exception) else TransferFailed("cancelled"))
+            self.store.remove(transfer.blob.digest)
+            raise
+        self.added.append(transfer.blob)
+
+    def skip(self, f: WarmFile, error: Exception) -> None:
+        log.warning("importing %s/%s: %s; skipped", self.repo, f.path, error)
+        self.bad[f.digest] = str(error)
+
+    def undo(self) -> None:
+        for blob in self.added:
+            self.store.remove(blob.digest)
+
+    def release(self) -> None:
+        for t in self._ours:
+            if self.fetcher.transfers.get(t.blob.digest) is t:
+                del self.fetcher.transfers[t.blob.digest]
 
 
 async def _check_digest(blob: BlobId, data: AsyncIterator[bytes]) -> None:

@@ -158,6 +158,16 @@ class Store:
             return done + c.durable
         return done
 
+    def adopt_chunk(self, digest: str, idx: int, length: int, xxh3: str) -> None:
+        """A complete chunk file in place, written by a BlobWriter or cloned (reflink.py)."""
+        self.db.execute("UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
+                        (length, xxh3, digest, idx))
+
+    def mark_complete(self, digest: str) -> None:
+        """Every chunk of the blob is durable and the whole matched its digest."""
+        self.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
+                        (time.time(), digest))
+
     def touch(self, digest: str) -> None:
         self.db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (time.time(), digest))
 
@@ -463,9 +473,7 @@ class BlobWriter:
                 os.close(fd)
             part = self.store.chunk_path(self.blob.digest, chunk.idx, partial=True)
             os.replace(part, self.store.chunk_path(self.blob.digest, chunk.idx))
-            self.store.db.execute(
-                "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
-                (chunk.length, digest, self.blob.digest, chunk.idx))
+            self.store.adopt_chunk(self.blob.digest, chunk.idx, chunk.length, digest)
 
         self._then(step)
         self._since_checkpoint = 0
@@ -489,8 +497,7 @@ class BlobWriter:
     async def finish(self) -> None:
         """After verify(): once every chunk is durable, mark the blob complete."""
         await self.settle()
-        self.store.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
-                              (time.time(), self.blob.digest))
+        self.store.mark_complete(self.blob.digest)
 
     def _write_empty(self) -> None:
         path = self.store.chunk_path(self.blob.digest, 0)
