@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, free_port, snapshot
+from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
+from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, fetch, free_port, snapshot
 
 MiB = 1024 * 1024
 
@@ -83,3 +83,23 @@ def test_a_damaged_bundle_is_refused_and_nothing_is_kept(
         assert "at byte" in refused.stderr
         assert store_state(airgapped) == before, at
     assert cli(airgapped, "import", str(tmp_path / "good.tar")).returncode == 0
+
+
+def test_a_gated_repo_stays_gated_after_import(
+        start_daemon: StartDaemon, hub: FakeHub, airgapped: Modelpeerd, tmp_path: Path) -> None:
+    repo, path, out = "acme/gated-model", "model.safetensors", tmp_path / "gated.tar"
+    d = start_daemon()
+    warmed = cli(d, "warm", repo, "--nodes", "local", "--wait", "--token", GOOD_TOKEN)
+    assert warmed.returncode == 0, warmed.stderr
+    refused = cli(d, "export", repo, "-o", str(out))
+    assert refused.returncode == 1 and "401" in refused.stderr and not out.exists()
+    assert cli(d, "export", repo, "-o", str(out), "--token", GOOD_TOKEN).returncode == 0
+
+    imported = cli(airgapped, "import", str(out), "--token", GOOD_TOKEN, "--json")
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["public"] is False
+    url = f"{airgapped.url}/{repo}/resolve/main/{path}"
+    assert fetch(url, {"Authorization": f"Bearer {GOOD_TOKEN}"})[2] == expected_files(repo)[path]
+    for headers in ({}, {"Authorization": f"Bearer {OTHER_TOKEN}"}):
+        status, _, body = fetch(url, headers)
+        assert status == 502 and b"cannot be checked" in body
