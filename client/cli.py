@@ -7,6 +7,8 @@ Exit codes: 0 success, 1 the daemon reported a problem (e.g. verify found bad ch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import os
 import sys
@@ -344,10 +346,15 @@ def cmd_export(d: Daemon, args: argparse.Namespace) -> int:
     with d.open("GET", f"/bundles/{args.repo_type}/{repo_id}?{query}",
                 token=_token(args)) as resp:
         expected = int(resp.headers["Content-Length"])
-        with open(part, "wb") as out:
-            while data := resp.read(1024 * 1024):
-                out.write(data)
-            written = out.tell()
+        try:
+            with open(part, "wb") as out:
+                with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                    while data := resp.read(1024 * 1024):
+                        out.write(data)
+                written = out.tell()
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise CliError(f"cannot write {part}: {e.strerror}", EXIT_PROBLEM) from e
     if written != expected:
         part.unlink()
         raise CliError(f"the daemon stopped after {written} of {expected} bytes (see its log); "
@@ -359,13 +366,12 @@ def cmd_export(d: Daemon, args: argparse.Namespace) -> int:
 
 def cmd_import(d: Daemon, args: argparse.Namespace) -> int:
     try:
-        size = args.file.stat().st_size
-        f = open(args.file, "rb")  # noqa: SIM115 - closed below, after the upload
+        with open(args.file, "rb") as f:
+            result = _send_bundle(d, iter(lambda: f.read(1024 * 1024), b""),
+                                  os.fstat(f.fileno()).st_size, _token(args), lenient=False,
+                                  what=str(args.file))
     except OSError as e:
         raise CliError(f"cannot read {args.file}: {e.strerror}", EXIT_USAGE) from e
-    with f:
-        result = _send_bundle(d, iter(lambda: f.read(1024 * 1024), b""), size, _token(args),
-                              lenient=False, what=str(args.file))
     if args.json:
         _print_json(result)
     else:

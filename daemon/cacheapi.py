@@ -108,7 +108,7 @@ class CacheApi:
             log.error("export of %s stopped at byte %d: %s", repo, sent, e)
             if request.transport is not None:
                 request.transport.abort()  # the client sees a short archive, never a wrong one
-            raise
+            return resp
         await resp.write_eof()
         log.info("exported %s@%s: %d files, %d bytes", repo, manifest.commit[:12],
                  len(manifest.files), sent)
