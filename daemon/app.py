@@ -57,6 +57,7 @@ class Daemon:
                  cfg.cache_dir, recovered["good"], recovered["partial"], recovered["dropped"])
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
+        self.upstream.rate.rate = cfg.upstream_rate
         await self.upstream.start()
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
@@ -139,13 +140,15 @@ class Daemon:
         self.fetcher.max_cache_size = self.cfg.max_cache_size = new.max_cache_size
         self.fetcher.connections = self.cfg.upstream_connections = new.upstream_connections
         self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
+        self.upstream.rate.rate = self.cfg.upstream_rate = new.upstream_rate
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
                          if getattr(new, name) != getattr(self.cfg, name)]
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
-        log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl)")
+        log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl,"
+                 " upstream_rate)")
         notify.ready()
 
     async def serve_forever(self) -> None:

@@ -15,6 +15,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .ratelimit import RateLimit
+
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
@@ -51,6 +53,7 @@ class Upstream:
         self.origins = [URL(u) for u in urls]
         self.timeout = timeout
         self.user_agent = user_agent or "modelpeer"
+        self.rate = RateLimit()  # upstream_rate: file bytes from the Hub and its CDNs together
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -139,6 +142,7 @@ class Upstream:
                     if got > end - start:
                         raise UpstreamError(f"{url.host}: sent more than the {end - start} "
                                             "bytes asked for")
+                    await self.rate.take(len(data))
                     yield data
                 if got != end - start:
                     raise UpstreamError(f"{url.host}: connection ended after {got} of "
