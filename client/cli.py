@@ -360,7 +360,10 @@ def cmd_export(d: Daemon, args: argparse.Namespace) -> int:
         raise CliError(f"the daemon stopped after {written} of {expected} bytes (see its log); "
                        f"nothing written to {args.output}", EXIT_PROBLEM)
     part.replace(args.output)
-    print(f"wrote {args.output} ({human_size(written)})", file=sys.stderr)
+    if args.json:
+        _print_json({"file": str(args.output), "bytes": written})
+    else:
+        print(f"wrote {args.output} ({human_size(written)})")
     return 0
 
 

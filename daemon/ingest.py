@@ -1,5 +1,6 @@
-"""Bundles in and out of the store: export a cached revision, import one (a bundle file, or an
-HF cache the CLI turned into bundles), with every byte checked before anything counts.
+"""Bundles in and out of the store: export a cached revision, import one (a bundle file, an HF
+cache snapshot the CLI turned into a bundle, or one whose files the store clones by reflink),
+with every byte checked before anything counts.
 
 An import writes each blob through the store's BlobWriter (chunks, xxh3, digest) as an ordinary
 Transfer of the fetcher, so a client asking for the same blob meanwhile joins it instead of
@@ -220,10 +221,12 @@ class _Batch:
 
     async def claim(self, blob: BlobId, path: str) -> Transfer | None:
         """A transfer to fill, or None when the store has the blob already."""
-        running = self.fetcher.transfers.get(blob.digest)
-        while running is not None and not running.done.done():
-            await asyncio.wait([running.done])
-            running = self.fetcher.transfers.get(blob.digest)
+        while (running := self.fetcher.transfers.get(blob.digest)) is not None \
+                and not running.verified:
+            if running.done.done():  # failed: its writer is still closing, wait until it left
+                await asyncio.sleep(0.05)
+            else:
+                await asyncio.wait([running.done])
         if self.store.is_complete(blob.digest):
             return None
         transfer = Transfer(blob, f"{self.repo}/{path}")
