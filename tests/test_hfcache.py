@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
@@ -57,7 +58,8 @@ def test_a_blob_failing_its_digest_is_reported_and_skipped(
     blob.write_bytes(bytes(raw))
     d = start_daemon()
     hub.reset()
-    done = cli(d, "import-hf-cache", str(home / "hub"))
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}
+    done = cli(d, "import-hf-cache", env={**env, "HF_HOME": str(home)})  # the default dir
     assert done.returncode == 1, done.stdout + done.stderr
     assert "skipped 1" in done.stdout and "model.safetensors" in done.stdout
     assert "imported 1 repos, 1 files" in done.stdout
