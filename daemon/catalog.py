@@ -322,8 +322,9 @@ class Catalog:
                              path_qs: str) -> tuple[ApiAnswer, float, bool] | None:
         """An answer built from the file entries at the commit the revision last named (never
         anonymous: it goes only to those who may read the repo's files)."""
-        commit = self.known_commit(repo, revision) if kind in ("info", "revision", "tree") \
-            else None
+        if kind not in ("info", "revision", "tree"):
+            return None
+        commit = self.known_commit(repo, revision)
         entries = self.entries_at(repo, commit) if commit else []
         if commit is None or not entries:
             return None
