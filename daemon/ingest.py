@@ -173,6 +173,7 @@ class Ingest:
                 if not lenient:
                     raise BundleError(f"{name} ({batch.repo}/{f.path}): {e}", at) from e
                 batch.skip(f, e)
+        await reader.end()
 
     async def _write(self, transfer: Transfer, data: AsyncIterator[bytes]) -> None:
         blob = transfer.blob
