@@ -7,6 +7,8 @@ Exit codes: 0 success, 1 the daemon reported a problem (e.g. verify found bad ch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import os
 import sys
@@ -62,14 +64,22 @@ class Daemon:
         """The daemon refuses state-changing calls without Content-Type: application/json;
         a Hub token goes in the Authorization header, as the `hf` CLI sends it."""
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"}
+        with self.open(method, path, data, token) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def open(self, method: str, path: str, data: Any = None, token: str | None = None,
+             content_type: str = "application/json", length: int | None = None) -> Any:
+        """The daemon's answer to one request, to read (or stream) from; `data` may be an
+        iterable of bytes sent as it is produced, `length` bytes in all."""
+        headers = {"Content-Type": content_type}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        if length is not None:
+            headers["Content-Length"] = str(length)
         req = urllib.request.Request(self.url + API + path, data=data, method=method,
                                      headers=headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
+            return urllib.request.urlopen(req, timeout=self.timeout)
         except urllib.error.HTTPError as e:
             try:
                 message = json.loads(e.read()).get("error", e.reason)
@@ -101,9 +111,12 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
           f"up {s['uptime']:.0f}s)")
     print(f"serving   {shown(s['listen'])}   upstream {shown(', '.join(s['upstream']))}"
           + ("   OFFLINE" if s["offline"] else ""))
-    limit = human_size(s["max_cache_size"]) if s["max_cache_size"] else "no limit"
     print(f"cache     {human_size(store['bytes'])} in {store['complete_blobs']} files, "
-          f"{store['chunks']} chunks ({limit})  at {shown(s['cache_dir'])}")
+          f"{store['chunks']} chunks ({_of_limit(store['bytes'], s)})  at {shown(s['cache_dir'])}")
+    print(f"pinned    {human_size(s['pinned_bytes'])} in {s['pinned_files']} files "
+          f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
+                                   "that pins keep (unpin, or raise max_cache_size)"
+                                   if s["over_limit_bytes"] else ""))
     print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
           + f";  {human_size(s['upstream_bytes'])} read from upstream")
     off = "" if peers["enabled"] else f"(off: {shown(peers['reason'])})"
@@ -114,6 +127,11 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
         print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {shown(t['source'])}"
               f"  {shown(t['file'])}")
     return 0
+
+
+def _of_limit(used: int, s: dict[str, Any]) -> str:
+    limit = s["max_cache_size"]
+    return f"{100 * used / limit:.0f}% of {human_size(limit)}" if limit else "no limit"
 
 
 def cmd_status_watch(d: Daemon, args: argparse.Namespace) -> int:
@@ -130,18 +148,50 @@ def cmd_status_watch(d: Daemon, args: argparse.Namespace) -> int:
 
 def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
     repos = d.call("GET", "/repos")
+    for r in repos:
+        r["pins"] = []
+    by_repo = {(r["repo_type"], r["repo_id"]): r for r in repos}
+    for p in d.call("GET", "/pins"):
+        pin = {k: p[k] for k in ("revision", "commit", "files", "cached_files")}
+        by_repo[(p["repo_type"], p["repo_id"])]["pins"].append(pin)
     if args.json:
         _print_json(repos)
         return 0
     if not repos:
         print("the cache is empty")
         return 0
-    print(f"{'REPO':50} {'TYPE':8} {'FILES':>6} {'SIZE':>10}  LAST USED")
+    print(f"{'REPO':50} {'TYPE':8} {'FILES':>6} {'SIZE':>10}  {'LAST USED':10} PINNED")
     for r in repos:
+        pinned = ", ".join(p["revision"] for p in r["pins"])
         print(f"{shown(r['repo_id']):50} {shown(r['repo_type']):8} {r['files']:>6} "
-              f"{human_size(r['bytes']):>10}  {human_age(r['last_access'])}")
+              f"{human_size(r['bytes']):>10}  {human_age(r['last_access']):10} {shown(pinned)}")
         for rev in r.get("revisions", []):
             _print_signed_revision(rev)
+    return 0
+
+
+def cmd_pin(d: Daemon, args: argparse.Namespace) -> int:
+    p = d.call("POST", "/pins", {"repo": args.repo, "repo_type": args.repo_type,
+                                 "revision": args.revision})
+    if args.json:
+        _print_json(p)
+        return 0
+    print(f"pinned {args.repo}@{p['revision']} (commit {p['commit'][:12]}): {p['files']} files, "
+          f"{human_size(p['bytes'])}")
+    if p["cached_files"] < p["files"]:
+        print(f"modelpeer: {p['files'] - p['cached_files']} of its files are not cached yet; "
+              f"`modelpeer warm --pin {args.repo}` fetches them", file=sys.stderr)
+    return 0
+
+
+def cmd_unpin(d: Daemon, args: argparse.Namespace) -> int:
+    query = f"?revision={urllib.parse.quote(args.revision)}" if args.revision else ""
+    repo_id = urllib.parse.quote(args.repo, safe="/")
+    result = d.call("DELETE", f"/pins/{args.repo_type}/{repo_id}{query}")
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"unpinned {result['repo']} ({result['unpinned']} pins)")
     return 0
 
 
@@ -250,7 +300,8 @@ def cmd_cluster_key_check(d: Daemon, args: argparse.Namespace) -> int:
 
 def cmd_warm(d: Daemon, args: argparse.Namespace) -> int:
     body = {"repo": args.repo, "repo_type": args.repo_type, "revision": args.revision,
-            "include": args.include, "exclude": args.exclude, "nodes": args.nodes}
+            "include": args.include, "exclude": args.exclude, "nodes": args.nodes,
+            "pin": args.pin}
     started = d.call("POST", "/warm", body, token=args.token or os.environ.get("HF_TOKEN"))
     if started.get("errors"):
         for node, error in started["errors"].items():
@@ -319,6 +370,163 @@ def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(d: Daemon, args: argparse.Namespace) -> int:
+    d.timeout = 3600
+    repo_id = urllib.parse.quote(args.repo, safe="/")
+    query = urllib.parse.urlencode({"revision": args.revision})
+    part = args.output.with_name(args.output.name + ".part")
+    with d.open("GET", f"/bundles/{args.repo_type}/{repo_id}?{query}",
+                token=_token(args)) as resp:
+        expected = int(resp.headers["Content-Length"])
+        try:
+            with open(part, "wb") as out:
+                with contextlib.suppress(http.client.IncompleteRead, ConnectionError):
+                    while data := resp.read(1024 * 1024):
+                        out.write(data)
+                written = out.tell()
+        except OSError as e:
+            part.unlink(missing_ok=True)
+            raise CliError(f"cannot write {part}: {e.strerror}", EXIT_PROBLEM) from e
+    if written != expected:
+        part.unlink()
+        raise CliError(f"the daemon stopped after {written} of {expected} bytes (see its log); "
+                       f"nothing written to {args.output}", EXIT_PROBLEM)
+    part.replace(args.output)
+    if args.json:
+        _print_json({"file": str(args.output), "bytes": written})
+    else:
+        print(f"wrote {args.output} ({human_size(written)})")
+    return 0
+
+
+def cmd_import(d: Daemon, args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, "rb") as f:
+            result = _send_bundle(d, iter(lambda: f.read(1024 * 1024), b""),
+                                  os.fstat(f.fileno()).st_size, _token(args), lenient=False,
+                                  what=str(args.file))
+    except OSError as e:
+        raise CliError(f"cannot read {args.file}: {e.strerror}", EXIT_USAGE) from e
+    if args.json:
+        _print_json(result)
+    else:
+        print(_imported_line(result))
+    return 0
+
+
+def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
+    from modelpeer.client import hfcache
+
+    results, problems = [], []
+    no_reflink = ""  # why the daemon cannot clone these files; then every snapshot is copied
+    for root in _hf_cache_dirs(args):
+        for snap in hfcache.snapshots(root):
+            m = snap.manifest
+            label = f"{m.repo_id}@{m.commit[:12]}"
+            problems += [f"{label}/{p}" for p in snap.problems]
+            print(f"importing {label}: {len(m.files)} files, "
+                  f"{human_size(sum(f.size for f in m.blobs()))}", file=sys.stderr, flush=True)
+            try:
+                result = None if no_reflink else d.call(
+                    "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
+                        k: str(v) for k, v in snap.sources.items()}}, token=_token(args))
+                if result is not None and not result["reflink"]:
+                    no_reflink = result["reason"]
+                    print(f"  {no_reflink}; copying instead", file=sys.stderr)
+                if no_reflink:
+                    result = _send_bundle(d, hfcache.archive(snap), m.archive_size(),
+                                          _token(args), lenient=True, what=label)
+            except CliError as e:
+                if e.code == EXIT_UNREACHABLE:
+                    raise
+                problems.append(f"{label}: {e}")
+                continue
+            problems += [f"{label}/{s['path']}: {s['error']}" for s in result["skipped"]]
+            results.append(result)
+            print(f"  {_imported_line(result)}", file=sys.stderr)
+    summary = {"repos": len({r["repo"] for r in results}),
+               "files": sum(r["files"] for r in results),
+               "bytes": sum(r["bytes"] for r in results),
+               "stored_bytes": sum(r["stored_bytes"] for r in results),
+               "skipped": problems, "method": "copy" if no_reflink else "reflink",
+               "no_reflink": no_reflink, "imports": results}
+    if args.json:
+        _print_json(summary)
+    else:
+        how = f"copied into the store ({no_reflink})" if no_reflink else "reflinked: no copy"
+        print(f"imported {summary['repos']} repos, {summary['files']} files, "
+              f"{human_size(summary['bytes'])} ({human_size(summary['stored_bytes'])} new, "
+              f"{how}); skipped {len(problems)}")
+        for p in problems:
+            print(f"  skipped {p}")
+    return EXIT_PROBLEM if problems else 0
+
+
+def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
+    from modelpeer.client import hfcache
+
+    d.timeout = 3600
+    total = {"shared_files": 0, "shared_bytes": 0, "freed_bytes": 0, "problems": [],
+             "reflink": True, "reason": ""}
+    for root in _hf_cache_dirs(args):
+        for repo_dir, files in hfcache.blob_files(root):
+            result = d.call("POST", "/hf-cache/dedupe", {"files": files})
+            if not result["reflink"]:
+                total.update(reflink=False, reason=result["reason"])
+                break
+            for key in ("shared_files", "shared_bytes", "freed_bytes"):
+                total[key] += result[key]
+            total["problems"] += [f"{repo_dir}: {p['path']}: {p['error']}"
+                                  for p in result["problems"]]
+        if not total["reflink"]:
+            break
+    if args.json:
+        _print_json(total)
+    elif not total["reflink"]:
+        print(f"{total['reason']}; nothing changed")
+    else:
+        print(f"{total['shared_files']} files ({human_size(total['shared_bytes'])}) now share the "
+              f"store's blocks; {human_size(total['freed_bytes'])} freed")
+        for p in total["problems"]:
+            print(f"  left as is: {p}")
+    return EXIT_PROBLEM if total["problems"] or not total["reflink"] else 0
+
+
+def _hf_cache_dirs(args: argparse.Namespace) -> list[Path]:
+    from modelpeer.client import hfcache
+
+    dirs = args.dirs or hfcache.default_dirs()
+    for root in dirs:
+        if not root.is_dir():
+            raise CliError(f"{root} is not a directory (an HF hub cache holds models--* "
+                           "directories)", EXIT_USAGE)
+    return [root.absolute() for root in dirs]
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("HF_TOKEN")
+
+
+def _send_bundle(d: Daemon, data: Any, size: int, token: str | None, *, lenient: bool,
+                 what: str) -> Any:
+    d.timeout = 3600
+    path = "/bundles" + ("?lenient=1" if lenient else "")
+    try:
+        with d.open("POST", path, data, token, content_type="application/x-tar",
+                    length=size) as resp:
+            return json.loads(resp.read())
+    except CliError as e:
+        raise CliError(f"{what}: {e}", e.code) from e
+
+
+def _imported_line(r: dict[str, Any]) -> str:
+    names = ", ".join(r["revisions"]) or r["commit"][:12]
+    access = "public" if r["public"] else "gated/private: only tokens with access"
+    return (f"{r['repo']}@{names}: {r['files']} files, {human_size(r['bytes'])} "
+            f"({human_size(r['stored_bytes'])} new, copied), {access}; entries confirmed by "
+            f"the {r['confirmed_by']}")
+
+
 def cmd_env(d: Daemon, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"HF_ENDPOINT": d.url})
@@ -383,7 +591,43 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--nodes", default="all", help="all, local, or NODE,NODE (names or ids)")
     w.add_argument("--token", help="Hub token for gated or private repos (default $HF_TOKEN)")
     w.add_argument("--wait", action="store_true", help="show progress until every node is done")
+    w.add_argument("--pin", action="store_true",
+                   help="pin the revision on this node: never evicted (see `modelpeer pin`)")
     w.set_defaults(func=cmd_warm)
+    for name, func, text in (("pin", cmd_pin, "keep a cached revision whatever the size limit"),
+                             ("unpin", cmd_unpin, "let a pinned repo be evicted again")):
+        pn = sub.add_parser(name, parents=[common], help=text)
+        pn.add_argument("repo")
+        pn.add_argument("--revision", default="main" if name == "pin" else None,
+                        help="branch, tag or commit" + (" (default main)" if name == "pin"
+                                                        else " (default: every pin of REPO)"))
+        pn.add_argument("--repo-type", default="model", choices=("model", "dataset", "space"))
+        pn.set_defaults(func=func)
+    ex = sub.add_parser("export", parents=[common], help="write a cached revision to a bundle")
+    ex.add_argument("repo")
+    ex.add_argument("--revision", default="main")
+    ex.add_argument("--repo-type", default="model", choices=("model", "dataset", "space"))
+    ex.add_argument("-o", "--output", type=Path, required=True, help="the bundle file (a tar)")
+    ex.add_argument("--token", help="Hub token, for gated or private repos (default $HF_TOKEN)")
+    ex.set_defaults(func=cmd_export)
+    im = sub.add_parser("import", parents=[common], help="add a bundle to the cache")
+    im.add_argument("file", type=Path)
+    im.add_argument("--token", help="Hub token with access to a gated or private repo "
+                                    "(default $HF_TOKEN); it alone reads it offline")
+    im.set_defaults(func=cmd_import)
+    hc = sub.add_parser("import-hf-cache", parents=[common],
+                        help="add the models of local Hugging Face caches to the cache")
+    hc.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
+                    help="HF hub cache dirs (default $HF_HUB_CACHE, $HF_HOME/hub or "
+                         "~/.cache/huggingface/hub)")
+    hc.add_argument("--token", help="Hub token with access to gated or private repos among "
+                                    "them (default $HF_TOKEN)")
+    hc.set_defaults(func=cmd_import_hf_cache)
+    dd = sub.add_parser("dedupe", parents=[common],
+                        help="make HF-cache files share the store's blocks (reflinks)")
+    dd.add_argument("dirs", nargs="*", type=Path, metavar="DIR",
+                    help="HF hub cache dirs (default as for import-hf-cache)")
+    dd.set_defaults(func=cmd_dedupe)
     j = sub.add_parser("jobs", parents=[common], help="list warm jobs, or cancel one")
     j.add_argument("action", nargs="?", choices=("list", "cancel"), default="list")
     j.add_argument("job", nargs="?")

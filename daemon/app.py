@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from . import notify
+from .cacheapi import CacheApi
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config
 from .control import Control
@@ -21,6 +22,7 @@ from .index import open_index
 from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
+from .pins import Pins
 from .proxy import Proxy
 from .signatures import Signatures
 from .store import Store
@@ -56,6 +58,7 @@ class Daemon:
                  cfg.cache_dir, recovered["good"], recovered["partial"], recovered["dropped"])
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
+        self.upstream.rate.rate = cfg.upstream_rate
         await self.upstream.start()
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
@@ -73,9 +76,12 @@ class Daemon:
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
             self.lan.sharing.may_share = self.signatures.may_share
+        self.pins = Pins(self.db, self.catalog)
+        self.store.kept = self.pins.digests
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers, self.lan.api,
-                             self.lan.credentials.key if self.lan.credentials else None)
+                             self.lan.credentials.key if self.lan.credentials else None,
+                             self.pins)
         self.warmup.check_signature = self.signatures.check
         await self.lan.open()
         self.warmup.resume()
@@ -87,6 +93,7 @@ class Daemon:
                                             "max_line_size": MAX_HEADER_BYTES})
         app.on_response_prepare.append(_server_header)
         self.control.add_routes(app)
+        CacheApi(self.store, self.catalog, self.fetcher, self.pins).add_routes(app)
         self.proxy.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -103,6 +110,7 @@ class Daemon:
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
                 "require_signature": [str(r) for r in self.cfg.require_signature],
+                "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
                 "peers": self.lan.summary()}
 
     def status_line(self) -> str:
@@ -144,6 +152,7 @@ class Daemon:
         self.cfg.require_signature = new.require_signature
         log.info("reload: require_signature is now %s",
                  ", ".join(map(str, new.require_signature)) or "empty")
+        self.upstream.rate.rate = self.cfg.upstream_rate = new.upstream_rate
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
@@ -151,7 +160,7 @@ class Daemon:
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
         log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl, "
-                 "require_signature)")
+                 "require_signature, upstream_rate)")
         notify.ready()
 
     async def serve_forever(self) -> None:

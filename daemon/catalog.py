@@ -21,8 +21,9 @@ import sqlite3
 import time
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
+from . import offline_api
 from .hubnames import COMMIT_RE, REPO_TYPES
 from .store import BlobId
 from .upstream import Answer, Upstream, UpstreamUnavailable
@@ -121,18 +122,35 @@ class Catalog:
         self._api_saves_since_prune = API_PRUNE_EVERY  # the first save after a start prunes
 
     # --- access -------------------------------------------------------------------------
-    def _is_public(self, repo: Repo) -> bool:
+    def is_public(self, repo: Repo) -> bool:
         row = self.db.execute("SELECT public FROM repos WHERE repo_type=? AND repo_id=?",
                               (repo.type, repo.id)).fetchone()
         return bool(row and row[0])
 
     def _allowed(self, repo: Repo, token: str | None, *, max_age: float) -> bool:
-        if self._is_public(repo):
+        if self.is_public(repo):
             return True
         if not token:
             return False
         granted = self._grants.get((repo, _token_key(token)))
-        return granted is not None and time.monotonic() - granted < max_age
+        if granted is not None and time.monotonic() - granted < max_age:
+            return True
+        # only while the upstream cannot be asked (max_age is then OFFLINE_GRACE)
+        return max_age >= OFFLINE_GRACE and self._bound(repo, token)
+
+    def _bound(self, repo: Repo, token: str) -> bool:
+        return self.db.execute(
+            "SELECT 1 FROM bound_tokens WHERE repo_type=? AND repo_id=? AND token_sha256=?",
+            (repo.type, repo.id, _token_key(token))).fetchone() is not None
+
+    def imported(self, repo: Repo, *, public: bool, token: str | None) -> None:
+        """A repo came from a bundle or a local HF cache, not from the upstream: public only
+        when `public` (see security.md, Bundles and imported caches); a gated or private one
+        goes to `token` while the upstream cannot be asked, and to upstream grants."""
+        self._save_repo(repo, public=public)
+        if not public and token:
+            self.db.execute("INSERT OR IGNORE INTO bound_tokens VALUES (?, ?, ?)",
+                            (repo.type, repo.id, _token_key(token)))
 
     def upstream_served_file(self, repo: Repo, token: str | None) -> None:
         """The upstream served a file of the repo to `token`: its cached files may go to that
@@ -177,6 +195,10 @@ class Catalog:
             return row["commit_sha"]
         return None
 
+    def known_commit(self, repo: Repo, revision: str) -> str | None:
+        """The commit the revision was last known to name, however old (None if never)."""
+        return self._commit_of(repo, revision, max_age=float("inf"))
+
     def _save_ref(self, repo: Repo, revision: str, commit: str) -> None:
         if revision != commit and COMMIT_RE.fullmatch(commit):
             self.db.execute("INSERT OR REPLACE INTO refs VALUES (?, ?, ?, ?, ?)",
@@ -187,10 +209,14 @@ class Catalog:
         row = self.db.execute(
             "SELECT digest, algo, size FROM files WHERE repo_type=? AND repo_id=? AND"
             " commit_sha=? AND path=?", (repo.type, repo.id, commit, path)).fetchone()
-        if row is None:
-            return None
-        blob = BlobId(row["digest"], row["algo"], row["size"])
-        return FileEntry(repo, commit, path, blob, lfs=blob.algo == "sha256")
+        return _entry_of_row(repo, commit, path, row) if row is not None else None
+
+    def entries_at(self, repo: Repo, commit: str) -> list[FileEntry]:
+        """Every file entry known at the commit, by path."""
+        rows = self.db.execute(
+            "SELECT path, digest, algo, size FROM files WHERE repo_type=? AND repo_id=? AND"
+            " commit_sha=? ORDER BY path", (repo.type, repo.id, commit)).fetchall()
+        return [_entry_of_row(repo, commit, r["path"], r) for r in rows]
 
     def _save_entry(self, entry: FileEntry) -> None:
         self.db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -244,9 +270,11 @@ class Catalog:
 
     # --- API answers --------------------------------------------------------------------
     async def api(self, repo: Repo, method: str, path_qs: str, *, revision: str | None,
-                  token: str | None, body: bytes = b"",
-                  content_type: str = "") -> ApiAnswer:
-        """A JSON answer of the Hub API about `repo`, Xet-free, cached by request."""
+                  token: str | None, body: bytes = b"", content_type: str = "",
+                  kind: str = "", sub_path: str = "") -> ApiAnswer:
+        """A JSON answer of the Hub API about `repo`, Xet-free, cached by request. `kind`
+        (info, revision, tree) and `sub_path` let an answer be built from the file entries
+        when the upstream cannot be asked and nothing is cached."""
         key = hashlib.sha256(b"\0".join([method.encode(), path_qs.encode(), body])).hexdigest()
         immutable = revision is not None and COMMIT_RE.fullmatch(revision) is not None
         cached = self._cached_api(key)
@@ -257,6 +285,8 @@ class Catalog:
             if immutable:
                 self._mark_api_used(key, fetched_at=cached[1])
             return cached[0]
+        if cached is None and method != "POST":
+            cached = self._answer_from_entries(repo, kind, revision or "main", sub_path, path_qs)
         if self.offline:
             return self._stale_api(repo, cached, token, "offline mode", path_qs)
         headers = {"Content-Type": content_type} if content_type else {}
@@ -287,6 +317,25 @@ class Catalog:
             raise HubError(502, "", f"{repo}: the upstream Hub is unreachable ({reason}), so "
                                     "access to this gated or private repo cannot be checked")
         return cached[0]
+
+    def _answer_from_entries(self, repo: Repo, kind: str, revision: str, sub_path: str,
+                             path_qs: str) -> tuple[ApiAnswer, float, bool] | None:
+        """An answer built from the file entries at the commit the revision last named (never
+        anonymous: it goes only to those who may read the repo's files)."""
+        if kind not in ("info", "revision", "tree"):
+            return None
+        commit = self.known_commit(repo, revision)
+        entries = self.entries_at(repo, commit) if commit else []
+        if commit is None or not entries:
+            return None
+        if kind == "tree":
+            data: Any = offline_api.tree_answer(entries, sub_path, urlsplit(path_qs).query)
+            if data is None:
+                return None
+        else:
+            data = offline_api.revision_answer(repo, commit, entries)
+        body = json.dumps(data, separators=(",", ":")).encode()
+        return ApiAnswer(200, body, "application/json", "", commit), 0.0, False
 
     def _cached_api(self, key: str) -> tuple[ApiAnswer, float, bool] | None:
         row = self.db.execute("SELECT * FROM api_cache WHERE key=?", (key,)).fetchone()
@@ -340,7 +389,7 @@ class Catalog:
             " (SELECT digest FROM files WHERE NOT (repo_type=? AND repo_id=?))",
             (repo.type, repo.id, repo.type, repo.id))]
         with self.db:
-            for table in ("files", "refs", "repos", "api_cache"):
+            for table in ("files", "refs", "repos", "api_cache", "pins", "bound_tokens"):
                 self.db.execute(f"DELETE FROM {table} WHERE repo_type=? AND repo_id=?",
                                 (repo.type, repo.id))
         return digests
@@ -367,6 +416,11 @@ class Catalog:
             if commit in commits:
                 commits[commit].append(revision)
         return commits
+
+
+def _entry_of_row(repo: Repo, commit: str, path: str, row: sqlite3.Row) -> FileEntry:
+    blob = BlobId(row["digest"], row["algo"], row["size"])
+    return FileEntry(repo, commit, path, blob, lfs=blob.algo == "sha256")
 
 
 def _unquote_etag(value: str) -> str:

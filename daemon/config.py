@@ -157,6 +157,9 @@ OPTIONS: tuple[Option, ...] = (
            reloadable=True),
     Option("upstream_connections", int, lambda: 4,
            "parallel Range requests per blob to the upstream", reloadable=True),
+    Option("upstream_rate", parse_size, lambda: 0,
+           "at most this many bytes per second of files from the upstream, all downloads "
+           "together (e.g. 20MB; 0 = no limit)", reloadable=True),
     Option("upstream_timeout", parse_duration, lambda: 30.0,
            "give up on an upstream connection that sends nothing for this long"),
     Option("interface", str, lambda: "",
@@ -191,6 +194,7 @@ class Config:
     chunk_size: int
     ref_ttl: float
     upstream_connections: int
+    upstream_rate: int
     upstream_timeout: float
     interface: str
     peer_listen: tuple[str, int]

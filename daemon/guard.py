@@ -4,8 +4,9 @@ it, so no page of another site starts a download or a job, changes the cache or 
 - a Host that is not this daemon's address (a DNS-rebinding page names its own host): 421;
 - a request the browser marks Sec-Fetch-Site: cross-site or same-site: 403;
 - a state-changing request with an Origin other than this daemon's: 403;
-- a state-changing control request (under /_modelpeer/) without Content-Type: application/json,
-  which a page can only send after a CORS preflight this daemon never grants: 415.
+- a state-changing control request (under /_modelpeer/) without Content-Type: application/json
+  (or application/x-tar, a bundle), which a page can only send after a CORS preflight this
+  daemon never grants: 415.
 
 The Hub client, `hf`, transformers and the `modelpeer` CLI send none of what is refused.
 """
@@ -27,6 +28,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# content types a page can send only after a CORS preflight (bundles are streamed as tar)
+PREFLIGHTED_TYPES = frozenset({"application/json", "application/x-tar"})
 FOREIGN_SITES = frozenset({"cross-site", "same-site"})
 CONTROL_PREFIX = "/_modelpeer"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -117,7 +120,7 @@ class LocalGuard:
                            f"and pages of {self.own_url}")
         is_control = request.path == CONTROL_PREFIX or request.path.startswith(
             CONTROL_PREFIX + "/")
-        if is_control and request.content_type != "application/json":
+        if is_control and request.content_type not in PREFLIGHTED_TYPES:
             got = shown(request.headers.get("Content-Type", "none"))
             return Refusal(415, "content-type", f"{request.method} {request.path} needs "
                            f"Content-Type: application/json (got {got}); send the request "

@@ -67,6 +67,17 @@ CREATE TABLE IF NOT EXISTS blob_sha256 (
     digest TEXT PRIMARY KEY REFERENCES blobs(digest) ON DELETE CASCADE,
     sha256 TEXT NOT NULL
 );
+-- pins.py: revisions kept whatever the size limit (revision as given; commit at pin time)
+CREATE TABLE IF NOT EXISTS pins (
+    repo_type TEXT NOT NULL, repo_id TEXT NOT NULL, revision TEXT NOT NULL,
+    commit_sha TEXT NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (repo_type, repo_id, revision)
+);
+-- catalog.py: imported gated or private repos, readable offline by the importer's token
+CREATE TABLE IF NOT EXISTS bound_tokens (
+    repo_type TEXT NOT NULL, repo_id TEXT NOT NULL, token_sha256 TEXT NOT NULL,
+    PRIMARY KEY (repo_type, repo_id, token_sha256)
+);
 CREATE INDEX IF NOT EXISTS api_cache_repo ON api_cache (repo_type, repo_id);
 CREATE INDEX IF NOT EXISTS api_cache_fetched ON api_cache (fetched_at);  -- pruning
 CREATE INDEX IF NOT EXISTS files_digest ON files (digest);

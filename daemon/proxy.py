@@ -161,7 +161,8 @@ class Proxy:
         body = await request.read() if request.method == "POST" else b""
         answer = await self.catalog.api(
             route.repo, request.method, request.raw_path, revision=route.revision, token=token,
-            body=body, content_type=request.headers.get("Content-Type", ""))
+            body=body, content_type=request.headers.get("Content-Type", ""), kind=route.kind,
+            sub_path=route.path)
         headers = {"Content-Type": answer.content_type}
         if answer.next_link:
             headers["Link"] = f'<{request.url.origin()}{answer.next_link}>; rel="next"'

@@ -90,6 +90,8 @@ class Store:
         self.on_removed: Callable[[str], None] = lambda digest: None
         self._pins: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
+        self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
+        self.over_limit = 0  # bytes above max_cache_size that eviction could not free
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- pins -----------------------------------------------------------------------------
@@ -190,6 +192,16 @@ class Store:
             return done + c.durable
         return done
 
+    def adopt_chunk(self, digest: str, idx: int, length: int, xxh3: str) -> None:
+        """A complete chunk file in place, written by a BlobWriter or cloned (reflink.py)."""
+        self.db.execute("UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
+                        (length, xxh3, digest, idx))
+
+    def mark_complete(self, digest: str) -> None:
+        """Every chunk of the blob is durable and the whole matched its digest."""
+        self.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
+                        (time.time(), digest))
+
     def touch(self, digest: str) -> None:
         self.db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (time.time(), digest))
 
@@ -262,10 +274,13 @@ class Store:
         return freed
 
     def evict(self, max_bytes: int) -> list[str]:
-        """Remove least-recently-used complete, unpinned blobs until usage <= max_bytes."""
+        """Remove least-recently-used complete blobs nobody reads and nobody pinned until
+        usage <= max_bytes; what cannot be freed is reported, never raised."""
         if max_bytes <= 0:
             return []
-        return self._evict_lru(self.usage().bytes - max_bytes, "to stay under max_cache_size")
+        removed = self._evict_lru(self.usage().bytes - max_bytes, "to stay under max_cache_size")
+        self._report_over_limit(max(0, self.usage().bytes - max_bytes), max_bytes)
+        return removed
 
     def make_room(self, incoming: int) -> None:
         """Before `incoming` bytes are written: evict least-recently-used complete, unpinned
@@ -285,12 +300,14 @@ class Store:
         return watermark + incoming - fs.f_bavail * fs.f_frsize
 
     def _eviction_candidates(self) -> list[tuple[str, int]]:
-        """(digest, bytes on disk) of complete, unpinned blobs, least recently used first."""
+        """(digest, bytes on disk) of complete blobs that nobody reads or writes and nobody
+        pinned, least recently used first."""
         rows = self.db.execute(
             "SELECT b.digest, (SELECT COALESCE(SUM(durable), 0) FROM chunks c"
             " WHERE c.digest=b.digest) FROM blobs b WHERE b.complete=1 ORDER BY b.last_access"
         ).fetchall()
-        return [(r[0], r[1]) for r in rows if not self.is_pinned(r[0])]
+        kept = self.kept()
+        return [(r[0], r[1]) for r in rows if not self.is_pinned(r[0]) and r[0] not in kept]
 
     def _evict_lru(self, need: int, why: str) -> list[str]:
         removed: list[str] = []
@@ -301,6 +318,13 @@ class Store:
             removed.append(digest)
             log.info("evicted blob %s %s", digest, why)
         return removed
+
+    def _report_over_limit(self, over: int, max_bytes: int) -> None:
+        if over and not self.over_limit:
+            log.warning("the cache stays %d bytes above max_cache_size (%d): the rest is pinned"
+                        " or being transferred; `modelpeer unpin` or raise max_cache_size",
+                        over, max_bytes)
+        self.over_limit = over
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:
@@ -509,9 +533,7 @@ class BlobWriter:
                 os.close(fd)
             part = self.store.chunk_path(self.blob.digest, chunk.idx, partial=True)
             os.replace(part, self.store.chunk_path(self.blob.digest, chunk.idx))
-            self.store.db.execute(
-                "UPDATE chunks SET durable=?, xxh3=?, complete=1 WHERE digest=? AND idx=?",
-                (chunk.length, digest, self.blob.digest, chunk.idx))
+            self.store.adopt_chunk(self.blob.digest, chunk.idx, chunk.length, digest)
 
         self._then(step)
         self._since_checkpoint = 0
@@ -535,8 +557,7 @@ class BlobWriter:
     async def finish(self) -> None:
         """After verify(): once every chunk is durable, mark the blob complete."""
         await self.settle()
-        self.store.db.execute("UPDATE blobs SET complete=1, last_access=? WHERE digest=?",
-                              (time.time(), self.blob.digest))
+        self.store.mark_complete(self.blob.digest)
 
     def _write_empty(self) -> None:
         path = self.store.chunk_path(self.blob.digest, 0)

@@ -16,6 +16,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .ratelimit import RateLimit
+
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
@@ -56,6 +58,7 @@ class Upstream:
         self.origins = [URL(u) for u in urls]
         self.timeout = timeout
         self.user_agent = user_agent or "modelpeer"
+        self.rate = RateLimit()  # upstream_rate: file bytes from the Hub and its CDNs together
         self._session: aiohttp.ClientSession | None = None
         self._ignore_range: set[URL] = set()  # origins that answered a Range with a 200
 
@@ -143,6 +146,7 @@ class Upstream:
                 self._ignore_range.add(resp.url.origin())
                 raise
             async for data in _body(resp, end - start):
+                await self.rate.take(len(data))
                 yield data
 
     async def read_from(self, url: URL, start: int, size: int, *,
@@ -158,6 +162,7 @@ class Upstream:
                 raise UpstreamError(f"{resp.url.host}: HTTP {resp.status}")
             skip = 0 if ranged else start
             async for data in _body(resp, size - start + skip):
+                await self.rate.take(len(data))
                 if skip >= len(data):
                     skip -= len(data)
                     continue

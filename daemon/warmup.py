@@ -44,6 +44,7 @@ from .peermsg import (
     parse_warm_spec,
 )
 from .peers import Peer, PeerApi, PeerError, PeerSet
+from .pins import Pins
 from .store import BlobId, DigestMismatch
 from .upstream import UpstreamRefused
 
@@ -94,8 +95,9 @@ class Job:
 class Warmup:
     def __init__(self, catalog: Catalog, fetcher: Fetcher, node_id: str, node_name: str,
                  peers: PeerSet | None, api: PeerApi | None,
-                 cluster_key: ClusterKey | None) -> None:
+                 cluster_key: ClusterKey | None, pins: Pins | None = None) -> None:
         self.catalog = catalog
+        self.pins = pins
         self.fetcher = fetcher
         self.node_id = node_id
         self.node_name = node_name
@@ -120,6 +122,8 @@ class Warmup:
         job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
                   confirmed=True)
         nodes = self._choose(nodes_wanted)
+        if body.get("pin") is True and self.pins is not None:
+            self.pins.add(repo, revision, commit)  # before the files land: none is evicted
         self.members[job.id] = [n for n, _ in nodes]
         self._keep_token(job)
         errors = {}

@@ -76,7 +76,13 @@ function render(s) {
   $("node").textContent = s.node + " · v" + s.version;
   $("cache").textContent = size(s.store.bytes);
   $("cache-sub").textContent = s.store.complete_blobs + " files, " + s.store.chunks + " chunks, " +
-    (s.max_cache_size ? "limit " + size(s.max_cache_size) : "no limit");
+    (s.max_cache_size ? (100 * s.store.bytes / s.max_cache_size).toFixed(0) + "% of limit " +
+     size(s.max_cache_size) : "no limit");
+  $("pinned").textContent = size(s.pinned_bytes);
+  $("pinned-sub").textContent = s.pins + " pin" + (s.pins === 1 ? "" : "s") + ", " +
+    s.pinned_files + " files" + (s.over_limit_bytes ? " · " + size(s.over_limit_bytes) +
+    " over the limit, kept by pins" : "");
+  $("pinned-sub").className = "sub" + (s.over_limit_bytes ? " warn" : "");
   const served = s.served_bytes;
   $("served").textContent = size(served.store + served.peer + served.upstream);
   $("served-sub").textContent = size(served.store) + " store · " + size(served.peer) +
