@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +27,13 @@ class CliError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
+
+
+def shown(value: object) -> str:
+    """A value from the network, safe to print: control characters (ANSI escapes, \r, bidi
+    overrides...) appear escaped (\x1b) instead of acting on the terminal."""
+    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf")
+                   else c for c in str(value))
 
 
 def human_size(n: float) -> str:
@@ -68,7 +76,7 @@ class Daemon:
             except ValueError:
                 message = e.reason
             code = EXIT_NOT_FOUND if e.code == 404 else EXIT_PROBLEM
-            raise CliError(f"the daemon answered {e.code}: {message}", code) from e
+            raise CliError(f"the daemon answered {e.code}: {shown(message)}", code) from e
         except (urllib.error.URLError, OSError) as e:
             raise CliError(f"cannot reach modelpeerd at {self.url} ({getattr(e, 'reason', e)});"
                            " is it running? (systemctl status modelpeer, or start modelpeerd;"
@@ -89,21 +97,22 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
         return 0
     store, served = s["store"], s["served_bytes"]
     peers = s["peers"]
-    print(f"node      {s['node']}  (modelpeerd {s['version']}, up {s['uptime']:.0f}s)")
-    print(f"serving   {s['listen']}   upstream {', '.join(s['upstream'])}"
+    print(f"node      {shown(s['node'])}  (modelpeerd {shown(s['version'])}, "
+          f"up {s['uptime']:.0f}s)")
+    print(f"serving   {shown(s['listen'])}   upstream {shown(', '.join(s['upstream']))}"
           + ("   OFFLINE" if s["offline"] else ""))
     limit = human_size(s["max_cache_size"]) if s["max_cache_size"] else "no limit"
     print(f"cache     {human_size(store['bytes'])} in {store['complete_blobs']} files, "
-          f"{store['chunks']} chunks ({limit})  at {s['cache_dir']}")
-    print("served    " + ", ".join(f"{human_size(served[k])} from {k}" for k in served)
+          f"{store['chunks']} chunks ({limit})  at {shown(s['cache_dir'])}")
+    print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
           + f";  {human_size(s['upstream_bytes'])} read from upstream")
-    off = "" if peers["enabled"] else f"(off: {peers['reason']})"
+    off = "" if peers["enabled"] else f"(off: {shown(peers['reason'])})"
     print(f"peers     {peers['count']} {off}")
     for t in s["transfers"]:
         pct = 100 * t["available"] / t["size"] if t["size"] else 100
         bar = "#" * int(pct / 5)
-        print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {t['source']}"
-              f"  {t['file']}")
+        print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {shown(t['source'])}"
+              f"  {shown(t['file'])}")
     return 0
 
 
@@ -129,7 +138,7 @@ def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
         return 0
     print(f"{'REPO':50} {'TYPE':8} {'FILES':>6} {'SIZE':>10}  LAST USED")
     for r in repos:
-        print(f"{r['repo_id']:50} {r['repo_type']:8} {r['files']:>6} "
+        print(f"{shown(r['repo_id']):50} {shown(r['repo_type']):8} {r['files']:>6} "
               f"{human_size(r['bytes']):>10}  {human_age(r['last_access'])}")
     return 0
 
@@ -140,7 +149,9 @@ def cmd_rm(d: Daemon, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(result)
     else:
-        print(f"removed {result['removed']}, freed {human_size(result['freed_bytes'])}")
+        pending = result["pending_bytes"]
+        print(f"removed {shown(result['removed'])}, freed {human_size(result['freed_bytes'])}"
+              + (f", {human_size(pending)} more once their readers are done" if pending else ""))
     return 0
 
 
@@ -165,7 +176,8 @@ def cmd_verify(d: Daemon, args: argparse.Namespace) -> int:
               + (f" and {checked['complete_blobs']} blobs (sha256/sha1)" if args.full else ""))
         for p in result["problems"]:
             where = f"chunk {p['chunk']}" if p["chunk"] is not None else "whole blob"
-            print(f"  BAD {p['digest']} {where} ({p['error']}): dropped, will be fetched again")
+            print(f"  BAD {shown(p['digest'])} {where} ({shown(p['error'])}): dropped, will be "
+                  "fetched again")
         print("all good" if not result["problems"] else f"{len(result['problems'])} problems")
     return EXIT_PROBLEM if result["problems"] else 0
 
@@ -176,23 +188,24 @@ def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
         _print_json(result["peers"])
         return 0
     if not result["enabled"]:
-        print(f"peers are off: {result['reason']}")
+        print(f"peers are off: {shown(result['reason'])}")
         return 0
-    print(f"node {result['node_id']} in cluster {result['cluster_id']}: "
+    print(f"node {shown(result['node_id'])} in cluster {shown(result['cluster_id'])}: "
           f"{result['count']} live peers")
     print(f"{'NODE':18} {'NAME':16} {'ADDRESS':21} {'VERSION':8} {'LAST SEEN':10} "
           f"{'CHUNKS':>6} {'FROM':>9} {'TO':>9}")
     for p in result["peers"]:
         state = "banned" if p["banned"] else ("" if p["alive"] else "down")
-        print(f"{p['node_id']:18} {p['name'][:16]:16} {p['address'] + ':' + str(p['peer_port']):21}"
-              f" {p['version']:8} {human_age(p['last_seen']) if p['last_seen'] else '-':10}"
-              f" {p['chunks_held']:>6} {human_size(p['bytes_from']):>9}"
+        address = shown(f"{p['address']}:{p['peer_port']}")
+        print(f"{shown(p['node_id']):18} {shown(p['name'])[:16]:16} {address:21}"
+              f" {shown(p['version']):8} {human_age(p['last_seen']) if p['last_seen'] else '-':10}"
+              f" {shown(p['chunks_held']):>6} {human_size(p['bytes_from']):>9}"
               f" {human_size(p['bytes_to']):>9} {state}")
     return 0
 
 
 def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
-    from modelpeer.daemon.cluster import new_key_file
+    from modelpeer.daemon.keyfile import new_key_file
 
     try:
         new_key_file(args.file)
@@ -208,13 +221,13 @@ def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_key_check(d: Daemon, args: argparse.Namespace) -> int:
-    from modelpeer.daemon.cluster import ClusterKey, ClusterKeyError, read_key_file
+    from modelpeer.daemon.keyfile import ClusterKeyError, cluster_id_of, read_key_file
 
     try:
-        key = ClusterKey(read_key_file(args.file))
+        key = read_key_file(args.file)
     except ClusterKeyError as e:
         raise CliError(str(e), EXIT_PROBLEM) from e
-    print(f"{args.file}: a usable cluster key, cluster {key.cluster_id}")
+    print(f"{args.file}: a usable cluster key, cluster {cluster_id_of(key)}")
     return 0
 
 
@@ -224,12 +237,13 @@ def cmd_warm(d: Daemon, args: argparse.Namespace) -> int:
     started = d.call("POST", "/warm", body, token=args.token or os.environ.get("HF_TOKEN"))
     if started.get("errors"):
         for node, error in started["errors"].items():
-            print(f"modelpeer: node {node} did not take the job: {error}", file=sys.stderr)
+            print(f"modelpeer: node {shown(node)} did not take the job: {shown(error)}",
+                  file=sys.stderr)
     if not args.wait:
         if args.json:
             _print_json(started)
         else:
-            print(f"warm job {started['job']}: {started['files']} files, "
+            print(f"warm job {shown(started['job'])}: {started['files']} files, "
                   f"{human_size(started['bytes'])} on {len(started['nodes'])} nodes")
         return 0
     return _wait_for_job(d, started["job"], args.json)
@@ -249,7 +263,7 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
         _print_json(status)
     failed = {n: s.get("error", "") for n, s in status["nodes"].items() if s["state"] != "done"}
     for node, error in failed.items():
-        print(f"modelpeer: node {node} failed: {error}", file=sys.stderr)
+        print(f"modelpeer: node {shown(node)} failed: {shown(error)}", file=sys.stderr)
     return EXIT_PROBLEM if failed else 0
 
 
@@ -260,11 +274,11 @@ def _draw_job(status: dict[str, Any], elapsed: float) -> None:
         size, got = s.get("bytes", 0), s.get("have_bytes", 0)
         total, have = total + size, have + got
         pct = 100 * got / size if size else 100.0
-        lines.append(f"  {node:16} [{'#' * int(pct / 5):20}] {pct:5.1f}% "
-                     f"{human_size(got):>9} {s['state']}")
+        lines.append(f"  {shown(node):16} [{'#' * int(pct / 5):20}] {pct:5.1f}% "
+                     f"{human_size(got):>9} {shown(s['state'])}")
     rate = human_size(have / elapsed if elapsed else 0)
     lines.append(f"  {'total':16} {human_size(have)} of {human_size(total)}, {rate}/s, "
-                 f"{status['state']}")
+                 f"{shown(status['state'])}")
     if sys.stdout.isatty():
         sys.stdout.write("\x1b[H\x1b[2J")
     print("\n".join(lines), flush=True)
@@ -273,7 +287,7 @@ def _draw_job(status: dict[str, Any], elapsed: float) -> None:
 def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
     if args.action == "cancel":
         result = d.call("POST", f"/jobs/{args.job}/cancel", {})
-        print(f"cancelled {result['cancelled']}")
+        print(f"cancelled {shown(result['cancelled'])}")
         return 0
     jobs = d.call("GET", "/jobs")
     if args.json:
@@ -282,7 +296,8 @@ def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
     if not jobs:
         print("no warm jobs")
     for j in jobs:
-        print(f"{j['job']}  {j['state']:9} {j['repo']:40} {j['done_files']}/{j['files']} files "
+        print(f"{shown(j['job'])}  {shown(j['state']):9} {shown(j['repo']):40} "
+              f"{j['done_files']}/{j['files']} files "
               f"{human_size(j['have_bytes'])} of {human_size(j['bytes'])}")
     return 0
 

@@ -16,13 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import errno
 import hashlib
 import hmac
 import os
-import pwd
 import secrets
-import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,9 +33,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .keyfile import cluster_id_of
+
 REPLAY_WINDOW = 30.0
 MAX_REMEMBERED_NONCES = 200_000
-KEY_BYTES = 32
 ANY_RECEIVER = "*"  # a first contact with a static peer, whose id is not known yet
 UNHASHED_BODY = "-"  # a streamed answer: its bytes are checked against the blob digest instead
 EMPTY_BODY = hashlib.sha256(b"").hexdigest()
@@ -53,42 +51,8 @@ H_MAC = "X-Modelpeer-Mac"
 H_SIG = "X-Modelpeer-Signature"
 
 
-class ClusterKeyError(ValueError):
-    """The key file is missing, unreadable, malformed or readable by others."""
-
-
 class SignatureError(Exception):
     """A peer message is not authentic, not fresh, not for this node, or replayed."""
-
-
-def new_key_file(path: Path) -> None:
-    """Write a fresh random key, readable by its owner only; never overwrite one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(KEY_BYTES) + "\n")
-
-
-def read_key_file(path: Path) -> bytes:
-    """The key in PATH; a key others could read, or one missing, unreadable or malformed, is
-    refused with what to do about it."""
-    try:
-        with path.open("rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            raw = f.read(4096)
-    except OSError as e:
-        raise ClusterKeyError(_cannot_read(path, e)) from e
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ClusterKeyError(f"{path}: the cluster key is readable by others; chmod 600 it")
-    try:
-        key = bytes.fromhex(raw.decode("ascii").strip())
-    except ValueError as e:
-        raise ClusterKeyError(f"{path}: not a hex key; make one with `modelpeer cluster-key new`"
-                              ) from e
-    if len(key) < 16:
-        raise ClusterKeyError(f"{path}: the key is too short ({len(key)} bytes; want >= 16); "
-                              "make one with `modelpeer cluster-key new`")
-    return key
 
 
 def _derive(key: bytes, purpose: str) -> bytes:
@@ -107,30 +71,11 @@ def _unb64(text: str) -> bytes:
         raise SignatureError("malformed base64") from e
 
 
-def _cannot_read(path: Path, e: OSError) -> str:
-    if e.errno == errno.ENOENT:
-        return (f"{path}: no cluster key there; copy the cluster's key there or make one with "
-                f"`modelpeer cluster-key new {path}`")
-    if e.errno == errno.EACCES:
-        # typically the old setup: a root-only key named in the config of the systemd service
-        return (f"{path}: user {_user()} cannot read the cluster key; under systemd leave "
-                "cluster_key_file unset and let the unit pass /etc/modelpeer/cluster.key "
-                "(systemd/install.sh)")
-    return f"{path}: cannot read the cluster key: {e.strerror}"
-
-
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
 class ClusterKey:
     """What the shared secret is used for: the cluster id, MACs, sealed tokens."""
 
     def __init__(self, key: bytes) -> None:
-        self.cluster_id = hashlib.sha256(b"modelpeer cluster id\0" + key).hexdigest()[:16]
+        self.cluster_id = cluster_id_of(key)
         self._mac_key = _derive(key, "message mac")
         self._aead = ChaCha20Poly1305(_derive(key, "token seal"))
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .cluster import ClusterKeyError, read_key_file
+from .keyfile import ClusterKeyError, read_key_file
 
 DEFAULT_CONFIG_FILE = Path("/etc/modelpeer/modelpeer.toml")
 DEFAULT_UPSTREAM = "https://huggingface.co"

@@ -22,6 +22,8 @@ from .warmup import Warmup
 PREFIX = "/_modelpeer/v1"
 STATIC = Path(__file__).parent / "static"
 
+log = logging.getLogger(__name__)
+
 
 class RecentErrors(logging.Handler):
     """The last warnings and errors, for the status page."""
@@ -144,22 +146,28 @@ class Control:
         known = {(r["repo_type"], r["repo_id"]) for r in self.catalog.repos()}
         if (repo.type, repo.id) not in known:
             return web.json_response({"error": f"{repo} is not in the cache"}, status=404)
-        freed = sum(self.store.remove(d) for d in self.catalog.forget(repo)
-                    if d not in self.fetcher.transfers)
-        return web.json_response({"removed": str(repo), "freed_bytes": freed})
+        digests = self.catalog.forget(repo)
+        in_use = [d for d in digests if self.store.is_pinned(d)]
+        pending = sum(size for size, _ in self.store.blob_sizes(in_use).values())
+        freed = sum(self.store.retire(d) for d in digests)
+        if in_use:
+            log.info("rm %s: %d blobs in use are removed after their last reader (%d bytes)",
+                     repo, len(in_use), pending)
+        return web.json_response({"removed": str(repo), "freed_bytes": freed,
+                                  "pending_bytes": pending})
 
     async def gc(self, request: web.Request) -> web.Response:
-        """Drop blobs no file entry refers to, then evict down to max_cache_size."""
-        in_flight = set(self.fetcher.transfers)
+        """Drop blobs no file entry refers to, then evict down to max_cache_size; blobs being
+        read or written (pinned) are left alone."""
         referenced = self.catalog.referenced_digests()
         freed = 0
         removed = []
         for row in self.store.db.execute("SELECT digest FROM blobs").fetchall():
-            if row[0] not in referenced and row[0] not in in_flight:
+            if row[0] not in referenced and not self.store.is_pinned(row[0]):
                 freed += self.store.remove(row[0])
                 removed.append(row[0])
         before = self.store.usage().bytes
-        evicted = self.store.evict(self.fetcher.max_cache_size, keep=in_flight)
+        evicted = self.store.evict(self.fetcher.max_cache_size)
         freed += before - self.store.usage().bytes
         return web.json_response({"removed": removed, "evicted": evicted, "freed_bytes": freed})
 

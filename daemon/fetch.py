@@ -21,7 +21,7 @@ import errno
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -31,7 +31,7 @@ from .peermsg import PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
 from .store import BlobId, BlobWriter, DigestMismatch, Store
-from .upstream import Upstream, UpstreamError, UpstreamRefused, backoff
+from .upstream import RangeIgnored, Upstream, UpstreamError, UpstreamRefused, backoff
 
 if TYPE_CHECKING:
     from .peers import Peer
@@ -49,6 +49,7 @@ CHECK_EVERY = 1.0  # how often a relay's delivered rate is weighed against the a
 PROBE_BYTES = 2 * 1024 * 1024
 PROBED_BLOB = 32 * PROBE_BYTES  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
+EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +104,16 @@ class Transfer:
         return (self.bytes_upstream > 0 and o is not None
                 and (o.resolve_path, o.token) == (resolve_path, token))
 
-    @property
-    def servable(self) -> int:
-        return self.available if self.verified else min(self.available, self.blob.size - 1)
+    def servable(self, end: int, *, to_peer: bool = False) -> int:
+        """How far a response ending at `end` may be sent. Before the digest checks, no
+        response to a client may complete: one that ends at the blob's end gets all but its
+        last byte, a shorter Range nothing at all (it would complete with bytes never
+        verified). A peer may have unverified bytes: it checks the blob's digest itself."""
+        if self.verified:
+            return self.available
+        if end < self.blob.size and not to_peer:
+            return 0
+        return min(self.available, self.blob.size - 1)
 
     def mark_source(self, offset: int, source: str) -> None:
         """Bytes from `offset` on come from `source` (peer or upstream)."""
@@ -141,12 +149,13 @@ class Transfer:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def readable(self, pos: int) -> int:
-        """Wait until bytes past `pos` may be served; returns the servable limit."""
+    async def readable(self, pos: int, end: int, *, to_peer: bool = False) -> int:
+        """Wait until bytes past `pos` of a response ending at `end` may be served; returns
+        the servable limit."""
         while True:
             if self.error is not None:
                 raise TransferFailed(str(self.error)) from self.error
-            limit = self.servable
+            limit = self.servable(end, to_peer=to_peer)
             if limit > pos or (self.verified and pos >= self.blob.size):
                 return limit
             await self._event.wait()
@@ -177,8 +186,8 @@ class Fetcher:
         self.store = store
         self.upstream = upstream
         self.connections = connections
-        self.max_cache_size = max_cache_size
         self.offline = offline
+        self.max_cache_size = max_cache_size
         self.sharing: Sharing | None = None
         self.relay: RelayApi | None = None
         self._upstream_rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
@@ -187,6 +196,14 @@ class Fetcher:
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
+
+    @property
+    def max_cache_size(self) -> int:
+        return self.store.max_bytes
+
+    @max_cache_size.setter
+    def max_cache_size(self, value: int) -> None:
+        self.store.max_bytes = value
 
     def open(self, blob: BlobId, origin: Origin) -> Transfer:
         """The blob's bytes: from the store when complete, else joined to (or starting) the
@@ -217,15 +234,29 @@ class Fetcher:
         blob = self.store.complete_blob(digest)
         return Transfer(blob, digest[:12], blob.size, verified=True) if blob else None
 
-    async def read(self, transfer: Transfer, start: int, end: int) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob, each as soon as the transfer may serve it."""
+    @contextlib.contextmanager
+    def reading(self, transfer: Transfer) -> Iterator[Transfer]:
+        """A client reads the blob: its bytes stay (against eviction, gc and rm) until the
+        response is done. Enter it right after open(), before any await."""
+        with self.store.pinned(transfer.blob.digest):
+            transfer.readers += 1
+            try:
+                yield transfer
+            finally:
+                transfer.readers -= 1
+
+    async def read(self, transfer: Transfer, start: int, end: int, *,
+                   to_peer: bool = False) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the blob, each as soon as the transfer may serve it; the
+        blob stays pinned while they are read."""
         pos = start
-        while pos < end:
-            limit = min(await transfer.readable(pos), end)
-            while pos < limit:
-                n = min(READ_BLOCK, limit - pos)
-                yield self.store.read(transfer.blob, pos, n)
-                pos += n
+        with self.store.pinned(transfer.blob.digest):
+            while pos < end:
+                limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
+                while pos < limit:
+                    n = min(READ_BLOCK, limit - pos)
+                    yield self.store.read(transfer.blob, pos, n)
+                    pos += n
 
     def transfer_state(self, digest: str) -> PeerTransfer | None:
         """This node's transfer of a blob as its peers see it (None when none runs)."""
@@ -256,11 +287,28 @@ class Fetcher:
     async def _run(self, transfer: Transfer, origin: Origin,
                    previous: asyncio.Task[None] | None) -> None:
         blob = transfer.blob
-        writer: BlobWriter | None = None
+        with self.store.pinned(blob.digest):
+            try:
+                if previous is not None:
+                    await asyncio.wait([previous])
+                await self._make_available(transfer, origin)
+            except asyncio.CancelledError:
+                transfer.fail(TransferFailed("the daemon is shutting down"))
+                raise
+            except Exception as e:  # any failure must reach the readers, or they wait forever
+                self._failed(transfer, origin, e)
+            finally:
+                if self.transfers.get(blob.digest) is transfer:
+                    del self.transfers[blob.digest]
+                if self._runs.get(blob.digest) is asyncio.current_task():
+                    del self._runs[blob.digest]
+                if self.max_cache_size:
+                    self.store.evict(self.max_cache_size)
+
+    async def _make_available(self, transfer: Transfer, origin: Origin) -> None:
+        blob = transfer.blob
+        writer = self.store.open_writer(blob)
         try:
-            if previous is not None:
-                await asyncio.wait([previous])
-            writer = self.store.open_writer(blob)
             await writer.prepare()
             transfer.start_offset = writer.offset
             transfer.advance(writer.offset)
@@ -279,26 +327,18 @@ class Fetcher:
             await writer.finish()
             log.info("stored %s (%s, %d bytes, %d from peers, %d from upstream)", origin.label,
                      blob.digest[:12], blob.size, transfer.bytes_peers, transfer.bytes_upstream)
-        except asyncio.CancelledError:
-            transfer.fail(TransferFailed("the daemon is shutting down"))
-            raise
-        except DigestMismatch as e:
-            self._blame_peers(transfer)
-            log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
-            transfer.fail(e)
-        except (UpstreamError, PeerError, OSError, sqlite3.Error) as e:
-            log.error("fetching %s (%s) failed: %s", origin.label, blob.digest[:12], e)
-            transfer.fail(e)
         finally:
-            if writer is not None:
-                with contextlib.suppress(OSError, sqlite3.Error):
-                    await writer.close()
-            if self.transfers.get(blob.digest) is transfer:
-                del self.transfers[blob.digest]
-            if self._runs.get(blob.digest) is asyncio.current_task():
-                del self._runs[blob.digest]
-            if self.max_cache_size:
-                self.store.evict(self.max_cache_size, keep=set(self.transfers))
+            with contextlib.suppress(OSError, sqlite3.Error):
+                await writer.close()
+
+    def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
+        if isinstance(error, DigestMismatch):
+            self._blame_peers(transfer)
+        expected = isinstance(error, EXPECTED_FAILURES)
+        log.error("fetching %s (%s) failed%s: %s", origin.label, transfer.blob.digest[:12],
+                  "" if expected else " unexpectedly", error,
+                  exc_info=None if expected else error)
+        transfer.fail(error)
 
     async def _from_peers(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
                           origin: Origin) -> None:
@@ -480,12 +520,17 @@ class Fetcher:
             transfer.peers_used.update(chunks[i][0][0].node_id for i in run if chunks.get(i))
         return True
 
-    async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview) -> None:
-        """Bytes from peers, in order."""
+    async def _write(self, transfer: Transfer, writer: BlobWriter, data: memoryview | bytes,
+                     source: str = "peer") -> None:
+        """Bytes in order, from peers or from an upstream read as one stream."""
         if not data:
             return
         await writer.write(data)
-        transfer.bytes_peers += len(data)
+        if source == "upstream":
+            transfer.bytes_upstream += len(data)
+            self.on_upstream_bytes(len(data))
+        else:
+            transfer.bytes_peers += len(data)
         transfer.advance(writer.offset)
 
     async def _locate(self, origin: Origin) -> URL:
@@ -505,6 +550,17 @@ class Fetcher:
         url = await self._locate(origin)
         transfer.upstream_origin = origin
         transfer.mark_source(writer.offset, "upstream")
+        if self.upstream.serves_ranges(url):
+            try:
+                await self._read_segments(transfer, writer, origin, url)
+                return
+            except RangeIgnored as e:
+                log.warning("fetching %s: %s; reading it as one stream", origin.label, e)
+        await self._read_sequentially(transfer, writer, origin, url)
+
+    async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                             url: URL) -> None:
+        """The rest of the blob over several connections at once, one Range each."""
         size = transfer.blob.size
         segments = [_Segment(s, min(s + SEGMENT, size))
                     for s in range(writer.offset, size, SEGMENT)]
@@ -520,6 +576,36 @@ class Fetcher:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_sequentially(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                                 url: URL) -> None:
+        """The rest of the blob over one connection, for an origin that ignores Range; after
+        a break it is asked again from where it stopped (skipping what is already here)."""
+        log.info("fetching %s from %s as one stream at byte %d (it ignores Range)",
+                 origin.label, url.host, writer.offset)
+        failures = 0
+        while writer.offset < transfer.blob.size:
+            before = writer.offset
+            try:
+                async for data in self.upstream.read_from(url, writer.offset, transfer.blob.size,
+                                                           token=origin.token):
+                    await self._write(transfer, writer, data, "upstream")
+            except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
+                failures = 0 if writer.offset > before else failures + 1
+                url = await self._after_break(origin, url, failures, writer.offset, e)
+
+    async def _after_break(self, origin: Origin, url: URL, failures: int, pos: int,
+                           error: Exception) -> URL:
+        """An upstream read broke at `pos`, the `failures`th time in a row without progress:
+        give up, or wait and return the URL to resume at."""
+        self.on_upstream_error(type(error).__name__)
+        if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+            raise UpstreamError(f"{origin.label}: byte {pos} failed {failures} times: "
+                                f"{error}") from error
+        log.warning("upstream read of %s at byte %d broke (%s); resuming", origin.label, pos,
+                    error)
+        await backoff(failures)
+        return await self._locate(origin) if failures >= 2 else url  # a signed URL may expire
 
     async def _commit(self, seg: _Segment, writer: BlobWriter,
                       transfer: Transfer) -> None:
@@ -552,17 +638,12 @@ class Fetcher:
                         transfer.bytes_upstream += len(data)
                         self.on_upstream_bytes(len(data))
                         seg.changed.set()
+                except RangeIgnored:
+                    raise
                 except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
-                    self.on_upstream_error(type(e).__name__)
                     failures = 0 if len(seg.buf) > before else failures + 1
-                    if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
-                        raise UpstreamError(f"{origin.label}: bytes {seg.start}-{seg.end} "
-                                            f"failed {failures} times: {e}") from e
-                    log.warning("upstream read of %s at byte %d broke (%s); resuming",
-                                origin.label, seg.start + len(seg.buf), e)
-                    await backoff(failures)
-                    if failures >= 2:
-                        url = await self._locate(origin)  # a signed URL may have expired
+                    url = await self._after_break(origin, url, failures,
+                                                  seg.start + len(seg.buf), e)
             seg.finished = True
         except BaseException as e:
             seg.error = e if isinstance(e, Exception) else TransferFailed("cancelled")

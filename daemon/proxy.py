@@ -187,16 +187,13 @@ class Proxy:
             return resp
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
-        self.metrics.file_request(hit=transfer.verified)
-        transfer.readers += 1
-        try:
+        with self.fetcher.reading(transfer):
+            self.metrics.file_request(hit=transfer.verified)
             failure = await self._first_bytes(transfer, start, end)
             if failure is not None:
                 return failure
             await resp.prepare(request)
             await self._stream(request, resp, transfer, start, end)
-        finally:
-            transfer.readers -= 1
         return resp
 
     async def _first_bytes(self, transfer: Transfer, start: int,
@@ -204,7 +201,8 @@ class Proxy:
         if start >= end:
             return None
         try:
-            await asyncio.wait_for(asyncio.shield(transfer.readable(start)), FIRST_BYTES_WAIT)
+            await asyncio.wait_for(asyncio.shield(transfer.readable(start, end)),
+                                   FIRST_BYTES_WAIT)
         except TimeoutError:
             return None
         except TransferFailed as e:

@@ -58,7 +58,7 @@ class Relay:
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
         try:
-            async for data in self.fetcher.read(transfer, start, end):
+            async for data in self.fetcher.read(transfer, start, end, to_peer=True):
                 await resp.write(data)
                 if peer is not None:
                     peer.bytes_to += len(data)

@@ -11,6 +11,7 @@ matched its digest; a mismatch removes every chunk of it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = 16 * 1024 * 1024
 READ_BLOCK = 1024 * 1024
+MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ...
+MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ALGOS = ("sha256", "gitsha1")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
@@ -83,8 +86,39 @@ class Store:
         self.root = root
         self.db = db
         self.chunk_size = chunk_size
+        self.max_bytes = 0  # max_cache_size; 0 = no limit
         self.on_removed: Callable[[str], None] = lambda digest: None
+        self._pins: collections.Counter[str] = collections.Counter()
+        self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         (root / "chunks").mkdir(parents=True, exist_ok=True)
+
+    # --- pins -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def pinned(self, digest: str) -> Iterator[None]:
+        """Keep the blob's bytes while a reader or writer uses them: eviction, gc and retire
+        leave a pinned blob alone."""
+        self._pins[digest] += 1
+        try:
+            yield
+        finally:
+            self._pins[digest] -= 1
+            if not self._pins[digest]:
+                del self._pins[digest]
+                if digest in self._doomed:
+                    self._doomed.discard(digest)
+                    log.info("removed blob %s after its last reader (%d bytes)", digest,
+                             self.remove(digest))
+
+    def is_pinned(self, digest: str) -> bool:
+        return digest in self._pins
+
+    def retire(self, digest: str) -> int:
+        """Remove a blob nobody wants any more: now when unpinned (returns the bytes freed),
+        else once its last reader is done (returns 0)."""
+        if self.is_pinned(digest):
+            self._doomed.add(digest)
+            return 0
+        return self.remove(digest)
 
     # --- layout -------------------------------------------------------------------------
     def chunk_spans(self, size: int) -> Iterator[tuple[int, int, int]]:
@@ -227,21 +261,45 @@ class Store:
             self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
         return freed
 
-    def evict(self, max_bytes: int, keep: set[str]) -> list[str]:
-        """Remove least-recently-used complete blobs until usage <= max_bytes."""
-        used = self.usage().bytes
+    def evict(self, max_bytes: int) -> list[str]:
+        """Remove least-recently-used complete, unpinned blobs until usage <= max_bytes."""
+        if max_bytes <= 0:
+            return []
+        return self._evict_lru(self.usage().bytes - max_bytes, "to stay under max_cache_size")
+
+    def make_room(self, incoming: int) -> None:
+        """Before `incoming` bytes are written: evict least-recently-used complete, unpinned
+        blobs while the cache would pass max_bytes or the filesystem's free space would fall
+        below the watermark. Blobs are not thrown away for a write that would fail anyway:
+        then the disk fills and the write fails (ENOSPC, a clear 507) with all kept."""
+        over = self.usage().bytes + incoming - self.max_bytes if self.max_bytes else 0
+        short = self._free_space_shortfall(incoming)
+        if short > 0 and short > sum(size for _, size in self._eviction_candidates()):
+            short = 0
+        if over > 0 or short > 0:
+            self._evict_lru(max(over, short), f"to make room for {incoming} bytes being written")
+
+    def _free_space_shortfall(self, incoming: int) -> int:
+        fs = os.statvfs(self.root)
+        watermark = min(MIN_FREE, fs.f_blocks * fs.f_frsize // MIN_FREE_SHARE)
+        return watermark + incoming - fs.f_bavail * fs.f_frsize
+
+    def _eviction_candidates(self) -> list[tuple[str, int]]:
+        """(digest, bytes on disk) of complete, unpinned blobs, least recently used first."""
+        rows = self.db.execute(
+            "SELECT b.digest, (SELECT COALESCE(SUM(durable), 0) FROM chunks c"
+            " WHERE c.digest=b.digest) FROM blobs b WHERE b.complete=1 ORDER BY b.last_access"
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows if not self.is_pinned(r[0])]
+
+    def _evict_lru(self, need: int, why: str) -> list[str]:
         removed: list[str] = []
-        if max_bytes <= 0 or used <= max_bytes:
-            return removed
-        for r in self.db.execute(
-                "SELECT digest FROM blobs WHERE complete=1 ORDER BY last_access").fetchall():
-            if used <= max_bytes:
+        for digest, _ in self._eviction_candidates():
+            if need <= 0:
                 break
-            if r["digest"] in keep:
-                continue
-            used -= self.remove(r["digest"])
-            removed.append(r["digest"])
-            log.info("evicted blob %s to stay under max_cache_size", r["digest"])
+            need -= self.remove(digest)
+            removed.append(digest)
+            log.info("evicted blob %s %s", digest, why)
         return removed
 
     # --- checks -------------------------------------------------------------------------
@@ -360,6 +418,7 @@ class BlobWriter:
     def _open_chunk(self) -> None:
         idx = self.offset // self.store.chunk_size
         chunk = self.store.chunks(self.blob)[idx]
+        self.store.make_room(chunk.offset + chunk.length - self.offset)
         path = self.store.chunk_path(self.blob.digest, idx, partial=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         within = self.offset - chunk.offset

@@ -7,6 +7,7 @@ The token a client sent goes to the Hub origins only: never to a CDN host, never
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -33,6 +34,10 @@ class UpstreamRefused(UpstreamError):
     """The upstream refused the request (401/403): no token, or one without access."""
 
 
+class RangeIgnored(UpstreamError):
+    """The origin answered a Range request with the whole body (or no Content-Range)."""
+
+
 @dataclasses.dataclass
 class Answer:
     status: int
@@ -52,6 +57,7 @@ class Upstream:
         self.timeout = timeout
         self.user_agent = user_agent or "modelpeer"
         self._session: aiohttp.ClientSession | None = None
+        self._ignore_range: set[URL] = set()  # origins that answered a Range with a 200
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -121,30 +127,75 @@ class Upstream:
             url = target
         raise UpstreamError(f"too many redirects from {url}")
 
+    def serves_ranges(self, url: URL) -> bool:
+        """False once url's origin answered a Range request with the whole body."""
+        return url.origin() not in self._ignore_range
+
     async def read_range(self, url: URL, start: int, end: int, *,
                          token: str | None = None) -> AsyncIterator[bytes]:
         """GET bytes [start, end) of url, following redirects (token only to Hub origins).
-        Fails unless the server answers exactly that range."""
+        Fails unless the server answers exactly that range; RangeIgnored (and the origin is
+        remembered) when it ignores Range."""
+        async with self._get(url, token, f"bytes={start}-{end - 1}") as resp:
+            try:
+                _check_range_answer(resp, start, end)
+            except RangeIgnored:
+                self._ignore_range.add(resp.url.origin())
+                raise
+            async for data in _body(resp, end - start):
+                yield data
+
+    async def read_from(self, url: URL, start: int, size: int, *,
+                        token: str | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, size) of url over one connection, from an origin that may ignore
+        Range: from `start` when it honours the Range, else the whole body without its first
+        `start` bytes."""
+        async with self._get(url, token, f"bytes={start}-" if start else None) as resp:
+            if resp.status >= 500:
+                raise UpstreamUnavailable(f"{resp.url.host}: HTTP {resp.status}")
+            ranged = resp.status == 206 and _ranges_from(resp, start, size)
+            if not ranged and resp.status != 200:
+                raise UpstreamError(f"{resp.url.host}: HTTP {resp.status}")
+            skip = 0 if ranged else start
+            async for data in _body(resp, size - start + skip):
+                if skip >= len(data):
+                    skip -= len(data)
+                    continue
+                yield data[skip:]
+                skip = 0
+
+    @contextlib.asynccontextmanager
+    async def _get(self, url: URL, token: str | None,
+                   range_header: str | None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The answer to GET url (with that Range, if any), after redirects."""
+        asked = {"Accept-Encoding": "identity"}
+        if range_header is not None:
+            asked["Range"] = range_header
         for _ in range(MAX_REDIRECTS + 1):
-            headers = self._headers(url, token, {"Range": f"bytes={start}-{end - 1}",
-                                                 "Accept-Encoding": "identity"})
+            headers = self._headers(url, token, asked)
             async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
                 if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
                     url = url.join(URL(resp.headers["Location"], encoded=True))
                     continue
-                _check_range_answer(resp, start, end)
-                got = 0
-                async for data in resp.content.iter_chunked(READ_SIZE):
-                    got += len(data)
-                    if got > end - start:
-                        raise UpstreamError(f"{url.host}: sent more than the {end - start} "
-                                            "bytes asked for")
-                    yield data
-                if got != end - start:
-                    raise UpstreamError(f"{url.host}: connection ended after {got} of "
-                                        f"{end - start} bytes")
+                yield resp
                 return
         raise UpstreamError(f"too many redirects for {url.host}")
+
+
+async def _body(resp: aiohttp.ClientResponse, expected: int) -> AsyncIterator[bytes]:
+    """The response body, which must be exactly `expected` bytes long."""
+    got = 0
+    async for data in resp.content.iter_chunked(READ_SIZE):
+        got += len(data)
+        if got > expected:
+            raise UpstreamError(f"{resp.url.host}: sent more than the {expected} bytes asked for")
+        yield data
+    if got != expected:
+        raise UpstreamError(f"{resp.url.host}: connection ended after {got} of {expected} bytes")
+
+
+def _ranges_from(resp: aiohttp.ClientResponse, start: int, end: int) -> bool:
+    return resp.headers.get("Content-Range", "").startswith(f"bytes {start}-{end - 1}/")
 
 
 def _check_range_answer(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
@@ -152,12 +203,15 @@ def _check_range_answer(resp: aiohttp.ClientResponse, start: int, end: int) -> N
         raise UpstreamUnavailable(f"{resp.url.host}: HTTP {resp.status}")
     if resp.status == 200 and start == 0 and resp.content_length == end:
         return
+    if resp.status == 200 or (resp.status == 206 and "Content-Range" not in resp.headers):
+        raise RangeIgnored(f"{resp.url.host} ignores Range requests (HTTP {resp.status} to "
+                           f"bytes={start}-{end - 1})")
     if resp.status != 206:
         raise UpstreamError(f"{resp.url.host}: HTTP {resp.status} to a Range request")
-    expected = f"bytes {start}-{end - 1}/"
-    if not resp.headers.get("Content-Range", "").startswith(expected):
+    if not _ranges_from(resp, start, end):
         raise UpstreamError(f"{resp.url.host}: Content-Range "
-                            f"{resp.headers.get('Content-Range')!r}, wanted {expected}…")
+                            f"{resp.headers.get('Content-Range')!r}, wanted "
+                            f"bytes {start}-{end - 1}/…")
 
 
 async def backoff(attempt: int, base: float = 0.25, cap: float = 8.0) -> None:

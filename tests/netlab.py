@@ -232,7 +232,7 @@ class Lab:
 
 
 def write_key(path: Path) -> Path:
-    from modelpeer.daemon.cluster import new_key_file
+    from modelpeer.daemon.keyfile import new_key_file
 
     new_key_file(path)
     return path

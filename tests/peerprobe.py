@@ -16,8 +16,8 @@ from modelpeer.daemon.cluster import (
     ClusterKey,
     Credentials,
     NodeIdentity,
-    read_key_file,
 )
+from modelpeer.daemon.keyfile import read_key_file
 
 
 def status_of(url: str, headers: dict[str, str], method: str) -> int:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from modelpeer.daemon.cluster import ClusterKey, read_key_file
 from modelpeer.daemon.config import OPTIONS, ConfigError, read_config_file
+from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import ROOT, Modelpeerd, free_port, get_json
 from tests.netlab import write_key
@@ -378,6 +378,6 @@ def test_the_key_systemd_hands_over_turns_peers_on(hub: FakeHub, nobody_cache: P
     try:
         peers = d.status()["peers"]
         assert peers["enabled"] is True, peers
-        assert peers["cluster_id"] == ClusterKey(read_key_file(key)).cluster_id
+        assert peers["cluster_id"] == cluster_id_of(read_key_file(key))
     finally:
         d.stop()

@@ -138,6 +138,6 @@ async def test_eviction_is_least_recently_used(tmp_path: Path) -> None:
         blobs.append(blob_of(d))
         await write(store, blobs[-1], d)
     store.db.execute("UPDATE blobs SET last_access=? WHERE digest=?", (1, blobs[1].digest))
-    removed = store.evict(int(2.5 * MiB), keep=set())
+    removed = store.evict(int(2.5 * MiB))
     assert removed == [blobs[1].digest]
     assert store.usage().complete_blobs == 2

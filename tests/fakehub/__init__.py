@@ -131,13 +131,14 @@ class FakeHub:
         return http_json(method, self.url + path, body, self.prefix_cmd)
 
     def stats(self) -> dict[str, Any]:
-        """cdn_bytes, cdn_requests, cdn_requests_with_auth, hub_requests, xet_requests,
-        requests (the last 200 "METHOD raw-path")."""
+        """cdn_bytes, cdn_requests, cdn_requests_with_auth, cdn_range_requests, hub_requests,
+        xet_requests, requests (the last 200 "METHOD raw-path")."""
         return self._call("GET", "/_fake/stats")
 
     def faults(self, **faults: Any) -> dict[str, Any]:
         """Set some faults (hub_status, hub_down, cdn_status, cdn_drop_after, cdn_drop_count,
-        cdn_rate, cdn_first_byte_delay, cdn_corrupt, cdn_short); returns all of them."""
+        cdn_rate, cdn_first_byte_delay, cdn_corrupt, cdn_corrupt_at, cdn_short,
+        cdn_ignore_range); returns all of them."""
         return self._call("POST", "/_fake/faults", faults)
 
     def reset(self) -> None:

@@ -58,12 +58,15 @@ class Faults:
     cdn_rate: int = 0
     cdn_first_byte_delay: float = 0.0
     cdn_corrupt: bool = False
+    cdn_corrupt_at: int = -1  # flip the byte at this blob offset in every answer holding it
     cdn_short: bool = False
+    cdn_ignore_range: bool = False  # answer a Range request with 200 and the whole body
 
     @property
     def cdn_streaming(self) -> bool:
         return bool(self.cdn_drop_after or self.cdn_rate or self.cdn_corrupt or self.cdn_short
-                    or self.cdn_first_byte_delay)
+                    or self.cdn_first_byte_delay or self.cdn_corrupt_at >= 0
+                    or self.cdn_ignore_range)
 
 
 class HubError(Exception):
@@ -86,7 +89,8 @@ class FakeHub:
     def reset(self) -> None:
         self.faults = Faults()
         self.stats = {"cdn_bytes": 0, "cdn_requests": 0, "cdn_requests_with_auth": 0,
-                      "hub_requests": 0, "xet_requests": 0, "requests": []}
+                      "cdn_range_requests": 0, "hub_requests": 0, "xet_requests": 0,
+                      "requests": []}
 
     def prepare(self) -> None:
         """Write every LFS blob into the data dir so the CDN can serve it from disk."""
@@ -378,6 +382,8 @@ class FakeHub:
         self.stats["cdn_requests"] += 1
         if "Authorization" in request.headers:
             self.stats["cdn_requests_with_auth"] += 1
+        if "Range" in request.headers:
+            self.stats["cdn_range_requests"] += 1
         sha = request.match_info["sha256"]
         expires, sig = request.query.get("Expires", "0"), request.query.get("Signature", "")
         want = hmac.new(SECRET, f"{sha}:{expires}".encode(), hashlib.sha256).hexdigest()
@@ -390,7 +396,8 @@ class FakeHub:
             return web.Response(status=404, text="NoSuchKey")
         size = path.stat().st_size
         try:
-            span = parse_range(request.headers.get("Range"), size)
+            span = parse_range(None if self.faults.cdn_ignore_range
+                               else request.headers.get("Range"), size)
         except ValueError:
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
         a, b = span or (0, size)
@@ -422,7 +429,9 @@ class FakeHub:
         if drop and f.cdn_drop_count > 0:
             f.cdn_drop_count -= 1
         end = b - 1 if f.cdn_short else b
-        middle = (a + b) // 2
+        flips = [(a + b) // 2] if f.cdn_corrupt else []
+        if f.cdn_corrupt_at >= 0:
+            flips.append(f.cdn_corrupt_at)
         sent = 0
         started = time.monotonic()
         with open(path, "rb") as fh:
@@ -431,8 +440,9 @@ class FakeHub:
             while pos < end:
                 n = min(PIECE, end - pos, (drop - sent) if drop else PIECE)
                 data = bytearray(fh.read(n))
-                if f.cdn_corrupt and pos <= middle < pos + n:
-                    data[middle - pos] ^= 0xFF
+                for at in flips:
+                    if pos <= at < pos + n:
+                        data[at - pos] ^= 0xFF
                 await resp.write(bytes(data))
                 pos += n
                 sent += n

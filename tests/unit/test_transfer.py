@@ -1,0 +1,83 @@
+"""Transfer and Fetcher in one process, over a real Store in a tmp dir: no daemon, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelpeer.daemon.fetch import Fetcher, Origin, Transfer, TransferFailed
+from modelpeer.daemon.index import open_index
+from modelpeer.daemon.store import BlobId, Store
+from modelpeer.daemon.upstream import Answer, Upstream
+
+MiB = 1024 * 1024
+DATA = bytes(range(10))
+BLOB = BlobId(hashlib.sha256(DATA).hexdigest(), "sha256", len(DATA))
+WAITS = None
+
+
+@pytest.mark.parametrize(("available", "verified", "pos", "end", "limit"), [
+    (10, True, 0, 10, 10),     # verified: everything on disk
+    (10, True, 10, 10, 10),    # verified and at the end: nothing left, no wait
+    (10, True, 2, 5, 10),      # a Range of a verified blob
+    (5, False, 0, 10, 5),      # to the end, in transfer: the prefix on disk
+    (10, False, 0, 10, 9),     # all on disk, not verified: the last byte is held back
+    (10, False, 9, 10, WAITS),  # ... until the digest checks
+    (10, False, 0, 5, WAITS),  # a shorter Range would complete unverified: it waits
+    (0, False, 0, 10, WAITS),  # nothing on disk yet
+])
+async def test_readable(available: int, verified: bool, pos: int, end: int,
+                        limit: int | None) -> None:
+    transfer = Transfer(BLOB, "t/f", available=available, verified=verified)
+    if limit is None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(transfer.readable(pos, end), 0.05)
+    else:
+        assert await transfer.readable(pos, end) == limit
+
+
+async def test_readable_wakes_on_verification_and_fails_on_error() -> None:
+    transfer = Transfer(BLOB, "t/f", available=10)
+    waiting = asyncio.create_task(transfer.readable(0, 5))
+    await asyncio.sleep(0)
+    transfer.finish()
+    assert await asyncio.wait_for(waiting, 1) == 10
+    failed = Transfer(BLOB, "t/f", available=3)
+    waiting = asyncio.create_task(failed.readable(3, 10))
+    await asyncio.sleep(0)
+    failed.fail(OSError("disk gone"))
+    with pytest.raises(TransferFailed):
+        await asyncio.wait_for(waiting, 1)
+
+
+class BrokenUpstream(Upstream):
+    """An upstream whose client code hits a bug: not an UpstreamError, a KeyError."""
+
+    async def hub(self, *args: Any, **kwargs: Any) -> Answer:
+        raise KeyError("a bug nobody expected")
+
+    def read_range(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
+        raise AssertionError("never reached")
+
+
+async def test_an_unexpected_exception_fails_the_transfer_and_its_readers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=MiB)
+    fetcher = Fetcher(store, BrokenUpstream([]))
+    try:
+        transfer = fetcher.open(BLOB, Origin("/t/f/resolve/main/f", None, "t/f"))
+        with pytest.raises(TransferFailed, match="a bug nobody expected"):
+            await asyncio.wait_for(transfer.readable(0, BLOB.size), 1)
+        await asyncio.sleep(0)
+        assert fetcher.transfers == {}
+        assert not store.is_pinned(BLOB.digest)
+        failures = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+        assert len(failures) == 1 and failures[0].exc_info is not None
+    finally:
+        await fetcher.close()
+        store.db.close()
