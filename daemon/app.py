@@ -68,6 +68,7 @@ class Daemon:
             self.lan.relay.fetcher = self.fetcher
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+            self.lan.sharing.upstream_rate = self.fetcher.upstream_rate
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers, self.lan.api,
                              self.lan.credentials.key if self.lan.credentials else None)

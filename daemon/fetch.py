@@ -45,7 +45,8 @@ MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
 READ_BLOCK = 1024 * 1024
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
-CHECK_EVERY = 1.0  # how often a relay's delivered rate is weighed against the alternatives
+CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
+REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
 PROBE_BYTES = 2 * 1024 * 1024
 PROBED_BLOB = 32 * PROBE_BYTES  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
@@ -264,7 +265,7 @@ class Fetcher:
         if t is None:
             return None
         source = TransferSource.PEER if t.probing else TransferSource(t.source)
-        return PeerTransfer(source, t.available, t.meter.rate, self.upstream_rate())
+        return PeerTransfer(source, t.available, t.meter.settled_rate)
 
     def upstream_rate(self) -> float:
         """What the upstream gave this node lately (0: not known): a transfer from it now, or
@@ -356,10 +357,11 @@ class Fetcher:
                     await self._write(transfer, writer, memoryview(data)[writer.offset:])
                 break
             decision = plan.decide(held.transfers, writer.offset)
-            if isinstance(decision, Relay):
-                if not await self._relay_decided(transfer, writer, sharing, plan, held,
-                                                 decision.node, origin):
-                    break
+            overtake = isinstance(decision, Relay) and plan.overtakes(
+                held.transfers, decision.node, held.upstream_rates, self.upstream_rate())
+            if isinstance(decision, Relay) and not overtake:
+                await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
+                                          origin)
             elif self._held_run(blob, writer.offset, held.chunks):
                 # complete chunks somewhere beat the upstream: BitTorrent from their holders
                 if not await self._chunks_held(transfer, writer, sharing, held):
@@ -370,28 +372,28 @@ class Fetcher:
                     break
                 await asyncio.sleep(settle)  # a node that started with this one may be first
             else:
+                if overtake and isinstance(decision, Relay):
+                    log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
+                             "gives more; fetching the rest from there", transfer.label,
+                             decision.node,
+                             (plan.delivered(decision.node, held.transfers) or 0) / 1e6)
                 break
         transfer.feeder = ""
         transfer.mark_source(writer.offset, "upstream")
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
-                             plan: Plan, held: Holders, node: str, origin: Origin) -> bool:
-        """Relay from the node the plan chose; False when this node should now fetch the rest
-        from the upstream itself (it overtakes a slow upstream fetcher)."""
+                             plan: Plan, held: Holders, node: str, origin: Origin) -> None:
+        """Relay from the node the plan chose for a while, or first measure the upstream
+        when only that node knows what it gives."""
         peer = sharing.peers.peers.get(node)
         if peer is None or self.relay is None:
             plan.drop(node)
-            return True
-        outcome = await self._relay_from(transfer, writer, self.relay, plan, held.transfers,
-                                         peer)
-        if outcome == "overtake":
-            log.info("%s: node %s fetches it from the upstream slower than the upstream gives; "
-                     "fetching the rest from there", transfer.label, peer.node_id)
-            return False
-        if outcome == "probe" and not plan.probed and transfer.blob.size >= PROBED_BLOB:
+        elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self.upstream_rate())
+                and not plan.probed and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
             await self._probe_upstream(transfer, writer, origin)
-        return True
+        else:
+            await self._relay_from(transfer, writer, self.relay, plan, held.transfers, peer)
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
                            held: Holders) -> bool:
@@ -403,21 +405,20 @@ class Fetcher:
                                                         held.chunks, co)
 
     async def _relay_from(self, transfer: Transfer, writer: BlobWriter, relay: RelayApi,
-                          plan: Plan, transfers: dict[str, PeerTransfer], peer: Peer) -> str:
-        """The rest of the current chunk from `peer`'s copy of the blob, as it lands there.
-        Stops early when the peer is silent for the stall window (it is dropped), when the
-        plan would now pick another source, or when this node should overtake a slow
-        upstream fetcher ("overtake") or first measure the upstream ("probe")."""
+                          plan: Plan, transfers: dict[str, PeerTransfer], peer: Peer) -> None:
+        """Bytes of the blob from `peer`'s copy as they land there, for REPLAN_EVERY seconds
+        at most (then the plan is made again with fresh news), to the end of the current
+        chunk, or until the peer is silent for the stall window."""
         before = writer.offset
         end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
         transfer.peers_used.add(peer.node_id)
         transfer.feeder = peer.node_id
-        meter, checked, outcome = RateMeter(), time.monotonic(), ""
+        meter = RateMeter()
         batch = bytearray()  # socket reads are small: fewer, larger writes cost less CPU
         stream = relay.stream(peer, transfer.blob, before, end)
         try:
             async with contextlib.aclosing(stream):
-                while True:
+                while meter.age < REPLAN_EVERY:
                     try:
                         data = await asyncio.wait_for(anext(stream), STALL_WINDOW)
                     except StopAsyncIteration:
@@ -427,12 +428,6 @@ class Fetcher:
                     if len(batch) >= COMMIT_BATCH:
                         await self._write(transfer, writer, memoryview(batch))
                         batch = bytearray()
-                    if time.monotonic() - checked >= CHECK_EVERY:
-                        checked = time.monotonic()
-                        outcome = self._weigh_relay(plan, transfers, peer, meter,
-                                                    writer.offset + len(batch))
-                        if outcome:
-                            break
         except TimeoutError:
             dropped = plan.stalled(peer.node_id, transfers, writer.offset + len(batch))
             log.warning("relaying %s from peer %s: no byte for %.0fs at byte %d; %s",
@@ -442,20 +437,9 @@ class Fetcher:
             plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
                      peer.node_id, writer.offset + len(batch), e)
+        if meter.age >= CHECK_EVERY:
+            plan.measured[peer.node_id] = meter.rate
         await self._write(transfer, writer, memoryview(batch))
-        return outcome
-
-    def _weigh_relay(self, plan: Plan, transfers: dict[str, PeerTransfer], peer: Peer,
-                     meter: RateMeter, offset: int) -> str:
-        """'overtake', 'probe', 'switch' (the plan now prefers another source) or ''."""
-        plan.measured[peer.node_id] = meter.rate
-        own = self.upstream_rate()
-        if plan.overtakes(transfers, peer.node_id, meter.rate, own):
-            return "overtake"
-        if plan.needs_probe(transfers, peer.node_id, own):
-            return "probe"
-        choice = plan.decide(transfers, offset)
-        return "switch" if isinstance(choice, Relay) and choice.node != peer.node_id else ""
 
     async def _probe_upstream(self, transfer: Transfer, writer: BlobWriter,
                               origin: Origin) -> None:

@@ -124,7 +124,6 @@ class PeerTransfer:
     source: TransferSource  # where it gets the bytes now
     available: int  # bytes of the blob's prefix it can serve
     rate: float  # bytes/s its prefix grows by
-    upstream_rate: float  # what the upstream gave that node lately (0: not known)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +131,7 @@ class ChunkMap:
     chunks: list[HeldChunk]
     small: bool  # the whole blob, small enough to travel over the peer API
     transfer: PeerTransfer | None  # None: the peer does not transfer the blob
+    upstream_rate: float  # what the upstream gave that node lately, bytes/s (0: not known)
 
 
 def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
@@ -150,15 +150,15 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
         if info_hash and not _HEX40.fullmatch(info_hash):
             raise BadMessage(f"field 'info_hash': {info_hash!r:.60} is not an info-hash")
         chunks.append(HeldChunk(index, info_hash))
-    return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d))
+    return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
+                    float(_count(d, "upstream_rate", 0)))
 
 
 def _peer_transfer(d: dict[str, Any]) -> PeerTransfer | None:
     source = _choice(d, "transfer", TransferSource, "")
     if source is TransferSource.NONE:
         return None
-    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)),
-                        float(_count(d, "upstream_rate", 0)))
+    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)))
 
 
 # --- warm jobs ----------------------------------------------------------------------------

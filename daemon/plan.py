@@ -30,8 +30,9 @@ from .peermsg import PeerTransfer, TransferSource
 SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not used
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
-OVERTAKE_FACTOR = 2.0  # the upstream must be this much faster than a fetcher to overtake it
+OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 RATE_WINDOW = 2.0
+RATE_SAMPLE_BYTES = 16 * 1024 * 1024  # a transfer younger than this says little by its rate
 
 
 class RateMeter:
@@ -59,6 +60,11 @@ class RateMeter:
     @property
     def age(self) -> float:
         return self._clock() - self._started
+
+    @property
+    def settled_rate(self) -> float:
+        """The rate once a whole window was seen (0 before: a ramp-up says little)."""
+        return self.rate if self.age >= RATE_WINDOW else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,30 +136,38 @@ class Plan:
         return next((n for n in reversed(ahead) if n in fast),
                     max(fast, key=lambda n: feeders[n]))
 
-    def _first_follower(self, transfers: Mapping[str, PeerTransfer]) -> str:
-        return next(n for n in self.chain(transfers)
-                    if n == self.node_id or transfers[n].source != TransferSource.UPSTREAM)
-
-    def _relays_from_fetcher(self, transfers: Mapping[str, PeerTransfer], source: str) -> bool:
+    @staticmethod
+    def _is_fetcher(transfers: Mapping[str, PeerTransfer], source: str) -> bool:
         fetcher = transfers.get(source)
-        return (fetcher is not None and fetcher.source == TransferSource.UPSTREAM
-                and self._first_follower(transfers) == self.node_id)
+        return fetcher is not None and fetcher.source == TransferSource.UPSTREAM
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
-                  delivered: float, own_upstream_rate: float) -> bool:
-        """Whether this node should leave a slow upstream fetcher and fetch the rest from the
-        upstream itself: it is the next in order after the fetchers, and the upstream gave
-        some other node (or this one) OVERTAKE_FACTOR times what this fetcher delivers."""
-        if not self._relays_from_fetcher(transfers, source):
+                  upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Whether this node, relaying straight from an upstream fetcher (in a chain, only the
+        next node in order does), should leave it and fetch the rest from the upstream itself:
+        the upstream gave some other node (or this one) OVERTAKE_FACTOR times what the
+        fetcher delivers. Once one node did, the others prefer it: it is faster."""
+        delivered = self.delivered(source, transfers)
+        if delivered is None or not self._is_fetcher(transfers, source):
             return False
-        known = max([own_upstream_rate, *(t.upstream_rate for n, t in transfers.items()
-                                          if n != source)])
+        known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
         return known >= OVERTAKE_FACTOR * max(delivered, 1.0)
 
     def needs_probe(self, transfers: Mapping[str, PeerTransfer], source: str,
-                    own_upstream_rate: float) -> bool:
-        """Nobody but the fetcher knows what the upstream gives: the next node in order
-        measures it once, with a few MiB of the bytes it needs anyway."""
-        others_know = any(t.upstream_rate for n, t in transfers.items() if n != source)
-        return (self._relays_from_fetcher(transfers, source) and own_upstream_rate == 0
-                and not others_know)
+                    upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Nobody but the fetcher knows what the upstream gives: the node relaying straight from
+        it measures it once, with a few MiB of the bytes it needs anyway."""
+        others_know = any(r for n, r in upstream_rates.items() if n != source)
+        return (self.delivered(source, transfers) is not None
+                and self._is_fetcher(transfers, source)
+                and own_upstream_rate == 0 and not others_know)
+
+    def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
+        """What a source gives: measured here, else what it says once it has been at it long
+        enough for its rate to mean something."""
+        if source in self.measured:
+            return self.measured[source]
+        t = transfers.get(source)
+        if t is None or t.rate <= 0 or t.available < RATE_SAMPLE_BYTES:
+            return None
+        return t.rate

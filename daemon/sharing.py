@@ -41,6 +41,7 @@ class Holders:
     chunks: dict[int, list[tuple[Peer, str]]] = dataclasses.field(default_factory=dict)
     small: list[Peer] = dataclasses.field(default_factory=list)  # hold the whole small blob
     transfers: dict[str, PeerTransfer] = dataclasses.field(default_factory=dict)  # by node id
+    upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
 
 
 class Sharing:
@@ -58,6 +59,7 @@ class Sharing:
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self.transfer_state: Callable[[str], PeerTransfer | None] = lambda digest: None
+        self.upstream_rate: Callable[[], float] = lambda: 0.0
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
         api.route("GET", "/status", self._status, any_receiver=True)
@@ -136,10 +138,9 @@ class Sharing:
         small = self.store.is_complete(digest) and not chunks
         state = self.transfer_state(digest)
         transfer = {} if state is None else {
-            "transfer": state.source, "available": state.available, "rate": round(state.rate),
-            "upstream_rate": round(state.upstream_rate)}
+            "transfer": state.source, "available": state.available, "rate": round(state.rate)}
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  **transfer})
+                                  "upstream_rate": round(self.upstream_rate()), **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
@@ -177,6 +178,8 @@ class Sharing:
                 out.chunks.setdefault(c.index, []).append((peer, c.info_hash))
             if m.transfer is not None:
                 out.transfers[peer.node_id] = m.transfer
+            if m.upstream_rate:
+                out.upstream_rates[peer.node_id] = m.upstream_rate
         return out
 
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:

@@ -38,6 +38,7 @@ def test_good_messages_parse() -> None:
     assert m.chunks[0].index == 1 and m.transfer is not None
     assert (m.transfer.source, m.transfer.available, m.transfer.rate) == (
         TransferSource.UPSTREAM, 5, 7)
+    assert m.upstream_rate == 9
     assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE

@@ -23,9 +23,8 @@ class Clock:
         return self.now
 
 
-def t(source: TransferSource = PEER, available: int = 0, rate: float = 0,
-      upstream_rate: float = 0) -> PeerTransfer:
-    return PeerTransfer(source, available, rate, upstream_rate)
+def t(source: TransferSource = PEER, available: int = 0, rate: float = 0) -> PeerTransfer:
+    return PeerTransfer(source, available, rate)
 
 
 def nodes_in_rank_order(digest: str = "d" * 64, n: int = 5) -> list[str]:
@@ -97,21 +96,31 @@ def test_a_dropped_source_stays_out_for_a_while() -> None:
 def test_the_next_node_overtakes_a_slow_upstream_fetcher_only_when_the_upstream_is_faster(
         ) -> None:
     fetcher, first, second = nodes_in_rank_order(n=3)
-    view = {fetcher: t(UP, 10 * MB, 6 * MB, 6 * MB), second: t(PEER, 0)}
+    view = {fetcher: t(UP, 10 * MB, 6 * MB), second: t(PEER, 0)}
+    slow_fetcher_only = {fetcher: 6 * MB}
     plan = Plan(first, "d" * 64)
-    assert plan.needs_probe(view, fetcher, own_upstream_rate=0)
-    assert not plan.overtakes(view, fetcher, delivered=6 * MB, own_upstream_rate=0)
-    assert plan.overtakes(view, fetcher, delivered=6 * MB, own_upstream_rate=40 * MB)
-    assert not plan.overtakes(view, fetcher, delivered=30 * MB, own_upstream_rate=40 * MB)
-    # only the first node after the fetchers probes or overtakes
+    assert not plan.needs_probe(view, fetcher, slow_fetcher_only, 0)  # nothing measured yet
+    grown = {**view, fetcher: t(UP, 20 * MB, 6 * MB)}  # its own rate means something now
+    assert plan.needs_probe(grown, fetcher, slow_fetcher_only, 0)
+    assert plan.overtakes(grown, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    plan.measured[fetcher] = 6 * MB
+    assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, 0)
+    assert plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=15 * MB)
+    plan.measured[fetcher] = 30 * MB
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    # a node relaying from another follower neither probes nor overtakes
     other = Plan(second, "d" * 64)
-    view2 = {fetcher: view[fetcher], first: t(PEER, 0)}
-    assert not other.needs_probe(view2, fetcher, 0)
-    assert not other.overtakes(view2, fetcher, 6 * MB, 40 * MB)
-    # a rate some other node measured is enough
-    view3 = {**view, second: t(PEER, 0, 0, 45 * MB)}
-    assert not plan.needs_probe(view3, fetcher, 0)
-    assert plan.overtakes(view3, fetcher, 6 * MB, 0)
+    other.measured[first] = 6 * MB
+    view2 = {fetcher: view[fetcher], first: t(PEER, 5 * MB)}
+    assert not other.needs_probe(view2, first, slow_fetcher_only, 0)
+    assert not other.overtakes(view2, first, slow_fetcher_only, 40 * MB)
+    # a rate some other node measured is enough, and no probe is needed then
+    plan.measured[fetcher] = 6 * MB
+    known = {**slow_fetcher_only, second: 45 * MB}
+    assert not plan.needs_probe(view, fetcher, known, 0)
+    assert plan.overtakes(view, fetcher, known, 0)
 
 
 def test_the_rate_meter_counts_the_last_window() -> None:
