@@ -6,9 +6,10 @@ Range requests at once (segments), written to the store strictly in order, so th
 client streams keeps moving while later segments arrive. The last byte is held back until the
 blob's digest has checked, so no client ever completes a wrong file.
 
-With LAN peers, the bytes come from them first: nodes transferring the same blob at once form a
-chain, each relaying the blob from the node just ahead of it as the bytes land there, and only
-the first goes to the upstream; chunks that peers already hold come over BitTorrent.
+With LAN peers, the bytes come from them first: nodes transferring the same blob at once relay
+it to each other as the bytes land, following the transfer plan (plan.py: who feeds whom, by
+measured rate; who goes to the upstream), so the upstream is read once; chunks that peers
+already hold come over BitTorrent.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import logging
 import sqlite3
 import time
@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from .peermsg import PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
+from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
 from .store import BlobId, BlobWriter, DigestMismatch, Store
 from .upstream import RangeIgnored, Upstream, UpstreamError, UpstreamRefused, backoff
 
 if TYPE_CHECKING:
     from .peers import Peer
-    from .relay import Relay
+    from .relay import Relay as RelayApi
     from .sharing import Holders, Sharing
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,12 @@ SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
 READ_BLOCK = 1024 * 1024
-RELAY_ATTEMPTS = 3  # relays from one node that may break without progress before it is skipped
+SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
+CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
+REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
+PROBE_BYTES = 2 * 1024 * 1024
+PROBED_BLOB = 32 * PROBE_BYTES  # smaller blobs are not worth reading twice in part
+UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
 
@@ -81,6 +88,9 @@ class Transfer:
         self.upstream_origin: Origin | None = None  # whose request the upstream bytes were for
         self.bytes_peers = 0
         self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
+        self.feeder = ""  # the node relaying the blob to this one now, if any
+        self.probing = False  # reading a few MiB from the upstream to measure it
+        self.meter = RateMeter()
         self._sources: list[tuple[int, str]] = [(0, "store")]
         self.readers = 0
         self._event = asyncio.Event()
@@ -119,6 +129,7 @@ class Transfer:
         return next((s for start, s in reversed(self._sources) if offset >= start), "store")
 
     def advance(self, available: int) -> None:
+        self.meter.add(available - self.available)
         self.available = available
         self._wake()
 
@@ -155,33 +166,9 @@ class Transfer:
         return {"digest": self.blob.digest, "file": self.label, "size": self.blob.size,
                 "available": self.available, "verified": self.verified,
                 "bytes_upstream": self.bytes_upstream, "bytes_peers": self.bytes_peers,
-                "source": self.source, "readers": self.readers,
-                "rate": round((self.available - self.start_offset) / elapsed)}
-
-
-class _Chain:
-    """Which node to relay a blob from. The nodes transferring it at once form a chain: those
-    fetching from the upstream first, then the others in rendezvous order for the blob. Each
-    relays from the node just ahead of it, and the first goes to the upstream: every node
-    receives and sends the blob about once, whatever the number of nodes."""
-
-    def __init__(self, node_id: str, digest: str) -> None:
-        self.node_id = node_id
-        self.digest = digest
-        self.failures: dict[str, int] = {}
-
-    def _rank(self, node: str) -> str:
-        return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
-
-    def ahead(self, held: Holders) -> str | None:
-        nodes = [n for n in held.transfers if self.failures.get(n, 0) < RELAY_ATTEMPTS]
-        chain = sorted([*nodes, self.node_id],
-                       key=lambda n: (held.transfers.get(n) != "upstream", self._rank(n)))
-        i = chain.index(self.node_id)
-        return chain[i - 1] if i else None
-
-    def broke(self, node: str) -> None:
-        self.failures[node] = self.failures.get(node, 0) + 1
+                "source": self.source, "feeder": self.feeder, "readers": self.readers,
+                "rate": round((self.available - self.start_offset) / elapsed),
+                "rate_now": round(self.meter.rate)}
 
 
 @dataclasses.dataclass
@@ -203,7 +190,8 @@ class Fetcher:
         self.offline = offline
         self.max_cache_size = max_cache_size
         self.sharing: Sharing | None = None
-        self.relay: Relay | None = None
+        self.relay: RelayApi | None = None
+        self._upstream_rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
@@ -271,10 +259,26 @@ class Fetcher:
                     yield self.store.read(transfer.blob, pos, n)
                     pos += n
 
-    def transfer_state(self, digest: str) -> str:
-        """Where this node's transfer of a blob gets its bytes now ("" when none runs)."""
+    def transfer_state(self, digest: str) -> PeerTransfer | None:
+        """This node's transfer of a blob as its peers see it (None when none runs)."""
         t = self.transfers.get(digest)
-        return t.source if t is not None else ""
+        if t is None:
+            return None
+        source = TransferSource.PEER if t.probing else TransferSource(t.source)
+        return PeerTransfer(source, t.available, t.meter.settled_rate)
+
+    def upstream_rate(self) -> float:
+        """What the upstream gave this node lately (0: not known): a transfer from it now, or
+        the last one."""
+        live = [t.meter.rate for t in self.transfers.values()
+                if t.source == TransferSource.UPSTREAM and t.meter.age >= CHECK_EVERY]
+        rate, when = self._upstream_rate
+        kept = rate if time.monotonic() - when < UPSTREAM_RATE_KEPT else 0.0
+        return max([kept, *live])
+
+    def _note_upstream_rate(self, nbytes: int, seconds: float) -> None:
+        if nbytes and seconds > 0:
+            self._upstream_rate = (nbytes / seconds, time.monotonic())
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -310,13 +314,15 @@ class Fetcher:
             transfer.start_offset = writer.offset
             transfer.advance(writer.offset)
             if writer.offset < blob.size and self.sharing is not None:
-                await self._from_peers(transfer, writer, self.sharing)
+                await self._from_peers(transfer, writer, self.sharing, origin)
             if writer.offset < blob.size:
                 if self.offline:
                     raise UpstreamError("offline mode: the blob is not fully cached")
                 log.info("fetching %s (%s) from upstream at byte %d of %d",
                          origin.label, blob.digest[:12], writer.offset, blob.size)
+                started, before = time.monotonic(), writer.offset
                 await self._from_upstream(transfer, writer, origin)
+                self._note_upstream_rate(writer.offset - before, time.monotonic() - started)
             await writer.verify()
             transfer.finish()  # the last byte goes out now; durability follows
             await writer.finish()
@@ -335,14 +341,14 @@ class Fetcher:
                   exc_info=None if expected else error)
         transfer.fail(error)
 
-    async def _from_peers(self, transfer: Transfer, writer: BlobWriter,
-                          sharing: Sharing) -> None:
+    async def _from_peers(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
+                          origin: Origin) -> None:
         """As much of the blob, in order from the writer's offset, as LAN peers have or are
-        getting: relayed from the node ahead in the chain while others transfer it, over
+        getting: relayed from other nodes transferring it (plan.py says which), over
         BitTorrent where peers hold its chunks. Returns when the upstream should take over."""
         blob = transfer.blob
         transfer.mark_source(writer.offset, "peer")
-        chain = _Chain(sharing.peers.node_id, blob.digest)
+        plan = Plan(sharing.peers.node_id, blob.digest)
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if held.small:
@@ -350,41 +356,115 @@ class Fetcher:
                 if data is not None:
                     await self._write(transfer, writer, memoryview(data)[writer.offset:])
                 break
-            ahead = chain.ahead(held)
-            peer = sharing.peers.peers.get(ahead) if ahead is not None else None
-            if peer is not None and self.relay is not None:
-                if not await self._relay_chunk(transfer, writer, self.relay, peer):
-                    chain.broke(peer.node_id)
-                continue
-            run = self._held_run(blob, writer.offset, held.chunks)
-            if not run:
+            decision = plan.decide(held.transfers, writer.offset)
+            overtake = isinstance(decision, Relay) and plan.overtakes(
+                held.transfers, decision.node, held.upstream_rates, self.upstream_rate())
+            if isinstance(decision, Relay) and not overtake:
+                await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
+                                          origin)
+            elif self._held_run(blob, writer.offset, held.chunks):
+                # complete chunks somewhere beat the upstream: BitTorrent from their holders
+                if not await self._chunks_held(transfer, writer, sharing, held):
+                    break
+            elif isinstance(decision, GoUpstream):
+                settle = SETTLE - (time.monotonic() - transfer.started)
+                if settle <= 0:
+                    break
+                await asyncio.sleep(settle)  # a node that started with this one may be first
+            else:
+                if overtake and isinstance(decision, Relay):
+                    log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
+                             "gives more; fetching the rest from there", transfer.label,
+                             decision.node,
+                             (plan.delivered(decision.node, held.transfers) or 0) / 1e6)
                 break
-            co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
-            if not await self._stream_chunks(transfer, writer, sharing, run, held.chunks, co):
-                break
+        transfer.feeder = ""
         transfer.mark_source(writer.offset, "upstream")
 
-    async def _relay_chunk(self, transfer: Transfer, writer: BlobWriter, relay: Relay,
-                           peer: Peer) -> bool:
-        """The rest of the current chunk from `peer`'s copy of the blob, as it lands there
-        (the chain is looked at again at each chunk). False when it broke without progress."""
+    async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
+                             plan: Plan, held: Holders, node: str, origin: Origin) -> None:
+        """Relay from the node the plan chose for a while, or first measure the upstream
+        when only that node knows what it gives."""
+        peer = sharing.peers.peers.get(node)
+        if peer is None or self.relay is None:
+            plan.drop(node)
+        elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self.upstream_rate())
+                and not plan.probed and transfer.blob.size >= PROBED_BLOB):
+            plan.probed = True
+            await self._probe_upstream(transfer, writer, origin)
+        else:
+            await self._relay_from(transfer, writer, self.relay, plan, held.transfers, peer)
+
+    async def _chunks_held(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
+                           held: Holders) -> bool:
+        """The complete chunks peers hold from the writer's offset on, over BitTorrent; False
+        when there are none or the transfer broke."""
+        run = self._held_run(transfer.blob, writer.offset, held.chunks)
+        co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
+        return bool(run) and await self._stream_chunks(transfer, writer, sharing, run,
+                                                        held.chunks, co)
+
+    async def _relay_from(self, transfer: Transfer, writer: BlobWriter, relay: RelayApi,
+                          plan: Plan, transfers: dict[str, PeerTransfer], peer: Peer) -> None:
+        """Bytes of the blob from `peer`'s copy as they land there, for REPLAN_EVERY seconds
+        at most (then the plan is made again with fresh news), to the end of the current
+        chunk, or until the peer is silent for the stall window."""
         before = writer.offset
         end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
         transfer.peers_used.add(peer.node_id)
+        transfer.feeder = peer.node_id
+        meter = RateMeter()
         batch = bytearray()  # socket reads are small: fewer, larger writes cost less CPU
         stream = relay.stream(peer, transfer.blob, before, end)
         try:
             async with contextlib.aclosing(stream):
-                async for data in stream:
+                while meter.age < REPLAN_EVERY:
+                    try:
+                        data = await asyncio.wait_for(anext(stream), STALL_WINDOW)
+                    except StopAsyncIteration:
+                        break
                     batch += data
+                    meter.add(len(data))
                     if len(batch) >= COMMIT_BATCH:
                         await self._write(transfer, writer, memoryview(batch))
                         batch = bytearray()
+        except TimeoutError:
+            dropped = plan.stalled(peer.node_id, transfers, writer.offset + len(batch))
+            log.warning("relaying %s from peer %s: no byte for %.0fs at byte %d; %s",
+                        transfer.label, peer.node_id, STALL_WINDOW, writer.offset + len(batch),
+                        "trying another source" if dropped else "looking again")
         except PeerError as e:
+            plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
                      peer.node_id, writer.offset + len(batch), e)
+        if meter.age >= CHECK_EVERY:
+            plan.measured[peer.node_id] = meter.rate
         await self._write(transfer, writer, memoryview(batch))
-        return writer.offset > before
+
+    async def _probe_upstream(self, transfer: Transfer, writer: BlobWriter,
+                              origin: Origin) -> None:
+        """The next PROBE_BYTES from the upstream, to learn what it gives this node."""
+        start, end = writer.offset, min(transfer.blob.size, writer.offset + PROBE_BYTES)
+        transfer.mark_source(start, "upstream")
+        transfer.probing = True  # peers must not take this node for an upstream fetcher
+        try:
+            url = await self._locate(origin)
+            transfer.upstream_origin = origin
+            began = time.monotonic()
+            async for data in self.upstream.read_range(url, start, end, token=origin.token):
+                await writer.write(data)
+                transfer.bytes_upstream += len(data)
+                self.on_upstream_bytes(len(data))
+                transfer.advance(writer.offset)
+        except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
+            log.info("probing the upstream for %s failed: %s", transfer.label, e)
+            return
+        finally:
+            transfer.probing = False
+            transfer.mark_source(writer.offset, "peer")
+        self._note_upstream_rate(writer.offset - start, time.monotonic() - began)
+        log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
+                 self.upstream_rate() / 1e6, writer.offset - start)
 
     def _blame_peers(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again

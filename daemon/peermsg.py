@@ -119,10 +119,19 @@ class HeldChunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class PeerTransfer:
+    """What a peer says about its own transfer of a blob."""
+    source: TransferSource  # where it gets the bytes now
+    available: int  # bytes of the blob's prefix it can serve
+    rate: float  # bytes/s its prefix grows by
+
+
+@dataclasses.dataclass(frozen=True)
 class ChunkMap:
     chunks: list[HeldChunk]
     small: bool  # the whole blob, small enough to travel over the peer API
-    transfer: TransferSource  # where the peer's own transfer of the blob gets bytes now
+    transfer: PeerTransfer | None  # None: the peer does not transfer the blob
+    upstream_rate: float  # what the upstream gave that node lately, bytes/s (0: not known)
 
 
 def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
@@ -141,8 +150,15 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
         if info_hash and not _HEX40.fullmatch(info_hash):
             raise BadMessage(f"field 'info_hash': {info_hash!r:.60} is not an info-hash")
         chunks.append(HeldChunk(index, info_hash))
-    return ChunkMap(chunks, _get(d, "small", bool, False),
-                    _choice(d, "transfer", TransferSource, ""))
+    return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
+                    float(_count(d, "upstream_rate", 0)))
+
+
+def _peer_transfer(d: dict[str, Any]) -> PeerTransfer | None:
+    source = _choice(d, "transfer", TransferSource, "")
+    if source is TransferSource.NONE:
+        return None
+    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)))
 
 
 # --- warm jobs ----------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Peer:
     bytes_from: int = 0
     bytes_to: int = 0
     banned_until: float = 0.0
+    suspect: bool = False  # missed a deadline; left out until it answers a probe again
 
     def public(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -189,8 +190,17 @@ class PeerSet:
 
     def usable(self) -> list[Peer]:
         now = time.time()
-        return [p for p in self.peers.values() if p.alive and now >= p.banned_until
-                and now >= self._banned_addresses.get(p.address, 0.0)]
+        return [p for p in self.peers.values() if p.alive and not p.suspect
+                and now >= p.banned_until and now >= self._banned_addresses.get(p.address, 0.0)]
+
+    def suspect(self, node_id: str, reason: str) -> None:
+        """A member too slow to answer (frozen, overloaded) is left out of transfers until it
+        answers a liveness probe again."""
+        peer = self.peers.get(node_id)
+        if peer is not None and not peer.suspect:
+            peer.suspect = True
+            log.warning("peer %s at %s left out until it answers again: %s", node_id,
+                        peer.address, reason)
 
     def by_address(self, address: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.address == address), None)
@@ -307,7 +317,7 @@ class PeerSet:
 
     def _update(self, peer: Peer, status: NodeStatus) -> None:
         was_alive = peer.alive
-        peer.alive, peer.last_seen = True, time.time()
+        peer.alive, peer.last_seen, peer.suspect = True, time.time(), False
         peer.name, peer.version = status.name, status.version
         peer.bt_port, peer.chunks_held = status.bt_port, status.chunks
         if not was_alive:

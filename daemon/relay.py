@@ -64,6 +64,8 @@ class Relay:
                 await resp.write(data)
                 if peer is not None:
                     peer.bytes_to += len(data)
+        except ConnectionResetError:
+            return resp  # the peer moved to another source
         except TransferFailed as e:
             log.info("relay of %s to peer %s stopped: %s", transfer.label, sender, e)
             if request.transport is not None:

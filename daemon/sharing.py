@@ -14,7 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import hubnames
-from .peermsg import ChunkMap, parse_chunk_map
+from .peermsg import ChunkMap, PeerTransfer, parse_chunk_map
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
 from .swarm import (
@@ -40,7 +40,8 @@ MAX_TORRENT = 1024 * 1024
 class Holders:
     chunks: dict[int, list[tuple[Peer, str]]] = dataclasses.field(default_factory=dict)
     small: list[Peer] = dataclasses.field(default_factory=list)  # hold the whole small blob
-    transfers: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> source
+    transfers: dict[str, PeerTransfer] = dataclasses.field(default_factory=dict)  # by node id
+    upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
 
 
 class Sharing:
@@ -57,7 +58,8 @@ class Sharing:
         self.torrents_dir.mkdir(exist_ok=True)
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
-        self.transfer_state: Callable[[str], str] = lambda digest: ""
+        self.transfer_state: Callable[[str], PeerTransfer | None] = lambda digest: None
+        self.upstream_rate: Callable[[], float] = lambda: 0.0
         self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         swarm.on_bad_peer = self._bad_peer
         peers.on_change = self._peers_changed
@@ -138,8 +140,11 @@ class Sharing:
                   for _, idx, _, _ in self.store.complete_chunks(digest=digest,
                                                                  min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
+        state = self.transfer_state(digest)
+        transfer = {} if state is None else {
+            "transfer": state.source, "available": state.available, "rate": round(state.rate)}
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  "transfer": self.transfer_state(digest)})
+                                  "upstream_rate": round(self.upstream_rate()), **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
@@ -176,8 +181,10 @@ class Sharing:
                 out.small.append(peer)
             for c in m.chunks:
                 out.chunks.setdefault(c.index, []).append((peer, c.info_hash))
-            if m.transfer:
+            if m.transfer is not None:
                 out.transfers[peer.node_id] = m.transfer
+            if m.upstream_rate:
+                out.upstream_rates[peer.node_id] = m.upstream_rate
         return out
 
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
@@ -187,9 +194,12 @@ class Sharing:
                 self.peers.request_json(peer, "GET", f"/chunks/{blob.digest}",
                                         lambda v: parse_chunk_map(v, blob.digest, chunks)),
                 HOLDERS_TIMEOUT)
-        except (PeerError, TimeoutError) as e:
-            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id,
-                     e or "no answer in time")
+        except TimeoutError:
+            self.peers.suspect(peer.node_id, f"no chunk map of {blob.digest[:12]} in "
+                                             f"{HOLDERS_TIMEOUT:.0f}s")
+            return None
+        except PeerError as e:
+            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id, e)
             return None
 
     async def small_blob(self, blob: BlobId, holders: list[Peer]) -> bytes | None:

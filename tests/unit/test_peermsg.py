@@ -33,8 +33,13 @@ def test_good_messages_parse() -> None:
                       "chunks": 3})
     assert (s.node_id, s.bt_port, s.chunks) == (NODE, 6582, 3)
     m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
-                         "small": False, "transfer": "upstream"}, D, 4)
-    assert m.chunks[0].index == 1 and m.transfer is TransferSource.UPSTREAM
+                         "small": False, "transfer": "upstream", "available": 5, "rate": 7,
+                         "upstream_rate": 9}, D, 4)
+    assert m.chunks[0].index == 1 and m.transfer is not None
+    assert (m.transfer.source, m.transfer.available, m.transfer.rate) == (
+        TransferSource.UPSTREAM, 5, 7)
+    assert m.upstream_rate == 9
+    assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
     j = parse_job_status({"state": "done", "error": "", "files": 1, "done_files": 1,
@@ -82,7 +87,8 @@ def test_malformed_status_is_refused(message: Any) -> None:
     {"digest": D, "chunks": [[1]]}, {"digest": D, "chunks": [{"index": 4}]},
     {"digest": D, "chunks": [{"index": 0, "info_hash": "zz"}]},
     {"digest": D, "chunks": [{"index": 0}] * 5}, {"digest": D, "small": "yes"},
-    {"digest": D, "transfer": "moon"},
+    {"digest": D, "transfer": "moon"}, {"digest": D, "transfer": "peer", "available": -1},
+    {"digest": D, "transfer": "peer", "rate": "fast"},
 ])
 def test_malformed_chunk_maps_are_refused(message: Any) -> None:
     with pytest.raises(BadMessage):

@@ -1,0 +1,173 @@
+"""The transfer plan: where a node gets the next bytes of a blob while other nodes of the
+cluster transfer the same blob. Pure decisions over what the peers said in their chunk maps and
+what this node measured; fetch.py carries them out.
+
+- Any node that has bytes beyond this node's offset, fetches from the upstream, or is ahead of
+  it in the blob's order (upstream fetchers first, then rendezvous order) can feed it. Among the
+  feeders whose rate is within SLOW_FRACTION of the best, the node picks the nearest one ahead,
+  so each node feeds about one other (a chain, when nothing goes wrong), and a slow node ends up
+  a leaf that nobody picks.
+- A source that delivers nothing for STALL_WINDOW seconds is left out of this transfer for a
+  while (a frozen node keeps its sockets open; only silence gives it away).
+- When nobody fetches from the upstream yet, the nodes that want the blob agree without talking:
+  the first of them in rendezvous order goes to the upstream, and each of the others relays from
+  the node ahead of it, which waits for its own bytes; if the first does not start within the
+  stall window, it stops answering or is dropped, and the next one goes.
+- An upstream fetcher much slower than what the upstream gives the cluster is overtaken: the
+  next node in order fetches the rest from the upstream itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+
+from .peermsg import PeerTransfer, TransferSource
+
+SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not used
+STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
+DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
+OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
+RATE_WINDOW = 2.0
+RATE_SAMPLE_BYTES = 16 * 1024 * 1024  # a transfer younger than this says little by its rate
+
+
+class RateMeter:
+    """Bytes per second over the last RATE_WINDOW seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._started = clock()
+
+    def add(self, n: int) -> None:
+        now = self._clock()
+        self._samples.append((now, n))
+        while self._samples and self._samples[0][0] < now - RATE_WINDOW:
+            self._samples.popleft()
+
+    @property
+    def rate(self) -> float:
+        now = self._clock()
+        while self._samples and self._samples[0][0] < now - RATE_WINDOW:
+            self._samples.popleft()
+        span = min(RATE_WINDOW, max(now - self._started, 0.25))
+        return sum(n for _, n in self._samples) / span
+
+    @property
+    def age(self) -> float:
+        return self._clock() - self._started
+
+    @property
+    def settled_rate(self) -> float:
+        """The rate once a whole window was seen (0 before: a ramp-up says little)."""
+        return self.rate if self.age >= RATE_WINDOW else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Relay:
+    node: str
+
+
+@dataclasses.dataclass(frozen=True)
+class GoUpstream:
+    pass
+
+
+Decision = Relay | GoUpstream | None  # None: no other node transfers the blob
+
+
+class Plan:
+    def __init__(self, node_id: str, digest: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.node_id = node_id
+        self.digest = digest
+        self._clock = clock
+        self._dropped: dict[str, float] = {}
+        self.measured: dict[str, float] = {}  # what each source delivered to this node, B/s
+        self.probed = False  # this transfer measured the upstream already
+
+    def rank(self, node: str) -> str:
+        return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
+
+    def drop(self, node: str) -> None:
+        self._dropped[node] = self._clock() + DROP_FOR
+
+    def chain(self, transfers: Mapping[str, PeerTransfer]) -> list[str]:
+        """The nodes transferring the blob and this one: upstream fetchers first."""
+        return sorted([*transfers, self.node_id],
+                      key=lambda n: (n == self.node_id or
+                                     transfers[n].source != TransferSource.UPSTREAM,
+                                     self.rank(n)))
+
+    def decide(self, transfers: Mapping[str, PeerTransfer], offset: int) -> Decision:
+        now = self._clock()
+        live = {n: t for n, t in transfers.items()
+                if self._dropped.get(n, 0.0) <= now and n != self.node_id}
+        chain = self.chain(live)
+        ahead = chain[:chain.index(self.node_id)]
+        feeders = {n: self._effective_rate(n, t) for n, t in live.items()
+                   if t.source == TransferSource.UPSTREAM or t.available > offset
+                   or (n in ahead and t.available >= offset)}
+        if feeders:
+            return Relay(self._best_feeder(ahead, feeders))
+        return GoUpstream() if live else None
+
+    def stalled(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int) -> bool:
+        """A source sent nothing for the stall window. One that had bytes for this node is
+        dropped; one still waiting for its own bytes is not at fault (and a frozen node stops
+        answering chunk-map requests, which leaves it out anyway). True when dropped."""
+        t = transfers.get(node)
+        if t is not None and t.available > offset:
+            self.drop(node)
+            return True
+        return False
+
+    def _effective_rate(self, node: str, t: PeerTransfer) -> float:
+        measured = self.measured.get(node)
+        return t.rate if measured is None else min(t.rate, measured)
+
+    def _best_feeder(self, ahead: list[str], feeders: dict[str, float]) -> str:
+        best = max(feeders.values())
+        fast = {n for n, rate in feeders.items() if rate >= SLOW_FRACTION * best}
+        return next((n for n in reversed(ahead) if n in fast),
+                    max(fast, key=lambda n: feeders[n]))
+
+    @staticmethod
+    def _is_fetcher(transfers: Mapping[str, PeerTransfer], source: str) -> bool:
+        fetcher = transfers.get(source)
+        return fetcher is not None and fetcher.source == TransferSource.UPSTREAM
+
+    def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
+                  upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Whether this node, relaying straight from an upstream fetcher (in a chain, only the
+        next node in order does), should leave it and fetch the rest from the upstream itself:
+        the upstream gave some other node (or this one) OVERTAKE_FACTOR times what the
+        fetcher delivers. Once one node did, the others prefer it: it is faster."""
+        delivered = self.delivered(source, transfers)
+        if delivered is None or not self._is_fetcher(transfers, source):
+            return False
+        known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
+        return known >= OVERTAKE_FACTOR * max(delivered, 1.0)
+
+    def needs_probe(self, transfers: Mapping[str, PeerTransfer], source: str,
+                    upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Nobody but the fetcher knows what the upstream gives: the node relaying straight from
+        it measures it once, with a few MiB of the bytes it needs anyway."""
+        others_know = any(r for n, r in upstream_rates.items() if n != source)
+        return (self.delivered(source, transfers) is not None
+                and self._is_fetcher(transfers, source)
+                and own_upstream_rate == 0 and not others_know)
+
+    def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
+        """What a source gives: measured here, else what it says once it has been at it long
+        enough for its rate to mean something."""
+        if source in self.measured:
+            return self.measured[source]
+        t = transfers.get(source)
+        if t is None or t.rate <= 0 or t.available < RATE_SAMPLE_BYTES:
+            return None
+        return t.rate

@@ -1,0 +1,114 @@
+"""The transfer plan across real hosts: a slow node ends up a leaf, a frozen node is left behind
+within the stall window, and nodes that start at once read the upstream once. Behaviour only;
+the timings are in bench/bench_swarm.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fakehub import file_sha256
+from tests.harness import hf_client
+from tests.netlab import Cluster, netlab_available
+
+pytestmark = [pytest.mark.netlab,
+              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+
+MiB = 1024 * 1024
+HOSTS = ("h1", "h2", "h3", "h4")
+
+
+def start_all(cluster: Cluster) -> dict[str, str]:
+    """The node id of each host, once every node sees the others."""
+    for h in HOSTS:
+        cluster.start(h)
+    for h in HOSTS:
+        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
+    return {h: cluster.nodes[h].status()["peers"]["node_id"] for h in HOSTS}
+
+
+def in_plan_order(ids: dict[str, str], digest: str) -> list[str]:
+    """The hosts in the blob's rendezvous order (plan.py), first one fetches upstream."""
+    return sorted(ids, key=lambda h: hashlib.sha256(f"{ids[h]}:{digest}".encode()).hexdigest())
+
+
+def new_repo(cluster: Cluster, name: str, size: int) -> tuple[str, str]:
+    cluster.hub.add_repo(name, {"weights.bin": {"size": size, "lfs": True}})
+    return name, file_sha256(name, "weights.bin")
+
+
+def pull(cluster: Cluster, host: str, repo: str) -> str:
+    """The sha256 of the file the real client got through `host`'s daemon."""
+    home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
+    home.mkdir()
+    out = hf_client(cluster.nodes[host].url, home, "hf_hub_download", repo, "weights.bin",
+                    prefix_cmd=cluster.lab.ns(host), timeout=300)
+    assert "result" in out, out
+    return hashlib.sha256(Path(out["result"]).read_bytes()).hexdigest()
+
+
+def pull_everywhere(cluster: Cluster, repo: str, hosts: tuple[str, ...] = HOSTS
+                    ) -> dict[str, concurrent.futures.Future[str]]:
+    pool = concurrent.futures.ThreadPoolExecutor(len(hosts))
+    return {h: pool.submit(pull, cluster, h, repo) for h in hosts}
+
+
+def sent_to_peers(cluster: Cluster, host: str) -> int:
+    return sum(int(p["bytes_to"]) for p in cluster.peers(host))
+
+
+@pytest.mark.parametrize("cluster", ["400mbit"], indirect=True)
+def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: Cluster) -> None:
+    start_all(cluster)
+    size = 96 * MiB
+    repo, digest = new_repo(cluster, "acme/slow-case", size)
+    slow, fast = HOSTS[0], HOSTS[1:]
+    cluster.lab.shape(slow, "50mbit")
+    slow_pull = pull_everywhere(cluster, repo, (slow,))[slow]
+    time.sleep(1.5)  # it is the one fetching from the upstream when the others ask
+    got = {h: f.result() for h, f in pull_everywhere(cluster, repo, fast).items()}
+    assert set(got.values()) == {digest}
+    sent = {h: sent_to_peers(cluster, h) for h in HOSTS}
+    assert sent[slow] < size / 4, sent  # the others went around it
+    assert slow_pull.result(timeout=120) == digest
+    # the slow fetcher's own download and one node overtaking it, no more
+    assert cluster.hub.stats()["cdn_bytes"] <= 2.05 * size
+
+
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Cluster) -> None:
+    ids = start_all(cluster)
+    repo, digest = new_repo(cluster, "acme/frozen-case", 96 * MiB)
+    frozen = in_plan_order(ids, digest)[0]  # the one the others first get the bytes from
+    pulls = pull_everywhere(cluster, repo)
+    time.sleep(2)
+    proc = cluster.nodes[frozen].proc
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        others = [h for h in HOSTS if h != frozen]
+        done, _ = concurrent.futures.wait([pulls[h] for h in others], timeout=120)
+        assert len(done) == 3, "the others are still waiting on the frozen node"
+        assert {pulls[h].result() for h in others} == {digest}
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert pulls[frozen].result(timeout=180) == digest
+    logs = "".join(cluster.nodes[h].log() for h in HOSTS if h != frozen)
+    assert "left out until it answers again" in logs or "no byte for" in logs
+
+
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: Cluster) -> None:
+    start_all(cluster)
+    for n in range(2):
+        cluster.hub.reset()
+        repo, digest = new_repo(cluster, f"acme/together-{n}", 48 * MiB)
+        got = {h: f.result() for h, f in pull_everywhere(cluster, repo).items()}
+        assert set(got.values()) == {digest}
+        cdn = cluster.hub.stats()["cdn_bytes"]
+        assert cdn <= 1.01 * 48 * MiB, f"{cdn / (48 * MiB):.3f} x the blob from the CDN"

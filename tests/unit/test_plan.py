@@ -1,0 +1,135 @@
+"""The transfer plan's decisions, table by table, on a fake clock."""
+
+from __future__ import annotations
+
+from modelpeer.daemon.peermsg import PeerTransfer, TransferSource
+from modelpeer.daemon.plan import (
+    DROP_FOR,
+    GoUpstream,
+    Plan,
+    RateMeter,
+    Relay,
+)
+
+UP, PEER = TransferSource.UPSTREAM, TransferSource.PEER
+MB = 1_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def t(source: TransferSource = PEER, available: int = 0, rate: float = 0) -> PeerTransfer:
+    return PeerTransfer(source, available, rate)
+
+
+def nodes_in_rank_order(digest: str = "d" * 64, n: int = 5) -> list[str]:
+    names = [f"{i:032x}" for i in range(n)]
+    probe = Plan("x", digest)
+    return sorted(names, key=probe.rank)
+
+
+def test_alone_nothing_first_upstream_the_others_behind_the_node_ahead() -> None:
+    a, b, c = nodes_in_rank_order(n=3)
+    assert Plan(b, "d" * 64).decide({}, 0) is None
+    assert Plan(a, "d" * 64).decide({b: t(), c: t()}, 0) == GoUpstream()
+    assert Plan(b, "d" * 64).decide({a: t(), c: t()}, 0) == Relay(a)
+    assert Plan(c, "d" * 64).decide({a: t(), b: t()}, 0) == Relay(b)
+    # an upstream fetcher goes first whatever its rank
+    assert Plan(a, "d" * 64).decide({c: t(UP), b: t()}, 0) == Relay(c)
+
+
+def test_a_source_that_stalls_with_bytes_to_send_is_dropped_one_starved_is_not() -> None:
+    a, b, me = nodes_in_rank_order(n=3)
+    clock = Clock()
+    plan = Plan(me, "d" * 64, clock)
+    view = {a: t(UP, 50 * MB), b: t(PEER, 0)}
+    assert plan.decide(view, 0) == Relay(b)
+    assert not plan.stalled(b, view, 0)  # it had nothing yet for this node
+    assert plan.decide(view, 0) == Relay(b)
+    view = {a: t(UP, 50 * MB), b: t(PEER, 20 * MB)}
+    assert plan.stalled(b, view, 0)
+    assert plan.decide(view, 0) == Relay(a)
+    clock.now += DROP_FOR + 1
+    assert plan.decide(view, 0) == Relay(b)
+
+
+def test_it_relays_from_the_nearest_fast_node_ahead_and_skips_slow_ones() -> None:
+    a, b, c, d, me = nodes_in_rank_order(n=5)
+    plan = Plan(me, "d" * 64)
+    fetcher = t(UP, 50 * MB, 50 * MB)
+    assert plan.decide({a: fetcher, b: t(PEER, 40 * MB, 50 * MB),
+                        c: t(PEER, 30 * MB, 48 * MB), d: t(PEER, 20 * MB, 49 * MB)},
+                       10 * MB) == Relay(d)
+    # d is slow: 6 MB/s against 50: c feeds instead, d stays a leaf
+    assert plan.decide({a: fetcher, b: t(PEER, 40 * MB, 50 * MB),
+                        c: t(PEER, 30 * MB, 48 * MB), d: t(PEER, 20 * MB, 6 * MB)},
+                       10 * MB) == Relay(c)
+    # a node with nothing beyond this node's offset cannot feed it
+    assert plan.decide({a: fetcher, d: t(PEER, 5 * MB, 49 * MB)}, 10 * MB) == Relay(a)
+
+
+def test_what_a_source_delivers_here_counts_not_only_what_it_says() -> None:
+    a, b, me = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    view = {a: t(UP, 50 * MB, 50 * MB), b: t(PEER, 40 * MB, 50 * MB)}
+    assert plan.decide(view, 0) == Relay(b)
+    plan.measured[b] = 5 * MB  # its uplink is slow
+    assert plan.decide(view, 0) == Relay(a)
+
+
+def test_a_dropped_source_stays_out_for_a_while() -> None:
+    a, b, me = nodes_in_rank_order(n=3)
+    clock = Clock()
+    plan = Plan(me, "d" * 64, clock)
+    view = {a: t(UP, 50 * MB, 50 * MB), b: t(PEER, 40 * MB, 50 * MB)}
+    plan.drop(b)
+    assert plan.decide(view, 0) == Relay(a)
+    clock.now += DROP_FOR + 1
+    assert plan.decide(view, 0) == Relay(b)
+
+
+def test_the_next_node_overtakes_a_slow_upstream_fetcher_only_when_the_upstream_is_faster(
+        ) -> None:
+    fetcher, first, second = nodes_in_rank_order(n=3)
+    view = {fetcher: t(UP, 10 * MB, 6 * MB), second: t(PEER, 0)}
+    slow_fetcher_only = {fetcher: 6 * MB}
+    plan = Plan(first, "d" * 64)
+    assert not plan.needs_probe(view, fetcher, slow_fetcher_only, 0)  # nothing measured yet
+    grown = {**view, fetcher: t(UP, 20 * MB, 6 * MB)}  # its own rate means something now
+    assert plan.needs_probe(grown, fetcher, slow_fetcher_only, 0)
+    assert plan.overtakes(grown, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    plan.measured[fetcher] = 6 * MB
+    assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, 0)
+    assert plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=15 * MB)
+    plan.measured[fetcher] = 30 * MB
+    assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
+    # a node relaying from another follower neither probes nor overtakes
+    other = Plan(second, "d" * 64)
+    other.measured[first] = 6 * MB
+    view2 = {fetcher: view[fetcher], first: t(PEER, 5 * MB)}
+    assert not other.needs_probe(view2, first, slow_fetcher_only, 0)
+    assert not other.overtakes(view2, first, slow_fetcher_only, 40 * MB)
+    # a rate some other node measured is enough, and no probe is needed then
+    plan.measured[fetcher] = 6 * MB
+    known = {**slow_fetcher_only, second: 45 * MB}
+    assert not plan.needs_probe(view, fetcher, known, 0)
+    assert plan.overtakes(view, fetcher, known, 0)
+
+
+def test_the_rate_meter_counts_the_last_window() -> None:
+    clock = Clock()
+    meter = RateMeter(clock)
+    clock.now += 1.0
+    meter.add(2 * MB)
+    clock.now += 1.0
+    meter.add(2 * MB)
+    assert 1.9 * MB <= meter.rate <= 2.1 * MB
+    clock.now += 10
+    assert meter.rate == 0
