@@ -554,41 +554,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--client", choices=("raw", "hf"), default="raw")
     ap.add_argument("--timeout", type=float, default=600, help="per pull, s")
     ap.add_argument("--json", type=Path, help="write every run's figures here")
+    ap.add_argument("--append", action="store_true",
+                    help="add this command's runs to those already in --json")
+    ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
+                    help="only print the tables of saved results (two files: also compare "
+                         "them, before → after)")
     return ap.parse_args(argv)
 
 
-def write_json(path: Path | None, meta: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+def load_results(path: Path) -> dict[str, Any]:
+    """{"sessions": [one per command: its settings, commit, start], "runs": [each run's
+    figures, with the index of its session]}."""
+    return json.loads(path.read_text())
+
+
+def save_results(path: Path | None, results: dict[str, Any]) -> None:
     if path is not None:
-        path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1) + "\n")
+        path.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if reason := netlab_available():
-        sys.exit(f"bench_swarm: {reason}")
+def config_key(run: dict[str, Any]) -> tuple[str, int, str]:
+    return run["case"], run["nodes"], run.get("role", "")
+
+
+def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """Worst / T1 and upstream bytes / repo of each configuration, before and after."""
+    def cell(runs: list[dict[str, Any]], key: str) -> str:
+        values = [r[key] for r in runs]
+        if not values:
+            return "—"
+        spread = f" ({fmt(min(values))}–{fmt(max(values))}, {len(values)} runs)"
+        return fmt(max(values)) + (spread if len(values) > 1 else "")
+
+    lines = ["| case | nodes | role | worst / T1 before | after | upstream / repo before | "
+             "after |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({config_key(r) for r in before + after},
+                  key=lambda k: (CASES.index(k[0]), k[1], ROLES.index(k[2]) if k[2] else -1))
+    for key in keys:
+        b = [r for r in before if config_key(r) == key]
+        a = [r for r in after if config_key(r) == key]
+        lines.append(f"| {key[0]} | {key[1]} | {key[2] or '—'} | {cell(b, 'worst')} | "
+                     f"{cell(a, 'worst')} | {cell(b, 'upstream_ratio')} | "
+                     f"{cell(a, 'upstream_ratio')} |")
+    return "\n".join(lines)
+
+
+def print_reports(paths: list[Path]) -> None:
+    """The tables of saved results; with two files, also the one comparing them."""
+    results = [load_results(p) for p in paths]
+    for path, r in zip(paths, results, strict=True):
+        print(f"## {path}\n{report(r['runs'])}\n")
+    if len(results) == 2:
+        print(f"## {paths[0]} → {paths[1]}\n\n{compare(results[0]['runs'], results[1]['runs'])}")
+
+
+def session(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    return {"command": " ".join(sys.argv), "commit": git_commit(), "cpus": os.cpu_count(),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "settings": dataclasses.asdict(settings)}
+
+
+def measure(args: argparse.Namespace) -> None:
     settings = Settings(args.wan, args.lan, parse_size(args.size), args.files, args.slow_rate,
                         args.client, args.freeze_at, args.freeze_hold, args.many, args.many_wan,
                         parse_size(args.many_size), args.timeout)
-    meta = {"command": " ".join(sys.argv), "commit": git_commit(), "cpus": os.cpu_count(),
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "settings": dataclasses.asdict(settings)}
+    results: dict[str, Any] = {"sessions": [], "runs": []}
+    if args.append and args.json is not None and args.json.exists():
+        results = load_results(args.json)
+    results["sessions"].append(session(args, settings))
     work = Path(tempfile.mkdtemp(prefix="mp-benchswarm-"))
     os.chmod(work, 0o755)
     runs: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
         for label, run in plan_runs(args, settings, work):
-            record = run()
+            record = {**run(), "session": len(results["sessions"]) - 1}
             summarize(record)
             runs.append(record)
-            meta["seconds"] = round(time.monotonic() - started)
-            write_json(args.json, meta, runs)
+            results["runs"].append(record)
+            results["sessions"][-1]["seconds"] = round(time.monotonic() - started)
+            save_results(args.json, results)
             print(f"{label}: worst {fmt(record['worst'])} × T1 (T1 {record['t1']:.1f} s, "
                   f"load {load_cell(record)})", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(report(runs))
     print(f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report:
+        print_reports(args.report)
+        return
+    if reason := netlab_available():
+        sys.exit(f"bench_swarm: {reason}")
+    measure(args)
 
 
 if __name__ == "__main__":
