@@ -76,6 +76,7 @@ class Settings:
     many_wan: str
     many_size: int
     timeout: float
+    logs: str = ""  # a folder to keep each run's daemon logs in ("": not kept)
 
     def shape_for(self, nodes: int) -> tuple[str, int]:
         """(WAN rate, repo size) for a cluster of that many nodes."""
@@ -86,11 +87,14 @@ class Settings:
 class SwarmLab:
     """n hosts and the upstream, the fake Hub on it, a daemon on each host; all torn down."""
 
-    def __init__(self, nodes: int, wan: str, lan: str, work: Path) -> None:
+    def __init__(self, nodes: int, wan: str, settings: Settings, work: Path, name: str) -> None:
         self.run = next(_RUNS)
+        self.name = f"run{self.run}-{name}"
+        self.logs = Path(settings.logs) if settings.logs else None
         self.work = work / f"run{self.run}"
         self.work.mkdir()
-        self.lab = Lab(nodes, prefix=f"mps{os.getpid() % 1000}r{self.run}", lan=lan, wan=wan)
+        self.lab = Lab(nodes, prefix=f"mps{os.getpid() % 1000}r{self.run}", lan=settings.lan,
+                       wan=wan)
         up = self.lab.ip("up")
         self.hub = FakeHub(self.work / "hub", host=up, cdn_host=up, port=8080, cdn_port=8081,
                            prefix_cmd=self.lab.ns("up"))
@@ -117,8 +121,17 @@ class SwarmLab:
             if d.proc is not None and d.proc.poll() is None:
                 os.kill(d.proc.pid, signal.SIGCONT)
         shutdown(None, self.cluster, self.hub, self.lab)
+        self.keep_logs()
         ADDED.pop(("model", self.repo), None)
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def keep_logs(self) -> None:
+        if self.logs is None:
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for host, d in self.cluster.nodes.items():
+            if d.log_path.exists():
+                shutil.copyfile(d.log_path, self.logs / f"{self.name}-{host}.log")
 
     def node_ids(self) -> dict[str, str]:
         return {h: self.lab.get_json(h, d.url + "/_modelpeer/v1/peers")["node_id"]
@@ -311,7 +324,7 @@ def pick_host(sl: SwarmLab, role: str) -> str:
 def run_slow(settings: Settings, work: Path, nodes: int, role: str) -> dict[str, Any]:
     load = os.getloadavg()[0]
     wan, size = settings.shape_for(nodes)
-    with SwarmLab(nodes, wan, settings.lan, work) as sl:
+    with SwarmLab(nodes, wan, settings, work, f"slow-{role}") as sl:
         slow = pick_host(sl, role)
         files, positions, t1 = new_repo(sl, settings, size, slow, role_position(role, nodes))
         sl.lab.shape(slow, settings.slow_rate)
@@ -345,7 +358,7 @@ def freeze_during(pull: Pull, pid: int, fault: str, settings: Settings) -> dict[
 def run_frozen(settings: Settings, work: Path, nodes: int, role: str) -> dict[str, Any]:
     load = os.getloadavg()[0]
     wan, size = settings.shape_for(nodes)
-    with SwarmLab(nodes, wan, settings.lan, work) as sl:
+    with SwarmLab(nodes, wan, settings, work, f"frozen-{role}") as sl:
         fault = pick_host(sl, role)
         files, positions, t1 = new_repo(sl, settings, size, fault, role_position(role, nodes))
         pull = Pull(sl, sl.hosts, files, settings.client, through_daemon(sl))
@@ -364,7 +377,7 @@ def run_frozen(settings: Settings, work: Path, nodes: int, role: str) -> dict[st
 def run_together(settings: Settings, work: Path, nodes: int) -> dict[str, Any]:
     load = os.getloadavg()[0]
     wan, size = settings.shape_for(nodes)
-    with SwarmLab(nodes, wan, settings.lan, work) as sl:
+    with SwarmLab(nodes, wan, settings, work, f"together-{nodes}") as sl:
         files, _, t1 = new_repo(sl, settings, size, "h1", None)
         outcomes = pull_all(sl, sl.hosts, files, settings, through_daemon(sl))
         return run_record("together", sl, settings, size, wan, t1, load,
@@ -374,7 +387,7 @@ def run_together(settings: Settings, work: Path, nodes: int) -> dict[str, Any]:
 def run_warm(settings: Settings, work: Path, nodes: int) -> dict[str, Any]:
     load = os.getloadavg()[0]
     wan, size = settings.shape_for(nodes)
-    with SwarmLab(nodes, wan, settings.lan, work) as sl:
+    with SwarmLab(nodes, wan, settings, work, f"warm-{nodes}") as sl:
         _, _, t1 = new_repo(sl, settings, size, "h1", None)
         seconds = warm_all(sl.cluster, "h1", sl.repo, timeout=settings.timeout)
         return run_record("warm", sl, settings, size, wan, t1, load, seconds=seconds,
@@ -489,16 +502,33 @@ TABLES = {"slow": table_slow, "frozen": table_frozen, "together": table_together
           "warm": table_warm}
 
 
+def sort_key(k: tuple[str, int, str]) -> tuple[int, int, int]:
+    return CASES.index(k[0]), k[1], ROLES.index(k[2]) if k[2] else -1
+
+
+def summary_table(runs: list[dict[str, Any]]) -> list[str]:
+    """One row per configuration: worst over its runs, the range, the largest spread."""
+    out = ["| nodes | role | runs | worst / T1 | range over runs | largest spread in a run | "
+           "upstream / repo (max) |", "|---|---|---|---|---|---|---|"]
+    for key in sorted({config_key(r) for r in runs}, key=sort_key):
+        mine = [r for r in runs if config_key(r) == key]
+        worst = [r["worst"] for r in mine]
+        spread = [r["spread"] for r in mine if "spread" in r]
+        out.append(f"| {key[1]} | {key[2] or '—'} | {len(mine)} | {fmt(max(worst))} | "
+                   f"{fmt(min(worst))}–{fmt(max(worst))} | "
+                   f"{fmt(max(spread)) if spread else '—'} | "
+                   f"{max(r['upstream_ratio'] for r in mine):.2f} |")
+    return out
+
+
 def report(runs: list[dict[str, Any]]) -> str:
+    """Per case: every run (runs of one configuration together), then worst and spread."""
     lines: list[str] = []
     for case in CASES:
-        mine = [r for r in runs if r["case"] == case]
-        if not mine:
-            continue
-        worst = [r["worst"] for r in mine]
-        lines += ["", f"### {case}", "", *TABLES[case](mine), "",
-                  f"{case}: worst {fmt(max(worst))} × T1 over {len(mine)} runs "
-                  f"(range {fmt(min(worst))}–{fmt(max(worst))})"]
+        mine = sorted((r for r in runs if r["case"] == case), key=lambda r: sort_key(
+            config_key(r)))
+        if mine:
+            lines += ["", f"### {case}", "", *TABLES[case](mine), "", *summary_table(mine)]
     return "\n".join(lines)
 
 
@@ -524,8 +554,11 @@ def plan_runs(args: argparse.Namespace, settings: Settings,
     return plan
 
 
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+def git_commit(*path: str) -> str:
+    """The checked-out commit, or the last one that changed `path` (daemon/: the code
+    measured)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%H", "--", *path], capture_output=True,
+                         text=True, cwd=ROOT)
     return out.stdout.strip()
 
 
@@ -553,6 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="longest s a node stays frozen while the others are not done")
     ap.add_argument("--client", choices=("raw", "hf"), default="raw")
     ap.add_argument("--timeout", type=float, default=600, help="per pull, s")
+    ap.add_argument("--logs", default="", help="keep each run's daemon logs in this folder")
     ap.add_argument("--json", type=Path, help="write every run's figures here")
     ap.add_argument("--append", action="store_true",
                     help="add this command's runs to those already in --json")
@@ -588,8 +622,7 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
 
     lines = ["| case | nodes | role | worst / T1 before | after | upstream / repo before | "
              "after |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({config_key(r) for r in before + after},
-                  key=lambda k: (CASES.index(k[0]), k[1], ROLES.index(k[2]) if k[2] else -1))
+    keys = sorted({config_key(r) for r in before + after}, key=sort_key)
     for key in keys:
         b = [r for r in before if config_key(r) == key]
         a = [r for r in after if config_key(r) == key]
@@ -609,7 +642,8 @@ def print_reports(paths: list[Path]) -> None:
 
 
 def session(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    return {"command": " ".join(sys.argv), "commit": git_commit(), "cpus": os.cpu_count(),
+    return {"command": " ".join(sys.argv), "commit": git_commit(),
+            "daemon_commit": git_commit("daemon", "client"), "cpus": os.cpu_count(),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "settings": dataclasses.asdict(settings)}
 
@@ -617,7 +651,7 @@ def session(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def measure(args: argparse.Namespace) -> None:
     settings = Settings(args.wan, args.lan, parse_size(args.size), args.files, args.slow_rate,
                         args.client, args.freeze_at, args.freeze_hold, args.many, args.many_wan,
-                        parse_size(args.many_size), args.timeout)
+                        parse_size(args.many_size), args.timeout, args.logs)
     results: dict[str, Any] = {"sessions": [], "runs": []}
     if args.append and args.json is not None and args.json.exists():
         results = load_results(args.json)
