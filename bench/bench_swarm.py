@@ -662,7 +662,13 @@ def measure(args: argparse.Namespace) -> None:
     started = time.monotonic()
     try:
         for label, run in plan_runs(args, settings, work):
-            record = {**run(), "session": len(results["sessions"]) - 1}
+            try:
+                record = {**run(), "session": len(results["sessions"]) - 1}
+            except Exception as e:  # noqa: BLE001 - one broken run must not lose the others
+                print(f"{label}: FAILED: {e!r}"[:3000], flush=True)
+                results["sessions"][-1].setdefault("failed", {})[label] = repr(e)[:2000]
+                save_results(args.json, results)
+                continue
             summarize(record)
             runs.append(record)
             results["runs"].append(record)
@@ -673,7 +679,9 @@ def measure(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(report(runs))
-    print(f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s")
+    failed = results["sessions"][-1].get("failed", {})
+    print(f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
 
 
 def main(argv: list[str] | None = None) -> None:
