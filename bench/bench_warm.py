@@ -80,6 +80,29 @@ def all_at_once(lab: Lab, hosts: list[str], urls: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def start_nodes(cluster: Cluster, hosts: list[str], timeout: float = 30) -> None:
+    """A daemon on each host (info logs), then wait until each sees all the others."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda h: cluster.start(h, None, "--log-level", "info"), hosts))
+    for h in hosts:
+        cluster.lab.wait_for(f"{h} sees the others",
+                             lambda h=h: len(cluster.live_names(h)) == len(hosts) - 1,
+                             timeout=timeout)
+
+
+def warm_all(cluster: Cluster, host: str, repo: str, timeout: float = 1200) -> float:
+    """Seconds for `modelpeer warm REPO --nodes all --wait` run on `host` (CLI start-up,
+    resolve and listing included); raises unless every node got the repo."""
+    started = time.perf_counter()
+    out = cluster.lab.run(host, sys.executable, "-m", "modelpeer.client.cli", "--daemon",
+                          cluster.nodes[host].url, "warm", repo, "--nodes", "all", "--wait",
+                          "--json", timeout=timeout)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0 or json.loads(out.stdout)["state"] != "done":
+        raise RuntimeError(f"warm {repo} failed ({out.returncode}): {out.stderr[-2000:]}")
+    return seconds
+
+
 def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, float]:
     lab = Lab(n + 1, prefix=f"mpw{os.getpid() % 1000}{n}", lan=lan, wan=wan)
     hub = FakeHub(work / "hub", host=lab.ip("up"), cdn_host=lab.ip("up"), port=8080,
@@ -97,19 +120,9 @@ def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, flo
         result["direct"] = all_at_once(lab, hosts, [cdn + path] * n)
         nginx = nginx_cache(lab, f"h{n + 1}", work, cdn)
         result["nginx"] = all_at_once(lab, hosts, [f"http://{lab.ip(f'h{n + 1}')}:8090{path}"] * n)
-        for h in hosts:
-            cluster.start(h, None, "--log-level", "info")
-        for h in hosts:
-            lab.wait_for(f"{h} sees the others",
-                         lambda h=h: len(cluster.live_names(h)) == n - 1, timeout=30)
+        start_nodes(cluster, hosts)
         http_json("POST", hub.url + "/_fake/reset", {}, lab.ns("up"))
-        started = time.perf_counter()
-        out = lab.run("h1", sys.executable, "-m", "modelpeer.client.cli", "--daemon",
-                      cluster.nodes["h1"].url, "warm", "acme/big", "--wait", "--json",
-                      timeout=1200)
-        result["modelpeer"] = time.perf_counter() - started
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert json.loads(out.stdout)["state"] == "done"
+        result["modelpeer"] = warm_all(cluster, "h1", "acme/big")
         stats = http_json("GET", hub.url + "/_fake/stats", None, lab.ns("up"))
         result["cdn_ratio"] = stats["cdn_bytes"] / size
     finally:

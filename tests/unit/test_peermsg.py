@@ -62,7 +62,7 @@ def file_with(**change: Any) -> dict[str, Any]:
     spec_with(repo_id="../acme/tts"), spec_with(repo_id="a/b/c"), spec_with(commit="main"),
     spec_with(revision="a/../b"), spec_with(files={"x": 1}), spec_with(files=[[]]),
     file_with(path="../secrets"), file_with(path="/etc/passwd"), file_with(path="a//b"),
-    file_with(path="a\\b"), file_with(path="a\x1b[2Jb"), file_with(digest="A" * 64),
+    file_with(path="a\\b"), file_with(path="a\x00b"), file_with(digest="A" * 64),
     file_with(digest="a" * 40), file_with(algo="md5"), file_with(size=-1), file_with(size=True),
     file_with(size="10"), file_with(size=1 << 60), file_with(lfs=False),
     spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5),
