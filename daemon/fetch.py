@@ -46,6 +46,7 @@ COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at 
 READ_BLOCK = 1024 * 1024
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
+MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
 REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
 PROBE_BYTES = 2 * 1024 * 1024
 PROBED_BLOB = 32 * PROBE_BYTES  # smaller blobs are not worth reading twice in part
@@ -439,6 +440,10 @@ class Fetcher:
                      peer.node_id, writer.offset + len(batch), e)
         if meter.age >= CHECK_EVERY:
             plan.measured[peer.node_id] = meter.rate
+            if (meter.rate < MIN_RELAY_RATE
+                    and plan.stalled(peer.node_id, transfers, writer.offset + len(batch))):
+                log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
+                            transfer.label, peer.node_id, meter.rate)
         await self._write(transfer, writer, memoryview(batch))
 
     async def _probe_upstream(self, transfer: Transfer, writer: BlobWriter,

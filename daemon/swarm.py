@@ -320,8 +320,8 @@ class Swarm:
             with contextlib.suppress(RuntimeError):
                 for p in st.handle.get_peer_info():
                     s = self._stats.peers.setdefault(p.ip[0], PeerStats())
-                    s.downloaded += p.download_payload_rate
-                    s.uploaded += p.upload_payload_rate
+                    s.downloaded += p.payload_down_speed  # bytes/s, sampled every second
+                    s.uploaded += p.payload_up_speed
 
     def stats(self) -> SwarmStats:
         self._stats.torrents = len(self._handles)
