@@ -10,6 +10,7 @@ import logging
 import sqlite3
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from . import hfcache, hubnames
@@ -203,7 +204,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _read_up_to(stream: web.StreamReader, n: int) -> bytes:
+async def _read_up_to(stream: aiohttp.StreamReader, n: int) -> bytes:
     try:
         return await stream.readexactly(n)
     except asyncio.IncompleteReadError as e:

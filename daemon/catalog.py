@@ -192,7 +192,7 @@ class Catalog:
             "SELECT commit_sha, fetched_at FROM refs WHERE repo_type=? AND repo_id=? AND"
             " revision=?", (repo.type, repo.id, revision)).fetchone()
         if row and time.time() - row["fetched_at"] < max_age:
-            return row["commit_sha"]
+            return str(row["commit_sha"])
         return None
 
     def known_commit(self, repo: Repo, revision: str) -> str | None:

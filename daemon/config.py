@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(opt.flag, dest=opt.name, action="store_const", const=True,
                            default=None, help=opt.help)
         else:
-            p.add_argument(opt.flag, dest=opt.name, action="append" if opt.repeatable else None,
+            p.add_argument(opt.flag, dest=opt.name, action="append" if opt.repeatable else "store",
                            default=None, help=opt.help, metavar=opt.name.upper())
     return p
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .catalog import REPO_TYPES, Catalog, HubError, Repo
+from .catalog import Catalog, HubError, Repo
 from .fetch import Fetcher
+from .hubnames import REPO_TYPES
 from .lan import Lan
 from .metrics import Metrics
 from .signatures import Signatures

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
@@ -381,7 +381,7 @@ class PeerSet:
         data = await self.request(peer, method, path, body)
         return _parsed(peer, path, parse, data)
 
-    async def stream(self, peer: Peer, path: str) -> AsyncIterator[bytes]:
+    async def stream(self, peer: Peer, path: str) -> AsyncGenerator[bytes, None]:
         """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
         async with self._call(peer, "GET", path) as answer:
             async for data in answer.resp.content.iter_any():

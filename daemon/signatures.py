@@ -253,7 +253,7 @@ class Signatures:
         row = db.execute("SELECT sha256 FROM blob_sha256 WHERE digest=?",
                          (entry.blob.digest,)).fetchone()
         if row is not None:
-            return row[0]
+            return str(row[0])
         await self._fetched(entry, token)
         sha256 = await asyncio.to_thread(_sha256_of_blob, self.fetcher, entry)
         db.execute("INSERT OR REPLACE INTO blob_sha256 VALUES (?, ?)", (entry.blob.digest, sha256))
