@@ -101,7 +101,7 @@ class Daemon:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+    def call(self, method: str, path: str, body: dict[str, object] | None = None,
              token: str | None = None) -> Any:  # JSON: its shape is the caller's endpoint's
         """The daemon refuses state-changing calls without Content-Type: application/json;
         a Hub token goes in the Authorization header, as the `hf` CLI sends it."""
@@ -137,7 +137,7 @@ class Daemon:
                            " --daemon URL / MODELPEER_URL pick another)", EXIT_UNREACHABLE) from e
 
 
-def _print_json(value: Any) -> None:
+def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -173,7 +173,7 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _of_limit(used: int, s: dict[str, Any]) -> str:
+def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
     limit = s["max_cache_size"]
     return f"{100 * used / limit:.0f}% of {human_size(limit)}" if limit else "no limit"
 
@@ -239,7 +239,7 @@ def cmd_unpin(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_signed_revision(rev: dict[str, Any]) -> None:
+def _print_signed_revision(rev: dict[str, Any]) -> None:  # Any: the daemon's JSON
     if rev["signed_by"] or rev["signature_error"]:
         names = ", ".join(rev["revisions"]) or "-"
         signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
@@ -379,7 +379,7 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
     return EXIT_PROBLEM if failed else 0
 
 
-def _draw_job(status: dict[str, Any], elapsed: float) -> None:
+def _draw_job(status: dict[str, Any], elapsed: float) -> None:  # Any: the daemon's JSON
     lines = []
     total = have = 0
     for node, s in sorted(status["nodes"].items()):

@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -32,7 +31,7 @@ class RecentErrors(logging.Handler):
 
     def __init__(self, size: int = 50) -> None:
         super().__init__(logging.WARNING)
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self.records: collections.deque[dict[str, object]] = collections.deque(maxlen=size)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append({"time": record.created, "level": record.levelname.lower(),
@@ -41,7 +40,7 @@ class RecentErrors(logging.Handler):
 
 class Control:
     def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
-                 describe: Callable[[], dict[str, Any]], lan: Lan, warmup: Warmup,
+                 describe: Callable[[], dict[str, object]], lan: Lan, warmup: Warmup,
                  signatures: Signatures) -> None:
         self.store = store
         self.catalog = catalog

@@ -352,7 +352,7 @@ class Store:
         await asyncio.to_thread(self._remove_strays)
         return stats
 
-    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:
+    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
         return [self._check_chunk(r) for r in rows]
 
     def _check_chunk(self, row: dict[str, Any]) -> bool:
@@ -389,7 +389,7 @@ class Store:
                 with _ignore_missing():
                     path.unlink()
 
-    async def verify(self, *, full: bool) -> list[dict[str, Any]]:
+    async def verify(self, *, full: bool) -> list[dict[str, object]]:
         """Check every complete chunk's xxh3 (and with full, every complete blob's digest);
         drop what fails. Returns one record per problem found."""
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks WHERE complete=1")]
