@@ -485,6 +485,7 @@ def _job_id_answer(value: object) -> str:
     return job
 
 
+# Any: JSON from the local client; hubnames refuses (TypeError) values that are not str
 def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
     """What a local client asked to warm: repo, revision, include, exclude, nodes."""
     try:
