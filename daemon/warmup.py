@@ -485,7 +485,8 @@ def _job_id_answer(value: object) -> str:
     return job
 
 
-# Any: JSON from the local client; hubnames refuses (TypeError) values that are not str
+# Any: JSON from the local client; hubnames refuses values that are not names (InvalidName,
+# TypeError), the globs and nodes are checked below
 def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
     """What a local client asked to warm: repo, revision, include, exclude, nodes."""
     try:
