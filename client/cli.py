@@ -17,12 +17,54 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict, cast
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
 API = "/_modelpeer/v1"
 EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
+
+
+class Skipped(TypedDict):
+    path: str
+    digest: str
+    error: str
+
+
+class Imported(TypedDict):
+    """The daemon's answer to an import, of a bundle or of an HF-cache snapshot (ingest.py)."""
+    repo: str
+    repo_type: str
+    repo_id: str
+    commit: str
+    files: int
+    revisions: list[str]
+    bytes: int
+    stored_bytes: int
+    skipped: list[Skipped]
+    public: bool
+    confirmed_by: str
+    method: str
+
+
+class Reflinked(Imported):
+    reflink: Literal[True]
+
+
+class NoReflink(TypedDict):
+    reflink: Literal[False]
+    reason: str
+
+
+class Deduped(TypedDict):
+    """The daemon's answer to /hf-cache/dedupe (daemon/hfcache.py)."""
+    reflink: bool
+    reason: str
+    shared_files: int
+    shared_bytes: int
+    freed_bytes: int
+    problems: list[dict[str, str]]
 
 
 class CliError(Exception):
@@ -59,16 +101,17 @@ class Daemon:
         self.url = url.rstrip("/")
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             token: str | None = None) -> Any:
+    def call(self, method: str, path: str, body: dict[str, object] | None = None,
+             token: str | None = None) -> Any:  # JSON: its shape is the caller's endpoint's
         """The daemon refuses state-changing calls without Content-Type: application/json;
         a Hub token goes in the Authorization header, as the `hf` CLI sends it."""
         data = json.dumps(body).encode() if body is not None else None
         with self.open(method, path, data, token) as resp:
             return json.loads(resp.read() or b"null")
 
-    def open(self, method: str, path: str, data: Any = None, token: str | None = None,
-             content_type: str = "application/json", length: int | None = None) -> Any:
+    def open(self, method: str, path: str, data: bytes | Iterable[bytes] | None = None,
+             token: str | None = None, content_type: str = "application/json",
+             length: int | None = None) -> http.client.HTTPResponse:
         """The daemon's answer to one request, to read (or stream) from; `data` may be an
         iterable of bytes sent as it is produced, `length` bytes in all."""
         headers = {"Content-Type": content_type}
@@ -79,7 +122,8 @@ class Daemon:
         req = urllib.request.Request(self.url + API + path, data=data, method=method,
                                      headers=headers)
         try:
-            return urllib.request.urlopen(req, timeout=self.timeout)
+            # urlopen's stub answers Any; for the daemon's http(s) URL it is an HTTPResponse
+            return cast(http.client.HTTPResponse, urllib.request.urlopen(req, timeout=self.timeout))
         except urllib.error.HTTPError as e:
             try:
                 message = json.loads(e.read()).get("error", e.reason)
@@ -93,7 +137,7 @@ class Daemon:
                            " --daemon URL / MODELPEER_URL pick another)", EXIT_UNREACHABLE) from e
 
 
-def _print_json(value: Any) -> None:
+def _print_json(value: object) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
 
@@ -129,7 +173,7 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _of_limit(used: int, s: dict[str, Any]) -> str:
+def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
     limit = s["max_cache_size"]
     return f"{100 * used / limit:.0f}% of {human_size(limit)}" if limit else "no limit"
 
@@ -195,7 +239,7 @@ def cmd_unpin(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_signed_revision(rev: dict[str, Any]) -> None:
+def _print_signed_revision(rev: dict[str, Any]) -> None:  # Any: the daemon's JSON
     if rev["signed_by"] or rev["signature_error"]:
         names = ", ".join(rev["revisions"]) or "-"
         signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
@@ -335,7 +379,7 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
     return EXIT_PROBLEM if failed else 0
 
 
-def _draw_job(status: dict[str, Any], elapsed: float) -> None:
+def _draw_job(status: dict[str, Any], elapsed: float) -> None:  # Any: the daemon's JSON
     lines = []
     total = have = 0
     for node, s in sorted(status["nodes"].items()):
@@ -427,12 +471,16 @@ def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
             print(f"importing {label}: {len(m.files)} files, "
                   f"{human_size(sum(f.size for f in m.blobs()))}", file=sys.stderr, flush=True)
             try:
-                result = None if no_reflink else d.call(
-                    "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
-                        k: str(v) for k, v in snap.sources.items()}}, token=_token(args))
-                if result is not None and not result["reflink"]:
-                    no_reflink = result["reason"]
-                    print(f"  {no_reflink}; copying instead", file=sys.stderr)
+                result: Imported | None = None
+                if not no_reflink:
+                    answer: Reflinked | NoReflink = d.call(
+                        "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
+                            k: str(v) for k, v in snap.sources.items()}}, token=_token(args))
+                    if answer["reflink"] is False:
+                        no_reflink = answer["reason"]
+                        print(f"  {no_reflink}; copying instead", file=sys.stderr)
+                    else:
+                        result = answer
                 if no_reflink:
                     result = _send_bundle(d, hfcache.archive(snap), m.archive_size(),
                                           _token(args), lenient=True, what=label)
@@ -441,21 +489,22 @@ def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
                     raise
                 problems.append(f"{label}: {e}")
                 continue
+            assert result is not None  # reflinked, or else copied
             problems += [f"{label}/{s['path']}: {s['error']}" for s in result["skipped"]]
             results.append(result)
             print(f"  {_imported_line(result)}", file=sys.stderr)
-    summary = {"repos": len({r["repo"] for r in results}),
-               "files": sum(r["files"] for r in results),
-               "bytes": sum(r["bytes"] for r in results),
-               "stored_bytes": sum(r["stored_bytes"] for r in results),
-               "skipped": problems, "method": "copy" if no_reflink else "reflink",
-               "no_reflink": no_reflink, "imports": results}
+    repos = len({r["repo"] for r in results})
+    files = sum(r["files"] for r in results)
+    nbytes = sum(r["bytes"] for r in results)
+    stored_bytes = sum(r["stored_bytes"] for r in results)
     if args.json:
-        _print_json(summary)
+        _print_json({"repos": repos, "files": files, "bytes": nbytes, "stored_bytes": stored_bytes,
+                     "skipped": problems, "method": "copy" if no_reflink else "reflink",
+                     "no_reflink": no_reflink, "imports": results})
     else:
         how = f"copied into the store ({no_reflink})" if no_reflink else "reflinked: no copy"
-        print(f"imported {summary['repos']} repos, {summary['files']} files, "
-              f"{human_size(summary['bytes'])} ({human_size(summary['stored_bytes'])} new, "
+        print(f"imported {repos} repos, {files} files, "
+              f"{human_size(nbytes)} ({human_size(stored_bytes)} new, "
               f"{how}); skipped {len(problems)}")
         for p in problems:
             print(f"  skipped {p}")
@@ -466,30 +515,33 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
     from modelpeer.client import hfcache
 
     d.timeout = 3600
-    total = {"shared_files": 0, "shared_bytes": 0, "freed_bytes": 0, "problems": [],
-             "reflink": True, "reason": ""}
+    shared_files = shared_bytes = freed_bytes = 0
+    problems: list[str] = []
+    reflink, reason = True, ""
     for root in _hf_cache_dirs(args):
         for repo_dir, files in hfcache.blob_files(root):
-            result = d.call("POST", "/hf-cache/dedupe", {"files": files})
+            result: Deduped = d.call("POST", "/hf-cache/dedupe", {"files": files})
             if not result["reflink"]:
-                total.update(reflink=False, reason=result["reason"])
+                reflink, reason = False, result["reason"]
                 break
-            for key in ("shared_files", "shared_bytes", "freed_bytes"):
-                total[key] += result[key]
-            total["problems"] += [f"{repo_dir}: {p['path']}: {p['error']}"
-                                  for p in result["problems"]]
-        if not total["reflink"]:
+            shared_files += result["shared_files"]
+            shared_bytes += result["shared_bytes"]
+            freed_bytes += result["freed_bytes"]
+            problems += [f"{repo_dir}: {p['path']}: {p['error']}" for p in result["problems"]]
+        if not reflink:
             break
     if args.json:
-        _print_json(total)
-    elif not total["reflink"]:
-        print(f"{total['reason']}; nothing changed")
+        _print_json({"shared_files": shared_files, "shared_bytes": shared_bytes,
+                     "freed_bytes": freed_bytes, "problems": problems, "reflink": reflink,
+                     "reason": reason})
+    elif not reflink:
+        print(f"{reason}; nothing changed")
     else:
-        print(f"{total['shared_files']} files ({human_size(total['shared_bytes'])}) now share the "
-              f"store's blocks; {human_size(total['freed_bytes'])} freed")
-        for p in total["problems"]:
+        print(f"{shared_files} files ({human_size(shared_bytes)}) now share the "
+              f"store's blocks; {human_size(freed_bytes)} freed")
+        for p in problems:
             print(f"  left as is: {p}")
-    return EXIT_PROBLEM if total["problems"] or not total["reflink"] else 0
+    return EXIT_PROBLEM if problems or not reflink else 0
 
 
 def _hf_cache_dirs(args: argparse.Namespace) -> list[Path]:
@@ -507,19 +559,20 @@ def _token(args: argparse.Namespace) -> str | None:
     return args.token or os.environ.get("HF_TOKEN")
 
 
-def _send_bundle(d: Daemon, data: Any, size: int, token: str | None, *, lenient: bool,
-                 what: str) -> Any:
+def _send_bundle(d: Daemon, data: Iterable[bytes], size: int, token: str | None, *,
+                 lenient: bool, what: str) -> Imported:
     d.timeout = 3600
     path = "/bundles" + ("?lenient=1" if lenient else "")
     try:
         with d.open("POST", path, data, token, content_type="application/x-tar",
                     length=size) as resp:
-            return json.loads(resp.read())
+            result: Imported = json.loads(resp.read())
+            return result
     except CliError as e:
         raise CliError(f"{what}: {e}", e.code) from e
 
 
-def _imported_line(r: dict[str, Any]) -> str:
+def _imported_line(r: Imported) -> str:
     names = ", ".join(r["revisions"]) or r["commit"][:12]
     access = "public" if r["public"] else "gated/private: only tokens with access"
     return (f"{r['repo']}@{names}: {r['files']} files, {human_size(r['bytes'])} "

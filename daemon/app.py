@@ -7,7 +7,6 @@ import logging
 import signal
 import socket
 import sqlite3
-from typing import Any
 
 from aiohttp import web
 
@@ -106,7 +105,7 @@ class Daemon:
         notify.ready()
         notify.status(self.status_line())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, object]:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from . import hubnames
 from .peermsg import MAX_FILES, WarmFile, parse_warm_file
@@ -60,7 +59,7 @@ class Manifest:
             seen.setdefault(f.digest, f)
         return list(seen.values())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"format": FORMAT, "repo_type": self.repo_type, "repo_id": self.repo_id,
                 "revisions": list(self.revisions), "commit": self.commit, "public": self.public,
                 "files": [dataclasses.asdict(f) for f in self.files]}
@@ -105,7 +104,7 @@ def manifest_from_json(d: object) -> Manifest:
         hubnames.commit(_str(d, "commit")), d["public"], parsed)
 
 
-def _str(d: dict[str, Any], key: str) -> str:
+def _str(d: dict[str, object], key: str) -> str:
     value = d.get(key)
     if not isinstance(value, str):
         raise ValueError(f"field {key!r}: expected a string")

@@ -10,6 +10,7 @@ import logging
 import sqlite3
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from . import hfcache, hubnames
@@ -40,7 +41,7 @@ def _revision(value: object) -> str:
         raise HubError(400, "", str(e)) from e
 
 
-def _error(status: int, message: str, **extra: Any) -> web.Response:
+def _error(status: int, message: str, **extra: object) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
@@ -172,25 +173,25 @@ class CacheApi:
         return web.json_response(await hfcache.dedupe(self.ingest.store, files))
 
 
-def _text(d: dict[str, Any], key: str) -> str:
+def _text(d: dict[str, object], key: str) -> str:
     value = d[key]
     if not isinstance(value, str):
         raise ValueError(f"{key!r} is not a string")
     return value
 
 
-def _count(d: dict[str, Any], key: str) -> int:
+def _count(d: dict[str, object], key: str) -> int:
     value = d[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{key!r} is not a size")
     return value
 
 
-def _algo(d: dict[str, Any]) -> str:
+def _algo(d: dict[str, object]) -> str:
     return "sha256" if len(_text(d, "digest")) == 64 else "gitsha1"
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request) -> dict[str, Any]:  # Any: JSON, checked as read
     """A JSON object of up to MAX_MANIFEST bytes (beyond the app's 1 MiB for other routes)."""
     data = bytearray()
     while piece := await request.content.read(READ_BLOCK):
@@ -203,7 +204,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-async def _read_up_to(stream: web.StreamReader, n: int) -> bytes:
+async def _read_up_to(stream: aiohttp.StreamReader, n: int) -> bytes:
     try:
         return await stream.readexactly(n)
     except asyncio.IncompleteReadError as e:

@@ -192,7 +192,7 @@ class Catalog:
             "SELECT commit_sha, fetched_at FROM refs WHERE repo_type=? AND repo_id=? AND"
             " revision=?", (repo.type, repo.id, revision)).fetchone()
         if row and time.time() - row["fetched_at"] < max_age:
-            return row["commit_sha"]
+            return str(row["commit_sha"])
         return None
 
     def known_commit(self, repo: Repo, revision: str) -> str | None:
@@ -329,7 +329,7 @@ class Catalog:
         if commit is None or not entries:
             return None
         if kind == "tree":
-            data: Any = offline_api.tree_answer(entries, sub_path, urlsplit(path_qs).query)
+            data: object = offline_api.tree_answer(entries, sub_path, urlsplit(path_qs).query)
             if data is None:
                 return None
         else:
@@ -370,7 +370,7 @@ class Catalog:
                             " ORDER BY fetched_at DESC LIMIT -1 OFFSET ?)", (API_CACHE_ROWS,))
 
     # --- the CLI's view -----------------------------------------------------------------
-    def repos(self) -> list[dict[str, Any]]:
+    def repos(self) -> list[dict[str, Any]]:  # Any: sqlite values, read by the caller
         rows = self.db.execute(
             "SELECT r.repo_type, r.repo_id, r.last_access,"
             " (SELECT COUNT(DISTINCT f.digest) FROM files f WHERE f.repo_type=r.repo_type"
@@ -448,7 +448,7 @@ def _entry_from_head(repo: Repo, path: str, answer: Answer) -> FileEntry:
     return FileEntry(repo, commit, path, blob, lfs=bool(linked))
 
 
-def _strip_xet(value: Any) -> Any:
+def _strip_xet(value: object) -> object:
     if isinstance(value, dict):
         return {k: _strip_xet(v) for k, v in value.items() if k != "xetHash"}
     if isinstance(value, list):

@@ -151,7 +151,7 @@ class SignedRequest:
     nonce: str
 
 
-def body_digest(body: bytes) -> str:
+def body_digest(body: bytes | bytearray) -> str:
     return hashlib.sha256(body).hexdigest()
 
 

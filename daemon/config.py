@@ -117,6 +117,7 @@ def _default_cluster_key_file() -> Path | None:
 @dataclasses.dataclass(frozen=True)
 class Option:
     name: str  # the config-file key; the flag is --name with '-' for '_'
+    # Any: each option parses to its own type (Config's field); parse takes a TOML value or str
     parse: Callable[[Any], Any]
     default: Callable[[], Any]
     help: str
@@ -227,7 +228,7 @@ def _line_of(text: str, key: str) -> int:
     return 0
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def read_config_file(path: Path) -> dict[str, object]:
     """Parse and check a TOML config file; errors say file, line and reason."""
     try:
         text = path.read_text()
@@ -237,7 +238,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    values: dict[str, Any] = {}
+    values: dict[str, object] = {}
     for key, value in raw.items():
         where = f"{path}:{_line_of(text, key)}"
         opt = _BY_NAME.get(key.replace("-", "_"))
@@ -248,7 +249,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def _parse_value(opt: Option, value: Any, where: str) -> Any:
+def _parse_value(opt: Option, value: object, where: str) -> Any:  # Any: as Option.parse
     try:
         if opt.repeatable:
             items = value if isinstance(value, list) else [value]
@@ -260,12 +261,12 @@ def _parse_value(opt: Option, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: bad value for {opt.name}: {e}") from e
 
 
-def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
+def read_environment(environ: Mapping[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {}
     for opt in OPTIONS:
         if opt.env in environ:
             raw = environ[opt.env]
-            value: Any = [v for v in re.split(r"[,\s]+", raw) if v] if opt.repeatable else raw
+            value = [v for v in re.split(r"[,\s]+", raw) if v] if opt.repeatable else raw
             values[opt.name] = _parse_value(opt, value, f"${opt.env}")
     return values
 
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(opt.flag, dest=opt.name, action="store_const", const=True,
                            default=None, help=opt.help)
         else:
-            p.add_argument(opt.flag, dest=opt.name, action="append" if opt.repeatable else None,
+            p.add_argument(opt.flag, dest=opt.name, action="append" if opt.repeatable else "store",
                            default=None, help=opt.help, metavar=opt.name.upper())
     return p
 
@@ -298,6 +299,7 @@ def load_config(argv: Sequence[str] | None = None,
         Path(environ["MODELPEER_CONFIG"]) if environ.get("MODELPEER_CONFIG") else None)
     if config_file is None and DEFAULT_CONFIG_FILE.is_file():
         config_file = DEFAULT_CONFIG_FILE
+    # Any: each value is of its option's type (OPTIONS), which Config(**values) declares
     values: dict[str, Any] = {o.name: o.default() for o in OPTIONS}
     if config_file is not None:
         values.update(read_config_file(config_file))

@@ -8,12 +8,12 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from .catalog import REPO_TYPES, Catalog, HubError, Repo
+from .catalog import Catalog, HubError, Repo
 from .fetch import Fetcher
+from .hubnames import REPO_TYPES
 from .lan import Lan
 from .metrics import Metrics
 from .signatures import Signatures
@@ -31,7 +31,7 @@ class RecentErrors(logging.Handler):
 
     def __init__(self, size: int = 50) -> None:
         super().__init__(logging.WARNING)
-        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self.records: collections.deque[dict[str, object]] = collections.deque(maxlen=size)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append({"time": record.created, "level": record.levelname.lower(),
@@ -40,7 +40,7 @@ class RecentErrors(logging.Handler):
 
 class Control:
     def __init__(self, store: Store, catalog: Catalog, fetcher: Fetcher, metrics: Metrics,
-                 describe: Callable[[], dict[str, Any]], lan: Lan, warmup: Warmup,
+                 describe: Callable[[], dict[str, object]], lan: Lan, warmup: Warmup,
                  signatures: Signatures) -> None:
         self.store = store
         self.catalog = catalog

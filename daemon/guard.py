@@ -16,16 +16,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from .proxy import hub_error_response
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # content types a page can send only after a CORS preflight (bundles are streamed as tar)

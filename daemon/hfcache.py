@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import xxhash
 
@@ -94,7 +93,7 @@ def _unlink(parts: list[_Part]) -> None:
             part.path.unlink()
 
 
-async def dedupe(store: Store, files: list[tuple[str, BlobId]]) -> dict[str, Any]:
+async def dedupe(store: Store, files: list[tuple[str, BlobId]]) -> dict[str, object]:
     """Make each file share the blocks of the store's copy of its blob, where the kernel finds
     them identical. Stops at once, changing nothing more, when extents cannot be shared."""
     shared: list[str] = []

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from . import hfcache
 from .bundle import BundleError, Manifest, Reader, blob_member, end, head, member_header, padding
@@ -75,7 +74,7 @@ class Ingest:
 
     # --- import -------------------------------------------------------------------------
     async def import_bundle(self, reader: Reader, token: str | None, *,
-                            lenient: bool) -> dict[str, Any]:
+                            lenient: bool) -> dict[str, object]:
         """Read a bundle to its end and record it. Strict (a bundle file): any damage refuses
         the whole archive. Lenient (an HF cache): a blob failing its digest is skipped and
         reported, damage to the archive itself still refuses it."""
@@ -84,14 +83,14 @@ class Ingest:
             reader, manifest, batch, lenient=lenient))
 
     async def import_reflinked(self, manifest: Manifest, sources: dict[str, str],
-                               token: str | None) -> dict[str, Any]:
+                               token: str | None) -> dict[str, object]:
         """An HF-cache snapshot whose blob files (`sources`, by digest) the store clones;
         NoReflink (after undoing what it did) when their extents cannot be shared."""
         return await self._import(manifest, token, "reflink", lambda batch: self._fill_by_reflink(
             manifest, sources, batch))
 
     async def _import(self, manifest: Manifest, token: str | None, method: str,
-                      fill: Callable[[_Batch], Awaitable[None]]) -> dict[str, Any]:
+                      fill: Callable[[_Batch], Awaitable[None]]) -> dict[str, object]:
         repo = Repo(manifest.repo_type, manifest.repo_id)
         public, by_upstream = await self._confirm(manifest, repo, token)
         batch = _Batch(self.store, self.fetcher, repo)

@@ -6,7 +6,8 @@ says why."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .cluster import ClusterKey, Credentials, NodeIdentity
 from .config import Config
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class _Part(Protocol):
+    """What the LAN is made of (swarm, peer API, peer set, discovery): closed in turn."""
+
+    async def close(self) -> None: ...
+
+
 class Lan:
     def __init__(self, reason: str = "") -> None:
         self.reason = reason
@@ -32,17 +39,17 @@ class Lan:
         self.api: PeerApi | None = None
         self.credentials: Credentials | None = None
         self.node_id = ""
-        self._opening: list[Any] = []
+        self._opening: list[Callable[[], Awaitable[None]]] = []
         self.cluster_id = ""
-        self._parts: list[Any] = []
+        self._parts: list[_Part] = []
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, object]:
         if self.peers is None:
             return {"enabled": False, "reason": self.reason, "count": 0}
         return {"enabled": True, "reason": "", "node_id": self.node_id,
                 "cluster_id": self.cluster_id, "count": len(self.peers.usable())}
 
-    def peer_list(self) -> list[dict[str, Any]]:
+    def peer_list(self) -> list[dict[str, Any]]:  # Any: Peer.public
         """Each peer with the bytes exchanged: over the peer API plus over BitTorrent."""
         if self.peers is None or self.swarm is None:
             return []

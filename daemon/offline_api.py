@@ -10,7 +10,7 @@ have no git tree id here; they get a stable stand-in (clients list them but do n
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ def _git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def tree_entry(e: FileEntry) -> dict[str, Any]:
+def tree_entry(e: FileEntry) -> dict[str, object]:
     if not e.lfs:
         return {"type": "file", "oid": e.blob.digest, "size": e.blob.size, "path": e.path}
     pointer = lfs_pointer(e.blob.digest, e.blob.size)
@@ -34,16 +34,16 @@ def tree_entry(e: FileEntry) -> dict[str, Any]:
             "lfs": {"oid": e.blob.digest, "size": e.blob.size, "pointerSize": len(pointer)}}
 
 
-def revision_answer(repo: Repo, commit: str, entries: list[FileEntry]) -> dict[str, Any]:
+def revision_answer(repo: Repo, commit: str, entries: list[FileEntry]) -> dict[str, object]:
     return {"id": repo.id, "sha": commit, "private": False, "disabled": False, "tags": [],
             "siblings": [{"rfilename": e.path} for e in entries]}
 
 
-def tree_answer(entries: list[FileEntry], sub: str, query: str) -> list[dict[str, Any]] | None:
+def tree_answer(entries: list[FileEntry], sub: str, query: str) -> list[dict[str, object]] | None:
     """The listing of `sub` ("" for the root), recursive when the query says so; None when
     `sub` is not a directory of the commit."""
     recursive = parse_qs(query).get("recursive", [""])[0] in ("true", "1", "True")
-    listing: dict[str, dict[str, Any]] = {}
+    listing: dict[str, dict[str, object]] = {}
     for e in entries:
         parts = e.path.split("/")
         for i in range(1, len(parts)):

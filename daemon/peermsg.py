@@ -8,7 +8,7 @@ import dataclasses
 import enum
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from . import hubnames
 
@@ -42,13 +42,13 @@ class TransferSource(enum.StrEnum):
     UPSTREAM = "upstream"
 
 
-def _obj(value: object, what: str) -> dict[str, Any]:
+def _obj(value: object, what: str) -> dict[str, object]:
     if not isinstance(value, dict):
         raise BadMessage(f"{what}: expected an object, got {type(value).__name__}")
     return value
 
 
-def _get(d: dict[str, Any], key: str, kind: type[T], default: T | None = None) -> T:
+def _get(d: dict[str, object], key: str, kind: type[T], default: T | None = None) -> T:
     value = d.get(key, default)
     # bool is an int in Python; a peer sending true for a count is still wrong
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -56,7 +56,7 @@ def _get(d: dict[str, Any], key: str, kind: type[T], default: T | None = None) -
     return value
 
 
-def _text(d: dict[str, Any], key: str, default: str | None = None,
+def _text(d: dict[str, object], key: str, default: str | None = None,
           pattern: re.Pattern[str] | None = None, max_len: int = MAX_NAME) -> str:
     value = _get(d, key, str, default)
     if len(value) > max_len or (pattern is not None and not pattern.fullmatch(value)):
@@ -64,21 +64,21 @@ def _text(d: dict[str, Any], key: str, default: str | None = None,
     return value
 
 
-def _count(d: dict[str, Any], key: str, default: int | None = None, hi: int = MAX_SIZE) -> int:
+def _count(d: dict[str, object], key: str, default: int | None = None, hi: int = MAX_SIZE) -> int:
     value = _get(d, key, int, default)
     if not 0 <= value <= hi:
         raise BadMessage(f"field {key!r}: {value} is out of range")
     return value
 
 
-def _number(d: dict[str, Any], key: str, default: float = 0.0) -> float:
+def _number(d: dict[str, object], key: str, default: float = 0.0) -> float:
     value = d.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise BadMessage(f"field {key!r}: expected a number, got {value!r:.60}")
     return float(value)
 
 
-def _choice(d: dict[str, Any], key: str, kind: Callable[[str], T], default: str | None = None
+def _choice(d: dict[str, object], key: str, kind: Callable[[str], T], default: str | None = None
             ) -> T:
     value = _get(d, key, str, default)
     try:
@@ -154,7 +154,7 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
                     float(_count(d, "upstream_rate", 0)))
 
 
-def _peer_transfer(d: dict[str, Any]) -> PeerTransfer | None:
+def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
     source = _choice(d, "transfer", TransferSource, "")
     if source is TransferSource.NONE:
         return None
@@ -182,7 +182,7 @@ class WarmSpec:
     files: tuple[WarmFile, ...]
     sealed_token: str | None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
                 "revision": self.revision, "commit": self.commit,
                 "sealed_token": self.sealed_token,
@@ -232,7 +232,7 @@ class JobStatus:
     started: float
     finished: float
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 

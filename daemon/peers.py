@@ -16,7 +16,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
@@ -66,7 +66,7 @@ class Peer:
     banned_until: float = 0.0
     suspect: bool = False  # missed a deadline; left out until it answers a probe again
 
-    def public(self) -> dict[str, Any]:
+    def public(self) -> dict[str, Any]:  # Any: dataclasses.asdict; read by Lan, Control
         d = dataclasses.asdict(self)
         d["banned"] = time.time() < self.banned_until
         return d
@@ -231,7 +231,7 @@ class PeerSet:
                         reason)
             self.on_change()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:  # Any: as create_task takes
         task = asyncio.get_running_loop().create_task(coro)
         self._probes.add(task)
         task.add_done_callback(self._probes.discard)
@@ -328,7 +328,7 @@ class PeerSet:
     # --- the client side of the peer API ----------------------------------------------------
     @contextlib.asynccontextmanager
     async def _call(self, peer: Peer, method: str, path: str,
-                    body: Any = None) -> AsyncIterator[_Answer]:
+                    body: object = None) -> AsyncIterator[_Answer]:
         """A signed request to a peer, its answer checked to be the peer's answer to it; an
         answer other than 200, or a broken connection at any point inside the block, is a
         PeerError."""
@@ -370,18 +370,18 @@ class PeerSet:
             raise PeerError(f"{where}: the answer does not match its signed digest")
         return bytes(data)
 
-    async def request(self, peer: Peer, method: str, path: str, body: Any = None, *,
+    async def request(self, peer: Peer, method: str, path: str, body: object = None, *,
                       limit: int = MAX_ANSWER) -> bytes:
         async with self._call(peer, method, path, body) as answer:
             return await self._body(peer, answer, limit)
 
     async def request_json(self, peer: Peer, method: str, path: str,
-                           parse: Callable[[object], T], body: Any = None) -> T:
+                           parse: Callable[[object], T], body: object = None) -> T:
         """A JSON answer, parsed by `parse` (one of peermsg's); any deviation is a PeerError."""
         data = await self.request(peer, method, path, body)
         return _parsed(peer, path, parse, data)
 
-    async def stream(self, peer: Peer, path: str) -> AsyncIterator[bytes]:
+    async def stream(self, peer: Peer, path: str) -> AsyncGenerator[bytes, None]:
         """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
         async with self._call(peer, "GET", path) as answer:
             async for data in answer.resp.content.iter_any():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from typing import Any
 
 from .catalog import Catalog, Repo
 
@@ -31,7 +30,7 @@ class Pins:
         self.db = db
         self.catalog = catalog
 
-    def pin(self, repo: Repo, revision: str) -> dict[str, Any]:
+    def pin(self, repo: Repo, revision: str) -> dict[str, object]:
         """Pin a revision the cache knows; NotCached when it knows no file of it."""
         commit = self.catalog.known_commit(repo, revision)
         if commit is None or not self.catalog.entries_at(repo, commit):
@@ -56,7 +55,7 @@ class Pins:
                      cur.rowcount)
         return cur.rowcount
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> list[dict[str, object]]:
         rows = self.db.execute("SELECT repo_type, repo_id, revision, commit_sha FROM pins"
                                " ORDER BY repo_id, revision").fetchall()
         return [self._describe(*r) for r in rows]
@@ -73,7 +72,7 @@ class Pins:
         return {"pins": count, "pinned_files": row[0], "pinned_bytes": row[1]}
 
     def _describe(self, repo_type: str, repo_id: str, revision: str,
-                  commit: str) -> dict[str, Any]:
+                  commit: str) -> dict[str, object]:
         row = self.db.execute(
             "SELECT COUNT(*), COALESCE(SUM(b.complete), 0), COALESCE(SUM(f.size), 0),"
             " COALESCE(SUM(CASE WHEN b.complete=1 THEN f.size ELSE 0 END), 0)"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
@@ -27,7 +27,7 @@ class Relay:
         api.route("GET", "/relay/{digest}", self._serve)
 
     async def stream(self, peer: Peer, blob: BlobId, start: int,
-                     end: int) -> AsyncIterator[bytes]:
+                     end: int) -> AsyncGenerator[bytes, None]:
         """Bytes [start, end) of the blob from the peer's copy, as it gets them."""
         pos = start
         body = self.peers.stream(peer, f"/relay/{blob.digest}?start={start}&end={end}")

@@ -20,7 +20,6 @@ import logging
 import tempfile
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -115,7 +114,7 @@ def verified_manifest(data: bytes, rule: SignatureRule) -> dict[str, str]:
         except Exception as e:  # a hostile file can fail anywhere in parsing or verifying
             raise ValueError(f"{SIGNATURE_FILE} does not verify with {rule.key_file} "
                              f"({type(e).__name__}{': ' if str(e) else ''}{str(e)[:200]})") from e
-    serialization_type: dict[str, Any] = manifest.serialization_type
+    serialization_type: dict[str, object] = manifest.serialization_type
     if serialization_type.get("method") != "files" or serialization_type.get(
             "hash_type") != "sha256":
         raise ValueError(f"{SIGNATURE_FILE} lists {serialization_type.get('method')} hashed "
@@ -253,7 +252,7 @@ class Signatures:
         row = db.execute("SELECT sha256 FROM blob_sha256 WHERE digest=?",
                          (entry.blob.digest,)).fetchone()
         if row is not None:
-            return row[0]
+            return str(row[0])
         await self._fetched(entry, token)
         sha256 = await asyncio.to_thread(_sha256_of_blob, self.fetcher, entry)
         db.execute("INSERT OR REPLACE INTO blob_sha256 VALUES (?, ?)", (entry.blob.digest, sha256))
@@ -289,10 +288,10 @@ class Signatures:
                                  "path": entry.path, "error": e.message})
         return problems
 
-    async def revisions(self, repo: Repo) -> list[dict[str, Any]]:
+    async def revisions(self, repo: Repo) -> list[dict[str, object]]:
         """Each cached commit of the repo, its revisions, and who signed it (for `ls`)."""
         rule = self.rule_for(repo)
-        out = []
+        out: list[dict[str, object]] = []
         for commit, names in self.catalog.cached_commits(repo).items():
             signed_by = error = ""
             if rule is not None:

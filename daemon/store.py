@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -54,7 +54,14 @@ class BlobId:
             raise ValueError(f"negative blob size {self.size}")
 
 
-def blob_hasher(blob: BlobId) -> Any:
+class Hasher(Protocol):
+    """What hashlib's and xxhash's hash objects share, as used here."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def blob_hasher(blob: BlobId) -> Hasher:
     """A hashlib object that, fed the blob's bytes, yields blob.digest."""
     if blob.algo == "sha256":
         return hashlib.sha256()
@@ -168,9 +175,9 @@ class Store:
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
     def count_complete_chunks(self, min_blob_size: int = 0) -> int:
-        return self.db.execute(
+        return int(self.db.execute(
             "SELECT COUNT(*) FROM chunks c JOIN blobs b USING (digest)"
-            " WHERE c.complete=1 AND b.size>=?", (min_blob_size,)).fetchone()[0]
+            " WHERE c.complete=1 AND b.size>=?", (min_blob_size,)).fetchone()[0])
 
     def chunks(self, blob: BlobId) -> list[ChunkState]:
         rows = {r["idx"]: r for r in self.db.execute(
@@ -345,7 +352,7 @@ class Store:
         await asyncio.to_thread(self._remove_strays)
         return stats
 
-    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:
+    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
         return [self._check_chunk(r) for r in rows]
 
     def _check_chunk(self, row: dict[str, Any]) -> bool:
@@ -359,7 +366,7 @@ class Store:
                 os.truncate(path, row["durable"])
             elif path.stat().st_size != row["length"]:
                 return False
-            return xxh3_of_file(path, row["durable"]) == row["xxh3"]
+            return xxh3_of_file(path, row["durable"]) == str(row["xxh3"])
         except OSError:
             return False
 
@@ -382,7 +389,7 @@ class Store:
                 with _ignore_missing():
                     path.unlink()
 
-    async def verify(self, *, full: bool) -> list[dict[str, Any]]:
+    async def verify(self, *, full: bool) -> list[dict[str, object]]:
         """Check every complete chunk's xxh3 (and with full, every complete blob's digest);
         drop what fails. Returns one record per problem found."""
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks WHERE complete=1")]
@@ -422,10 +429,10 @@ class BlobWriter:
         self.store = store
         self.blob = blob
         self.offset = offset
-        self._hasher: Any = None
+        self._hasher: Hasher | None = None
         self._fd: int | None = None
         self._chunk: ChunkState | None = None
-        self._chunk_hash: Any = None
+        self._chunk_hash: Hasher | None = None
         self._since_checkpoint = 0
         self._durable: asyncio.Future[None] | None = None  # the last durability step
 
@@ -433,7 +440,7 @@ class BlobWriter:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
         self._hasher = await asyncio.to_thread(self._hash_prefix)
 
-    def _hash_prefix(self) -> Any:
+    def _hash_prefix(self) -> Hasher:
         h = blob_hasher(self.blob)
         for pos in range(0, self.offset, READ_BLOCK):
             h.update(self.store.read(self.blob, pos, min(READ_BLOCK, self.offset - pos)))
@@ -479,6 +486,7 @@ class BlobWriter:
 
     def _append(self, fd: int, piece: memoryview) -> None:
         _write_all(fd, piece)
+        assert self._chunk_hash is not None and self._hasher is not None  # _open_chunk, prepare
         self._chunk_hash.update(piece)
         self._hasher.update(piece)
 
@@ -509,7 +517,7 @@ class BlobWriter:
             await self._durable
 
     def _checkpoint(self) -> None:
-        assert self._fd is not None and self._chunk is not None
+        assert self._fd is not None and self._chunk is not None and self._chunk_hash is not None
         fd, idx = self._fd, self._chunk.idx
         durable, digest = self.offset - self._chunk.offset, self._chunk_hash.hexdigest()
 
@@ -522,7 +530,7 @@ class BlobWriter:
         self._since_checkpoint = 0
 
     def _complete_chunk(self) -> None:
-        assert self._fd is not None and self._chunk is not None
+        assert self._fd is not None and self._chunk is not None and self._chunk_hash is not None
         fd, chunk, digest = self._fd, self._chunk, self._chunk_hash.hexdigest()
         self._fd = self._chunk = None
 
@@ -546,6 +554,7 @@ class BlobWriter:
         if self.offset != self.blob.size:
             raise DigestMismatch(
                 f"blob {self.blob.digest}: got {self.offset} bytes, expected {self.blob.size}")
+        assert self._hasher is not None  # set by prepare
         got = self._hasher.hexdigest()
         if got != self.blob.digest:
             with contextlib.suppress(OSError, sqlite3.Error):

@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import cast
 
 import libtorrent as lt
 
@@ -65,13 +66,23 @@ def chunk_torrent(path: Path, piece_size: int | None = None) -> ChunkTorrent:
     return ChunkTorrent(info_hash_of(data), data, piece_size, length)
 
 
+def _decoded(torrent: bytes) -> lt.TorrentFileDict:
+    """The bdecoded torrent, for torrent_info (which re-encodes it: the info-hash is of the
+    canonical form, as before). Not a dictionary: TypeError, as torrent_info raised."""
+    decoded = lt.bdecode(torrent)
+    if not isinstance(decoded, dict):
+        raise TypeError(f"a torrent is a bencoded dictionary, not {type(decoded).__name__}")
+    # the stubs name the decoded torrent TorrentFileDict only when create_torrent made it
+    return cast("lt.TorrentFileDict", decoded)
+
+
 def info_hash_of(torrent: bytes) -> str:
-    return str(lt.torrent_info(lt.bdecode(torrent)).info_hashes().v1)
+    return str(lt.torrent_info(_decoded(torrent)).info_hashes().v1)
 
 
 def torrent_file(torrent: bytes) -> tuple[str, int]:
     """(name, length) of a one-file torrent."""
-    ti = lt.torrent_info(lt.bdecode(torrent))
+    ti = lt.torrent_info(_decoded(torrent))
     return ti.name(), ti.total_size()
 
 
@@ -122,7 +133,7 @@ class Swarm:
         host, port = self.listen
         self.state_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.state_dir / "incoming", ignore_errors=True)
-        settings = {
+        settings: lt.settings_pack = {
             "listen_interfaces": f"{host}:{port}",
             "enable_dht": False, "enable_lsd": False, "enable_upnp": False,
             "enable_natpmp": False,
@@ -203,7 +214,7 @@ class Swarm:
     @staticmethod
     def _params(torrent: bytes, save_path: Path) -> lt.add_torrent_params:
         atp = lt.add_torrent_params()
-        atp.ti = lt.torrent_info(lt.bdecode(torrent))
+        atp.ti = lt.torrent_info(_decoded(torrent))
         atp.save_path = str(save_path)
         atp.flags &= ~(lt.torrent_flags.paused | lt.torrent_flags.auto_managed)
         atp.flags |= lt.torrent_flags.apply_ip_filter
@@ -213,7 +224,7 @@ class Swarm:
     async def fetch(self, torrent: bytes, peers: list[tuple[str, int]], *,
                     stall_timeout: float = 10.0) -> AsyncIterator[bytes]:
         """The chunk's bytes in order, piece by piece, as soon as each piece is verified."""
-        ti = lt.torrent_info(lt.bdecode(torrent))
+        ti = lt.torrent_info(_decoded(torrent))
         ih = str(ti.info_hashes().v1)
         if ih in self._handles:
             raise SwarmError(f"torrent {ih} is already active here")

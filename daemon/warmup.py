@@ -115,7 +115,7 @@ class Warmup:
             api.route("POST", "/warm/{job}/cancel", self._peer_cancel)
 
     # --- the coordinator ------------------------------------------------------------------
-    async def create(self, body: dict[str, Any], token: str | None) -> dict[str, Any]:
+    async def create(self, body: dict[str, object], token: str | None) -> dict[str, object]:
         repo, revision, include, exclude, nodes_wanted = _warm_request(body)
         commit = await self._resolve(repo, revision, token)
         files = await self._list(repo, commit, token, include, exclude)
@@ -203,10 +203,10 @@ class Warmup:
                                     "(see `modelpeer peers`)")
         return [(n, p) for n, _, p in chosen]
 
-    async def status(self, job_id: str) -> dict[str, Any]:
+    async def status(self, job_id: str) -> dict[str, object]:
         """The job on every node it was given to; a node that does not answer, or answers
         nonsense, has failed."""
-        nodes: dict[str, Any] = {}
+        nodes: dict[str, dict[str, object]] = {}
         for node_id in self.members.get(job_id, [self.node_id]):
             if node_id == self.node_id:
                 job = self.jobs.get(job_id)
@@ -470,7 +470,7 @@ class Warmup:
         self._cancel_local(request.match_info["job"])
         return web.json_response({"job": request.match_info["job"]})
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self) -> list[dict[str, object]]:
         return [{"job": j.id, **self.local_status(j).to_json()} for j in self.jobs.values()]
 
 
@@ -485,6 +485,8 @@ def _job_id_answer(value: object) -> str:
     return job
 
 
+# Any: JSON from the local client; hubnames refuses values that are not names (InvalidName,
+# TypeError), the globs and nodes are checked below
 def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
     """What a local client asked to warm: repo, revision, include, exclude, nodes."""
     try:
@@ -502,7 +504,7 @@ def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str]
     return Repo(repo_type, repo_id), revision, globs["include"], globs["exclude"], nodes
 
 
-def _file_of_tree_entry(e: dict[str, Any]) -> WarmFile:
+def _file_of_tree_entry(e: dict[str, object]) -> WarmFile:
     lfs = e.get("lfs")
     if isinstance(lfs, dict):
         return parse_warm_file({"path": e.get("path"), "digest": lfs.get("oid"),
