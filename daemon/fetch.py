@@ -48,8 +48,8 @@ SETTLE = 0.3  # nodes that start a blob within this long of each other see each 
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
 REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
-PROBE_BYTES = 2 * 1024 * 1024
-PROBED_BLOB = 32 * PROBE_BYTES  # smaller blobs are not worth reading twice in part
+PROBE_BYTES = 4 * 1024 * 1024
+PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
@@ -266,7 +266,7 @@ class Fetcher:
         if t is None:
             return None
         source = TransferSource.PEER if t.probing else TransferSource(t.source)
-        return PeerTransfer(source, t.available, t.meter.settled_rate)
+        return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
 
     def upstream_rate(self) -> float:
         """What the upstream gave this node lately (0: not known): a transfer from it now, or
@@ -278,7 +278,7 @@ class Fetcher:
         return max([kept, *live])
 
     def _note_upstream_rate(self, nbytes: int, seconds: float) -> None:
-        if nbytes and seconds > 0:
+        if nbytes >= PROBE_BYTES and seconds > 0:  # a smaller read says little of the rate
             self._upstream_rate = (nbytes / seconds, time.monotonic())
 
     async def close(self) -> None:
@@ -360,12 +360,16 @@ class Fetcher:
             decision = plan.decide(held.transfers, writer.offset)
             overtake = isinstance(decision, Relay) and plan.overtakes(
                 held.transfers, decision.node, held.upstream_rates, self.upstream_rate())
+            log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
+                      ", overtaking it" if overtake else "", held.transfers)
+            chunks = (_without(held.chunks, decision.node)
+                      if overtake and isinstance(decision, Relay) else held.chunks)
             if isinstance(decision, Relay) and not overtake:
                 await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
                                           origin)
-            elif self._held_run(blob, writer.offset, held.chunks):
+            elif self._held_run(blob, writer.offset, chunks):
                 # complete chunks somewhere beat the upstream: BitTorrent from their holders
-                if not await self._chunks_held(transfer, writer, sharing, held):
+                if not await self._chunks_held(transfer, writer, sharing, chunks, held):
                     break
             elif isinstance(decision, GoUpstream):
                 settle = SETTLE - (time.monotonic() - transfer.started)
@@ -397,13 +401,13 @@ class Fetcher:
             await self._relay_from(transfer, writer, self.relay, plan, held.transfers, peer)
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
-                           held: Holders) -> bool:
+                           chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
         """The complete chunks peers hold from the writer's offset on, over BitTorrent; False
         when there are none or the transfer broke."""
-        run = self._held_run(transfer.blob, writer.offset, held.chunks)
+        run = self._held_run(transfer.blob, writer.offset, chunks)
         co = [sharing.peers.peers[n] for n in held.transfers if n in sharing.peers.peers]
-        return bool(run) and await self._stream_chunks(transfer, writer, sharing, run,
-                                                        held.chunks, co)
+        return bool(run) and await self._stream_chunks(transfer, writer, sharing, run, chunks,
+                                                        co)
 
     async def _relay_from(self, transfer: Transfer, writer: BlobWriter, relay: RelayApi,
                           plan: Plan, transfers: dict[str, PeerTransfer], peer: Peer) -> None:
@@ -639,3 +643,11 @@ class Fetcher:
             raise
         finally:
             seg.changed.set()
+
+
+def _without(chunks: dict[int, list[tuple[Peer, str]]],
+             node: str) -> dict[int, list[tuple[Peer, str]]]:
+    """Who holds which chunk, leaving out one node (an upstream fetcher being overtaken)."""
+    left = {i: [(p, ih) for p, ih in holders if p.node_id != node]
+            for i, holders in chunks.items()}
+    return {i: holders for i, holders in left.items() if holders}

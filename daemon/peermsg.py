@@ -123,7 +123,8 @@ class PeerTransfer:
     """What a peer says about its own transfer of a blob."""
     source: TransferSource  # where it gets the bytes now
     available: int  # bytes of the blob's prefix it can serve
-    rate: float  # bytes/s its prefix grows by
+    rate: float  # bytes/s its prefix grows by (0 until it has been measured a while)
+    feeder: str = ""  # the node it relays from now ("" for none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +159,10 @@ def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
     source = _choice(d, "transfer", TransferSource, "")
     if source is TransferSource.NONE:
         return None
-    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)))
+    feeder = _text(d, "feeder", "")
+    if feeder and not NODE_ID_RE.fullmatch(feeder):
+        raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
+    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder)
 
 
 # --- warm jobs ----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 RATE_WINDOW = 2.0
-RATE_SAMPLE_BYTES = 16 * 1024 * 1024  # a transfer younger than this says little by its rate
+RATE_SAMPLE_BYTES = 8 * 1024 * 1024  # a transfer younger than this says little by its rate
 
 
 class RateMeter:
@@ -136,20 +136,28 @@ class Plan:
         return next((n for n in reversed(ahead) if n in fast),
                     max(fast, key=lambda n: feeders[n]))
 
-    @staticmethod
-    def _is_fetcher(transfers: Mapping[str, PeerTransfer], source: str) -> bool:
+    def _first_behind(self, transfers: Mapping[str, PeerTransfer], source: str) -> bool:
+        """Whether this node is the first, in rendezvous order, of those relaying straight from
+        the upstream fetcher `source`: only it probes or overtakes, so that nodes starting
+        together do not all go to the upstream at once."""
         fetcher = transfers.get(source)
-        return fetcher is not None and fetcher.source == TransferSource.UPSTREAM
+        if fetcher is None or fetcher.source != TransferSource.UPSTREAM:
+            return False
+        behind = [n for n, t in transfers.items()
+                  if t.source != TransferSource.UPSTREAM and t.feeder == source]
+        return min([*behind, self.node_id], key=self.rank) == self.node_id
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
                   upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
-        """Whether this node, relaying straight from an upstream fetcher (in a chain, only the
-        next node in order does), should leave it and fetch the rest from the upstream itself:
-        the upstream gave some other node (or this one) OVERTAKE_FACTOR times what the
-        fetcher delivers. Once one node did, the others prefer it: it is faster."""
+        """Whether this node, relaying straight from an upstream fetcher, should leave it and
+        fetch the rest from the upstream itself: the fetcher's rate has settled, and the
+        upstream gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher
+        delivers. Once one node did, the others prefer it: it is faster."""
         delivered = self.delivered(source, transfers)
-        if delivered is None or not self._is_fetcher(transfers, source):
+        if delivered is None or not self._first_behind(transfers, source):
             return False
+        if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
+            return False  # someone overtook it already: the plan moves to that one
         known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
         return known >= OVERTAKE_FACTOR * max(delivered, 1.0)
 
@@ -159,15 +167,13 @@ class Plan:
         it measures it once, with a few MiB of the bytes it needs anyway."""
         others_know = any(r for n, r in upstream_rates.items() if n != source)
         return (self.delivered(source, transfers) is not None
-                and self._is_fetcher(transfers, source)
+                and self._first_behind(transfers, source)
                 and own_upstream_rate == 0 and not others_know)
 
     def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
-        """What a source gives: measured here, else what it says once it has been at it long
-        enough for its rate to mean something."""
-        if source in self.measured:
-            return self.measured[source]
+        """What a source gives once its rate has settled (None before: a transfer ramping up
+        says little): the better of what it says and what it delivered here."""
         t = transfers.get(source)
         if t is None or t.rate <= 0 or t.available < RATE_SAMPLE_BYTES:
             return None
-        return t.rate
+        return max(t.rate, self.measured.get(source, 0.0))

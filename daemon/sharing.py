@@ -142,7 +142,8 @@ class Sharing:
         small = self.store.is_complete(digest) and not chunks
         state = self.transfer_state(digest)
         transfer = {} if state is None else {
-            "transfer": state.source, "available": state.available, "rate": round(state.rate)}
+            "transfer": state.source, "available": state.available, "rate": round(state.rate),
+            "feeder": state.feeder}
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "upstream_rate": round(self.upstream_rate()), **transfer})
 

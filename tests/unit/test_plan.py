@@ -23,8 +23,9 @@ class Clock:
         return self.now
 
 
-def t(source: TransferSource = PEER, available: int = 0, rate: float = 0) -> PeerTransfer:
-    return PeerTransfer(source, available, rate)
+def t(source: TransferSource = PEER, available: int = 0, rate: float = 0,
+      feeder: str = "") -> PeerTransfer:
+    return PeerTransfer(source, available, rate, feeder)
 
 
 def nodes_in_rank_order(digest: str = "d" * 64, n: int = 5) -> list[str]:
@@ -93,31 +94,33 @@ def test_a_dropped_source_stays_out_for_a_while() -> None:
     assert plan.decide(view, 0) == Relay(b)
 
 
-def test_the_next_node_overtakes_a_slow_upstream_fetcher_only_when_the_upstream_is_faster(
+def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_node(
         ) -> None:
     fetcher, first, second = nodes_in_rank_order(n=3)
-    view = {fetcher: t(UP, 10 * MB, 6 * MB), second: t(PEER, 0)}
     slow_fetcher_only = {fetcher: 6 * MB}
     plan = Plan(first, "d" * 64)
-    assert not plan.needs_probe(view, fetcher, slow_fetcher_only, 0)  # nothing measured yet
-    grown = {**view, fetcher: t(UP, 20 * MB, 6 * MB)}  # its own rate means something now
-    assert plan.needs_probe(grown, fetcher, slow_fetcher_only, 0)
-    assert plan.overtakes(grown, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
-    plan.measured[fetcher] = 6 * MB
+    young = {fetcher: t(UP, 10 * MB, 0), second: t(PEER, 0, 0, fetcher)}
+    assert not plan.needs_probe(young, fetcher, slow_fetcher_only, 0)  # its rate not settled
+    assert not plan.overtakes(young, fetcher, slow_fetcher_only, 40 * MB)
+    view = {fetcher: t(UP, 20 * MB, 6 * MB), second: t(PEER, 0, 0, fetcher)}
     assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
     assert not plan.overtakes(view, fetcher, slow_fetcher_only, 0)
     assert plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
     assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=15 * MB)
-    plan.measured[fetcher] = 30 * MB
-    assert not plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
-    # a node relaying from another follower neither probes nor overtakes
+    # of the nodes relaying straight from the fetcher, only the first in rank acts
     other = Plan(second, "d" * 64)
-    other.measured[first] = 6 * MB
-    view2 = {fetcher: view[fetcher], first: t(PEER, 5 * MB)}
-    assert not other.needs_probe(view2, first, slow_fetcher_only, 0)
+    view2 = {fetcher: view[fetcher], first: t(PEER, 5 * MB, 0, fetcher)}
+    assert not other.needs_probe(view2, fetcher, slow_fetcher_only, 0)
+    assert not other.overtakes(view2, fetcher, slow_fetcher_only, 40 * MB)
+    # ... but if the first relays from someone else, the second is first behind the fetcher
+    view3 = {fetcher: view[fetcher], first: t(PEER, 5 * MB, 0, "")}
+    assert other.overtakes(view3, fetcher, slow_fetcher_only, 40 * MB)
+    # a node relaying from another follower neither probes nor overtakes
     assert not other.overtakes(view2, first, slow_fetcher_only, 40 * MB)
+    # once a node overtook it, the others do not: they move to that one
+    overtaken = {**view, second: t(UP, 25 * MB, 0)}
+    assert not plan.overtakes(overtaken, fetcher, slow_fetcher_only, 40 * MB)
     # a rate some other node measured is enough, and no probe is needed then
-    plan.measured[fetcher] = 6 * MB
     known = {**slow_fetcher_only, second: 45 * MB}
     assert not plan.needs_probe(view, fetcher, known, 0)
     assert plan.overtakes(view, fetcher, known, 0)
