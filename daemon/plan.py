@@ -32,7 +32,7 @@ STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 RATE_WINDOW = 2.0
-RATE_SAMPLE_BYTES = 8 * 1024 * 1024  # a transfer younger than this says little by its rate
+RATE_SAMPLE_BYTES = 2 * 1024 * 1024  # a transfer younger than this says little by its rate
 
 
 class RateMeter:
