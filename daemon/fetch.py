@@ -269,13 +269,10 @@ class Fetcher:
         return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
 
     def upstream_rate(self) -> float:
-        """What the upstream gave this node lately (0: not known): a transfer from it now, or
-        the last one."""
-        live = [t.meter.rate for t in self.transfers.values()
-                if t.source == TransferSource.UPSTREAM and t.meter.age >= CHECK_EVERY]
+        """What the upstream gave this node lately (0: not known), from whole transfers and
+        probes: a running transfer's rate swings as its segments land in bursts."""
         rate, when = self._upstream_rate
-        kept = rate if time.monotonic() - when < UPSTREAM_RATE_KEPT else 0.0
-        return max([kept, *live])
+        return rate if time.monotonic() - when < UPSTREAM_RATE_KEPT else 0.0
 
     def _note_upstream_rate(self, nbytes: int, seconds: float) -> None:
         if nbytes >= PROBE_BYTES and seconds > 0:  # a smaller read says little of the rate
