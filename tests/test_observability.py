@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd
+from tests.harness import ROOT, Modelpeerd, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -67,6 +67,7 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert served(after, "upstream") == SIZE
     assert after[("modelpeer_upstream_bytes_total", ())] == SIZE
     assert after[("modelpeer_cache_misses_total", ())] == 1
+    wait_for(lambda: d.status()["transfers"] == [], "the download is stored")
     hub.reset()
     with urllib.request.urlopen(d.url + URL, timeout=60) as resp:
         assert len(resp.read()) == SIZE
