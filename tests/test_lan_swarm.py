@@ -78,8 +78,9 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
     # it fed the others only until its rate told: at 50 Mbit/s, a few seconds' worth
     assert sent[slow] < size / 2, sent
     assert slow_pull.result(timeout=120) == digest
-    # the slow fetcher's own download and one node overtaking it, no more
-    assert cluster.hub.stats()["cdn_bytes"] <= 2.05 * size
+    # the slow fetcher's own download, one node overtaking it, and at most one 4 MiB probe of
+    # the upstream per node (a node that does not know what the upstream gives measures it)
+    assert cluster.hub.stats()["cdn_bytes"] <= 2 * size + len(HOSTS) * 4 * MiB
 
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
