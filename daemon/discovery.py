@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import socket
-import time
 from collections.abc import Callable
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -26,13 +25,10 @@ MAX_SERVICES = 1024  # mDNS is unauthenticated: a flood of announcements stays b
 
 @dataclasses.dataclass
 class PeerInfo:
+    """A candidate as announced; everything else about it comes from its signed status."""
     node_id: str
     address: str
     peer_port: int
-    bt_port: int
-    version: str
-    cluster_id: str
-    last_seen: float
 
 
 class Discovery:
@@ -115,9 +111,7 @@ class Discovery:
             log.debug("mDNS: ignoring %s of another cluster", name)
             return
         try:
-            peer = PeerInfo(props["node"], addresses[0], int(props["peer_port"]),
-                            int(props["bt_port"]), props.get("version", ""),
-                            props["cluster"], time.time())
+            peer = PeerInfo(props["node"], addresses[0], int(props["peer_port"]))
         except (KeyError, ValueError):
             log.warning("mDNS: %s announced malformed TXT %s", name, props)
             return

@@ -248,5 +248,10 @@ def parse_job_status(value: object) -> JobStatus:
                      _number(d, "started"), _number(d, "finished"))
 
 
+def parse_job_id(value: object) -> str:
+    """The answer to POST /warm and POST /warm/{job}/cancel."""
+    return _text(_obj(value, "job answer"), "job", pattern=JOB_ID_RE)
+
+
 def parse_sealed_token(value: object) -> str:
     return _text(_obj(value, "token answer"), "sealed_token", max_len=8192)

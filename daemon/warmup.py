@@ -32,12 +32,11 @@ from .catalog import Catalog, FileEntry, HubError, Repo
 from .cluster import ClusterKey, SignatureError
 from .fetch import Fetcher, Origin
 from .peermsg import (
-    JOB_ID_RE,
-    BadMessage,
     JobState,
     JobStatus,
     WarmFile,
     WarmSpec,
+    parse_job_id,
     parse_job_status,
     parse_sealed_token,
     parse_warm_file,
@@ -143,7 +142,7 @@ class Warmup:
     async def _send_job(self, peer: Peer, job: Job) -> None:
         assert self.peers is not None  # a remote node was chosen, so there is a LAN
         spec = job.spec(self._seal(job.id, job.token)).to_json()
-        await self.peers.request_json(peer, "POST", "/warm", _job_id_answer, spec)
+        await self.peers.request_json(peer, "POST", "/warm", parse_job_id, spec)
 
     def _seal(self, job_id: str, token: str | None) -> str | None:
         if token is None or self.cluster_key is None:
@@ -238,7 +237,7 @@ class Warmup:
             elif self.peers is not None and node_id in self.peers.peers:
                 try:
                     await self.peers.request_json(self.peers.peers[node_id], "POST",
-                                                  f"/warm/{job_id}/cancel", _job_id_answer, {})
+                                                  f"/warm/{job_id}/cancel", parse_job_id, {})
                 except PeerError as e:
                     log.warning("warm job %s: cancel on %s failed: %s", job_id, node_id, e)
 
@@ -478,15 +477,6 @@ async def _no_policy(entry: FileEntry, token: str | None) -> None:
     return None
 
 
-def _job_id_answer(value: object) -> str:
-    job = value.get("job") if isinstance(value, dict) else None
-    if not isinstance(job, str) or not JOB_ID_RE.fullmatch(job):
-        raise BadMessage("field 'job': not a job id")
-    return job
-
-
-# Any: JSON from the local client; hubnames refuses values that are not names (InvalidName,
-# TypeError), the globs and nodes are checked below
 def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
     """What a local client asked to warm: repo, revision, include, exclude, nodes."""
     try:

@@ -15,6 +15,7 @@ from modelpeer.daemon.peermsg import (
     JobState,
     TransferSource,
     parse_chunk_map,
+    parse_job_id,
     parse_job_status,
     parse_sealed_token,
     parse_status,
@@ -47,6 +48,9 @@ def test_good_messages_parse() -> None:
                           "finished": 2})
     assert j.state is JobState.DONE
     assert parse_sealed_token({"sealed_token": "abc"}) == "abc"
+    assert parse_job_id({"job": "0123456789ab"}) == "0123456789ab"
+    with pytest.raises(BadMessage):
+        parse_job_id({"job": "../x"})
 
 
 def spec_with(**change: Any) -> dict[str, Any]:
@@ -104,7 +108,7 @@ json_values = st.recursive(
 
 @given(json_values)
 def test_no_json_value_breaks_a_parser_otherwise(value: Any) -> None:
-    for parse in (parse_status, parse_warm_spec, parse_job_status, parse_sealed_token,
+    for parse in (parse_status, parse_warm_spec, parse_job_status, parse_sealed_token, parse_job_id,
                   lambda v: parse_chunk_map(v, D, 4)):
         with contextlib.suppress(BadMessage):
             parse(value)
