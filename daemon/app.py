@@ -75,6 +75,7 @@ class Daemon:
             self.lan.relay.may_share = self.signatures.may_share
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+            self.lan.sharing.blob_transfers = self.fetcher.blob_transfers
             self.lan.sharing.upstream_rate = self.fetcher.upstream_rate
             self.lan.sharing.may_share = self.signatures.may_share
         self.pins = Pins(self.db, self.catalog)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
-from .peermsg import PeerTransfer, TransferSource
+from .peermsg import BlobTransfer, PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
 from .store import BlobId, BlobWriter, DigestMismatch, Store
@@ -275,6 +275,12 @@ class Fetcher:
             return None
         source = TransferSource.PEER if t.probing else TransferSource(t.source)
         return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+
+    def blob_transfers(self) -> list[BlobTransfer]:
+        """Every running transfer as the cluster sees it, for the plan view."""
+        return [BlobTransfer(t.blob.digest, t.label, t.blob.size, state)
+                for digest, t in self.transfers.items()
+                if (state := self.transfer_state(digest)) is not None]
 
     def upstream_rate(self) -> float:
         """What the upstream gave this node lately (0: not known), from whole transfers and
