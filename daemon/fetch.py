@@ -363,6 +363,7 @@ class Fetcher:
         blob = transfer.blob
         transfer.mark_source(writer.offset, "peer")
         plan = Plan(sharing.peers.node_id, blob.digest)
+        held_failed_at = -1  # where getting complete chunks from their holders broke last
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if held.small:
@@ -377,13 +378,18 @@ class Fetcher:
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
                       if overtake and isinstance(decision, Relay) else held.chunks)
-            if isinstance(decision, Relay) and not overtake:
-                await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
-                                          origin)
-            elif self._held_run(blob, writer.offset, chunks):
-                # complete chunks somewhere beat the upstream: BitTorrent from their holders
+            run = self._held_run(blob, writer.offset, chunks)
+            relay = decision.node if isinstance(decision, Relay) and not overtake else ""
+            if relay and not (run and writer.offset != held_failed_at
+                              and _has_nothing_past(held, relay, writer.offset)):
+                await self._relay_decided(transfer, writer, sharing, plan, held, relay, origin)
+            elif run:
+                # complete chunks somewhere beat the upstream, and a feeder that waits for its
+                # own bytes: BitTorrent from their holders (if that breaks, the feeder again)
                 if not await self._chunks_held(transfer, writer, sharing, chunks, held):
-                    break
+                    if not relay:
+                        break
+                    held_failed_at = writer.offset
             elif isinstance(decision, GoUpstream):
                 settle = SETTLE - (time.monotonic() - transfer.started)
                 if settle <= 0:
@@ -656,6 +662,13 @@ class Fetcher:
             raise
         finally:
             seg.changed.set()
+
+
+def _has_nothing_past(held: Holders, node: str, offset: int) -> bool:
+    """Whether `node` has no byte of the blob past `offset` yet: waiting for it loses to
+    complete chunks that other peers hold (a slow upstream fetcher can be minutes away)."""
+    t = held.transfers.get(node)
+    return t is None or t.available <= offset
 
 
 def _without(chunks: dict[int, list[tuple[Peer, str]]],
