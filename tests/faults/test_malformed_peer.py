@@ -26,6 +26,10 @@ REPO = "faults/malformed-peer"
 KiB = 1024
 SMALL_SIZE = 700 * KiB  # travels over the peer API as one answer
 SHARED_SIZE = 3 * 1024 * KiB  # relayed, or shared chunk by chunk
+# wrong bytes relayed: more than the client writes at a time (huggingface_hub: 10 MiB), so it
+# keeps some before the daemon finds the blob wrong
+WRONG_BYTES_SIZE = 24 * 1024 * KiB
+WRONG_BYTES = ("relay-wrong-bytes", "relay-wrong-offset")
 BOUND = 40.0  # seconds for one download: the peer deadlines, the stall window and a margin
 
 
@@ -39,6 +43,12 @@ class Suite:
 
 def file_of(mode: str) -> str:
     return f"{mode}.bin"
+
+
+def size_of(mode: str) -> int:
+    if mode in WRONG_BYTES:
+        return WRONG_BYTES_SIZE
+    return SMALL_SIZE if MODES[mode][0] == BLOB else SHARED_SIZE
 
 
 def member_specs(tmp: Path, base: str) -> list[dict[str, object]]:
@@ -74,9 +84,7 @@ def start_hostile(tmp: Path, key: Path, specs: list[dict[str, object]],
 def suite(fakehub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     """One daemon, and one hostile process playing one broken member per malformation."""
     tmp = tmp_path_factory.mktemp("malformed")
-    fakehub.add_repo(REPO, {file_of(mode): {"size": SMALL_SIZE if route == BLOB
-                                            else SHARED_SIZE}
-                            for mode, (route, _) in MODES.items()})
+    fakehub.add_repo(REPO, {file_of(mode): {"size": size_of(mode)} for mode in MODES})
     key = write_key(tmp / "cluster.key")
     specs = member_specs(tmp, f"127.77.{os.getpid() % 250}.")
     requests = tmp / "requests.jsonl"
