@@ -133,6 +133,7 @@ class Warmup:
             try:
                 await self._send_job(peer, job)
             except PeerError as e:
+                log.warning("warm job %s: node %s did not take it: %s", job.id, node_id, e)
                 errors[node_id] = str(e)
         log.info("warm job %s: %s@%s, %d files, %d bytes, on %d nodes", job.id, repo,
                  commit[:12], len(files), job.total_bytes, len(nodes))

@@ -3,7 +3,8 @@ key, signs its answers and answers GET /status well, so a daemon admits it; but 
 answers a data route with one malformation. One process plays several such members, each on its
 own loopback address with its own node key (a ban is per node and per address, so cases do not
 spoil each other); each answers every other blob like a member that holds nothing. A member
-whose malformation is on GET /status answers it well until it is first asked about its blob.
+whose malformation is on GET /status answers it well until it is first asked about its blob;
+one whose malformation is on a warm-job route is asked only by a job that names it.
 
 `python -m tests.hostilepeer CONFIG` where CONFIG is JSON: {"key": cluster key file,
 "dir": where node keys go, "log": request log, "members": [{"address", "port", "mode",
@@ -229,6 +230,7 @@ def _deep(depth: int) -> bytes:
 
 
 STATUS, CHUNKS, RELAY, BLOB, TORRENT = "status", "chunks", "relay", "blob", "torrent"
+WARM, WARM_JOB = "warm", "warm-job"  # POST /warm; GET /warm/{job} and the rest under it
 
 MODES: dict[str, tuple[str, Answer]] = {
     # the chunk map, read by every download
@@ -267,6 +269,12 @@ MODES: dict[str, tuple[str, Answer]] = {
     "relay-drip": (RELAY, _relay_drip),
     "relay-frozen": (RELAY, frozen),
     "relay-http-404": (RELAY, lambda m, r: _ok_status(m, r, 404, b"no such thing")),
+    # warm jobs this node coordinates: the member is asked only when a job names it
+    "warm-start-drip": (WARM, lambda m, r: drip(m, r, b'{"job": "0123456789ab"' + b" " * 200
+                                                + b"}")),
+    "warm-start-wrong-id": (WARM, _map(lambda m: {"job": 12})),
+    "warm-status-garbage": (WARM_JOB, lambda m, r: _raw_answer(m, r, b"\x89PNG garbage")),
+    "warm-status-drip": (WARM_JOB, lambda m, r: drip(m, r, json.dumps(job_status()).encode())),
     # liveness: a member admitted long ago starts to drip its status
     "status-drip": (STATUS, lambda m, r: drip(m, r, json.dumps(status_of(m)).encode())),
 }
@@ -292,9 +300,19 @@ def map_for(m: Member) -> dict[str, object]:
     return {**empty_map(m.digest), "small": route == BLOB}
 
 
-def well_formed(m: Member, request: web.Request, kind: str, digest: str) -> web.Response:
+def job_status() -> dict[str, object]:
+    return {"state": "running", "error": "", "files": 1, "done_files": 0, "bytes": 1,
+            "have_bytes": 0, "repo": "", "started": 0, "finished": 0}
+
+
+async def well_formed(m: Member, request: web.Request, kind: str,
+                      digest: str) -> web.Response:
     if kind == STATUS:
         return m.json_answer(request, status_of(m))
+    if kind == WARM:
+        return m.json_answer(request, {"job": (await request.json())["id"]})
+    if kind == WARM_JOB:
+        return m.json_answer(request, job_status())
     if kind == CHUNKS:
         return m.json_answer(request, map_for(m) if digest == m.digest else empty_map(digest))
     return m.json_answer(request, {"error": "not held"}, status=404)
@@ -305,14 +323,16 @@ def routes(m: Member) -> web.Application:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         kind, _, rest = request.path.removeprefix(API + "/").partition("/")
+        kind = WARM_JOB if kind == WARM and rest else kind
         digest = rest.split("/")[0]
-        about_blob = kind != STATUS and digest == m.digest
+        about_blob = kind not in (STATUS, WARM, WARM_JOB) and digest == m.digest
         m.armed = m.armed or about_blob
-        if kind == route and (m.armed if kind == STATUS else about_blob):
+        if kind == route and {STATUS: m.armed, WARM: True, WARM_JOB: True}.get(kind,
+                                                                              about_blob):
             m.note(request.path_qs, m.mode)
             return await malformed(m, request)
         m.note(request.path_qs, "")
-        return well_formed(m, request, kind, digest)
+        return await well_formed(m, request, kind, digest)
 
     app = web.Application()
     app.router.add_route("*", API + "/{tail:.*}", handle)

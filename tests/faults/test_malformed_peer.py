@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files, file_sha256
+from tests.fakehub import FakeHub, expected_files, file_sha256, http_json
 from tests.harness import ROOT, HfHome, Modelpeerd, free_port, hf_client, wait_for
-from tests.hostilepeer import BLOB, MODES, STATUS
+from tests.hostilepeer import BLOB, MODES, STATUS, WARM, WARM_JOB
 from tests.netlab import write_key
 
 REPO = "faults/malformed-peer"
@@ -139,7 +139,11 @@ def last_seen(d: Modelpeerd, node_id: str) -> float:
     return float(next(p["last_seen"] for p in peers if p["node_id"] == node_id))
 
 
-@pytest.mark.parametrize("mode", [m for m, (route, _) in MODES.items() if route != STATUS])
+def modes_on(*routes: str) -> list[str]:
+    return [mode for mode, (route, _) in MODES.items() if route in routes]
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m not in modes_on(STATUS, WARM, WARM_JOB)])
 def test_a_malformed_answer_costs_the_client_nothing(suite: Suite, hub: FakeHub,
                                                      hf_home: HfHome, mode: str) -> None:
     log_before = download_through(suite, hf_home(), mode)
@@ -160,3 +164,23 @@ def test_a_member_dripping_its_status_holds_up_no_other(suite: Suite, hub: FakeH
     wait_for(lambda: any("stopped answering" in line
                          for line in lines_naming(suite, mode, log_before)),
              "the dripping member is found dead", timeout=30)
+
+
+@pytest.mark.parametrize("mode", modes_on(WARM, WARM_JOB))
+def test_a_malformed_warm_answer_fails_that_node_only(suite: Suite, hub: FakeHub,
+                                                      mode: str) -> None:
+    d = suite.daemon
+    node = suite.node_ids[mode]
+    log_before = len(d.log_path.read_bytes())
+    control = d.url + "/_modelpeer/v1"
+    started = http_json("POST", control + "/warm", {"repo": REPO, "include": [file_of(mode)],
+                                                   "nodes": node}, timeout=BOUND)
+    job = http_json("GET", f"{control}/jobs/{started['job']}", timeout=BOUND)
+    assert malformed_answers(suite, mode), f"the daemon never asked the {mode} member"
+    if MODES[mode][0] == WARM:
+        assert node in started["errors"], started
+        assert lines_naming(suite, mode, log_before), d.log()
+    else:
+        answer = job["nodes"][f"hostile-{mode}"]
+        assert answer["state"] == "failed" and node[:16] in answer["error"], job
+    assert d.proc is not None and d.proc.poll() is None, f"modelpeerd died:\n{d.log()}"
