@@ -35,7 +35,9 @@ from modelpeer.daemon.cluster import (
 )
 from modelpeer.daemon.keyfile import read_key_file
 from modelpeer.daemon.peers import API, MAX_ANSWER
+from modelpeer.daemon.swarm import chunk_torrent
 
+CHUNK_SIZE = 8 * 1024 * 1024  # the suite's daemons use 8 MiB chunks
 DRIP_BYTES = 600  # a drip-fed answer lasts this many seconds: far past any deadline
 
 
@@ -69,8 +71,9 @@ class Member:
 
 # --- what a well-formed member that holds nothing of the blob says --------------------------
 def status_of(m: Member) -> dict[str, object]:
+    """Its BitTorrent port is its peer API port: it speaks HTTP there, not BitTorrent."""
     return {"node_id": m.credentials.node_id, "name": f"hostile-{m.mode}",
-            "version": "0.1.0", "bt_port": 0, "chunks": 0}
+            "version": "0.1.0", "bt_port": m.port, "chunks": 0}
 
 
 def empty_map(digest: str) -> dict[str, object]:
@@ -78,7 +81,7 @@ def empty_map(digest: str) -> dict[str, object]:
 
 
 def chunk_count(m: Member) -> int:
-    return max(1, -(-m.size // (8 * 1024 * 1024)))  # the suite's daemons use 8 MiB chunks
+    return max(1, -(-m.size // CHUNK_SIZE))
 
 
 def relaying_map(m: Member) -> dict[str, object]:
@@ -89,7 +92,8 @@ def relaying_map(m: Member) -> dict[str, object]:
 
 def holding_map(m: Member) -> dict[str, object]:
     """A member that claims every chunk of the blob."""
-    return {**empty_map(m.digest), "chunks": [{"index": i, "info_hash": "ab" * 20}
+    info_hash = "" if m.mode == "torrent-unseeded" else "ab" * 20
+    return {**empty_map(m.digest), "chunks": [{"index": i, "info_hash": info_hash}
                                               for i in range(chunk_count(m))]}
 
 
@@ -224,6 +228,16 @@ async def _badly_signed(m: Member, request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
+async def _real_torrent(m: Member, request: web.Request) -> web.StreamResponse:
+    """The true torrent of the chunk asked for, which this member never seeds."""
+    idx = int(request.match_info["tail"].rsplit("/", 1)[1])
+    chunk = m.blob.parent / "chunks" / f"{m.digest}.{idx}"
+    chunk.parent.mkdir(exist_ok=True)
+    chunk.write_bytes(blob_bytes(m)[idx * CHUNK_SIZE:(idx + 1) * CHUNK_SIZE])
+    made = await asyncio.to_thread(chunk_torrent, chunk)
+    return web.Response(body=made.torrent, headers=m.signed(request, 200, made.torrent))
+
+
 def _deep(depth: int) -> bytes:
     inner = b"[" * depth + b"]" * depth
     return b'{"digest": 0, "chunks": ' + inner + b"}"
@@ -256,6 +270,7 @@ MODES: dict[str, tuple[str, Answer]] = {
     "torrent-garbage": (TORRENT, lambda m, r: _raw_answer(m, r, b"d4:infod6:lengthi-5eee")),
     "torrent-huge": (TORRENT, lambda m, r: huge(m, r, announced=False)),
     "torrent-drip": (TORRENT, lambda m, r: drip(m, r, b"d4:info" + b"x" * 1000)),
+    "torrent-unseeded": (TORRENT, _real_torrent),
     # the whole small blob claimed
     "small-wrong-bytes": (BLOB, _small_wrong),
     "small-cut": (BLOB, _small_cut),
