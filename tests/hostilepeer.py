@@ -125,6 +125,15 @@ async def cut(m: Member, request: web.Request, body: bytes, keep: int) -> web.St
     return resp
 
 
+async def overlong(m: Member, request: web.Request, body: bytes) -> web.StreamResponse:
+    """The body its Content-Length announces, then more bytes on the kept-alive connection."""
+    resp = await streamed(m, request, len(body), body)
+    await resp.write(body)
+    if request.transport is not None:
+        request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbad")
+    return resp
+
+
 async def frozen(m: Member, request: web.Request) -> web.StreamResponse:
     """Headers, then silence with the connection open."""
     resp = await streamed(m, request, None)
@@ -262,6 +271,8 @@ MODES: dict[str, tuple[str, Answer]] = {
     "map-drip": (CHUNKS, lambda m, r: drip(m, r, json.dumps(relaying_map(m)).encode())),
     "map-frozen": (CHUNKS, frozen),
     "map-short-body": (CHUNKS, lambda m, r: cut(m, r, json.dumps(relaying_map(m)).encode(), 20)),
+    "map-longer-than-length": (CHUNKS, lambda m, r: overlong(
+        m, r, json.dumps({**empty_map(m.digest), "small": True}).encode())),
     "map-signed-other-body": (CHUNKS, _signed_over_other),
     "map-bad-signature": (CHUNKS, _badly_signed),
     "map-http-500": (CHUNKS, lambda m, r: _ok_status(m, r, 500, b"<h1>oops</h1>" * 100)),
