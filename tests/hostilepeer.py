@@ -353,8 +353,8 @@ def routes(m: Member) -> web.Application:
         digest = rest.split("/")[0]
         about_blob = kind not in (STATUS, WARM, WARM_JOB) and digest == m.digest
         m.armed = m.armed or about_blob
-        if kind == route and {STATUS: m.armed, WARM: True, WARM_JOB: True}.get(kind,
-                                                                              about_blob):
+        if kind == route and (about_blob or kind in (WARM, WARM_JOB)
+                              or (kind == STATUS and m.armed)):
             m.note(request.path_qs, m.mode)
             return await malformed(m, request)
         m.note(request.path_qs, "")
