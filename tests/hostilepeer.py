@@ -299,6 +299,7 @@ MODES: dict[str, tuple[str, Answer]] = {
     "warm-start-drip": (WARM, lambda m, r: drip(m, r, b'{"job": "0123456789ab"' + b" " * 200
                                                 + b"}")),
     "warm-start-wrong-id": (WARM, _map(lambda m: {"job": 12})),
+    "warm-start-other-job": (WARM, _map(lambda m: {"job": "0123456789ab"})),
     "warm-status-garbage": (WARM_JOB, lambda m, r: _raw_answer(m, r, b"\x89PNG garbage")),
     "warm-status-drip": (WARM_JOB, lambda m, r: drip(m, r, json.dumps(job_status()).encode())),
     # liveness: a member admitted long ago starts to drip its status
