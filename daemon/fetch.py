@@ -51,6 +51,8 @@ REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with f
 PROBE_BYTES = 4 * 1024 * 1024
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
+WRONG_BLOB_KEPT = 3600.0  # how long a blob that failed its digest answers a resume whole
+MAX_WRONG_BLOBS = 4096
 EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
 
@@ -200,6 +202,7 @@ class Fetcher:
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
+        self._failed_digest: dict[str, float] = {}  # digest -> until when it is remembered
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
 
@@ -349,6 +352,7 @@ class Fetcher:
     def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
         if isinstance(error, DigestMismatch):
             self._blame_peers(transfer)
+            self._remember_failed_digest(transfer.blob.digest)
         expected = isinstance(error, EXPECTED_FAILURES)
         log.error("fetching %s (%s) failed%s: %s", origin.label, transfer.blob.digest[:12],
                   "" if expected else " unexpectedly", error,
@@ -493,6 +497,18 @@ class Fetcher:
         self._note_upstream_rate(writer.offset - start, time.monotonic() - began)
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
                  self.upstream_rate() / 1e6, writer.offset - start)
+
+    def _remember_failed_digest(self, digest: str) -> None:
+        now = time.monotonic()
+        if len(self._failed_digest) >= MAX_WRONG_BLOBS:
+            self._failed_digest = {d: t for d, t in self._failed_digest.items() if t > now}
+        self._failed_digest[digest] = now + WRONG_BLOB_KEPT
+
+    def failed_digest_lately(self, digest: str) -> bool:
+        """Whether a transfer of the blob failed its digest lately. Its readers got all but
+        the last byte before the check (the bytes stream as they land), so a client resuming
+        with a Range holds wrong bytes and must start over."""
+        return self._failed_digest.get(digest, 0.0) > time.monotonic()
 
     def _blame_peers(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again

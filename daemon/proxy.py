@@ -185,6 +185,11 @@ class Proxy:
         except _Unsatisfiable as e:
             return hub_error_response(416, f"range not satisfiable for a {e.size}-byte file",
                                       headers={"Content-Range": f"bytes */{e.size}"})
+        if span and span[0] > 0 and self.fetcher.failed_digest_lately(blob.digest):
+            log.warning("%s/%s: a Range is answered with the whole file: a transfer of it "
+                        "failed its digest lately, so a client resuming it holds wrong bytes",
+                        entry.repo, entry.path)
+            span = None
         start, end = span or (0, blob.size)
         resp = web.StreamResponse(status=206 if span else 200, headers=headers)
         resp.content_length = end - start

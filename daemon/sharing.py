@@ -293,7 +293,9 @@ class Sharing:
             async for data in self.swarm.fetch(torrent, endpoints):
                 yield data
         except (SwarmError, SwarmStalled) as e:
-            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} failed: {e}") from e
+            names = ", ".join(dict.fromkeys(p.node_id for p in sources))
+            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} from peers {names} "
+                            f"failed: {e}") from e
 
     # --- events -------------------------------------------------------------------------
     def _bad_peer(self, ip: str, info_hash: str) -> None:
