@@ -34,6 +34,7 @@ MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ..
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ALGOS = ("sha256", "gitsha1")
+_CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
 
 
@@ -335,22 +336,117 @@ class Store:
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:
-        """At start: keep what is good. Complete chunks must match their xxh3, partial chunks
-        are cut back to their last checkpoint and must match it; the rest is dropped."""
+        """At start: keep what is good. Blobs whose index rows disagree with each other are
+        forgotten; complete chunks must match their xxh3, partial chunks are cut back to their
+        last checkpoint and must match it; the rest is dropped. Complete chunk files the index
+        does not know are kept when together they hash to their blob's name."""
+        self._forget_inconsistent_blobs()
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
         verdicts = await asyncio.to_thread(self._check_chunks, rows)
-        stats = {"good": 0, "dropped": 0, "partial": 0}
+        stats = {"good": 0, "dropped": 0, "partial": 0, "adopted": 0}
         with self.db:
             for row, ok in zip(rows, verdicts, strict=True):
                 if ok:
                     stats["partial" if not row["complete"] else "good"] += 1
                     continue
                 stats["dropped"] += 1
-                log.warning("chunk %s.%d failed its check at start; it will be fetched again",
-                            row["digest"], row["idx"])
+                log.warning("chunk %s failed its check at start; it will be fetched again",
+                            self.chunk_path(row["digest"], row["idx"],
+                                            partial=not row["complete"]))
                 self._reset_chunk(row["digest"], row["idx"])
+        for blob, chunks in await asyncio.to_thread(self._orphan_blobs):
+            self._adopt_blob(blob, chunks)
+            stats["adopted"] += 1
         await asyncio.to_thread(self._remove_strays)
         return stats
+
+    def _forget_inconsistent_blobs(self) -> None:
+        """Drop the rows (not the files) of blobs whose rows break the store's invariants, and
+        chunk rows of no blob; their chunk files are then orphans, kept if they hash right."""
+        chunks: dict[str, list[sqlite3.Row]] = collections.defaultdict(list)
+        for r in self.db.execute("SELECT * FROM chunks ORDER BY idx"):
+            chunks[r["digest"]].append(r)
+        blobs = {r["digest"]: r for r in self.db.execute("SELECT * FROM blobs")}
+        with self.db:
+            for digest in blobs.keys() | chunks.keys():
+                fault = self._row_fault(blobs.get(digest), chunks.get(digest, []))
+                if fault:
+                    log.warning("blob %s: its index rows are inconsistent (%s); its chunk "
+                                "files are checked again", digest, fault)
+                    self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+                    self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
+
+    def _row_fault(self, blob: sqlite3.Row | None, chunks: list[sqlite3.Row]) -> str:
+        """What is wrong with a blob's rows ("" when nothing)."""
+        if blob is None:
+            return "chunk rows of no blob"
+        try:
+            b = BlobId(blob["digest"], blob["algo"], blob["size"])
+        except ValueError as e:
+            return str(e)
+        spans = [(i, n) for i, _, n in self.chunk_spans(b.size)]
+        if [(c["idx"], c["length"]) for c in chunks] != spans:
+            return f"chunk rows do not cut {b.size} bytes into chunks of {self.chunk_size}"
+        for c in chunks:
+            if not 0 <= c["durable"] <= c["length"] or c["complete"] not in (0, 1) or (
+                    c["complete"] and c["durable"] != c["length"]):
+                return f"chunk {c['idx']} says {c['durable']} of {c['length']} bytes durable"
+        if blob["complete"] not in (0, 1) or (blob["complete"] and not all(
+                c["complete"] for c in chunks)):
+            return "a complete blob with incomplete chunks"
+        return ""
+
+    def _orphan_blobs(self) -> list[tuple[BlobId, list[str]]]:
+        """Blobs whose complete chunk files are all on disk but unknown to the index (the
+        index was damaged) and hash to the blob's name: (blob, xxh3 of each chunk)."""
+        known = {r[0] for r in self.db.execute("SELECT digest FROM blobs")}
+        found: dict[str, dict[int, Path]] = collections.defaultdict(dict)
+        for path in (self.root / "chunks").glob("*/*"):
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if m and not m.group(3) and m.group(1) not in known:
+                found[m.group(1)][int(m.group(2))] = path
+        orphans = []
+        for digest, paths in found.items():
+            blob = self._blob_of_files(digest, paths)
+            chunks = self._chunk_hashes_if_blob_matches(blob) if blob else None
+            if blob is not None and chunks is not None:
+                orphans.append((blob, chunks))
+        return orphans
+
+    def _blob_of_files(self, digest: str, paths: dict[int, Path]) -> BlobId | None:
+        """The blob these chunk files would make: every index from 0, every chunk but the
+        last full."""
+        sizes = [paths[i].stat().st_size if i in paths else -1 for i in range(len(paths))]
+        if -1 in sizes or any(n != self.chunk_size for n in sizes[:-1]) or not (
+                0 <= sizes[-1] <= self.chunk_size) or (len(sizes) > 1 and sizes[-1] == 0):
+            return None
+        algo = "sha256" if len(digest) == 64 else "gitsha1"
+        try:
+            return BlobId(digest, algo, sum(sizes))
+        except ValueError:
+            return None
+
+    def _chunk_hashes_if_blob_matches(self, blob: BlobId) -> list[str] | None:
+        whole = blob_hasher(blob)
+        hashes = []
+        for idx, _, _ in self.chunk_spans(blob.size):
+            chunk = xxhash.xxh3_128()
+            with open(self.chunk_path(blob.digest, idx), "rb") as f:
+                while data := f.read(READ_BLOCK * 8):
+                    chunk.update(data)
+                    whole.update(data)
+            hashes.append(chunk.hexdigest())
+        return hashes if whole.hexdigest() == blob.digest else None
+
+    def _adopt_blob(self, blob: BlobId, chunk_hashes: list[str]) -> None:
+        self.register(blob)
+        with self.db:
+            for (idx, _, length), xxh3 in zip(self.chunk_spans(blob.size), chunk_hashes,
+                                              strict=True):
+                self.adopt_chunk(blob.digest, idx, length, xxh3)
+            self.mark_complete(blob.digest)
+        log.warning("blob %s (%d bytes): kept from its chunk files, which the index had lost",
+                    blob.digest, blob.size)
 
     def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
         return [self._check_chunk(r) for r in rows]
@@ -380,12 +476,14 @@ class Store:
         self.db.execute("UPDATE blobs SET complete=0 WHERE digest=?", (digest,))
 
     def _remove_strays(self) -> None:
-        """Files under chunks/ that the index does not know (e.g. a crash before the insert)."""
-        known = {(r[0], r[1]) for r in self.db.execute("SELECT digest, idx FROM chunks")}
+        """Files under chunks/ that the index does not name: a crash before the insert, a
+        temp file left beside a complete chunk, chunks of a blob that did not hash right."""
+        wanted = {(r[0], r[1], "" if r[2] else ".part")
+                  for r in self.db.execute("SELECT digest, idx, complete FROM chunks")}
         for path in (self.root / "chunks").glob("*/*"):
-            m = re.fullmatch(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?", path.name)
-            if not m or (m.group(1), int(m.group(2))) not in known:
-                log.info("removing stray file %s", path)
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if not m or (m.group(1), int(m.group(2)), m.group(3) or "") not in wanted:
+                log.warning("removing stray file %s", path)
                 with _ignore_missing():
                     path.unlink()
 

@@ -83,7 +83,7 @@ async def test_killed_writer_resumes_at_last_checkpoint(tmp_path: Path, data: by
 
     store = make_store(tmp_path)
     stats = await store.recover()
-    assert stats == {"good": 1, "dropped": 0, "partial": 2}
+    assert stats == {"good": 1, "dropped": 0, "partial": 2, "adopted": 0}
     assert store.contiguous_prefix(blob) == 6 * MiB + 777
     await write(store, blob, data)
     assert store.is_complete(blob.digest)
