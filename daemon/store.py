@@ -260,6 +260,31 @@ class Store:
                 os.close(fd)
         raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
 
+    async def adopt_unrecorded_chunks(self, digest: str | None = None) -> int:
+        """Chunks in place under their final name whose completion never reached the index
+        (its write failed: a full disk holds the index too) are marked complete (of one blob,
+        or of all); the blob's digest, checked before it counts as complete, vouches for their
+        bytes. Returns how many."""
+        rows = [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT digest, idx, length FROM chunks WHERE complete=0 AND (? IS NULL OR digest=?)",
+            (digest, digest))]
+        found = await asyncio.to_thread(self._whole_in_place, rows)
+        with self.db:
+            for d, idx, length, xxh3 in found:
+                self.adopt_chunk(d, idx, length, xxh3)
+                log.warning("chunk %s was written whole but the index had not recorded it "
+                            "(a full disk?): kept", self.chunk_path(d, idx))
+        return len(found)
+
+    def _whole_in_place(self, rows: list[tuple[str, int, int]]) -> list[tuple[str, int, int, str]]:
+        found = []
+        for digest, idx, length in rows:
+            path = self.chunk_path(digest, idx)
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == length:
+                    found.append((digest, idx, length, xxh3_of_file(path, length)))
+        return found
+
     def open_writer(self, blob: BlobId) -> BlobWriter:
         """A sequential writer that continues at the blob's durable prefix."""
         self.register(blob)
@@ -341,6 +366,7 @@ class Store:
         last checkpoint and must match it; the rest is dropped. Complete chunk files the index
         does not know are kept when together they hash to their blob's name."""
         self._forget_inconsistent_blobs()
+        await self.adopt_unrecorded_chunks()
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
         verdicts = await asyncio.to_thread(self._check_chunks, rows)
         stats = {"good": 0, "dropped": 0, "partial": 0, "adopted": 0}
@@ -536,6 +562,8 @@ class BlobWriter:
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
+        if await self.store.adopt_unrecorded_chunks(self.blob.digest):
+            self.offset = max(self.offset, self.store.contiguous_prefix(self.blob))
         self._hasher = await asyncio.to_thread(self._hash_prefix)
 
     def _hash_prefix(self) -> Hasher:
