@@ -89,7 +89,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """The [start, end) a Range header asks for; None for the whole body."""
     if header is None:
         return None
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header, re.ASCII)
     if not m or (not m.group(1) and not m.group(2)) or len(header) > 100:
         raise BadRequest(f"malformed or multi-part Range header {header!r} "
                          "(use one range: bytes=START-[END] or bytes=-SUFFIX)")
