@@ -49,13 +49,20 @@ class Daemon:
         self._stop = asyncio.Event()
         self.startup_problems = RecentErrors()  # what start() found wrong, for the status
         self.recovered: dict[str, int] = {}
+        self._checker: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
+        """Start serving; the store's chunks are hashed behind it. What the start and that
+        check find wrong is kept for the status."""
         logging.getLogger().addHandler(self.startup_problems)
         try:
             await self._start()
-        finally:
+        except BaseException:
             logging.getLogger().removeHandler(self.startup_problems)
+            raise
+        self._checker = asyncio.create_task(self.store.check_unchecked(), name="store check")
+        self._checker.add_done_callback(
+            lambda _: logging.getLogger().removeHandler(self.startup_problems))
 
     async def _start(self) -> None:
         cfg = self.cfg
@@ -122,7 +129,8 @@ class Daemon:
                 "require_signature": [str(r) for r in self.cfg.require_signature],
                 "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
                 "peers": self.lan.summary(),
-                "startup": {"chunks": self.recovered, "problems": [
+                "startup": {"chunks": self.recovered,
+                            "unchecked_chunks": len(self.store.unchecked), "problems": [
                     r["message"] for r in self.startup_problems.records]}}
 
     def status_line(self) -> str:
@@ -136,6 +144,9 @@ class Daemon:
         log.info("stopping: closing listeners and checkpointing transfers")
         if self._runner is not None:
             await self._runner.shutdown()
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
         await self.warmup.close()
         await self.fetcher.close()
         await self.lan.close()

@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -40,6 +41,10 @@ _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{
 
 class DigestMismatch(Exception):
     """The bytes of a blob do not hash to its name; they were discarded."""
+
+
+class ChunkDamaged(OSError):
+    """A complete chunk's file no longer matches its xxh3 (damaged on disk): never served."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +105,9 @@ class Store:
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
         self.over_limit = 0  # bytes above max_cache_size that eviction could not free
+        # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
+        # checked before its first read, and by check_unchecked() behind the start
+        self.unchecked: dict[tuple[str, int], tuple[int, str]] = {}
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- pins -----------------------------------------------------------------------------
@@ -240,6 +248,7 @@ class Store:
             idx = offset // self.chunk_size
             within = offset - idx * self.chunk_size
             n = min(end - offset, self.chunk_size - within)
+            self._check_once(blob.digest, idx)
             data = self._read_chunk(blob.digest, idx, within, n)
             if len(data) != n:
                 raise OSError(f"chunk {blob.digest}.{idx} is shorter than the index says")
@@ -301,6 +310,7 @@ class Store:
                 with _ignore_missing():
                     self.chunk_path(digest, r["idx"], partial=partial).unlink()
             freed += r["durable"]
+            self.unchecked.pop((digest, r["idx"]), None)
         with self.db:
             self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
             self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
@@ -361,19 +371,22 @@ class Store:
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:
-        """At start: keep what is good. Blobs whose index rows disagree with each other are
-        forgotten; complete chunks must match their xxh3, partial chunks are cut back to their
-        last checkpoint and must match it; the rest is dropped. Complete chunk files the index
-        does not know are kept when together they hash to their blob's name."""
+        """At start: keep what is good, in seconds whatever the store's size. Blobs whose
+        index rows disagree with each other are forgotten; complete chunks must have their
+        length (their xxh3 is checked later: `unchecked`), partial chunks are cut back to their
+        last checkpoint and must match its xxh3; the rest is dropped. Complete chunk files the
+        index does not know are kept when together they hash to their blob's name."""
         self._forget_inconsistent_blobs()
         await self.adopt_unrecorded_chunks()
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
-        verdicts = await asyncio.to_thread(self._check_chunks, rows)
+        verdicts = await asyncio.to_thread(self._check_chunks, rows, deep=False)
         stats = {"good": 0, "dropped": 0, "partial": 0, "adopted": 0}
         with self.db:
             for row, ok in zip(rows, verdicts, strict=True):
                 if ok:
                     stats["partial" if not row["complete"] else "good"] += 1
+                    if row["complete"] and row["length"]:
+                        self.unchecked[row["digest"], row["idx"]] = (row["length"], row["xxh3"])
                     continue
                 stats["dropped"] += 1
                 log.warning("chunk %s failed its check at start; it will be fetched again",
@@ -474,10 +487,13 @@ class Store:
         log.warning("blob %s (%d bytes): kept from its chunk files, which the index had lost",
                     blob.digest, blob.size)
 
-    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
-        return [self._check_chunk(r) for r in rows]
+    def _check_chunks(self, rows: list[dict[str, Any]],  # Any: sqlite values
+                      deep: bool = True) -> list[bool]:
+        return [self._check_chunk(r, deep=deep) for r in rows]
 
-    def _check_chunk(self, row: dict[str, Any]) -> bool:
+    def _check_chunk(self, row: dict[str, Any], *, deep: bool) -> bool:
+        """Is the chunk's file as its row says: a complete one of its length (and with `deep`,
+        of its xxh3), a partial one cut back to its checkpoint and of its xxh3."""
         path = self.chunk_path(row["digest"], row["idx"], partial=not row["complete"])
         if row["durable"] == 0:
             with _ignore_missing():
@@ -488,12 +504,69 @@ class Store:
                 os.truncate(path, row["durable"])
             elif path.stat().st_size != row["length"]:
                 return False
+            elif not deep:
+                return True
             return xxh3_of_file(path, row["durable"]) == str(row["xxh3"])
         except OSError:
             return False
 
+    def _check_once(self, digest: str, idx: int) -> None:
+        """Hash a complete chunk not yet checked since start (thread-safe: no index access);
+        ChunkDamaged when it no longer matches, and then it stays unchecked."""
+        want = self.unchecked.get((digest, idx))
+        if want is None:
+            return
+        path = self.chunk_path(digest, idx)
+        try:
+            ok = xxh3_of_file(path, want[0]) == want[1]
+        except OSError:
+            ok = False
+        if not ok:
+            raise ChunkDamaged(errno.EIO, "the chunk no longer matches its xxh3", str(path))
+        self.unchecked.pop((digest, idx), None)
+
+    async def check_chunk(self, digest: str, idx: int) -> None:
+        """Before a chunk's first read since start: hash it off the event loop; a damaged one
+        is dropped (to be fetched again) and ChunkDamaged raised."""
+        if (digest, idx) not in self.unchecked:
+            return
+        try:
+            await asyncio.to_thread(self._check_once, digest, idx)
+        except ChunkDamaged:
+            if (digest, idx) in self.unchecked:  # not already dropped by a concurrent check
+                log.error("chunk %s no longer matches its xxh3 (damaged on disk); dropped, it "
+                          "will be fetched again", self.chunk_path(digest, idx))
+                with self.db:
+                    self._reset_chunk(digest, idx)
+            raise
+
+    async def check_span(self, digest: str, start: int, end: int) -> None:
+        """check_chunk for every chunk holding a byte of [start, end)."""
+        for idx in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+            await self.check_chunk(digest, idx)
+
+    async def check_blob(self, blob: BlobId) -> None:
+        """Every chunk of the blob not yet checked since start; damaged ones are dropped."""
+        for idx, _, _ in self.chunk_spans(blob.size):
+            with contextlib.suppress(ChunkDamaged):
+                await self.check_chunk(blob.digest, idx)
+
+    async def check_unchecked(self) -> int:
+        """Behind the start: hash every complete chunk no read has checked yet, one at a time;
+        returns how many were damaged."""
+        started, damaged, count = time.monotonic(), 0, len(self.unchecked)
+        for digest, idx in list(self.unchecked):
+            try:
+                await self.check_chunk(digest, idx)
+            except ChunkDamaged:
+                damaged += 1
+        log.info("store: the %d complete chunks found at start are checked (%d damaged, "
+                 "%.1f s)", count, damaged, time.monotonic() - started)
+        return damaged
+
     def _reset_chunk(self, digest: str, idx: int) -> None:
         self.on_removed(digest)
+        self.unchecked.pop((digest, idx), None)
         for partial in (False, True):
             with _ignore_missing():
                 self.chunk_path(digest, idx, partial=partial).unlink()
@@ -520,7 +593,9 @@ class Store:
         verdicts = await asyncio.to_thread(self._check_chunks, rows)
         problems = []
         for row, ok in zip(rows, verdicts, strict=True):
-            if not ok:
+            if ok:
+                self.unchecked.pop((row["digest"], row["idx"]), None)
+            else:
                 problems.append({"digest": row["digest"], "chunk": row["idx"], "error": "xxh3"})
                 self._reset_chunk(row["digest"], row["idx"])
         if full:
@@ -562,8 +637,9 @@ class BlobWriter:
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
-        if await self.store.adopt_unrecorded_chunks(self.blob.digest):
-            self.offset = max(self.offset, self.store.contiguous_prefix(self.blob))
+        await self.store.check_blob(self.blob)
+        await self.store.adopt_unrecorded_chunks(self.blob.digest)
+        self.offset = self.store.contiguous_prefix(self.blob)
         self._hasher = await asyncio.to_thread(self._hash_prefix)
 
     def _hash_prefix(self) -> Hasher:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256
-from tests.harness import HfHome, Modelpeerd, StartDaemon, download
+from tests.harness import HfHome, Modelpeerd, StartDaemon, download, wait_for
 
 MiB = 1024 * 1024
 CHUNK = 8 * MiB  # the start_daemon fixture's --chunk-size
@@ -128,14 +128,20 @@ def test_damage_while_down_is_found_and_nothing_else_is_lost(
     hub.reset()
     logged_before = d.log_path.stat().st_size
     restart(d)
-    with open(d.log_path, "rb") as f:
-        f.seek(logged_before)
-        assert named.encode() in f.read(), f"the log does not name {named}"
+    # the chunks' hashes are checked just behind the start
+    wait_for(lambda: named.encode() in logged_since(d, logged_before),
+             f"the log names {named}")
     assert d.status()["startup"]["problems"], "status says nothing of the damage"
 
     assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
     assert hub.stats()["cdn_bytes"] == 0, "a blob that was not damaged was fetched again"
     assert download(d, hf_home(), VICTIM, "weights.bin") == expected_files(VICTIM)["weights.bin"]
+
+
+def logged_since(d: Modelpeerd, offset: int) -> bytes:
+    with open(d.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read()
 
 
 def restart(d: Modelpeerd) -> None:
