@@ -52,7 +52,7 @@ def test_sigkill_at_random_points_of_a_write(start_daemon: StartDaemon, hub: Fak
     want = expected_files(REPO)[FILE]
     seed = int(os.environ.get("MODELPEER_TEST_KILL_SEED", random.randrange(1 << 32)))
     rng = random.Random(seed)
-    d = start_daemon()
+    d = start_daemon("--chunk-size", "32MiB")  # 2 chunks, each with a checkpoint inside
     with ThreadPoolExecutor(1) as pool:
         for round_ in range(KILL_ROUNDS):
             hub.faults(cdn_rate=CDN_RATE)
