@@ -160,17 +160,16 @@ def _rebuild(path: Path, damage: str) -> None:
 
 
 def _copy_readable_rows(source: Path, into: sqlite3.Connection) -> dict[str, int]:
+    old = sqlite3.connect(source)
     try:
-        old = sqlite3.connect(source)
-    except sqlite3.DatabaseError:
-        return {}
-    kept: dict[str, int] = {}
-    try:
-        for table in _tables(into):
-            kept[table] = _copy_table(old, into, table)
+        try:
+            old.execute("SELECT name FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as e:
+            log.warning("index: nothing can be read from the damaged copy %s (%s)", source, e)
+            return {}
+        return {table: _copy_table(old, into, table) for table in _tables(into)}
     finally:
         old.close()
-    return kept
 
 
 def _copy_table(old: sqlite3.Connection, into: sqlite3.Connection, table: str) -> int:
@@ -212,7 +211,7 @@ def _drop_rows_of_wrong_type(db: sqlite3.Connection, path: Path) -> None:
     with db:
         for table in _tables(db):
             typed = [f"typeof({name}) IN ({_TYPEOF[kind]})"
-                     for name, kind in _columns(db, table)]
+                     for name, kind in _columns(db, table) if kind in _TYPEOF]
             dropped = db.execute(
                 f"DELETE FROM {table} WHERE NOT ({' AND '.join(typed)})").rowcount  # noqa: S608
             if dropped:

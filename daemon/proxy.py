@@ -8,6 +8,7 @@ and tree sub-paths while file paths keep their slashes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
@@ -22,6 +23,7 @@ from .catalog import Catalog, FileEntry, HubError, Repo
 from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
 from .metrics import Metrics
 from .signatures import Signatures
+from .store import ChunkDamaged
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +195,8 @@ class Proxy:
         if request.method == "HEAD":
             await resp.prepare(request)
             return resp
+        with contextlib.suppress(ChunkDamaged):  # dropped: open() fetches it again
+            await self.fetcher.store.check_span(blob.digest, start, min(end, start + 1))
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
         with self.fetcher.reading(transfer):
@@ -229,7 +233,7 @@ class Proxy:
                 self.metrics.served(transfer.source_at(pos), len(data))
                 pos += len(data)
             await resp.write_eof()
-        except TransferFailed as e:
+        except (TransferFailed, ChunkDamaged) as e:
             log.error("aborting the response for %s at byte %d: %s", transfer.label, pos, e)
             if request.transport is not None:
                 request.transport.abort()

@@ -393,7 +393,8 @@ class Store:
                             self.chunk_path(row["digest"], row["idx"],
                                             partial=not row["complete"]))
                 self._reset_chunk(row["digest"], row["idx"])
-        for blob, chunks in await asyncio.to_thread(self._orphan_blobs):
+        known = {r[0] for r in self.db.execute("SELECT digest FROM blobs")}
+        for blob, chunks in await asyncio.to_thread(self._orphan_blobs, known):
             self._adopt_blob(blob, chunks)
             stats["adopted"] += 1
         await asyncio.to_thread(self._remove_strays)
@@ -435,10 +436,9 @@ class Store:
             return "a complete blob with incomplete chunks"
         return ""
 
-    def _orphan_blobs(self) -> list[tuple[BlobId, list[str]]]:
-        """Blobs whose complete chunk files are all on disk but unknown to the index (the
-        index was damaged) and hash to the blob's name: (blob, xxh3 of each chunk)."""
-        known = {r[0] for r in self.db.execute("SELECT digest FROM blobs")}
+    def _orphan_blobs(self, known: set[str]) -> list[tuple[BlobId, list[str]]]:
+        """Blobs not `known` to the index (it was damaged) whose complete chunk files are all
+        on disk and hash to the blob's name: (blob, xxh3 of each chunk)."""
         found: dict[str, dict[int, Path]] = collections.defaultdict(dict)
         for path in (self.root / "chunks").glob("*/*"):
             m = _CHUNK_NAME.fullmatch(path.name)
@@ -446,8 +446,11 @@ class Store:
                 found[m.group(1)][int(m.group(2))] = path
         orphans = []
         for digest, paths in found.items():
-            blob = self._blob_of_files(digest, paths)
-            chunks = self._chunk_hashes_if_blob_matches(blob) if blob else None
+            try:
+                blob = self._blob_of_files(digest, paths)
+                chunks = self._chunk_hashes_if_blob_matches(blob) if blob else None
+            except OSError:
+                continue  # left to _remove_strays
             if blob is not None and chunks is not None:
                 orphans.append((blob, chunks))
         return orphans

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256
-from tests.harness import HfHome, Modelpeerd, StartDaemon, download, wait_for
+from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, wait_for
 
 MiB = 1024 * 1024
 CHUNK = 8 * MiB  # the start_daemon fixture's --chunk-size
@@ -29,14 +29,18 @@ def truncate_chunk(cache: Path, digest: str) -> str:
     return path.name
 
 
-def flip_a_bit(cache: Path, digest: str) -> str:
-    path = chunk_file(cache, digest, 1)
-    with open(path, "r+b") as f:
-        f.seek(12345)
-        byte = f.read(1)[0]
-        f.seek(12345)
-        f.write(bytes([byte ^ 0x10]))
-    return path.name
+def flip_a_bit(idx: int) -> Damage:
+    def damage(cache: Path, digest: str) -> str:
+        path = chunk_file(cache, digest, idx)
+        with open(path, "r+b") as f:
+            f.seek(12345)
+            byte = f.read(1)[0]
+            f.seek(12345)
+            f.write(bytes([byte ^ 0x10]))
+        return path.name
+
+    damage.__name__ = f"flip_a_bit_of_chunk_{idx}"
+    return damage
 
 
 def remove_chunk(cache: Path, digest: str) -> str:
@@ -113,9 +117,9 @@ def repos(fakehub: FakeHub) -> None:
 
 
 @pytest.mark.parametrize("damage", [
-    truncate_chunk, flip_a_bit, remove_chunk, half_written_temp_file, wrong_types_in_rows,
-    unreadable_jobs_row, garbage_page("files"), garbage_page("chunks"), garbage_page("blobs"),
-    truncated_index, garbage_index,
+    truncate_chunk, flip_a_bit(0), flip_a_bit(1), remove_chunk, half_written_temp_file,
+    wrong_types_in_rows, unreadable_jobs_row, garbage_page("files"), garbage_page("chunks"),
+    garbage_page("blobs"), truncated_index, garbage_index,
 ], ids=lambda f: f.__name__)
 def test_damage_while_down_is_found_and_nothing_else_is_lost(
         repos: None, start_daemon: StartDaemon, hub: FakeHub, hf_home: HfHome,
@@ -132,6 +136,7 @@ def test_damage_while_down_is_found_and_nothing_else_is_lost(
     wait_for(lambda: named.encode() in logged_since(d, logged_before),
              f"the log names {named}")
     assert d.status()["startup"]["problems"], "status says nothing of the damage"
+    assert "problems found in the cache at start" in cli(d, "status").stdout
 
     assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
     assert hub.stats()["cdn_bytes"] == 0, "a blob that was not damaged was fetched again"
