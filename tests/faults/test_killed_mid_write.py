@@ -56,16 +56,18 @@ def test_sigkill_at_random_points_of_a_write(start_daemon: StartDaemon, hub: Fak
     with ThreadPoolExecutor(1) as pool:
         for round_ in range(KILL_ROUNDS):
             hub.faults(cdn_rate=CDN_RATE)
-            target = rng.randrange(SIZE)
-            client = pool.submit(hf_client, d.url, hf_home(), "hf_hub_download", REPO, FILE)
-            kill_when_written(d, target, client)
-            log.info("seed %d round %d: killed after %d bytes written", seed, round_, target)
-            out = client.result()
-            if "result" in out:  # the client may have finished, or resumed from the new daemon
-                with open(out["result"], "rb") as f:
-                    assert f.read() == want, f"seed {seed} round {round_}: wrong bytes"
-            d.start(wait=False)
-            d.wait_healthy(timeout=10)
+            for kill in range(rng.randint(1, 2)):  # a second kill lands in the resumed write
+                target = rng.randrange(SIZE)
+                client = pool.submit(hf_client, d.url, hf_home(), "hf_hub_download", REPO, FILE)
+                kill_when_written(d, target, client)
+                log.info("seed %d round %d kill %d: after %d bytes written", seed, round_, kill,
+                         target)
+                out = client.result()
+                if "result" in out:  # the client finished, or resumed from the new daemon
+                    with open(out["result"], "rb") as f:
+                        assert f.read() == want, f"seed {seed} round {round_}: wrong bytes"
+                d.start(wait=False)
+                d.wait_healthy(timeout=10)
             hub.reset()
             assert download(d, hf_home(), REPO, FILE) == want, f"seed {seed} round {round_}"
             assert_store_consistent(d)
