@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -18,6 +19,7 @@ from modelpeer.daemon.config import (
     _SIZE_UNITS,
     OPTIONS,
     ConfigError,
+    Option,
     load_config,
     parse_bool,
     parse_duration,
@@ -192,8 +194,8 @@ def test_a_boolean_is_a_bool_or_a_value_error(text: str) -> None:
 
 @given(st.sampled_from(["1", "true", "yes", "on", "0", "false", "no", "off"]),
        st.sampled_from([str.upper, str.lower, str.title]), st.sampled_from(["", " ", "\t"]))
-def test_booleans_round_trip(word: str, case: object, pad: str) -> None:
-    assert parse_bool(f"{pad}{case(word)}{pad}") is (word in ("1", "true", "yes", "on"))  # type: ignore[operator]
+def test_booleans_round_trip(word: str, case: Callable[[str], str], pad: str) -> None:
+    assert parse_bool(f"{pad}{case(word)}{pad}") is (word in ("1", "true", "yes", "on"))
     assert parse_bool(parse_bool(word)) is parse_bool(word)
 
 
@@ -224,9 +226,9 @@ ENV_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_charact
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(list(OPTIONS)), ENV_TEXT)
 def test_any_setting_from_the_environment_is_a_config_or_a_config_error(
-        option: object, text: str) -> None:
+        option: Option, text: str) -> None:
     try:
-        load_config([], environ={option.env: text})  # type: ignore[attr-defined]
+        load_config([], environ={option.env: text})
     except ConfigError as e:
         assert str(e)
 
