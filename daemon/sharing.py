@@ -76,10 +76,14 @@ class Sharing:
         for path in self.torrents_dir.glob("*.torrent"):
             digest, _, idx = path.name.removesuffix(".torrent").rpartition(".")
             key = (digest, int(idx)) if idx.isdigit() else None
-            if key in held:
-                self._seed(key, path.read_bytes())
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if key in held:
+                    self._seed(key, path.read_bytes())
+                    continue
+            except (OSError, RuntimeError, TypeError, ValueError) as e:  # libtorrent: Runtime
+                log.warning("torrent %s is damaged (%s): removed; made again when a peer asks",
+                            path, e)
+            path.unlink(missing_ok=True)
         log.info("seeding %d chunks whose torrents were made before", len(self._seeded))
 
     def _seed(self, key: tuple[str, int], torrent: bytes) -> None:

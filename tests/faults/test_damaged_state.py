@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, wait_for
+from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, free_port, wait_for
+from tests.netlab import write_key
 
 MiB = 1024 * 1024
 CHUNK = 8 * MiB  # the start_daemon fixture's --chunk-size
@@ -153,3 +154,22 @@ def restart(d: Modelpeerd) -> None:
     """Start the stopped daemon on its cache dir; it must answer within seconds."""
     d.start(wait=False)
     d.wait_healthy(timeout=10)
+
+
+def test_a_damaged_torrent_file_is_dropped_and_the_rest_is_shared(
+        repos: None, hub: FakeHub, hf_home: HfHome, tmp_path: Path) -> None:
+    key = write_key(tmp_path / "cluster.key")
+    d = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
+        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
+        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}"])
+    with d:
+        assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
+    # a torrent made for a peer, cut short on disk while the daemon is down
+    torrent = d.cache_dir / "torrents" / f"{file_sha256(KEEPER, 'kept.bin')}.0.torrent"
+    torrent.write_bytes(b"d8:announce3:udp4:infod6:length")
+    hub.reset()
+    logged_before = d.log_path.stat().st_size
+    with d:
+        assert torrent.name.encode() in logged_since(d, logged_before)
+        assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
+        assert hub.stats()["cdn_bytes"] == 0
