@@ -73,6 +73,8 @@ class Sharing:
         """At start: the chunks whose torrents were made before (no hashing here: in seed mode
         libtorrent checks each piece before its first upload)."""
         held = {(d, i) for d, i, _, _ in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
+        for path in self.torrents_dir.glob("*.tmp"):  # a torrent being written when it stopped
+            path.unlink(missing_ok=True)
         for path in self.torrents_dir.glob("*.torrent"):
             digest, _, idx = path.name.removesuffix(".torrent").rpartition(".")
             key = (digest, int(idx)) if idx.isdigit() else None

@@ -167,9 +167,12 @@ def test_a_damaged_torrent_file_is_dropped_and_the_rest_is_shared(
     # a torrent made for a peer, cut short on disk while the daemon is down
     torrent = d.cache_dir / "torrents" / f"{file_sha256(KEEPER, 'kept.bin')}.0.torrent"
     torrent.write_bytes(b"d8:announce3:udp4:infod6:length")
+    half_written = torrent.with_suffix(".tmp")
+    half_written.write_bytes(b"d8:announce")
     hub.reset()
     logged_before = d.log_path.stat().st_size
     with d:
         assert torrent.name.encode() in logged_since(d, logged_before)
+        assert not half_written.exists()
         assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
         assert hub.stats()["cdn_bytes"] == 0
