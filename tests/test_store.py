@@ -169,3 +169,18 @@ async def test_eviction_is_least_recently_used(tmp_path: Path) -> None:
     removed = store.evict(int(2.5 * MiB))
     assert removed == [blobs[1].digest]
     assert store.usage().complete_blobs == 2
+
+
+async def test_a_store_reopened_with_another_chunk_size_forgets_its_blobs(
+        tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    store.db.close()
+
+    store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=8 * MiB)
+    await store.recover()
+    assert not store.is_complete(blob.digest)  # never read through the wrong chunk layout
+    assert not list(tmp_path.glob("chunks/*/*"))
+    await write(store, blob, data)
+    assert store.read(blob, 0, len(data)) == data
