@@ -267,6 +267,7 @@ class Fetcher:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
                     n = min(READ_BLOCK, limit - pos)
+                    await self.store.check_span(transfer.blob.digest, pos, pos + n)
                     async with self._read_slots:
                         await write(pos, self.store.read(transfer.blob, pos, n))
                     pos += n
