@@ -161,6 +161,8 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
           f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
                                    "that pins keep (unpin, or raise max_cache_size)"
                                    if s["over_limit_bytes"] else ""))
+    print(f"caps      upstream {_rate(s['upstream_rate'])}, peer upload "
+          f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}")
     print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
           + f";  {human_size(s['upstream_bytes'])} read from upstream")
     off = "" if peers["enabled"] else f"(off: {shown(peers['reason'])})"
@@ -171,6 +173,18 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
         print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {shown(t['source'])}"
               f"  {shown(t['file'])}")
     return 0
+
+
+def _rate(rate: int) -> str:
+    return f"{human_size(rate)}/s ({rate * 8 / 1e6:.0f} Mbit/s)" if rate else "no limit"
+
+
+def _upload_split(peers: dict[str, Any]) -> str:  # Any: the daemon's JSON
+    split = peers.get("upload_split") or {}
+    if not split.get("peer_api"):
+        return ""
+    return (f" (now {human_size(split['bittorrent'])}/s BitTorrent, "
+            f"{human_size(split['peer_api'])}/s relays)")
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON

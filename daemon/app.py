@@ -109,6 +109,8 @@ class Daemon:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "upstream_rate": self.cfg.upstream_rate,
+                "peer_upload_rate": self.cfg.peer_upload_rate,
                 "require_signature": [str(r) for r in self.cfg.require_signature],
                 "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
                 "peers": self.lan.summary()}
@@ -153,6 +155,8 @@ class Daemon:
         log.info("reload: require_signature is now %s",
                  ", ".join(map(str, new.require_signature)) or "empty")
         self.upstream.rate.rate = self.cfg.upstream_rate = new.upstream_rate
+        self.lan.set_peer_upload_rate(new.peer_upload_rate)
+        self.cfg.peer_upload_rate = new.peer_upload_rate
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
@@ -160,7 +164,7 @@ class Daemon:
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
         log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl, "
-                 "require_signature, upstream_rate)")
+                 "require_signature, peer_upload_rate, upstream_rate)")
         notify.ready()
 
     async def serve_forever(self) -> None:

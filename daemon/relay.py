@@ -14,14 +14,16 @@ from aiohttp import web
 
 from .fetch import Fetcher, TransferFailed
 from .peers import Peer, PeerApi, PeerError, PeerSet
+from .ratelimit import PeerUploadCap
 from .store import BlobId
 
 log = logging.getLogger(__name__)
 
 
 class Relay:
-    def __init__(self, peers: PeerSet, api: PeerApi) -> None:
+    def __init__(self, peers: PeerSet, api: PeerApi, upload: PeerUploadCap) -> None:
         self.peers = peers
+        self.upload = upload  # peer_upload_rate
         self.fetcher: Fetcher | None = None  # set once the daemon has one
         self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         api.route("GET", "/relay/{digest}", self._serve)
@@ -60,10 +62,12 @@ class Relay:
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
         try:
-            async for data in self.fetcher.read(transfer, start, end, to_peer=True):
-                await resp.write(data)
-                if peer is not None:
-                    peer.bytes_to += len(data)
+            with self.upload.stream() as pace:
+                async for data in self.fetcher.read(transfer, start, end, to_peer=True):
+                    await pace.take(len(data))
+                    await resp.write(data)
+                    if peer is not None:
+                        peer.bytes_to += len(data)
         except ConnectionResetError:
             return resp  # the peer moved to another source
         except TransferFailed as e:

@@ -16,6 +16,7 @@ from aiohttp import web
 from . import hubnames
 from .peermsg import ChunkMap, PeerTransfer, parse_chunk_map
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
+from .ratelimit import PeerUploadCap
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
 from .swarm import (
     ChunkTorrent,
@@ -45,9 +46,10 @@ class Holders:
 
 
 class Sharing:
-    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi, *,
-                 node_name: str, version: str, bt_port: int) -> None:
+    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi,
+                 upload: PeerUploadCap, *, node_name: str, version: str, bt_port: int) -> None:
         self.store = store
+        self.upload = upload  # peer_upload_rate: small blobs are sent within it
         self.swarm = swarm
         self.peers = peers
         self.api = api
@@ -162,6 +164,8 @@ class Sharing:
         if blob is None or blob.size > SMALL_BLOB:
             return web.json_response({"error": "small blob not held"}, status=404)
         data = self.store.read(blob, 0, blob.size)
+        with self.upload.stream() as pace:
+            await pace.take(len(data))
         peer = self.peers.peers.get(sender)
         if peer is not None:
             peer.bytes_to += len(data)

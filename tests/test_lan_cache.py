@@ -1,0 +1,66 @@
+"""The cache over months across real hosts: a node's peer upload cap holds for its peers and not
+for its local clients."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fakehub import file_sha256
+from tests.netlab import Cluster, netlab_available
+
+pytestmark = [pytest.mark.netlab,
+              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+
+MiB = 1024 * 1024
+TIMED_GET = """
+import hashlib, sys, time, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+started, digest = time.monotonic(), hashlib.sha256()
+with opener.open(sys.argv[1], timeout=120) as resp:
+    while data := resp.read(1 << 20):
+        digest.update(data)
+print(time.monotonic() - started, digest.hexdigest())
+"""
+
+
+def timed_get(cluster: Cluster, host: str, path: str) -> tuple[float, str]:
+    """(seconds, sha256) of a GET of `path` from `host`'s daemon, timed inside the host."""
+    out = cluster.lab.run(host, sys.executable, "-c", TIMED_GET, cluster.nodes[host].url + path)
+    assert out.returncode == 0, out.stderr
+    seconds, digest = out.stdout.split()
+    return float(seconds), digest
+
+
+def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster,
+                                                                tmp_path: Path) -> None:
+    config = tmp_path / "h1.toml"
+    config.write_text('peer_upload_rate = "64mbit"\n')
+    capped = cluster.start("h1", None, "--config", str(config))
+    cluster.start("h2")
+    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    repo, size = "caps/weights", 32 * MiB
+    cluster.hub.add_repo(repo, {"w.bin": {"size": size, "lfs": True}})
+    path, want = f"/{repo}/resolve/main/w.bin", file_sha256(repo, "w.bin")
+    assert timed_get(cluster, "h1", path)[1] == want
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        from_peer = pool.submit(timed_get, cluster, "h2", path)
+        local_seconds, local_digest = timed_get(cluster, "h1", path)
+        peer_seconds, peer_digest = from_peer.result()
+    assert peer_digest == want and local_digest == want
+    assert cluster.nodes["h2"].status()["served_bytes"]["peer"] >= size
+    cap_seconds = size / (64e6 / 8)
+    assert peer_seconds >= 0.9 * cap_seconds, (peer_seconds, cap_seconds)
+    assert local_seconds < cap_seconds / 2, (local_seconds, cap_seconds)
+    assert "peer upload 8.0 MB/s" in cluster.cli("h1", "status").stdout
+    # SIGHUP applies a new cap, to libtorrent's session too
+    config.write_text('peer_upload_rate = "200mbit"\n')
+    assert capped.proc is not None
+    capped.proc.send_signal(signal.SIGHUP)
+    cluster.lab.wait_for("h1 applies the new cap", lambda: (
+        (s := capped.status())["peer_upload_rate"] == 25_000_000
+        and s["peers"]["upload_split"]["bittorrent"] == 25_000_000))
