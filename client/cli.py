@@ -659,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token", help="Hub token for gated or private repos (default $HF_TOKEN)")
     w.add_argument("--wait", action="store_true", help="show progress until every node is done")
     w.add_argument("--pin", action="store_true",
-                   help="pin the revision on this node: never evicted (see `modelpeer pin`)")
+                   help="pin the revision on every node of the job: never evicted (see "
+                        "`modelpeer pin`)")
     w.set_defaults(func=cmd_warm)
     for name, func, text in (("pin", cmd_pin, "keep a cached revision whatever the size limit"),
                              ("unpin", cmd_unpin, "let a pinned repo be evicted again")):

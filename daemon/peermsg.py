@@ -185,11 +185,12 @@ class WarmSpec:
     commit: str
     files: tuple[WarmFile, ...]
     sealed_token: str | None
+    pin: bool = False  # each node pins the revision before its files arrive
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
                 "revision": self.revision, "commit": self.commit,
-                "sealed_token": self.sealed_token,
+                "sealed_token": self.sealed_token, "pin": self.pin,
                 "files": [dataclasses.asdict(f) for f in self.files]}
 
 
@@ -220,7 +221,8 @@ def parse_warm_spec(value: object) -> WarmSpec:
     repo_id = _named(lambda v: hubnames.repo_id(v.split("/")), _text(d, "repo_id"), "repo_id")
     return WarmSpec(_text(d, "id", pattern=JOB_ID_RE), repo_type, repo_id,
                     _named(hubnames.revision, _text(d, "revision"), "revision"),
-                    _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed)
+                    _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed,
+                    _get(d, "pin", bool, False))
 
 
 @dataclasses.dataclass(frozen=True)

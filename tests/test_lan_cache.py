@@ -1,9 +1,10 @@
 """The cache over months across real hosts: a node's peer upload cap holds for its peers and not
-for its local clients."""
+for its local clients; `warm --pin` pins on every node of the job."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import sys
 from pathlib import Path
@@ -64,3 +65,20 @@ def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster
     cluster.lab.wait_for("h1 applies the new cap", lambda: (
         (s := capped.status())["peer_upload_rate"] == 25_000_000
         and s["peers"]["upload_split"]["bittorrent"] == 25_000_000))
+
+
+def test_warm_pin_pins_the_revision_on_every_node_of_the_job(cluster: Cluster) -> None:
+    hosts = ("h1", "h2", "h3")
+    for h in hosts:
+        cluster.start(h)
+    cluster.lab.wait_for("h1 sees the others", lambda: cluster.live_names("h1") >= {"h2", "h3"})
+    repo = "pins/everywhere"
+    cluster.hub.add_repo(repo, {"a.bin": {"size": 3 * MiB, "lfs": True},
+                                "config.json": {"size": 200, "lfs": False}})
+    warmed = cluster.cli("h1", "warm", repo, "--nodes", "all", "--pin", "--wait")
+    assert warmed.returncode == 0, warmed.stderr
+    for h in hosts:
+        listed = {r["repo_id"]: r for r in json.loads(cluster.cli(h, "ls", "--json").stdout)}
+        pins = [(p["revision"], p["files"], p["cached_files"]) for p in listed[repo]["pins"]]
+        assert pins == [("main", 2, 2)], (h, pins)
+        assert cluster.nodes[h].status()["pinned_bytes"] == listed[repo]["bytes"] > 3 * MiB

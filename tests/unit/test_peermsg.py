@@ -43,6 +43,9 @@ def test_good_messages_parse() -> None:
     assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
+    assert not spec.pin  # a coordinator that does not say pins nothing
+    pinned = parse_warm_spec(spec_with(pin=True))
+    assert pinned.pin and parse_warm_spec(pinned.to_json()) == pinned
     j = parse_job_status({"state": "done", "error": "", "files": 1, "done_files": 1,
                           "bytes": 5, "have_bytes": 5, "repo": "acme/tts@c", "started": 1.5,
                           "finished": 2})
@@ -69,7 +72,8 @@ def file_with(**change: Any) -> dict[str, Any]:
     file_with(path="a\\b"), file_with(path="a\x00b"), file_with(digest="A" * 64),
     file_with(digest="a" * 40), file_with(algo="md5"), file_with(size=-1), file_with(size=True),
     file_with(size="10"), file_with(size=1 << 60), file_with(lfs=False),
-    spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5),
+    spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5), spec_with(pin="yes"),
+    spec_with(pin=1), spec_with(pin=None),
 ])
 def test_malformed_warm_jobs_are_refused(message: Any) -> None:
     with pytest.raises(BadMessage):
