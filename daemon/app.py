@@ -21,6 +21,7 @@ from .index import open_index
 from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
+from .peercatalog import PeerCatalog
 from .pins import Pins
 from .proxy import Proxy
 from .signatures import Signatures
@@ -83,6 +84,8 @@ class Daemon:
                              self.lan.credentials.key if self.lan.credentials else None,
                              self.pins)
         self.warmup.check_signature = self.signatures.check
+        if self.lan.peers is not None and self.lan.api is not None:
+            self.catalog.ask_peers = PeerCatalog(self.catalog, self.lan.peers, self.lan.api).learn
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,

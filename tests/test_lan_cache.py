@@ -1,5 +1,6 @@
-"""The cache over months across real hosts: a node's peer upload cap holds for its peers and not
-for its local clients; `warm --pin` pins on every node of the job."""
+"""The cache over months across real hosts: a model imported from an HF cache goes to a peer
+with the Hub gone; a node's peer upload cap holds for its peers and not for its local clients;
+`warm --pin` pins on every node of the job."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import file_sha256
+from tests.fakehub import expected_files, file_sha256
+from tests.harness import hf_client
 from tests.netlab import Cluster, netlab_available
 
 pytestmark = [pytest.mark.netlab,
@@ -35,6 +37,27 @@ def timed_get(cluster: Cluster, host: str, path: str) -> tuple[float, str]:
     assert out.returncode == 0, out.stderr
     seconds, digest = out.stdout.split()
     return float(seconds), digest
+
+
+def test_a_peer_gets_a_repo_imported_from_an_hf_cache_with_the_hub_gone(cluster: Cluster,
+                                                                       tmp_path: Path) -> None:
+    for h in ("h1", "h2"):
+        cluster.start(h)
+    home = tmp_path / "hf-before-modelpeer"
+    home.mkdir()
+    out = hf_client(cluster.hub.url, home, "snapshot_download", "gpt2",
+                    prefix_cmd=cluster.lab.ns("h1"))
+    assert "result" in out, out
+    imported = cluster.cli("h1", "import-hf-cache", str(home / "hub"), "--json")
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["imports"][0]["public"]
+    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    cluster.hub.stop()
+    want = expected_files("gpt2")
+    assert cluster.snapshot("h1", "gpt2") == want
+    assert cluster.snapshot("h2", "gpt2") == want
+    assert cluster.nodes["h2"].status()["served_bytes"]["peer"] > 0
+    assert "from peer" in cluster.nodes["h2"].log()
 
 
 def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster,
