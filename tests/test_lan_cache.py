@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import expected_files, file_sha256
+from tests.fakehub import GOOD_TOKEN, expected_files, file_sha256
 from tests.harness import hf_client
 from tests.netlab import Cluster, netlab_available
 
@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.netlab,
               pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
 
 MiB = 1024 * 1024
+GATED = "acme/gated-model"
 TIMED_GET = """
 import hashlib, sys, time, urllib.request
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -43,21 +44,28 @@ def test_a_peer_gets_a_repo_imported_from_an_hf_cache_with_the_hub_gone(cluster:
                                                                        tmp_path: Path) -> None:
     for h in ("h1", "h2"):
         cluster.start(h)
-    home = tmp_path / "hf-before-modelpeer"
-    home.mkdir()
-    out = hf_client(cluster.hub.url, home, "snapshot_download", "gpt2",
-                    prefix_cmd=cluster.lab.ns("h1"))
-    assert "result" in out, out
-    imported = cluster.cli("h1", "import-hf-cache", str(home / "hub"), "--json")
-    assert imported.returncode == 0, imported.stderr
-    assert json.loads(imported.stdout)["imports"][0]["public"]
+    public = {}
+    for repo, token in (("gpt2", []), (GATED, ["--token", GOOD_TOKEN])):
+        home = tmp_path / f"hf-before-modelpeer-{repo.replace('/', '-')}"
+        home.mkdir()
+        out = hf_client(cluster.hub.url, home, "snapshot_download", repo, token=GOOD_TOKEN,
+                        prefix_cmd=cluster.lab.ns("h1"))
+        assert "result" in out, out
+        imported = cluster.cli("h1", "import-hf-cache", str(home / "hub"), "--json", *token)
+        assert imported.returncode == 0, imported.stderr
+        public[repo] = json.loads(imported.stdout)["imports"][0]["public"]
+    assert public == {"gpt2": True, GATED: False}
     cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
     cluster.hub.stop()
     want = expected_files("gpt2")
     assert cluster.snapshot("h1", "gpt2") == want
     assert cluster.snapshot("h2", "gpt2") == want
     assert cluster.nodes["h2"].status()["served_bytes"]["peer"] > 0
-    assert "from peer" in cluster.nodes["h2"].log()
+    assert "from peer h1" in cluster.nodes["h2"].log()
+    # a gated repo's listing does not cross the LAN, whatever token the peer's client has
+    gated = hf_client(cluster.nodes["h2"].url, tmp_path / "hf-h2-gated", "snapshot_download",
+                      GATED, token=GOOD_TOKEN, prefix_cmd=cluster.lab.ns("h2"))
+    assert "error" in gated and "unreachable" in gated["message"], gated
 
 
 def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster,
