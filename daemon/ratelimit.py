@@ -46,6 +46,7 @@ class PeerUploadCap:
         self.rate = 0  # bytes per second; 0: unlimited
         self.streams = RateLimit()
         self._limit_bittorrent = limit_bittorrent
+        self._applied = 0  # what libtorrent was last told (it starts unlimited)
         self._open = 0
 
     def set_rate(self, rate: int) -> None:
@@ -74,4 +75,6 @@ class PeerUploadCap:
 
     def _split(self) -> None:
         self.streams.rate = max(1, self.rate // 2) if self._open and self.rate else self.rate
-        self._limit_bittorrent(self._bittorrent_rate())
+        if self._bittorrent_rate() != self._applied:
+            self._applied = self._bittorrent_rate()
+            self._limit_bittorrent(self._applied)
