@@ -21,15 +21,16 @@ import errno
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
-from .peermsg import PeerTransfer, TransferSource
+from .peermsg import BlobTransfer, PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
+from .ratelimit import RateLimit
 from .store import BlobId, BlobWriter, DigestMismatch, Store
 from .upstream import RangeIgnored, Upstream, UpstreamError, UpstreamRefused, backoff
 
@@ -184,10 +185,14 @@ class _Segment:
 
 class Fetcher:
     def __init__(self, store: Store, upstream: Upstream, *, connections: int = 4,
-                 max_cache_size: int = 0, offline: bool = False) -> None:
+                 max_cache_size: int = 0, offline: bool = False, max_transfers: int = 8,
+                 read_buffer: int = 64 * 1024 * 1024) -> None:
         self.store = store
         self.upstream = upstream
         self.connections = connections
+        # memory bounds: blobs read from the upstream at once, and blocks on their way out
+        self._upstream_slots = asyncio.Semaphore(max_transfers)
+        self._read_slots = asyncio.Semaphore(max(1, read_buffer // READ_BLOCK))
         self.offline = offline
         self.max_cache_size = max_cache_size
         self.sharing: Sharing | None = None
@@ -247,17 +252,24 @@ class Fetcher:
             finally:
                 transfer.readers -= 1
 
-    async def read(self, transfer: Transfer, start: int, end: int, *,
-                   to_peer: bool = False) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob, each as soon as the transfer may serve it; the
-        blob stays pinned while they are read."""
+    async def send(self, transfer: Transfer, start: int, end: int,
+                   write: Callable[[int, bytes], Awaitable[None]], *,
+                   to_peer: bool = False, pace: RateLimit | None = None) -> None:
+        """Bytes [start, end) of the blob to `write(offset, block)`, each block as soon as the
+        transfer may serve it; the blob stays pinned meanwhile. A block is read only when one
+        of the read_buffer slots is free and let go once written, so the bytes held in memory
+        stay bounded however many readers wait on slow clients. With `pace` (peer_upload_rate),
+        a block waits for its turn before it takes a slot."""
         pos = start
         with self.store.pinned(transfer.blob.digest):
             while pos < end:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
                     n = min(READ_BLOCK, limit - pos)
-                    yield self.store.read(transfer.blob, pos, n)
+                    if pace is not None:
+                        await pace.take(n)
+                    async with self._read_slots:
+                        await write(pos, self.store.read(transfer.blob, pos, n))
                     pos += n
 
     def transfer_state(self, digest: str) -> PeerTransfer | None:
@@ -267,6 +279,12 @@ class Fetcher:
             return None
         source = TransferSource.PEER if t.probing else TransferSource(t.source)
         return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+
+    def blob_transfers(self) -> list[BlobTransfer]:
+        """Every running transfer as the cluster sees it, for the plan view."""
+        return [BlobTransfer(t.blob.digest, t.label, t.blob.size, state)
+                for digest, t in self.transfers.items()
+                if (state := self.transfer_state(digest)) is not None]
 
     def upstream_rate(self) -> float:
         """What the upstream gave this node lately (0: not known), from whole transfers and
@@ -316,11 +334,13 @@ class Fetcher:
             if writer.offset < blob.size:
                 if self.offline:
                     raise UpstreamError("offline mode: the blob is not fully cached")
-                log.info("fetching %s (%s) from upstream at byte %d of %d",
-                         origin.label, blob.digest[:12], writer.offset, blob.size)
-                started, before = time.monotonic(), writer.offset
-                await self._from_upstream(transfer, writer, origin)
-                self._note_upstream_rate(writer.offset - before, time.monotonic() - started)
+                async with self._upstream_slots:
+                    log.info("fetching %s (%s) from upstream at byte %d of %d",
+                             origin.label, blob.digest[:12], writer.offset, blob.size)
+                    started, before = time.monotonic(), writer.offset
+                    await self._from_upstream(transfer, writer, origin)
+                    self._note_upstream_rate(writer.offset - before,
+                                             time.monotonic() - started)
             await writer.verify()
             transfer.finish()  # the last byte goes out now; durability follows
             await writer.finish()

@@ -32,7 +32,7 @@ from .cluster import (
     SignatureError,
     body_digest,
 )
-from .peermsg import NODE_ID_RE, BadMessage, NodeStatus, parse_status
+from .peermsg import NODE_ID_RE, BadMessage, BlobTransfer, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,11 @@ class Peer:
     bytes_to: int = 0
     banned_until: float = 0.0
     suspect: bool = False  # missed a deadline; left out until it answers a probe again
+    transfers: tuple[BlobTransfer, ...] = ()  # as its last status said, for the plan view
 
     def public(self) -> dict[str, Any]:  # Any: dataclasses.asdict; read by Lan, Control
         d = dataclasses.asdict(self)
+        del d["transfers"]
         d["banned"] = time.time() < self.banned_until
         return d
 
@@ -320,6 +322,7 @@ class PeerSet:
         peer.alive, peer.last_seen, peer.suspect = True, time.time(), False
         peer.name, peer.version = status.name, status.version
         peer.bt_port, peer.chunks_held = status.bt_port, status.chunks
+        peer.transfers = status.transfers
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)

@@ -61,13 +61,15 @@ class Relay:
         resp.content_length = end - start
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
+
+        async def write(pos: int, data: bytes) -> None:
+            await resp.write(data)
+            if peer is not None:
+                peer.bytes_to += len(data)
+
         try:
             with self.upload.stream() as pace:
-                async for data in self.fetcher.read(transfer, start, end, to_peer=True):
-                    await pace.take(len(data))
-                    await resp.write(data)
-                    if peer is not None:
-                        peer.bytes_to += len(data)
+                await self.fetcher.send(transfer, start, end, write, to_peer=True, pace=pace)
         except ConnectionResetError:
             return resp  # the peer moved to another source
         except TransferFailed as e:

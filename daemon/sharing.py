@@ -14,7 +14,14 @@ from pathlib import Path
 from aiohttp import web
 
 from . import hubnames
-from .peermsg import ChunkMap, PeerTransfer, parse_chunk_map
+from .peermsg import (
+    MAX_STATUS_TRANSFERS,
+    BlobTransfer,
+    ChunkMap,
+    PeerTransfer,
+    parse_chunk_map,
+    transfer_fields,
+)
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
 from .ratelimit import PeerUploadCap
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
@@ -61,6 +68,7 @@ class Sharing:
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self.transfer_state: Callable[[str], PeerTransfer | None] = lambda digest: None
+        self.blob_transfers: Callable[[], list[BlobTransfer]] = list
         self.upstream_rate: Callable[[], float] = lambda: 0.0
         self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         swarm.on_bad_peer = self._bad_peer
@@ -127,9 +135,11 @@ class Sharing:
 
     # --- the peer API -------------------------------------------------------------------
     async def _status(self, request: web.Request, sender: str) -> web.Response:
+        transfers = [t.to_json() for t in self.blob_transfers() if self.may_share(t.digest)]
         return web.json_response({"node_id": self.peers.node_id, "name": self.node_name,
                                   "version": self.version, "bt_port": self.bt_port,
-                                  "chunks": self.store.count_complete_chunks(SHARED_BLOB)})
+                                  "chunks": self.store.count_complete_chunks(SHARED_BLOB),
+                                  "transfers": transfers[:MAX_STATUS_TRANSFERS]})
 
     async def _chunk_map(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
@@ -143,9 +153,7 @@ class Sharing:
                                                                  min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         state = self.transfer_state(digest)
-        transfer = {} if state is None else {
-            "transfer": state.source, "available": state.available, "rate": round(state.rate),
-            "feeder": state.feeder}
+        transfer = {} if state is None else transfer_fields(state)
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "upstream_rate": round(self.upstream_rate()), **transfer})
 
@@ -163,9 +171,9 @@ class Sharing:
         blob = self.store.complete_blob(digest) if self.may_share(digest) else None
         if blob is None or blob.size > SMALL_BLOB:
             return web.json_response({"error": "small blob not held"}, status=404)
-        data = self.store.read(blob, 0, blob.size)
         with self.upload.stream() as pace:
-            await pace.take(len(data))
+            await pace.take(blob.size)  # before the read: nothing held in memory meanwhile
+        data = self.store.read(blob, 0, blob.size)
         peer = self.peers.peers.get(sender)
         if peer is not None:
             peer.bytes_to += len(data)
