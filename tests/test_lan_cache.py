@@ -113,3 +113,27 @@ def test_warm_pin_pins_the_revision_on_every_node_of_the_job(cluster: Cluster) -
         pins = [(p["revision"], p["files"], p["cached_files"]) for p in listed[repo]["pins"]]
         assert pins == [("main", 2, 2)], (h, pins)
         assert cluster.nodes[h].status()["pinned_bytes"] == listed[repo]["bytes"] > 3 * MiB
+
+
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_a_capped_node_relays_a_blob_it_is_still_downloading_within_its_cap(
+        cluster: Cluster) -> None:
+    # h2 relays from h1 while h1 downloads: the blob is one chunk, so h1 has no complete chunk
+    # to share before the end; nobody knows yet what the upstream gives, and the blob is below
+    # the size a relaying node probes the upstream at, so nobody overtakes h1
+    one_chunk = ("--chunk-size", "64MiB")
+    cluster.start("h1", None, *one_chunk, "--peer-upload-rate", "80mbit")
+    cluster.start("h2", None, *one_chunk)
+    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    repo, size = "caps/relayed", 48 * MiB
+    cluster.hub.add_repo(repo, {"w.bin": {"size": size, "lfs": True}})
+    path, want = f"/{repo}/resolve/main/w.bin", file_sha256(repo, "w.bin")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(timed_get, cluster, "h1", path)
+        cluster.lab.wait_for("h1 fetches from the upstream",
+                             lambda: cluster.nodes["h1"].status()["transfers"], timeout=10)
+        peer_seconds, peer_digest = timed_get(cluster, "h2", path)
+        assert first.result()[1] == want
+    assert peer_digest == want
+    assert cluster.hub.stats()["cdn_bytes"] < size + MiB  # h2 had every byte from h1
+    assert peer_seconds >= 0.9 * size / (80e6 / 8), peer_seconds
