@@ -1,6 +1,6 @@
 """The cache over months across real hosts: a model imported from an HF cache goes to a peer
-with the Hub gone; a node's peer upload cap holds for its peers and not for its local clients;
-`warm --pin` pins on every node of the job."""
+with the Hub gone; a node's peer upload cap holds for what its peers get over BitTorrent and
+over a relay, and not for its local clients; `warm --pin` pins on every node of the job."""
 
 from __future__ import annotations
 
