@@ -172,14 +172,27 @@ class Transfer:
                 "rate_now": round(self.meter.rate)}
 
 
-@dataclasses.dataclass
 class _Segment:
-    start: int
-    end: int
-    buf: bytearray = dataclasses.field(default_factory=bytearray)
-    finished: bool = False
-    error: BaseException | None = None
-    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Bytes [start, end) of the blob, received into a buffer allocated once: the bytes are
+    copied once on the way in and handed to the writer as views, never copied again."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.view = memoryview(bytearray(end - start))
+        self.filled = 0
+        self.finished = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+
+    def receive(self, data: bytes) -> None:
+        self.view[self.filled:self.filled + len(data)] = data
+        self.filled += len(data)
+        self.changed.set()
+
+    def release(self) -> None:
+        """Drop the buffer once its bytes are written."""
+        self.view = memoryview(b"")
 
 
 class Fetcher:
@@ -552,16 +565,18 @@ class Fetcher:
                              url: URL) -> None:
         """The rest of the blob over several connections at once, one Range each."""
         size = transfer.blob.size
-        segments = [_Segment(s, min(s + SEGMENT, size))
-                    for s in range(writer.offset, size, SEGMENT)]
+        starts = range(writer.offset, size, SEGMENT)
+        segments: list[_Segment] = []  # a segment's buffer exists from its read to its write
         tasks: list[asyncio.Task[None]] = []
         try:
-            for i, seg in enumerate(segments):
-                while len(tasks) < min(len(segments), i + self.connections):
+            for i in range(len(starts)):
+                while len(segments) < min(len(starts), i + self.connections):
+                    start = starts[len(segments)]
+                    segments.append(_Segment(start, min(start + SEGMENT, size)))
                     tasks.append(asyncio.create_task(
-                        self._fill(segments[len(tasks)], url, origin, transfer)))
-                await self._commit(seg, writer, transfer)
-                segments[i] = _Segment(seg.start, seg.end, finished=True)  # drop the buffer
+                        self._fill(segments[-1], url, origin, transfer)))
+                await self._commit(segments[i], writer, transfer)
+                segments[i].release()
         finally:
             for t in tasks:
                 t.cancel()
@@ -601,12 +616,11 @@ class Fetcher:
                       transfer: Transfer) -> None:
         written = 0
         while True:
-            pending = len(seg.buf) - written
+            pending = seg.filled - written
             if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
                                                          or written == 0)):
-                data = bytes(seg.buf[written:])
-                await writer.write(data)
-                written += len(data)
+                await writer.write(seg.view[written:seg.filled])
+                written += pending
                 transfer.advance(writer.offset)
                 continue
             if seg.error is not None:
@@ -619,21 +633,20 @@ class Fetcher:
     async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer) -> None:
         failures = 0
         try:
-            while seg.start + len(seg.buf) < seg.end:
-                before = len(seg.buf)
+            while seg.start + seg.filled < seg.end:
+                before = seg.filled
                 try:
                     async for data in self.upstream.read_range(
-                            url, seg.start + len(seg.buf), seg.end, token=origin.token):
-                        seg.buf += data
+                            url, seg.start + seg.filled, seg.end, token=origin.token):
+                        seg.receive(data)
                         transfer.bytes_upstream += len(data)
                         self.on_upstream_bytes(len(data))
-                        seg.changed.set()
                 except RangeIgnored:
                     raise
                 except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
-                    failures = 0 if len(seg.buf) > before else failures + 1
+                    failures = 0 if seg.filled > before else failures + 1
                     url = await self._after_break(origin, url, failures,
-                                                  seg.start + len(seg.buf), e)
+                                                  seg.start + seg.filled, e)
             seg.finished = True
         except BaseException as e:
             seg.error = e if isinstance(e, Exception) else TransferFailed("cancelled")
