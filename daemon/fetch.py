@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
-READ_BLOCK = 1024 * 1024
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
@@ -173,13 +172,14 @@ class Transfer:
 
 
 class _Segment:
-    """Bytes [start, end) of the blob, received into a buffer allocated once: the bytes are
+    """Bytes [start, end) of the blob, received into a buffer given once: the bytes are
     copied once on the way in and handed to the writer as views, never copied again."""
 
-    def __init__(self, start: int, end: int) -> None:
+    def __init__(self, start: int, end: int, buffer: bytearray) -> None:
         self.start = start
         self.end = end
-        self.view = memoryview(bytearray(end - start))
+        self._buffer = buffer
+        self.view = memoryview(buffer)[:end - start]
         self.filled = 0
         self.finished = False
         self.error: BaseException | None = None
@@ -190,9 +190,10 @@ class _Segment:
         self.filled += len(data)
         self.changed.set()
 
-    def release(self) -> None:
-        """Drop the buffer once its bytes are written."""
+    def release(self) -> bytearray:
+        """The buffer, once its bytes are written, for the next segment."""
         self.view = memoryview(b"")
+        return self._buffer
 
 
 class Fetcher:
@@ -260,17 +261,23 @@ class Fetcher:
             finally:
                 transfer.readers -= 1
 
-    async def read(self, transfer: Transfer, start: int, end: int, *,
-                   to_peer: bool = False) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob, each as soon as the transfer may serve it; the
-        blob stays pinned while they are read."""
+    async def send(self, transport: asyncio.Transport | None, transfer: Transfer, start: int,
+                   end: int, *, to_peer: bool = False) -> AsyncIterator[tuple[int, int]]:
+        """Send bytes [start, end) of the blob on the transport, each as soon as the transfer
+        may serve it, from the store's files with sendfile (the bytes are not read into this
+        process); yields (offset, length) of each piece sent. The blob stays pinned."""
+        loop = asyncio.get_running_loop()
         pos = start
         with self.store.pinned(transfer.blob.digest):
             while pos < end:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
-                    n = min(READ_BLOCK, limit - pos)
-                    yield self.store.read(transfer.blob, pos, n)
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError(f"the reader of {transfer.label} left")
+                    with self.store.chunk_file(transfer.blob, pos) as (f, within, left):
+                        n = min(left, limit - pos)
+                        await loop.sendfile(transport, f, within, n)
+                    yield pos, n
                     pos += n
 
     def transfer_state(self, digest: str) -> PeerTransfer | None:
@@ -566,17 +573,20 @@ class Fetcher:
         """The rest of the blob over several connections at once, one Range each."""
         size = transfer.blob.size
         starts = range(writer.offset, size, SEGMENT)
-        segments: list[_Segment] = []  # a segment's buffer exists from its read to its write
+        segments: list[_Segment] = []
+        # the buffers of written segments serve the next ones: fresh pages cost a fault each
+        spare: list[bytearray] = []
         tasks: list[asyncio.Task[None]] = []
         try:
             for i in range(len(starts)):
                 while len(segments) < min(len(starts), i + self.connections):
                     start = starts[len(segments)]
-                    segments.append(_Segment(start, min(start + SEGMENT, size)))
+                    buffer = spare.pop() if spare else bytearray(SEGMENT)
+                    segments.append(_Segment(start, min(start + SEGMENT, size), buffer))
                     tasks.append(asyncio.create_task(
                         self._fill(segments[-1], url, origin, transfer)))
                 await self._commit(segments[i], writer, transfer)
-                segments[i].release()
+                spare.append(segments[i].release())
         finally:
             for t in tasks:
                 t.cancel()

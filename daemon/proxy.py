@@ -222,15 +222,14 @@ class Proxy:
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
                       start: int, end: int) -> None:
-        pos = start
+        sent = start
         try:
-            async for data in self.fetcher.read(transfer, start, end):
-                await resp.write(data)
-                self.metrics.served(transfer.source_at(pos), len(data))
-                pos += len(data)
+            async for pos, n in self.fetcher.send(request.transport, transfer, start, end):
+                self.metrics.served(transfer.source_at(pos), n)
+                sent = pos + n
             await resp.write_eof()
         except TransferFailed as e:
-            log.error("aborting the response for %s at byte %d: %s", transfer.label, pos, e)
+            log.error("aborting the response for %s at byte %d: %s", transfer.label, sent, e)
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError(str(e)) from e

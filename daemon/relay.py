@@ -60,10 +60,10 @@ class Relay:
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
         try:
-            async for data in self.fetcher.read(transfer, start, end, to_peer=True):
-                await resp.write(data)
+            async for _, n in self.fetcher.send(request.transport, transfer, start, end,
+                                                to_peer=True):
                 if peer is not None:
-                    peer.bytes_to += len(data)
+                    peer.bytes_to += n
         except ConnectionResetError:
             return resp  # the peer moved to another source
         except TransferFailed as e:

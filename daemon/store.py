@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import io
 import logging
 import os
 import re
@@ -247,16 +248,28 @@ class Store:
         return b"".join(parts)
 
     def _read_chunk(self, digest: str, idx: int, offset: int, n: int) -> bytes:
+        fd = self._open_chunk(digest, idx)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def chunk_file(self, blob: BlobId, offset: int) -> Iterator[tuple[io.FileIO, int, int]]:
+        """The chunk file holding the blob's byte `offset`, open for reading, with where that
+        byte is in the file and how many bytes of the chunk follow it."""
+        idx = offset // self.chunk_size
+        within = offset - idx * self.chunk_size
+        with io.FileIO(self._open_chunk(blob.digest, idx), "rb") as f:
+            yield f, within, min(self.chunk_size, blob.size - idx * self.chunk_size) - within
+
+    def _open_chunk(self, digest: str, idx: int) -> int:
         # A writer may rename .part into place between our two attempts: try both names.
         for partial in (False, True, False):
             try:
-                fd = os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
+                return os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            try:
-                return os.pread(fd, n, offset)
-            finally:
-                os.close(fd)
         raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
