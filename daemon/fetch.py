@@ -172,28 +172,31 @@ class Transfer:
 
 
 class _Segment:
-    """Bytes [start, end) of the blob, received into a buffer given once: the bytes are
-    copied once on the way in and handed to the writer as views, never copied again."""
+    """Bytes [start, end) of the blob, read over one connection and put into the store's
+    files as they arrive (no buffer holds the segment); committed in order later."""
 
-    def __init__(self, start: int, end: int, buffer: bytearray) -> None:
+    def __init__(self, start: int, end: int) -> None:
         self.start = start
         self.end = end
-        self._buffer = buffer
-        self.view = memoryview(buffer)[:end - start]
-        self.filled = 0
+        self.filled = 0  # bytes from start on that are in the store's files
         self.finished = False
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
+        self.pending: list[bytes] = []  # received, not yet put: at most COMMIT_BATCH bytes
+        self.pending_bytes = 0
 
-    def receive(self, data: bytes) -> None:
-        self.view[self.filled:self.filled + len(data)] = data
-        self.filled += len(data)
+    async def put_pending(self, writer: BlobWriter) -> None:
+        try:
+            await writer.put(self.start + self.filled, self.pending)
+        except OSError as e:
+            raise _StoreFailed(f"writing {writer.blob.digest}: {e}") from e
+        self.filled += self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
         self.changed.set()
 
-    def release(self) -> bytearray:
-        """The buffer, once its bytes are written, for the next segment."""
-        self.view = memoryview(b"")
-        return self._buffer
+
+class _StoreFailed(Exception):
+    """Putting received bytes into the store failed: the disk, not the upstream."""
 
 
 class Fetcher:
@@ -574,19 +577,15 @@ class Fetcher:
         size = transfer.blob.size
         starts = range(writer.offset, size, SEGMENT)
         segments: list[_Segment] = []
-        # the buffers of written segments serve the next ones: fresh pages cost a fault each
-        spare: list[bytearray] = []
         tasks: list[asyncio.Task[None]] = []
         try:
             for i in range(len(starts)):
                 while len(segments) < min(len(starts), i + self.connections):
                     start = starts[len(segments)]
-                    buffer = spare.pop() if spare else bytearray(SEGMENT)
-                    segments.append(_Segment(start, min(start + SEGMENT, size), buffer))
+                    segments.append(_Segment(start, min(start + SEGMENT, size)))
                     tasks.append(asyncio.create_task(
-                        self._fill(segments[-1], url, origin, transfer)))
+                        self._fill(segments[-1], url, origin, transfer, writer)))
                 await self._commit(segments[i], writer, transfer)
-                spare.append(segments[i].release())
         finally:
             for t in tasks:
                 t.cancel()
@@ -629,7 +628,7 @@ class Fetcher:
             pending = seg.filled - written
             if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
                                                          or written == 0)):
-                await writer.write(seg.view[written:seg.filled])
+                await writer.commit(pending)
                 written += pending
                 transfer.advance(writer.offset)
                 continue
@@ -640,7 +639,8 @@ class Fetcher:
             seg.changed.clear()
             await seg.changed.wait()
 
-    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer) -> None:
+    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
+                    writer: BlobWriter) -> None:
         failures = 0
         try:
             while seg.start + seg.filled < seg.end:
@@ -648,18 +648,25 @@ class Fetcher:
                 try:
                     async for data in self.upstream.read_range(
                             url, seg.start + seg.filled, seg.end, token=origin.token):
-                        seg.receive(data)
+                        seg.pending.append(data)
+                        seg.pending_bytes += len(data)
                         transfer.bytes_upstream += len(data)
                         self.on_upstream_bytes(len(data))
-                except RangeIgnored:
+                        # the first bytes at once: the committer may be waiting for them
+                        if seg.pending_bytes >= COMMIT_BATCH or seg.filled == 0:
+                            await seg.put_pending(writer)
+                    await seg.put_pending(writer)
+                except (RangeIgnored, _StoreFailed):
                     raise
                 except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
+                    await seg.put_pending(writer)  # what arrived before the break is good
                     failures = 0 if seg.filled > before else failures + 1
                     url = await self._after_break(origin, url, failures,
                                                   seg.start + seg.filled, e)
             seg.finished = True
         except BaseException as e:
-            seg.error = e if isinstance(e, Exception) else TransferFailed("cancelled")
+            cause = e.__cause__ if isinstance(e, _StoreFailed) else e
+            seg.error = cause if isinstance(cause, Exception) else TransferFailed("cancelled")
             raise
         finally:
             seg.changed.set()
