@@ -37,6 +37,8 @@ ROWS = {"direct": "direct from the fake Hub + CDN (baseline)",
         "nginx_cold": "nginx proxy_cache in front of the CDN, cold (baseline)",
         "cold": "cold, through modelpeerd",
         "hit": "cache hit, through modelpeerd",
+        "old_cold": "cold, through modelpeerd of --old-code",
+        "old_hit": "cache hit, through modelpeerd of --old-code",
         "nginx": "nginx serving the same file (baseline)"}
 
 
@@ -125,8 +127,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
-            cpu: dict[str, list[float]]) -> str:
-    """Direct, nginx proxy_cache cold, modelpeerd cold and hit, in that order; the digest."""
+            cpu: dict[str, list[float]], old_code: str | None) -> str:
+    """Direct, nginx proxy_cache cold, modelpeerd cold and hit (and those of the old code),
+    in that order; the digest."""
     t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
     times["direct"].append(t)
     if shutil.which("nginx"):
@@ -141,12 +144,22 @@ def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
         assert got == digest, "nginx proxy_cache answered other bytes"
         times["nginx_cold"].append(t)
         cpu["nginx_cold"].append(c)
-    d = Modelpeerd(work / "cache", hub.url)
+    daemon_cold_and_hit(hub, work, digest, "", {}, times, cpu)
+    if old_code is not None:
+        daemon_cold_and_hit(hub, work, digest, "old_", {"PYTHONPATH": old_code}, times, cpu)
+    return digest
+
+
+def daemon_cold_and_hit(hub: FakeHub, work: Path, digest: str, prefix: str,
+                        env: dict[str, str], times: dict[str, list[float]],
+                        cpu: dict[str, list[float]]) -> None:
+    """A fresh daemon (with that environment): the file cold, then again (a cache hit)."""
+    d = Modelpeerd(work / "cache", hub.url, env=env)
     d.extra = ["--log-level", "warning"]
     d.start()
     try:
         assert d.proc is not None
-        for kind in ("cold", "hit"):
+        for kind in (prefix + "cold", prefix + "hit"):
             t, got, c = timed_get_cpu(f"{d.url}/{REPO}/resolve/main/{FILE}", d.proc.pid)
             assert got == digest, f"{kind} download through the proxy differs"
             times[kind].append(t)
@@ -154,13 +167,16 @@ def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
     finally:
         d.stop()
         shutil.rmtree(work / "cache", ignore_errors=True)
-    return digest
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--old-code", metavar="DIR",
+                    help="also run the daemon from DIR/modelpeer/daemon in each run, e.g. an "
+                         "earlier commit's daemon/ (git archive) linked there: before and after "
+                         "in the same run")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
@@ -170,7 +186,7 @@ def main() -> None:
     cpu: dict[str, list[float]] = {k: [] for k in ROWS}
     try:
         for _ in range(args.runs):
-            digest = one_run(hub, work, times, cpu)
+            digest = one_run(hub, work, times, cpu, args.old_code)
         if shutil.which("nginx"):
             www = work / "www"
             www.mkdir()
@@ -209,7 +225,9 @@ def report(size: int, times: dict[str, list[float]], cpu: dict[str, list[float]]
     print("\n| ratio of times, within each run | worst | runs |\n|---|---|---|")
     for a, b, label in (("cold", "direct", "cold through modelpeerd / direct"),
                         ("cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),
-                        ("hit", "nginx", "cache hit / nginx serving")):
+                        ("hit", "nginx", "cache hit / nginx serving"),
+                        ("cold", "old_cold", "cold through modelpeerd / the same, old code"),
+                        ("hit", "old_hit", "cache hit / the same, old code")):
         if times[a] and times[b]:
             ratios = [x / y for x, y in zip(times[a], times[b], strict=False)]
             print(f"| {label} | {max(ratios):.2f} | {' '.join(f'{r:.2f}' for r in ratios)} |")
