@@ -186,6 +186,8 @@ class _Segment:
         self.pending_bytes = 0
 
     async def put_pending(self, writer: BlobWriter) -> None:
+        if not self.pending:
+            return
         try:
             await writer.put(self.start + self.filled, self.pending)
         except OSError as e:
