@@ -80,7 +80,7 @@ class Daemon:
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
                                max_cache_size=cfg.max_cache_size, offline=cfg.offline,
-                               max_transfers=cfg.max_transfers, read_buffer=cfg.read_buffer)
+                               max_transfers=cfg.max_transfers)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.signatures = Signatures(cfg.require_signature, self.catalog, self.fetcher,

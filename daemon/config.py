@@ -200,9 +200,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_transfers", int, lambda: 8,
            "at most this many blobs read from the upstream at once; more wait their turn "
            "(each holds up to upstream_connections x 8 MiB in memory)"),
-    Option("read_buffer", parse_size, lambda: 64 * 1024**2,
-           "at most this many bytes of files held in memory on their way to clients and "
-           "peers, all responses together; more readers wait their turn"),
     Option("upstream_timeout", parse_duration, lambda: 30.0,
            "give up on an upstream connection that sends nothing for this long"),
     Option("interface", str, lambda: "",
@@ -240,7 +237,6 @@ class Config:
     upstream_rate: int
     peer_upload_rate: int
     max_transfers: int
-    read_buffer: int
     upstream_timeout: float
     interface: str
     peer_listen: tuple[str, int]
@@ -266,8 +262,6 @@ class Config:
             raise ConfigError("upstream_connections must be between 1 and 64")
         if self.max_transfers < 1:
             raise ConfigError("max_transfers must be at least 1")
-        if self.read_buffer < 1024**2:
-            raise ConfigError(f"read_buffer must be at least 1MiB, got {self.read_buffer}")
 
 
 def _line_of(text: str, key: str) -> int:

@@ -400,8 +400,10 @@ class PeerSet:
     async def stream(self, peer: Peer, path: str) -> AsyncGenerator[bytes, None]:
         """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
         async with self._call(peer, "GET", path) as answer:
-            async for data in answer.resp.content.iter_any():
-                yield data
+            # each piece as the socket delivered it: no joining of pieces (a copy)
+            async for data, _ in answer.resp.content.iter_chunks():
+                if data:
+                    yield data
 
 
 def _parsed(peer: Peer, path: str, parse: Callable[[object], T], data: bytes) -> T:

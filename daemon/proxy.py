@@ -232,15 +232,10 @@ class Proxy:
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
                       start: int, end: int) -> None:
         sent = start
-
-        async def write(pos: int, data: bytes) -> None:
-            nonlocal sent
-            await resp.write(data)
-            self.metrics.served(transfer.source_at(pos), len(data))
-            sent = pos + len(data)
-
         try:
-            await self.fetcher.send(transfer, start, end, write)
+            async for pos, n in self.fetcher.send(request.transport, transfer, start, end):
+                self.metrics.served(transfer.source_at(pos), n)
+                sent = pos + n
             await resp.write_eof()
         except (TransferFailed, ChunkDamaged) as e:
             log.error("aborting the response for %s at byte %d: %s", transfer.label, sent, e)

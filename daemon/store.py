@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import io
 import logging
 import os
 import re
@@ -257,16 +258,28 @@ class Store:
         return b"".join(parts)
 
     def _read_chunk(self, digest: str, idx: int, offset: int, n: int) -> bytes:
+        fd = self._open_chunk(digest, idx)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def chunk_file(self, blob: BlobId, offset: int) -> Iterator[tuple[io.FileIO, int, int]]:
+        """The chunk file holding the blob's byte `offset`, open for reading, with where that
+        byte is in the file and how many bytes of the chunk follow it."""
+        idx = offset // self.chunk_size
+        within = offset - idx * self.chunk_size
+        with io.FileIO(self._open_chunk(blob.digest, idx), "rb") as f:
+            yield f, within, min(self.chunk_size, blob.size - idx * self.chunk_size) - within
+
+    def _open_chunk(self, digest: str, idx: int) -> int:
         # A writer may rename .part into place between our two attempts: try both names.
         for partial in (False, True, False):
             try:
-                fd = os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
+                return os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            try:
-                return os.pread(fd, n, offset)
-            finally:
-                os.close(fd)
         raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
 
     async def adopt_unrecorded_chunks(self, digest: str | None = None) -> int:
@@ -623,6 +636,10 @@ class Store:
 class BlobWriter:
     """Appends a blob's bytes in order from `offset`, checkpointing and verifying as it goes.
 
+    Bytes may also be put into the chunk files ahead of that order (put), as they arrive from
+    several connections; commit() then takes them in order, hashing them as read back from
+    the page cache. Only bytes taken in order count as written.
+
     Written bytes can be read at once (from the page cache); making them durable (fsync, then
     the index) runs behind, one step after the other, so a chunk's fsync never holds up the
     bytes that follow it, nor a peer relaying them. A failed step fails the next write."""
@@ -632,11 +649,14 @@ class BlobWriter:
         self.blob = blob
         self.offset = offset
         self._hasher: Hasher | None = None
-        self._fd: int | None = None
+        self._fds: dict[int, int] = {}  # chunk index -> its open .part file
+        self._fd: int | None = None  # that of the chunk being written in order
         self._chunk: ChunkState | None = None
         self._chunk_hash: Hasher | None = None
         self._since_checkpoint = 0
         self._durable: asyncio.Future[None] | None = None  # the last durability step
+        self._in_threads: set[asyncio.Future[None]] = set()  # file work close() waits for
+        self._block: memoryview | None = None  # commit() reads bytes back into it
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
@@ -651,49 +671,114 @@ class BlobWriter:
             h.update(self.store.read(self.blob, pos, min(READ_BLOCK, self.offset - pos)))
         return h
 
+    def _chunk_fd(self, idx: int) -> int:
+        """The chunk's .part file, opened the first time with what it holds in order kept."""
+        fd = self._fds.get(idx)
+        if fd is None:
+            start = idx * self.store.chunk_size
+            length = min(self.store.chunk_size, self.blob.size - start)
+            kept = min(max(0, self.offset - start), length)
+            # room for all bytes up to this chunk's end: chunks opened ahead are not full yet
+            self.store.make_room(start + length - self.offset)
+            path = self.store.chunk_path(self.blob.digest, idx, partial=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds[idx] = fd
+            os.ftruncate(fd, kept)
+        return fd
+
     def _open_chunk(self) -> None:
         idx = self.offset // self.store.chunk_size
         chunk = self.store.chunks(self.blob)[idx]
-        self.store.make_room(chunk.offset + chunk.length - self.offset)
-        path = self.store.chunk_path(self.blob.digest, idx, partial=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = self._chunk_fd(idx)
         within = self.offset - chunk.offset
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.truncate(path, within)
         self._chunk_hash = xxhash.xxh3_128()
         if within:
             self._chunk_hash.update(self.store.read(self.blob, chunk.offset, within))
-        os.lseek(fd, within, os.SEEK_SET)
         self._fd, self._chunk = fd, chunk
 
     async def write(self, data: bytes | memoryview) -> None:
-        self._raise_durability_failure()
+        """Bytes in order, at `offset`."""
         view = memoryview(data)
-        while view:
+        await self._in_order(len(view), lambda fd, at, done, n: self._append(
+            fd, at, view[done:done + n]))
+
+    async def put(self, offset: int, pieces: list[bytes]) -> None:
+        """Bytes at `offset`, at or past what is written in order, into the chunk files now
+        (while they are in the CPU cache); commit() takes them in order later."""
+        self._raise_durability_failure()
+        size = sum(len(p) for p in pieces)
+        if offset < self.offset or offset + size > self.blob.size:
+            raise ValueError(f"blob {self.blob.digest}: bytes [{offset}, {offset + size}) are "
+                             f"not between the written {self.offset} and the size")
+        writes = []  # (fd, offset in the chunk file, bytes), files opened here: make_room
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                idx, at = divmod(offset, self.store.chunk_size)
+                n = min(len(view), self.store.chunk_size - at)
+                writes.append((self._chunk_fd(idx), at, view[:n]))
+                view, offset = view[n:], offset + n
+        await self._in_thread(_pwrite_all, writes)
+
+    async def commit(self, n: int) -> None:
+        """The next n bytes in order, put() before: hash them and count them as written."""
+        await self._in_order(n, self._hash_back)
+
+    async def _in_order(self, total: int, step: Callable[[int, int, int, int], None]) -> None:
+        """Take `total` bytes in order, chunk by chunk: step(fd, offset in the chunk file,
+        bytes taken before, length) writes and hashes, or hashes what was put."""
+        self._raise_durability_failure()
+        if self.offset + total > self.blob.size:
+            raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
+        done = 0
+        while done < total:
             if self._fd is None:
                 self._open_chunk()
             assert self._chunk is not None and self._fd is not None
-            room = self._chunk.offset + self._chunk.length - self.offset
-            piece = view[:room]
-            if self.offset + len(piece) > self.blob.size:
-                raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
-            if len(piece) >= OFFLOAD:
-                await asyncio.to_thread(self._append, self._fd, piece)
+            at = self.offset - self._chunk.offset
+            n = min(total - done, self._chunk.length - at)
+            if n >= OFFLOAD:
+                await self._in_thread(step, self._fd, at, done, n)
             else:
-                self._append(self._fd, piece)
-            self.offset += len(piece)
-            self._since_checkpoint += len(piece)
-            view = view[len(piece):]
+                step(self._fd, at, done, n)
+            self.offset += n
+            self._since_checkpoint += n
+            done += n
             if self.offset == self._chunk.offset + self._chunk.length:
                 self._complete_chunk()
             elif self._since_checkpoint >= CHECKPOINT and not self._durability_pending():
                 self._checkpoint()
 
-    def _append(self, fd: int, piece: memoryview) -> None:
-        _write_all(fd, piece)
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        """fn off the event loop; close() waits for it even if this await is cancelled, so
+        no thread uses a file descriptor after it is closed."""
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._in_threads.add(work)
+        work.add_done_callback(self._in_threads.discard)
+        await asyncio.shield(work)
+
+    def _append(self, fd: int, at: int, piece: memoryview) -> None:
+        # block by block, so the hashes read each block from the CPU cache the write left it in
+        for pos in range(0, len(piece), READ_BLOCK):
+            block = piece[pos:pos + READ_BLOCK]
+            _pwrite_all([(fd, at + pos, block)])
+            self._hash(block)
+
+    def _hash_back(self, fd: int, at: int, _done: int, n: int) -> None:
+        if self._block is None:
+            self._block = memoryview(bytearray(READ_BLOCK))
+        for pos in range(at, at + n, READ_BLOCK):
+            block = self._block[:min(READ_BLOCK, at + n - pos)]
+            if os.preadv(fd, [block], pos) != len(block):
+                raise OSError(f"chunk {self.blob.digest}.{self.offset // self.store.chunk_size}"
+                              f" holds less than was put into it (at {pos})")
+            self._hash(block)
+
+    def _hash(self, block: memoryview) -> None:
         assert self._chunk_hash is not None and self._hasher is not None  # _open_chunk, prepare
-        self._chunk_hash.update(piece)
-        self._hasher.update(piece)
+        self._chunk_hash.update(block)
+        self._hasher.update(block)
 
     def _then(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run a durability step after the ones before it, off the writing path."""
@@ -737,6 +822,7 @@ class BlobWriter:
     def _complete_chunk(self) -> None:
         assert self._fd is not None and self._chunk is not None and self._chunk_hash is not None
         fd, chunk, digest = self._fd, self._chunk, self._chunk_hash.hexdigest()
+        del self._fds[chunk.idx]
         self._fd = self._chunk = None
 
         async def step() -> None:
@@ -784,21 +870,26 @@ class BlobWriter:
     async def close(self) -> None:
         """Stop writing (error or shutdown): make what was written durable for a resume."""
         try:
+            await asyncio.gather(*self._in_threads, return_exceptions=True)
             await self.settle()
         finally:
-            if self._fd is not None:
-                try:
-                    if self._since_checkpoint:
-                        self._checkpoint()
-                        await self.settle()
-                finally:
-                    os.close(self._fd)
-                    self._fd = self._chunk = None
+            try:
+                if self._fd is not None and self._since_checkpoint:
+                    self._checkpoint()
+                    await self.settle()
+            finally:
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+                self._fd = self._chunk = None
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def _pwrite_all(writes: list[tuple[int, int, memoryview]]) -> None:
+    """Each (file, offset, bytes) written whole."""
+    for fd, at, data in writes:
+        while data:
+            n = os.pwrite(fd, data, at)
+            data, at = data[n:], at + n
 
 
 def xxh3_of_file(path: Path, length: int) -> str:

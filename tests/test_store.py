@@ -90,6 +90,44 @@ async def test_killed_writer_resumes_at_last_checkpoint(tmp_path: Path, data: by
     assert store.read(blob, 0, len(data)) == data
 
 
+async def test_bytes_put_ahead_count_once_committed_in_order(tmp_path: Path,
+                                                             data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    # segments as several connections deliver them: later ones first, across chunk ends
+    cuts = [0, 3 * MiB, 5 * MiB, 9 * MiB, len(data)]
+    for a, b in reversed(list(zip(cuts, cuts[1:], strict=False))):
+        await writer.put(a, [data[a:a + MiB], data[a + MiB:b]])
+    assert writer.offset == 0
+    await writer.commit(len(data))
+    await writer.verify()
+    await writer.finish()
+    await writer.close()
+    assert store.is_complete(blob.digest)
+    assert store.read(blob, 0, len(data)) == data
+    assert not list(tmp_path.glob("chunks/*/*.part"))
+
+
+async def test_bytes_put_ahead_are_lost_unless_committed(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    await writer.put(0, [data[:MiB]])
+    await writer.put(5 * MiB, [b"x" * MiB])  # wrong bytes, never committed
+    await writer.commit(MiB)
+    await writer.close()
+    store.db.close()
+
+    store = make_store(tmp_path)
+    await store.recover()
+    assert store.contiguous_prefix(blob) == MiB
+    await write(store, blob, data)
+    assert store.read(blob, 0, len(data)) == data
+
+
 async def test_checkpoints_make_partial_chunks_durable(tmp_path: Path) -> None:
     store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=64 * MiB)
     data = random.Random(3).randbytes(CHECKPOINT * 2 + 5)
