@@ -171,6 +171,8 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
         bar = "#" * int(pct / 5)
         print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {shown(t['source'])}"
               f"  {shown(t['file'])}")
+    for blob in s.get("plan", []):
+        _print_plan(blob)
     return 0
 
 
@@ -183,6 +185,17 @@ def _print_startup(startup: dict[str, Any]) -> None:  # Any: the daemon's JSON
           + (f"; {unchecked} chunks still to check" if unchecked else ""))
     for problem in problems[:5]:
         print(f"  {shown(problem)}")
+
+
+def _print_plan(blob: dict[str, Any]) -> None:  # Any: the daemon's JSON
+    """Who feeds whom for one blob on the cluster, a line per node."""
+    print(f"plan      {shown(blob['file'])} ({human_size(blob['size'])})")
+    for n in blob["nodes"]:
+        source = (shown(n["feeder_name"]) if n["feeder"]
+                  else "peers (BitTorrent)" if n["source"] == "peer" else shown(n["source"]))
+        pct = 100 * n["available"] / blob["size"] if blob["size"] else 100
+        print(f"  {source:>20} -> {shown(n['name'] or n['node_id'][:12]):20} "
+              f"{human_size(n['rate']):>9}/s {pct:5.1f}%")
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON

@@ -78,7 +78,8 @@ class Daemon:
         await self.upstream.start()
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
-                               max_cache_size=cfg.max_cache_size, offline=cfg.offline)
+                               max_cache_size=cfg.max_cache_size, offline=cfg.offline,
+                               max_transfers=cfg.max_transfers, read_buffer=cfg.read_buffer)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.signatures = Signatures(cfg.require_signature, self.catalog, self.fetcher,
@@ -91,6 +92,7 @@ class Daemon:
             self.lan.relay.may_share = self.signatures.may_share
         if self.lan.sharing is not None:
             self.lan.sharing.transfer_state = self.fetcher.transfer_state
+            self.lan.sharing.blob_transfers = self.fetcher.blob_transfers
             self.lan.sharing.upstream_rate = self.fetcher.upstream_rate
             self.lan.sharing.may_share = self.signatures.may_share
         self.pins = Pins(self.db, self.catalog)

@@ -174,6 +174,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream_rate", parse_size, lambda: 0,
            "at most this many bytes per second of files from the upstream, all downloads "
            "together (e.g. 20MB; 0 = no limit)", reloadable=True),
+    Option("max_transfers", int, lambda: 8,
+           "at most this many blobs read from the upstream at once; more wait their turn "
+           "(each holds up to upstream_connections x 8 MiB in memory)"),
+    Option("read_buffer", parse_size, lambda: 64 * 1024**2,
+           "at most this many bytes of files held in memory on their way to clients and "
+           "peers, all responses together; more readers wait their turn"),
     Option("upstream_timeout", parse_duration, lambda: 30.0,
            "give up on an upstream connection that sends nothing for this long"),
     Option("interface", str, lambda: "",
@@ -209,6 +215,8 @@ class Config:
     ref_ttl: float
     upstream_connections: int
     upstream_rate: int
+    max_transfers: int
+    read_buffer: int
     upstream_timeout: float
     interface: str
     peer_listen: tuple[str, int]
@@ -232,6 +240,10 @@ class Config:
             raise ConfigError(f"chunk_size must be a multiple of 1MiB, got {self.chunk_size}")
         if not 1 <= self.upstream_connections <= 64:
             raise ConfigError("upstream_connections must be between 1 and 64")
+        if self.max_transfers < 1:
+            raise ConfigError("max_transfers must be at least 1")
+        if self.read_buffer < 1024**2:
+            raise ConfigError(f"read_buffer must be at least 1MiB, got {self.read_buffer}")
 
 
 def _line_of(text: str, key: str) -> int:

@@ -4,6 +4,7 @@ can take), used by the `modelpeer` CLI, plus /metrics for Prometheus."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from .fetch import Fetcher
 from .hubnames import REPO_TYPES
 from .lan import Lan
 from .metrics import Metrics
+from .plan import PlanBlob, cluster_plan
 from .signatures import Signatures
 from .store import Store
 from .warmup import Warmup
@@ -102,11 +104,17 @@ class Control:
             "served_bytes": dict(self.metrics.served_totals),
             "upstream_bytes": self.metrics.upstream_total,
             "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
+            "plan": [dataclasses.asdict(b) for b in self._cluster_plan()],
             "peer_list": self.lan.peer_list(),
             "jobs": self.warmup.summary(),
             "recent_errors": list(self.recent_errors.records)[::-1],
         }
         return web.json_response(body)
+
+    def _cluster_plan(self) -> list[PlanBlob]:
+        own = (self.lan.node_id or "local", str(self.describe()["node"]),
+               self.fetcher.blob_transfers())
+        return cluster_plan([own, *self.lan.peer_transfers()])
 
     async def peers(self, request: web.Request) -> web.Response:
         return web.json_response({**self.lan.summary(), "peers": self.lan.peer_list()})

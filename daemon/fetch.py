@@ -21,13 +21,13 @@ import errno
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
-from .peermsg import PeerTransfer, TransferSource
+from .peermsg import BlobTransfer, PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
 from .store import BlobId, BlobWriter, DigestMismatch, Store
@@ -51,6 +51,8 @@ REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with f
 PROBE_BYTES = 4 * 1024 * 1024
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
+WRONG_BLOB_KEPT = 3600.0  # how long a blob that failed its digest answers a resume whole
+MAX_WRONG_BLOBS = 4096
 EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
 
@@ -184,10 +186,14 @@ class _Segment:
 
 class Fetcher:
     def __init__(self, store: Store, upstream: Upstream, *, connections: int = 4,
-                 max_cache_size: int = 0, offline: bool = False) -> None:
+                 max_cache_size: int = 0, offline: bool = False, max_transfers: int = 8,
+                 read_buffer: int = 64 * 1024 * 1024) -> None:
         self.store = store
         self.upstream = upstream
         self.connections = connections
+        # memory bounds: blobs read from the upstream at once, and blocks on their way out
+        self._upstream_slots = asyncio.Semaphore(max_transfers)
+        self._read_slots = asyncio.Semaphore(max(1, read_buffer // READ_BLOCK))
         self.offline = offline
         self.max_cache_size = max_cache_size
         self.sharing: Sharing | None = None
@@ -196,6 +202,7 @@ class Fetcher:
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
+        self._failed_digest: dict[str, float] = {}  # digest -> until when it is remembered
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
 
@@ -247,10 +254,13 @@ class Fetcher:
             finally:
                 transfer.readers -= 1
 
-    async def read(self, transfer: Transfer, start: int, end: int, *,
-                   to_peer: bool = False) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of the blob, each as soon as the transfer may serve it; the
-        blob stays pinned while they are read."""
+    async def send(self, transfer: Transfer, start: int, end: int,
+                   write: Callable[[int, bytes], Awaitable[None]], *,
+                   to_peer: bool = False) -> None:
+        """Bytes [start, end) of the blob to `write(offset, block)`, each block as soon as the
+        transfer may serve it; the blob stays pinned meanwhile. A block is read only when one
+        of the read_buffer slots is free and let go once written, so the bytes held in memory
+        stay bounded however many readers wait on slow clients."""
         pos = start
         with self.store.pinned(transfer.blob.digest):
             while pos < end:
@@ -258,7 +268,8 @@ class Fetcher:
                 while pos < limit:
                     n = min(READ_BLOCK, limit - pos)
                     await self.store.check_span(transfer.blob.digest, pos, pos + n)
-                    yield self.store.read(transfer.blob, pos, n)
+                    async with self._read_slots:
+                        await write(pos, self.store.read(transfer.blob, pos, n))
                     pos += n
 
     def transfer_state(self, digest: str) -> PeerTransfer | None:
@@ -268,6 +279,12 @@ class Fetcher:
             return None
         source = TransferSource.PEER if t.probing else TransferSource(t.source)
         return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+
+    def blob_transfers(self) -> list[BlobTransfer]:
+        """Every running transfer as the cluster sees it, for the plan view."""
+        return [BlobTransfer(t.blob.digest, t.label, t.blob.size, state)
+                for digest, t in self.transfers.items()
+                if (state := self.transfer_state(digest)) is not None]
 
     def upstream_rate(self) -> float:
         """What the upstream gave this node lately (0: not known), from whole transfers and
@@ -317,11 +334,13 @@ class Fetcher:
             if writer.offset < blob.size:
                 if self.offline:
                     raise UpstreamError("offline mode: the blob is not fully cached")
-                log.info("fetching %s (%s) from upstream at byte %d of %d",
-                         origin.label, blob.digest[:12], writer.offset, blob.size)
-                started, before = time.monotonic(), writer.offset
-                await self._from_upstream(transfer, writer, origin)
-                self._note_upstream_rate(writer.offset - before, time.monotonic() - started)
+                async with self._upstream_slots:
+                    log.info("fetching %s (%s) from upstream at byte %d of %d",
+                             origin.label, blob.digest[:12], writer.offset, blob.size)
+                    started, before = time.monotonic(), writer.offset
+                    await self._from_upstream(transfer, writer, origin)
+                    self._note_upstream_rate(writer.offset - before,
+                                             time.monotonic() - started)
             await writer.verify()
             transfer.finish()  # the last byte goes out now; durability follows
             await writer.finish()
@@ -334,6 +353,7 @@ class Fetcher:
     def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
         if isinstance(error, DigestMismatch):
             self._blame_peers(transfer)
+            self._remember_failed_digest(transfer.blob.digest)
         expected = isinstance(error, EXPECTED_FAILURES)
         log.error("fetching %s (%s) failed%s: %s", origin.label, transfer.blob.digest[:12],
                   "" if expected else " unexpectedly", error,
@@ -348,6 +368,7 @@ class Fetcher:
         blob = transfer.blob
         transfer.mark_source(writer.offset, "peer")
         plan = Plan(sharing.peers.node_id, blob.digest)
+        held_failed_at = -1  # where getting complete chunks from their holders broke last
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if held.small:
@@ -362,13 +383,18 @@ class Fetcher:
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
                       if overtake and isinstance(decision, Relay) else held.chunks)
-            if isinstance(decision, Relay) and not overtake:
-                await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
-                                          origin)
-            elif self._held_run(blob, writer.offset, chunks):
-                # complete chunks somewhere beat the upstream: BitTorrent from their holders
+            run = self._held_run(blob, writer.offset, chunks)
+            relay = decision.node if isinstance(decision, Relay) and not overtake else ""
+            if relay and not (run and writer.offset != held_failed_at
+                              and _has_nothing_past(held, relay, writer.offset)):
+                await self._relay_decided(transfer, writer, sharing, plan, held, relay, origin)
+            elif run:
+                # complete chunks somewhere beat the upstream, and a feeder that waits for its
+                # own bytes: BitTorrent from their holders (if that breaks, the feeder again)
                 if not await self._chunks_held(transfer, writer, sharing, chunks, held):
-                    break
+                    if not relay:
+                        break
+                    held_failed_at = writer.offset
             elif isinstance(decision, GoUpstream):
                 settle = SETTLE - (time.monotonic() - transfer.started)
                 if settle <= 0:
@@ -472,6 +498,18 @@ class Fetcher:
         self._note_upstream_rate(writer.offset - start, time.monotonic() - began)
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
                  self.upstream_rate() / 1e6, writer.offset - start)
+
+    def _remember_failed_digest(self, digest: str) -> None:
+        now = time.monotonic()
+        if len(self._failed_digest) >= MAX_WRONG_BLOBS:
+            self._failed_digest = {d: t for d, t in self._failed_digest.items() if t > now}
+        self._failed_digest[digest] = now + WRONG_BLOB_KEPT
+
+    def failed_digest_lately(self, digest: str) -> bool:
+        """Whether a transfer of the blob failed its digest lately. Its readers got all but
+        the last byte before the check (the bytes stream as they land), so a client resuming
+        with a Range holds wrong bytes and must start over."""
+        return self._failed_digest.get(digest, 0.0) > time.monotonic()
 
     def _blame_peers(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again
@@ -641,6 +679,13 @@ class Fetcher:
             raise
         finally:
             seg.changed.set()
+
+
+def _has_nothing_past(held: Holders, node: str, offset: int) -> bool:
+    """Whether `node` has no byte of the blob past `offset` yet: waiting for it loses to
+    complete chunks that other peers hold (a slow upstream fetcher can be minutes away)."""
+    t = held.transfers.get(node)
+    return t is None or t.available <= offset
 
 
 def _without(chunks: dict[int, list[tuple[Peer, str]]],

@@ -6,11 +6,12 @@ says why."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .cluster import ClusterKey, Credentials, NodeIdentity
 from .config import Config
+from .peermsg import BlobTransfer
 from .peers import PeerApi, PeerSet
 from .store import Store
 
@@ -63,6 +64,12 @@ class Lan:
                 d["bytes_to"] += bt.uploaded
             out.append(d)
         return out
+
+    def peer_transfers(self) -> list[tuple[str, str, Sequence[BlobTransfer]]]:
+        """(node id, name, transfers) of every live peer, as its last status said."""
+        if self.peers is None:
+            return []
+        return [(p.node_id, p.name, p.transfers) for p in self.peers.peers.values() if p.alive]
 
     async def open(self) -> None:
         """Start answering peers and announce this node (after every peer route is added)."""

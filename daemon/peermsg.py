@@ -15,6 +15,8 @@ from . import hubnames
 MAX_NAME = 256
 MAX_FILES = 100_000
 MAX_SIZE = 1 << 50  # 1 PiB: larger is a lie
+MAX_LABEL = 1024  # repo/path of a transfer
+MAX_STATUS_TRANSFERS = 64  # a node lists at most this many of its transfers in its status
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 NODE_ID_RE = _HEX32
@@ -94,6 +96,57 @@ def _named(parse: Callable[[str], str], value: str, key: str) -> str:
         raise BadMessage(f"field {key!r}: {e}") from e
 
 
+# --- transfers, in chunk maps and in status -----------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PeerTransfer:
+    """What a peer says about its own transfer of a blob."""
+    source: TransferSource  # where it gets the bytes now
+    available: int  # bytes of the blob's prefix it can serve
+    rate: float  # bytes/s its prefix grows by (0 until it has been measured a while)
+    feeder: str = ""  # the node it relays from now ("" for none)
+
+
+def transfer_fields(state: PeerTransfer) -> dict[str, object]:
+    """A transfer as peers send it (read back by _peer_transfer)."""
+    return {"transfer": state.source.value, "available": state.available,
+            "rate": round(state.rate), "feeder": state.feeder}
+
+
+def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
+    source = _choice(d, "transfer", TransferSource, "")
+    if source is TransferSource.NONE:
+        return None
+    feeder = _text(d, "feeder", "")
+    if feeder and not NODE_ID_RE.fullmatch(feeder):
+        raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
+    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobTransfer:
+    """One blob a node is transferring, as its status tells the cluster (to show the plan)."""
+    digest: str
+    label: str  # repo/path, for people
+    size: int
+    state: PeerTransfer
+
+    def to_json(self) -> dict[str, object]:
+        return {"digest": self.digest, "label": self.label, "size": self.size,
+                **transfer_fields(self.state)}
+
+
+def parse_blob_transfer(value: object) -> BlobTransfer:
+    d = _obj(value, "transfer")
+    digest = _named(hubnames.any_digest, _text(d, "digest"), "digest")
+    size = _count(d, "size")
+    state = _peer_transfer(d)
+    if state is None:
+        raise BadMessage("field 'transfer': a listed transfer needs a source")
+    if state.available > size:
+        raise BadMessage(f"field 'available': {state.available} is past the blob's {size} bytes")
+    return BlobTransfer(digest, _text(d, "label", "", max_len=MAX_LABEL), size, state)
+
+
 # --- GET /status --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class NodeStatus:
@@ -102,13 +155,18 @@ class NodeStatus:
     version: str
     bt_port: int
     chunks: int
+    transfers: tuple[BlobTransfer, ...] = ()
 
 
 def parse_status(value: object) -> NodeStatus:
     d = _obj(value, "status")
+    items = _get(d, "transfers", list, [])
+    if len(items) > MAX_STATUS_TRANSFERS:
+        raise BadMessage(f"field 'transfers': {len(items)} transfers, at most "
+                         f"{MAX_STATUS_TRANSFERS} are listed")
     return NodeStatus(_text(d, "node_id", pattern=NODE_ID_RE), _text(d, "name", ""),
                       _text(d, "version", ""), _count(d, "bt_port", 0, hi=65535),
-                      _count(d, "chunks", 0))
+                      _count(d, "chunks", 0), tuple(parse_blob_transfer(t) for t in items))
 
 
 # --- GET /chunks/{digest} -----------------------------------------------------------------
@@ -116,15 +174,6 @@ def parse_status(value: object) -> NodeStatus:
 class HeldChunk:
     index: int
     info_hash: str  # "" when its torrent is not made yet
-
-
-@dataclasses.dataclass(frozen=True)
-class PeerTransfer:
-    """What a peer says about its own transfer of a blob."""
-    source: TransferSource  # where it gets the bytes now
-    available: int  # bytes of the blob's prefix it can serve
-    rate: float  # bytes/s its prefix grows by (0 until it has been measured a while)
-    feeder: str = ""  # the node it relays from now ("" for none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,16 +202,6 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
         chunks.append(HeldChunk(index, info_hash))
     return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
                     float(_count(d, "upstream_rate", 0)))
-
-
-def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
-    source = _choice(d, "transfer", TransferSource, "")
-    if source is TransferSource.NONE:
-        return None
-    feeder = _text(d, "feeder", "")
-    if feeder and not NODE_ID_RE.fullmatch(feeder):
-        raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
-    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder)
 
 
 # --- warm jobs ----------------------------------------------------------------------------

@@ -32,14 +32,15 @@ from .cluster import (
     SignatureError,
     body_digest,
 )
-from .peermsg import NODE_ID_RE, BadMessage, NodeStatus, parse_status
+from .peermsg import NODE_ID_RE, BadMessage, BlobTransfer, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
 API = "/_modelpeer/peer/v1"
 LIVENESS_INTERVAL = 3.0
 DEAD_AFTER = 10.0
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # silence on a connection; also the deadline of a whole status answer
+ANSWER_DEADLINE = 10.0  # a whole answer (torrent, small blob, JSON) slower than this is a drip
 ADMIT_RETRY = 10.0  # a candidate that failed the proof is not asked again for this long
 MAX_BODY = 4 * 1024 * 1024  # a request body (a warm job's file list)
 MAX_ANSWER = 8 * 1024 * 1024  # a JSON answer, a torrent or a small blob
@@ -65,9 +66,11 @@ class Peer:
     bytes_to: int = 0
     banned_until: float = 0.0
     suspect: bool = False  # missed a deadline; left out until it answers a probe again
+    transfers: tuple[BlobTransfer, ...] = ()  # as its last status said, for the plan view
 
     def public(self) -> dict[str, Any]:  # Any: dataclasses.asdict; read by Lan, Control
         d = dataclasses.asdict(self)
+        del d["transfers"]
         d["banned"] = time.time() < self.banned_until
         return d
 
@@ -272,11 +275,11 @@ class PeerSet:
     async def _hello(self, address: str, port: int, expected: str) -> NodeStatus:
         """The node's status, in a signed answer to a fresh signed request."""
         target = Peer(expected, address, port)
-        async with self._call(target, "GET", "/status") as answer:
-            data = await self._body(target, answer)
+        data, responder = await self._answer(target, "GET", "/status", None, MAX_ANSWER,
+                                             REQUEST_TIMEOUT)
         status = _parsed(target, "/status", parse_status, data)
-        if status.node_id != answer.responder:
-            raise PeerError(f"{address}:{port} signed as {answer.responder[:16]} but says it is "
+        if status.node_id != responder:
+            raise PeerError(f"{address}:{port} signed as {responder[:16]} but says it is "
                             f"{status.node_id[:16]}")
         return status
 
@@ -320,6 +323,7 @@ class PeerSet:
         peer.alive, peer.last_seen, peer.suspect = True, time.time(), False
         peer.name, peer.version = status.name, status.version
         peer.bt_port, peer.chunks_held = status.bt_port, status.chunks
+        peer.transfers = status.transfers
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)
@@ -370,10 +374,22 @@ class PeerSet:
             raise PeerError(f"{where}: the answer does not match its signed digest")
         return bytes(data)
 
+    async def _answer(self, peer: Peer, method: str, path: str, body: object, limit: int,
+                      deadline: float) -> tuple[bytes, str]:
+        """The whole answer and the node that signed it, within `deadline` seconds: the
+        session's read timeout only catches silence, and a peer that sends a byte a second
+        would hold the caller (and the liveness round) for as long as it likes."""
+        try:
+            async with asyncio.timeout(deadline):
+                async with self._call(peer, method, path, body) as answer:
+                    return await self._body(peer, answer, limit), answer.responder
+        except TimeoutError as e:
+            raise PeerError(f"peer {peer.node_id[:16]} at {peer.address}: {method} {path}: no "
+                            f"whole answer in {deadline:.0f}s") from e
+
     async def request(self, peer: Peer, method: str, path: str, body: object = None, *,
                       limit: int = MAX_ANSWER) -> bytes:
-        async with self._call(peer, method, path, body) as answer:
-            return await self._body(peer, answer, limit)
+        return (await self._answer(peer, method, path, body, limit, ANSWER_DEADLINE))[0]
 
     async def request_json(self, peer: Peer, method: str, path: str,
                            parse: Callable[[object], T], body: object = None) -> T:

@@ -23,9 +23,9 @@ import dataclasses
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
-from .peermsg import PeerTransfer, TransferSource
+from .peermsg import BlobTransfer, PeerTransfer, TransferSource
 
 SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not used
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
@@ -177,3 +177,39 @@ class Plan:
         if t is None or t.rate <= 0 or t.available < RATE_SAMPLE_BYTES:
             return None
         return max(t.rate, self.measured.get(source, 0.0))
+
+
+# --- the plan as operators see it ---------------------------------------------------------
+@dataclasses.dataclass
+class PlanNode:
+    node_id: str
+    name: str
+    source: str  # upstream, peer (fed by `feeder`) or store
+    feeder: str  # node id, "" for none
+    feeder_name: str
+    available: int
+    rate: int  # bytes/s
+
+
+@dataclasses.dataclass
+class PlanBlob:
+    digest: str
+    file: str
+    size: int
+    nodes: list[PlanNode]
+
+
+def cluster_plan(members: Sequence[tuple[str, str, Sequence[BlobTransfer]]]) -> list[PlanBlob]:
+    """Who feeds whom, for each blob in transfer anywhere on the cluster, from each member's
+    (node id, name, transfers): this node's own first, then what each peer's status said."""
+    names = {node_id: name for node_id, name, _ in members}
+    blobs: dict[str, PlanBlob] = {}
+    for node_id, name, transfers in members:
+        for t in transfers:
+            blob = blobs.setdefault(t.digest, PlanBlob(t.digest, t.label, t.size, []))
+            blob.file = blob.file or t.label
+            feeder = t.state.feeder
+            blob.nodes.append(PlanNode(node_id, name, t.state.source.value, feeder,
+                                       names.get(feeder, feeder[:12]), t.state.available,
+                                       round(t.state.rate)))
+    return sorted(blobs.values(), key=lambda b: (b.file, b.digest))

@@ -187,6 +187,11 @@ class Proxy:
         except _Unsatisfiable as e:
             return hub_error_response(416, f"range not satisfiable for a {e.size}-byte file",
                                       headers={"Content-Range": f"bytes */{e.size}"})
+        if span and span[0] > 0 and self.fetcher.failed_digest_lately(blob.digest):
+            log.warning("%s/%s: a Range is answered with the whole file: a transfer of it "
+                        "failed its digest lately, so a client resuming it holds wrong bytes",
+                        entry.repo, entry.path)
+            span = None
         start, end = span or (0, blob.size)
         resp = web.StreamResponse(status=206 if span else 200, headers=headers)
         resp.content_length = end - start
@@ -226,15 +231,19 @@ class Proxy:
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
                       start: int, end: int) -> None:
-        pos = start
+        sent = start
+
+        async def write(pos: int, data: bytes) -> None:
+            nonlocal sent
+            await resp.write(data)
+            self.metrics.served(transfer.source_at(pos), len(data))
+            sent = pos + len(data)
+
         try:
-            async for data in self.fetcher.read(transfer, start, end):
-                await resp.write(data)
-                self.metrics.served(transfer.source_at(pos), len(data))
-                pos += len(data)
+            await self.fetcher.send(transfer, start, end, write)
             await resp.write_eof()
         except (TransferFailed, ChunkDamaged) as e:
-            log.error("aborting the response for %s at byte %d: %s", transfer.label, pos, e)
+            log.error("aborting the response for %s at byte %d: %s", transfer.label, sent, e)
             if request.transport is not None:
                 request.transport.abort()
             raise ConnectionResetError(str(e)) from e

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from .fetch import Fetcher, TransferFailed
 from .peers import Peer, PeerApi, PeerError, PeerSet
-from .store import BlobId
+from .store import BlobId, ChunkDamaged
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,17 @@ class Relay:
         resp.content_length = end - start
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
+
+        async def write(pos: int, data: bytes) -> None:
+            await resp.write(data)
+            if peer is not None:
+                peer.bytes_to += len(data)
+
         try:
-            async for data in self.fetcher.read(transfer, start, end, to_peer=True):
-                await resp.write(data)
-                if peer is not None:
-                    peer.bytes_to += len(data)
+            await self.fetcher.send(transfer, start, end, write, to_peer=True)
         except ConnectionResetError:
             return resp  # the peer moved to another source
-        except TransferFailed as e:
+        except (TransferFailed, ChunkDamaged) as e:
             log.info("relay of %s to peer %s stopped: %s", transfer.label, sender, e)
             if request.transport is not None:
                 request.transport.abort()

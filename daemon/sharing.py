@@ -14,7 +14,14 @@ from pathlib import Path
 from aiohttp import web
 
 from . import hubnames
-from .peermsg import ChunkMap, PeerTransfer, parse_chunk_map
+from .peermsg import (
+    MAX_STATUS_TRANSFERS,
+    BlobTransfer,
+    ChunkMap,
+    PeerTransfer,
+    parse_chunk_map,
+    transfer_fields,
+)
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
 from .swarm import (
@@ -59,6 +66,7 @@ class Sharing:
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
         self.transfer_state: Callable[[str], PeerTransfer | None] = lambda digest: None
+        self.blob_transfers: Callable[[], list[BlobTransfer]] = list
         self.upstream_rate: Callable[[], float] = lambda: 0.0
         self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         swarm.on_bad_peer = self._bad_peer
@@ -131,9 +139,11 @@ class Sharing:
 
     # --- the peer API -------------------------------------------------------------------
     async def _status(self, request: web.Request, sender: str) -> web.Response:
+        transfers = [t.to_json() for t in self.blob_transfers() if self.may_share(t.digest)]
         return web.json_response({"node_id": self.peers.node_id, "name": self.node_name,
                                   "version": self.version, "bt_port": self.bt_port,
-                                  "chunks": self.store.count_complete_chunks(SHARED_BLOB)})
+                                  "chunks": self.store.count_complete_chunks(SHARED_BLOB),
+                                  "transfers": transfers[:MAX_STATUS_TRANSFERS]})
 
     async def _chunk_map(self, request: web.Request, sender: str) -> web.Response:
         digest = request.match_info["digest"]
@@ -147,9 +157,7 @@ class Sharing:
                                                                  min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         state = self.transfer_state(digest)
-        transfer = {} if state is None else {
-            "transfer": state.source, "available": state.available, "rate": round(state.rate),
-            "feeder": state.feeder}
+        transfer = {} if state is None else transfer_fields(state)
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "upstream_rate": round(self.upstream_rate()), **transfer})
 
@@ -291,7 +299,9 @@ class Sharing:
             async for data in self.swarm.fetch(torrent, endpoints):
                 yield data
         except (SwarmError, SwarmStalled) as e:
-            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} failed: {e}") from e
+            names = ", ".join(dict.fromkeys(p.node_id for p in sources))
+            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} from peers {names} "
+                            f"failed: {e}") from e
 
     # --- events -------------------------------------------------------------------------
     def _bad_peer(self, ip: str, info_hash: str) -> None:

@@ -115,3 +115,31 @@ def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: C
         assert set(got.values()) == {digest}
         cdn = cluster.hub.stats()["cdn_bytes"]
         assert cdn <= 1.01 * 48 * MiB, f"{cdn / (48 * MiB):.3f} x the blob from the CDN"
+
+
+@pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
+def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) -> None:
+    ids = start_all(cluster)
+    names = {node_id: host for host, node_id in ids.items()}
+    repo, digest = new_repo(cluster, "acme/plan-view", 96 * MiB)
+    pulls = pull_everywhere(cluster, repo)
+
+    def whole_plan() -> dict[str, object] | None:
+        """The blob's entry in h1's plan once it lists every node."""
+        plan = cluster.nodes["h1"].status()["plan"]
+        blob = next((b for b in plan if b["digest"] == digest), None)
+        return blob if blob and len(blob["nodes"]) == len(HOSTS) else None
+
+    blob = cluster.lab.wait_for("h1 shows every node's part in the transfer", whole_plan)
+    text = cluster.cli("h1", "status").stdout
+    assert {f.result() for f in pulls.values()} == {digest}
+    assert blob["file"] == f"{repo}/weights.bin" and blob["size"] == 96 * MiB
+    nodes = blob["nodes"]
+    assert {n["node_id"] for n in nodes} == set(ids.values())
+    assert {n["name"] for n in nodes} == set(HOSTS)
+    assert any(n["source"] == "upstream" for n in nodes)
+    for n in nodes:
+        if n["feeder"]:  # fed by another member, named by its node name
+            assert n["source"] == "peer" and names[n["feeder"]] == n["feeder_name"], n
+    assert f"plan      {repo}/weights.bin" in text, text
+    assert "upstream -> h" in text, text

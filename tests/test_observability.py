@@ -96,6 +96,9 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
     assert second > first, (first, second)
     assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
     assert browser.find_element(By.ID, "conn").text == "live"
+    plan = browser.find_element(By.ID, "plan")  # the plan graph: upstream -> this node
+    assert plan.find_elements(By.CSS_SELECTOR, "svg.plan-graph line.plan-edge")
+    assert "upstream" in plan.text and d.status()["node"] in plan.text, plan.text
     browser.save_screenshot(str(ROOT / "docs" / "statuspage.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == [], errors

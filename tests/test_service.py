@@ -61,6 +61,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     for setting in ("Type=notify", "User=modelpeer", "CacheDirectory=modelpeer",
                     "StateDirectory=modelpeer", "ConfigurationDirectory=modelpeer",
                     "Restart=on-failure", "RestartPreventExitStatus=2 ", "LimitNOFILE=",
+                    "MemoryMax=",
                     "ProtectSystem=strict", "NoNewPrivileges=yes", "RestrictAddressFamilies="):
         assert setting in unit
 

@@ -51,6 +51,83 @@ function transfer(t) {
   return box;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, text) {
+  const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+// Columns by distance from the upstream: a node fed by the upstream (or by peers over
+// BitTorrent, or by no one known) is in column 1, a node relaying from it in column 2, ...
+function planColumns(nodes) {
+  const byId = new Map(nodes.map((n) => [n.node_id, n]));
+  const depth = new Map();
+  const depthOf = (n, seen) => {
+    if (depth.has(n.node_id)) return depth.get(n.node_id);
+    const feeder = byId.get(n.feeder);
+    const d = feeder && !seen.has(feeder.node_id)
+      ? depthOf(feeder, new Set([...seen, n.node_id])) + 1 : 1;
+    depth.set(n.node_id, d);
+    return d;
+  };
+  for (const n of nodes) depthOf(n, new Set([n.node_id]));
+  return depth;
+}
+
+function planGraph(blob) {
+  const W = 150, H = 44, GAPX = 70, GAPY = 14;
+  const depth = planColumns(blob.nodes);
+  const rows = new Map();
+  const pos = new Map([["upstream", { x: 0, y: 0 }]]);
+  for (const n of blob.nodes) {
+    const d = depth.get(n.node_id);
+    const r = rows.get(d) || 0;
+    rows.set(d, r + 1);
+    pos.set(n.node_id, { x: d * (W + GAPX), y: r * (H + GAPY) });
+  }
+  const width = (Math.max(...depth.values()) + 1) * (W + GAPX);
+  const height = Math.max(...rows.values()) * (H + GAPY);
+  const g = svg("svg", { class: "plan-graph", width, height, viewBox: `0 0 ${width} ${height}` });
+  const best = Math.max(1, ...blob.nodes.map((n) => n.rate));
+  const box = (id, title, sub, cls) => {
+    const p = pos.get(id);
+    g.append(svg("rect", { x: p.x + 1, y: p.y + 1, width: W - 2, height: H - 2, rx: 6,
+                           class: "plan-node " + cls }));
+    g.append(svg("text", { x: p.x + 8, y: p.y + 18, class: "plan-name" }, title));
+    g.append(svg("text", { x: p.x + 8, y: p.y + 34, class: "plan-sub" }, sub));
+  };
+  box("upstream", "upstream", "the Hub or its mirror", "upstream");
+  for (const n of blob.nodes) {
+    const from = n.source === "upstream" ? "upstream" : n.feeder;
+    const a = pos.get(from), b = pos.get(n.node_id);
+    const slow = n.rate < best / 2;
+    if (a) {
+      g.append(svg("line", { x1: a.x + W, y1: a.y + H / 2, x2: b.x, y2: b.y + H / 2,
+                             class: "plan-edge" + (slow ? " slow" : "") }));
+      g.append(svg("text", { x: (a.x + W + b.x) / 2 - 28, y: (a.y + b.y + H) / 2 - 4,
+                             class: "plan-rate" + (slow ? " slow" : "") }, size(n.rate) + "/s"));
+    }
+    const pct = blob.size ? (100 * n.available) / blob.size : 100;
+    const via = a ? "" : n.source === "peer" ? " · BitTorrent" : " · " + n.source;
+    box(n.node_id, n.name || n.node_id.slice(0, 12), pct.toFixed(0) + "%" + via,
+        slow ? "slow" : "");
+  }
+  return g;
+}
+
+function planBlob(blob) {
+  const box = el("div", "transfer plan");
+  box.dataset.digest = blob.digest;
+  box.append(el("div", "name", blob.file + " · " + size(blob.size)));
+  const scroll = el("div", "scroll");
+  scroll.append(planGraph(blob));
+  box.append(scroll);
+  return box;
+}
+
 function peerRow(p) {
   const tr = el("tr");
   const state = p.banned ? "banned" : p.alive ? "live" : "down";
@@ -92,6 +169,7 @@ function render(s) {
   $("upstream").textContent = s.offline ? "offline" : size(s.upstream_bytes);
   $("upstream-sub").textContent = s.upstream.join(", ");
   fill($("transfers"), s.transfers, transfer, "nothing is moving");
+  fill($("plan"), s.plan, planBlob, "no blob in transfer on the cluster");
   const body = $("peers").querySelector("tbody");
   body.replaceChildren(...s.peer_list.map(peerRow));
   if (!s.peer_list.length) {

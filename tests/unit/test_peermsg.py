@@ -25,6 +25,8 @@ from modelpeer.daemon.peermsg import (
 D = "a" * 64
 NODE = "0123456789abcdef" * 2
 GOOD_FILE = {"path": "model.bin", "digest": D, "algo": "sha256", "size": 10, "lfs": True}
+GOOD_TRANSFER = {"digest": D, "label": "acme/tts/model.bin", "size": 10, "transfer": "peer",
+                 "available": 4, "rate": 2, "feeder": NODE}
 GOOD_SPEC = {"id": "0123456789ab", "repo_type": "model", "repo_id": "acme/tts",
              "revision": "main", "commit": "c" * 40, "sealed_token": None, "files": [GOOD_FILE]}
 
@@ -32,7 +34,11 @@ GOOD_SPEC = {"id": "0123456789ab", "repo_type": "model", "repo_id": "acme/tts",
 def test_good_messages_parse() -> None:
     s = parse_status({"node_id": NODE, "name": "h1", "version": "0.1", "bt_port": 6582,
                       "chunks": 3})
-    assert (s.node_id, s.bt_port, s.chunks) == (NODE, 6582, 3)
+    assert (s.node_id, s.bt_port, s.chunks, s.transfers) == (NODE, 6582, 3, ())
+    t = parse_status({"node_id": NODE, "transfers": [GOOD_TRANSFER]}).transfers[0]
+    assert (t.digest, t.label, t.size, t.state.source, t.state.feeder) == (
+        D, "acme/tts/model.bin", 10, TransferSource.PEER, NODE)
+    assert t.to_json() == GOOD_TRANSFER
     m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
                          "small": False, "transfer": "upstream", "available": 5, "rate": 7,
                          "upstream_rate": 9}, D, 4)
@@ -80,6 +86,14 @@ def test_malformed_warm_jobs_are_refused(message: Any) -> None:
     {}, [], {"node_id": NODE[:-1]}, {"node_id": NODE, "bt_port": 70000},
     {"node_id": NODE, "bt_port": "6582"}, {"node_id": NODE, "chunks": -1},
     {"node_id": NODE, "name": "x" * 1000}, {"node_id": 5},
+    {"node_id": NODE, "transfers": {}}, {"node_id": NODE, "transfers": [[]]},
+    {"node_id": NODE, "transfers": [GOOD_TRANSFER] * 65},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "digest": "../x"}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "transfer": ""}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "available": 11}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "feeder": "h1"}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "label": "x" * 2000}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "size": "10"}]},
 ])
 def test_malformed_status_is_refused(message: Any) -> None:
     with pytest.raises(BadMessage):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from modelpeer.daemon.peermsg import PeerTransfer, TransferSource
+import dataclasses
+
+from modelpeer.daemon.peermsg import BlobTransfer, PeerTransfer, TransferSource
 from modelpeer.daemon.plan import (
     DROP_FOR,
     GoUpstream,
     Plan,
     RateMeter,
     Relay,
+    cluster_plan,
 )
 
 UP, PEER = TransferSource.UPSTREAM, TransferSource.PEER
@@ -136,3 +139,18 @@ def test_the_rate_meter_counts_the_last_window() -> None:
     assert 1.9 * MB <= meter.rate <= 2.1 * MB
     clock.now += 10
     assert meter.rate == 0
+
+
+def test_the_cluster_plan_groups_each_blob_and_names_the_feeders() -> None:
+    a, b, c = "a" * 32, "b" * 32, "c" * 32
+    blob = BlobTransfer("d" * 64, "acme/m/w.bin", 100, PeerTransfer(TransferSource.UPSTREAM,
+                                                                     60, 10.0))
+    fed = dataclasses.replace(blob, label="", state=PeerTransfer(TransferSource.PEER, 40, 9.0, a))
+    other = BlobTransfer("e" * 64, "acme/m/x.bin", 50, PeerTransfer(TransferSource.PEER, 5, 1.0,
+                                                                      "f" * 32))
+    plan = cluster_plan([(a, "h1", [blob]), (b, "h2", [fed, other]), (c, "h3", [])])
+    assert [p.file for p in plan] == ["acme/m/w.bin", "acme/m/x.bin"]
+    first, second = plan
+    assert [(n.name, n.source, n.feeder_name, n.available) for n in first.nodes] == [
+        ("h1", "upstream", "", 60), ("h2", "peer", "h1", 40)]
+    assert second.nodes[0].feeder_name == "f" * 12  # a feeder that is not a member: its id
