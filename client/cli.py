@@ -161,6 +161,8 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
           f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
                                    "that pins keep (unpin, or raise max_cache_size)"
                                    if s["over_limit_bytes"] else ""))
+    print(f"caps      upstream {_rate(s['upstream_rate'])}, peer upload "
+          f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}")
     print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
           + f";  {human_size(s['upstream_bytes'])} read from upstream")
     _print_startup(s.get("startup", {}))
@@ -176,15 +178,16 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_startup(startup: dict[str, Any]) -> None:  # Any: the daemon's JSON
-    """What the start (and the chunk check behind it) found wrong, if anything."""
-    problems, unchecked = startup.get("problems", []), startup.get("unchecked_chunks", 0)
-    if not problems and not unchecked:
-        return
-    print(f"start     {len(problems)} problems found in the cache at start"
-          + (f"; {unchecked} chunks still to check" if unchecked else ""))
-    for problem in problems[:5]:
-        print(f"  {shown(problem)}")
+def _rate(rate: int) -> str:
+    return f"{human_size(rate)}/s ({rate * 8 / 1e6:.0f} Mbit/s)" if rate else "no limit"
+
+
+def _upload_split(peers: dict[str, Any]) -> str:  # Any: the daemon's JSON
+    split = peers.get("upload_split") or {}
+    if not split.get("peer_api"):
+        return ""
+    return (f" (now {human_size(split['bittorrent'])}/s BitTorrent, "
+            f"{human_size(split['peer_api'])}/s relays)")
 
 
 def _print_plan(blob: dict[str, Any]) -> None:  # Any: the daemon's JSON
@@ -196,6 +199,17 @@ def _print_plan(blob: dict[str, Any]) -> None:  # Any: the daemon's JSON
         pct = 100 * n["available"] / blob["size"] if blob["size"] else 100
         print(f"  {source:>20} -> {shown(n['name'] or n['node_id'][:12]):20} "
               f"{human_size(n['rate']):>9}/s {pct:5.1f}%")
+
+
+def _print_startup(startup: dict[str, Any]) -> None:  # Any: the daemon's JSON
+    """What the start (and the chunk check behind it) found wrong, if anything."""
+    problems, unchecked = startup.get("problems", []), startup.get("unchecked_chunks", 0)
+    if not problems and not unchecked:
+        return
+    print(f"start     {len(problems)} problems found in the cache at start"
+          + (f"; {unchecked} chunks still to check" if unchecked else ""))
+    for problem in problems[:5]:
+        print(f"  {shown(problem)}")
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
@@ -670,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token", help="Hub token for gated or private repos (default $HF_TOKEN)")
     w.add_argument("--wait", action="store_true", help="show progress until every node is done")
     w.add_argument("--pin", action="store_true",
-                   help="pin the revision on this node: never evicted (see `modelpeer pin`)")
+                   help="pin the revision on every node of the job: never evicted (see "
+                        "`modelpeer pin`)")
     w.set_defaults(func=cmd_warm)
     for name, func, text in (("pin", cmd_pin, "keep a cached revision whatever the size limit"),
                              ("unpin", cmd_unpin, "let a pinned repo be evicted again")):

@@ -21,6 +21,7 @@ from .index import open_index
 from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
+from .peercatalog import PeerCatalog
 from .pins import Pins
 from .proxy import Proxy
 from .signatures import Signatures
@@ -102,6 +103,8 @@ class Daemon:
                              self.lan.credentials.key if self.lan.credentials else None,
                              self.pins)
         self.warmup.check_signature = self.signatures.check
+        if self.lan.peers is not None and self.lan.api is not None:
+            self.catalog.ask_peers = PeerCatalog(self.catalog, self.lan.peers, self.lan.api).learn
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
@@ -128,6 +131,8 @@ class Daemon:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "upstream_rate": self.cfg.upstream_rate,
+                "peer_upload_rate": self.cfg.peer_upload_rate,
                 "require_signature": [str(r) for r in self.cfg.require_signature],
                 "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
                 "peers": self.lan.summary(),
@@ -178,6 +183,8 @@ class Daemon:
         log.info("reload: require_signature is now %s",
                  ", ".join(map(str, new.require_signature)) or "empty")
         self.upstream.rate.rate = self.cfg.upstream_rate = new.upstream_rate
+        self.lan.set_peer_upload_rate(new.peer_upload_rate)
+        self.cfg.peer_upload_rate = new.peer_upload_rate
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
@@ -185,7 +192,7 @@ class Daemon:
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
         log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl, "
-                 "require_signature, upstream_rate)")
+                 "require_signature, peer_upload_rate, upstream_rate)")
         notify.ready()
 
     async def serve_forever(self) -> None:

@@ -49,6 +49,25 @@ def parse_size(value: str | int) -> int:
     return int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
+_BIT_UNITS = {"bit": 1 / 8, "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8}
+
+
+def parse_rate(value: str | int) -> int:
+    """Bytes per second from a size ('20MB', read per second; '/s' may follow) or a bit rate
+    as links are sold and tc spells it ('100mbit', '1gbit')."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return parse_size(value)
+    text = str(value).strip().lower().removesuffix("/s")
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([kmg]?bit)", text)
+    if m:
+        return int(float(m.group(1)) * _BIT_UNITS[m.group(2)])
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ValueError(f"not a rate: {value!r} (use e.g. 20MB, 100mbit or 0 for no limit)"
+                         ) from None
+
+
 def parse_duration(value: str | int | float) -> float:
     """'30s', '5m', '1h' or a number of seconds -> seconds (finite, not negative)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -171,9 +190,13 @@ OPTIONS: tuple[Option, ...] = (
            reloadable=True),
     Option("upstream_connections", int, lambda: 4,
            "parallel Range requests per blob to the upstream", reloadable=True),
-    Option("upstream_rate", parse_size, lambda: 0,
+    Option("upstream_rate", parse_rate, lambda: 0,
            "at most this many bytes per second of files from the upstream, all downloads "
-           "together (e.g. 20MB; 0 = no limit)", reloadable=True),
+           "together (e.g. 20MB or 100mbit; 0 = no limit)", reloadable=True),
+    Option("peer_upload_rate", parse_rate, lambda: 0,
+           "at most this many bytes per second sent to peers, BitTorrent and the peer API "
+           "together (e.g. 50MB or 400mbit; 0 = no limit); local clients are never held back",
+           reloadable=True),
     Option("max_transfers", int, lambda: 8,
            "at most this many blobs read from the upstream at once; more wait their turn "
            "(each holds up to upstream_connections x 8 MiB in memory)"),
@@ -215,6 +238,7 @@ class Config:
     ref_ttl: float
     upstream_connections: int
     upstream_rate: int
+    peer_upload_rate: int
     max_transfers: int
     read_buffer: int
     upstream_timeout: float
