@@ -15,7 +15,7 @@ from aiohttp import web
 from .fetch import Fetcher, TransferFailed
 from .peers import Peer, PeerApi, PeerError, PeerSet
 from .ratelimit import PeerUploadCap
-from .store import BlobId
+from .store import BlobId, ChunkDamaged
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Relay:
                         peer.bytes_to += n
         except ConnectionResetError:
             return resp  # the peer moved to another source
-        except TransferFailed as e:
+        except (TransferFailed, ChunkDamaged) as e:
             log.info("relay of %s to peer %s stopped: %s", transfer.label, sender, e)
             if request.transport is not None:
                 request.transport.abort()
