@@ -409,17 +409,18 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
 
 def _show_job(progress: Progress, tasks: dict[str | None, TaskID],
               status: dict[str, Any]) -> None:  # Any: the daemon's JSON
-    """Updates the rows of `tasks`, adding those not there yet."""
+    """Updates the row of each node and the total's, adding the rows not there yet."""
     nodes = status["nodes"]
-    rows: dict[str | None, tuple[str, int, int, str]] = {
-        node: (shown(node), s.get("bytes", 0), s.get("have_bytes", 0), shown(s["state"]))
-        for node, s in sorted(nodes.items())}
-    rows[None] = ("total", sum(r[1] for r in rows.values()), sum(r[2] for r in rows.values()),
-                  shown(status["state"]))
-    for key, (name, size, have, state) in rows.items():
+    rows: dict[str | None, tuple[str, dict[str, Any]]] = {  # Any: the daemon's JSON
+        node: (shown(node), s) for node, s in sorted(nodes.items())}
+    rows[None] = ("total", {"state": status["state"],
+                            "bytes": sum(s.get("bytes", 0) for s in nodes.values()),
+                            "have_bytes": sum(s.get("have_bytes", 0) for s in nodes.values())})
+    for key, (name, s) in rows.items():
+        size, state = s.get("bytes", 0), shown(s["state"])
         if key not in tasks:
             tasks[key] = progress.add_task(name, total=size, state=state)
-        progress.update(tasks[key], total=size, completed=have, state=state)
+        progress.update(tasks[key], total=size, completed=s.get("have_bytes", 0), state=state)
 
 
 def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:

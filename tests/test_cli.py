@@ -7,6 +7,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from modelpeer.client.cli import human_size
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import Modelpeerd, cli, free_port
 
@@ -66,6 +67,22 @@ def test_env_and_unreachable_daemon() -> None:
     down = cli(url, "status")
     assert down.returncode == 3
     assert "cannot reach modelpeerd" in down.stderr
+
+
+def test_warm_wait_shows_each_node_and_the_total_then_jobs_lists_it(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    warmed = cli(d, "warm", MODEL, "--nodes", "local", "--wait")
+    assert warmed.returncode == 0, warmed.stderr
+    amount, unit = human_size(sum(len(b) for b in expected_files(MODEL).values())).split()
+    rows = [line.split() for line in warmed.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0][0] != "total" and rows[1][0] == "total", warmed.stdout
+    for row in rows:  # name, bar, bytes done/of, rate, time left, state
+        assert f"{amount}/{amount}" in row and unit in row and row[-1] == "done", row
+    job = json.loads(cli(d, "jobs", "--json").stdout)[0]
+    listed = [line.split() for line in cli(d, "jobs").stdout.splitlines()]
+    assert listed[0] == ["JOB", "STATE", "REPO", "FILES", "BYTES"]
+    assert listed[1][:4] == [job["job"], "done", job["repo"], f"{job['files']}/{job['files']}"]
 
 
 def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: FakeHub) -> None:
