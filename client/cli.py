@@ -30,7 +30,7 @@ from modelpeer.client import view
 from modelpeer.client.view import shown
 
 if TYPE_CHECKING:
-    from modelpeer.client.hfcache import Snapshot
+    from modelpeer.client.hfcache import BlobFile, Snapshot
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
 API = "/_modelpeer/v1"
@@ -570,8 +570,11 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
     shared_files = shared_bytes = freed_bytes = 0
     problems: list[str] = []
     reflink, reason = True, ""
-    for root in _hf_cache_dirs(args):
-        for repo_dir, files in hfcache.blob_files(root):
+    repos = [repo for root in _hf_cache_dirs(args) for repo in hfcache.blob_files(root)]
+    with view.transfer_progress(view.console(stderr=True)) as progress:
+        row = progress.add_task("dedupe", total=sum(_bytes_of(files) for _, files in repos),
+                                state=f"{len(repos)} repos")
+        for repo_dir, files in repos:
             result: Deduped = d.call("POST", "/hf-cache/dedupe", {"files": files})
             if not result["reflink"]:
                 reflink, reason = False, result["reason"]
@@ -580,8 +583,7 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
             shared_bytes += result["shared_bytes"]
             freed_bytes += result["freed_bytes"]
             problems += [f"{repo_dir}: {p['path']}: {p['error']}" for p in result["problems"]]
-        if not reflink:
-            break
+            progress.advance(row, _bytes_of(files))
     if args.json:
         _print_json({"shared_files": shared_files, "shared_bytes": shared_bytes,
                      "freed_bytes": freed_bytes, "problems": problems, "reflink": reflink,
@@ -594,6 +596,10 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  left as is: {p}")
     return EXIT_PROBLEM if problems or not reflink else 0
+
+
+def _bytes_of(files: list[BlobFile]) -> int:
+    return sum(f["size"] for f in files)
 
 
 def _hf_cache_dirs(args: argparse.Namespace) -> list[Path]:
