@@ -171,8 +171,11 @@ def _status_view(s: dict[str, Any]) -> Group:  # Any: the daemon's JSON
         f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
                                  "that pins keep (unpin, or raise max_cache_size)"
                                  if s["over_limit_bytes"] else ""),
+        f"caps      upstream {_rate(s['upstream_rate'])}, peer upload "
+        f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}",
         "served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
         + f";  {human_size(s['upstream_bytes'])} read from upstream",
+        *_startup_lines(s.get("startup", {})),
         f"peers     {peers['count']} {off}",
     ]
     parts: list[RenderableType] = [Text(line) for line in lines]
@@ -185,6 +188,18 @@ def _status_view(s: dict[str, Any]) -> Group:  # Any: the daemon's JSON
     for blob in s.get("plan", []):
         parts += _plan_view(blob)
     return Group(*parts)
+
+
+def _rate(rate: int) -> str:
+    return f"{human_size(rate)}/s ({rate * 8 / 1e6:.0f} Mbit/s)" if rate else "no limit"
+
+
+def _upload_split(peers: dict[str, Any]) -> str:  # Any: the daemon's JSON
+    split = peers.get("upload_split") or {}
+    if not split.get("peer_api"):
+        return ""
+    return (f" (now {human_size(split['bittorrent'])}/s BitTorrent, "
+            f"{human_size(split['peer_api'])}/s relays)")
 
 
 def _plan_view(blob: dict[str, Any]) -> list[RenderableType]:  # Any: the daemon's JSON
@@ -200,6 +215,16 @@ def _plan_view(blob: dict[str, Any]) -> list[RenderableType]:  # Any: the daemon
                 ["FEED", view.right("RATE"), "", view.right("DONE")],
                 ([feed(n), f"{human_size(n['rate'])}/s", view.bar(n["available"], size),
                   view.percent(n["available"], size)] for n in blob["nodes"])))]
+
+
+def _startup_lines(startup: dict[str, Any]) -> list[str]:  # Any: the daemon's JSON
+    """What the start (and the chunk check behind it) found wrong, if anything."""
+    problems, unchecked = startup.get("problems", []), startup.get("unchecked_chunks", 0)
+    if not problems and not unchecked:
+        return []
+    return [f"start     {len(problems)} problems found in the cache at start"
+            + (f"; {unchecked} chunks still to check" if unchecked else ""),
+            *(f"  {shown(problem)}" for problem in problems[:5])]
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
@@ -703,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token", help="Hub token for gated or private repos (default $HF_TOKEN)")
     w.add_argument("--wait", action="store_true", help="show progress until every node is done")
     w.add_argument("--pin", action="store_true",
-                   help="pin the revision on this node: never evicted (see `modelpeer pin`)")
+                   help="pin the revision on every node of the job: never evicted (see "
+                        "`modelpeer pin`)")
     w.set_defaults(func=cmd_warm)
     for name, func, text in (("pin", cmd_pin, "keep a cached revision whatever the size limit"),
                              ("unpin", cmd_unpin, "let a pinned repo be evicted again")):

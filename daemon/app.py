@@ -14,13 +14,14 @@ from . import notify
 from .cacheapi import CacheApi
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config
-from .control import Control
+from .control import Control, RecentErrors
 from .fetch import Fetcher
 from .guard import local_only
 from .index import open_index
 from .lan import start_lan
 from .logs import set_level
 from .metrics import Metrics
+from .peercatalog import PeerCatalog
 from .pins import Pins
 from .proxy import Proxy
 from .signatures import Signatures
@@ -47,14 +48,31 @@ class Daemon:
         self.db: sqlite3.Connection | None = None
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
+        self.startup_problems = RecentErrors()  # what start() found wrong, for the status
+        self.recovered: dict[str, int] = {}
+        self._checker: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
+        """Start serving; the store's chunks are hashed behind it. What the start and that
+        check find wrong is kept for the status."""
+        logging.getLogger().addHandler(self.startup_problems)
+        try:
+            await self._start()
+        except BaseException:
+            logging.getLogger().removeHandler(self.startup_problems)
+            raise
+        self._checker = asyncio.create_task(self.store.check_unchecked(), name="store check")
+        self._checker.add_done_callback(
+            lambda _: logging.getLogger().removeHandler(self.startup_problems))
+
+    async def _start(self) -> None:
         cfg = self.cfg
         self.db = open_index(cfg.cache_dir / "index.sqlite3")
         self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size)
-        recovered = await self.store.recover()
-        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped",
-                 cfg.cache_dir, recovered["good"], recovered["partial"], recovered["dropped"])
+        self.recovered = await self.store.recover()
+        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped, %d blobs "
+                 "kept from files the index had lost", cfg.cache_dir, self.recovered["good"],
+                 self.recovered["partial"], self.recovered["dropped"], self.recovered["adopted"])
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
         self.upstream.rate.rate = cfg.upstream_rate
@@ -85,6 +103,8 @@ class Daemon:
                              self.lan.credentials.key if self.lan.credentials else None,
                              self.pins)
         self.warmup.check_signature = self.signatures.check
+        if self.lan.peers is not None and self.lan.api is not None:
+            self.catalog.ask_peers = PeerCatalog(self.catalog, self.lan.peers, self.lan.api).learn
         await self.lan.open()
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
@@ -111,9 +131,14 @@ class Daemon:
         return {"node": self.node_name, "version": VERSION, "listen": self.cfg.local_url,
                 "cache_dir": str(self.cfg.cache_dir), "upstream": self.cfg.upstream,
                 "offline": self.cfg.offline, "max_cache_size": self.cfg.max_cache_size,
+                "upstream_rate": self.cfg.upstream_rate,
+                "peer_upload_rate": self.cfg.peer_upload_rate,
                 "require_signature": [str(r) for r in self.cfg.require_signature],
                 "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
-                "peers": self.lan.summary()}
+                "peers": self.lan.summary(),
+                "startup": {"chunks": self.recovered,
+                            "unchecked_chunks": len(self.store.unchecked), "problems": [
+                    r["message"] for r in self.startup_problems.records]}}
 
     def status_line(self) -> str:
         usage = self.store.usage()
@@ -126,6 +151,9 @@ class Daemon:
         log.info("stopping: closing listeners and checkpointing transfers")
         if self._runner is not None:
             await self._runner.shutdown()
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
         await self.warmup.close()
         await self.fetcher.close()
         await self.lan.close()
@@ -155,6 +183,8 @@ class Daemon:
         log.info("reload: require_signature is now %s",
                  ", ".join(map(str, new.require_signature)) or "empty")
         self.upstream.rate.rate = self.cfg.upstream_rate = new.upstream_rate
+        self.lan.set_peer_upload_rate(new.peer_upload_rate)
+        self.cfg.peer_upload_rate = new.peer_upload_rate
         needs_restart = [name for name in ("listen", "cache_dir", "upstream", "chunk_size",
                                            "offline", "peer_listen", "bt_listen", "interface",
                                            "cluster_key_file", "cluster_key", "log_format")
@@ -162,7 +192,7 @@ class Daemon:
         if needs_restart:
             log.warning("reload: %s changed; restart the daemon to apply", ", ".join(needs_restart))
         log.info("reloaded settings (log_level, max_cache_size, upstream_connections, ref_ttl, "
-                 "require_signature, upstream_rate)")
+                 "require_signature, peer_upload_rate, upstream_rate)")
         notify.ready()
 
     async def serve_forever(self) -> None:

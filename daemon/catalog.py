@@ -20,6 +20,7 @@ import re
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -120,6 +121,8 @@ class Catalog:
         self.offline = offline
         self._grants: OrderedDict[tuple[Repo, str], float] = OrderedDict()  # oldest first
         self._api_saves_since_prune = API_PRUNE_EVERY  # the first save after a start prunes
+        # peercatalog.py's: what peers know of a revision never seen here, recorded; whether any
+        self.ask_peers: Callable[[Repo, str], Awaitable[bool]] | None = None
 
     # --- access -------------------------------------------------------------------------
     def is_public(self, repo: Repo) -> bool:
@@ -232,13 +235,13 @@ class Catalog:
             self._touch(repo)
             return entry
         if self.offline:
-            return self._stale_entry(repo, revision, path, token, "offline mode")
+            return await self._stale_entry(repo, revision, path, token, "offline mode")
         resolve = f"/{repo.url_prefix}{repo.id}/resolve/{quote(revision, safe='')}/{quote(path)}"
         try:
             answer = await self.upstream.hub("HEAD", resolve, token=token,
                                              headers={"Accept-Encoding": "identity"})
         except UpstreamUnavailable as e:
-            return self._stale_entry(repo, revision, path, token, e)
+            return await self._stale_entry(repo, revision, path, token, e)
         if answer.status >= 400:
             raise HubError.from_answer(answer)
         entry = _entry_from_head(repo, path, answer)
@@ -247,9 +250,11 @@ class Catalog:
         self.upstream_served_file(repo, token)
         return entry
 
-    def _stale_entry(self, repo: Repo, revision: str, path: str, token: str | None,
-                     reason: object) -> FileEntry:
-        commit = self._commit_of(repo, revision, max_age=float("inf"))
+    async def _stale_entry(self, repo: Repo, revision: str, path: str, token: str | None,
+                           reason: object) -> FileEntry:
+        commit = self.known_commit(repo, revision)
+        if commit is None and await self._learned_from_peers(repo, revision):
+            commit = self.known_commit(repo, revision)
         entry = self._cached_entry(repo, commit, path) if commit else None
         if entry is None:
             raise HubError.unreachable(f"{repo}@{revision}/{path}", reason)
@@ -288,12 +293,16 @@ class Catalog:
         if cached is None and method != "POST":
             cached = self._answer_from_entries(repo, kind, revision or "main", sub_path, path_qs)
         if self.offline:
+            cached = cached or await self._answer_from_peers(repo, kind, revision or "main",
+                                                             sub_path, path_qs)
             return self._stale_api(repo, cached, token, "offline mode", path_qs)
         headers = {"Content-Type": content_type} if content_type else {}
         try:
             answer = await self.upstream.hub(method, path_qs, token=token, data=body or None,
                                              headers=headers)
         except UpstreamUnavailable as e:
+            cached = cached or await self._answer_from_peers(repo, kind, revision or "main",
+                                                             sub_path, path_qs)
             return self._stale_api(repo, cached, token, e, path_qs)
         if answer.status >= 400:
             raise HubError.from_answer(answer)
@@ -336,6 +345,18 @@ class Catalog:
             data = offline_api.revision_answer(repo, commit, entries)
         body = json.dumps(data, separators=(",", ":")).encode()
         return ApiAnswer(200, body, "application/json", "", commit), 0.0, False
+
+    async def _answer_from_peers(self, repo: Repo, kind: str, revision: str, sub_path: str,
+                                 path_qs: str) -> tuple[ApiAnswer, float, bool] | None:
+        """An answer built from file entries peers gave, for a revision never seen here."""
+        if kind not in ("info", "revision", "tree") or self.known_commit(repo, revision):
+            return None
+        if not await self._learned_from_peers(repo, revision):
+            return None
+        return self._answer_from_entries(repo, kind, revision, sub_path, path_qs)
+
+    async def _learned_from_peers(self, repo: Repo, revision: str) -> bool:
+        return self.ask_peers is not None and await self.ask_peers(repo, revision)
 
     def _cached_api(self, key: str) -> tuple[ApiAnswer, float, bool] | None:
         row = self.db.execute("SELECT * FROM api_cache WHERE key=?", (key,)).fetchone()

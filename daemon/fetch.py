@@ -30,6 +30,7 @@ from yarl import URL
 from .peermsg import BlobTransfer, PeerTransfer, TransferSource
 from .peers import BAN_SECONDS, PeerError
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
+from .ratelimit import RateLimit
 from .store import BlobId, BlobWriter, DigestMismatch, Store
 from .upstream import RangeIgnored, Upstream, UpstreamError, UpstreamRefused, backoff
 
@@ -256,17 +257,21 @@ class Fetcher:
 
     async def send(self, transfer: Transfer, start: int, end: int,
                    write: Callable[[int, bytes], Awaitable[None]], *,
-                   to_peer: bool = False) -> None:
+                   to_peer: bool = False, pace: RateLimit | None = None) -> None:
         """Bytes [start, end) of the blob to `write(offset, block)`, each block as soon as the
         transfer may serve it; the blob stays pinned meanwhile. A block is read only when one
         of the read_buffer slots is free and let go once written, so the bytes held in memory
-        stay bounded however many readers wait on slow clients."""
+        stay bounded however many readers wait on slow clients. With `pace` (peer_upload_rate),
+        a block waits for its turn before it takes a slot."""
         pos = start
         with self.store.pinned(transfer.blob.digest):
             while pos < end:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
                     n = min(READ_BLOCK, limit - pos)
+                    await self.store.check_span(transfer.blob.digest, pos, pos + n)
+                    if pace is not None:
+                        await pace.take(n)
                     async with self._read_slots:
                         await write(pos, self.store.read(transfer.blob, pos, n))
                     pos += n

@@ -13,6 +13,7 @@ from .cluster import ClusterKey, Credentials, NodeIdentity
 from .config import Config
 from .peermsg import BlobTransfer
 from .peers import PeerApi, PeerSet
+from .ratelimit import PeerUploadCap
 from .store import Store
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class Lan:
         self.swarm: Swarm | None = None
         self.api: PeerApi | None = None
         self.credentials: Credentials | None = None
+        self.upload: PeerUploadCap | None = None  # peer_upload_rate
         self.node_id = ""
         self._opening: list[Callable[[], Awaitable[None]]] = []
         self.cluster_id = ""
@@ -48,7 +50,18 @@ class Lan:
         if self.peers is None:
             return {"enabled": False, "reason": self.reason, "count": 0}
         return {"enabled": True, "reason": "", "node_id": self.node_id,
-                "cluster_id": self.cluster_id, "count": len(self.peers.usable())}
+                "cluster_id": self.cluster_id, "count": len(self.peers.usable()),
+                "upload_split": self._upload_split()}
+
+    def _upload_split(self) -> dict[str, int]:
+        """How peer_upload_rate is shared now; BitTorrent's as the session applies it."""
+        if self.upload is None or self.swarm is None:
+            return {}
+        return {**self.upload.split(), "bittorrent": self.swarm.upload_limit()}
+
+    def set_peer_upload_rate(self, rate: int) -> None:
+        if self.upload is not None:
+            self.upload.set_rate(rate)
 
     def peer_list(self) -> list[dict[str, Any]]:  # Any: Peer.public
         """Each peer with the bytes exchanged: over the peer API plus over BitTorrent."""
@@ -123,10 +136,12 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, credentials: Credent
     lan._parts.append(swarm)
     lan.swarm = swarm
     peers = PeerSet(credentials, cfg.peer)
-    lan.sharing = Sharing(store, swarm, peers, api, node_name=node_name, version=version,
-                          bt_port=bt_port)
+    lan.upload = PeerUploadCap(swarm.limit_upload)
+    lan.upload.set_rate(cfg.peer_upload_rate)
+    lan.sharing = Sharing(store, swarm, peers, api, lan.upload, node_name=node_name,
+                          version=version, bt_port=bt_port)
     store.on_removed = lan.sharing.forget_blob
-    lan.relay = Relay(peers, api)
+    lan.relay = Relay(peers, api, lan.upload)
     lan.api, lan.peers = api, peers
     await lan.sharing.seed_all()
     discovery = Discovery(lan.node_id, lan.cluster_id, peer_port, bt_port, version,

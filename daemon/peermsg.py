@@ -224,11 +224,12 @@ class WarmSpec:
     commit: str
     files: tuple[WarmFile, ...]
     sealed_token: str | None
+    pin: bool = False  # each node pins the revision before its files arrive
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
                 "revision": self.revision, "commit": self.commit,
-                "sealed_token": self.sealed_token,
+                "sealed_token": self.sealed_token, "pin": self.pin,
                 "files": [dataclasses.asdict(f) for f in self.files]}
 
 
@@ -244,14 +245,19 @@ def parse_warm_file(value: object) -> WarmFile:
                     algo, _count(d, "size"), lfs)
 
 
-def parse_warm_spec(value: object) -> WarmSpec:
-    d = _obj(value, "warm job")
+def _files(d: dict[str, object]) -> tuple[WarmFile, ...]:
     items = _get(d, "files", list)
     if len(items) > MAX_FILES:
         raise BadMessage(f"field 'files': {len(items)} files is more than {MAX_FILES}")
     files = tuple(parse_warm_file(f) for f in items)
     if len({f.path for f in files}) != len(files):
         raise BadMessage("field 'files': a path is listed twice")
+    return files
+
+
+def parse_warm_spec(value: object) -> WarmSpec:
+    d = _obj(value, "warm job")
+    files = _files(d)
     sealed = d.get("sealed_token")
     if sealed is not None:
         sealed = _text(d, "sealed_token", max_len=8192)
@@ -259,7 +265,27 @@ def parse_warm_spec(value: object) -> WarmSpec:
     repo_id = _named(lambda v: hubnames.repo_id(v.split("/")), _text(d, "repo_id"), "repo_id")
     return WarmSpec(_text(d, "id", pattern=JOB_ID_RE), repo_type, repo_id,
                     _named(hubnames.revision, _text(d, "revision"), "revision"),
-                    _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed)
+                    _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed,
+                    _get(d, "pin", bool, False))
+
+
+# --- GET /repo/{type}/{id}?revision= ------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class RepoListing:
+    """The files of a public repo at the commit a revision names, as a peer knows them."""
+    commit: str
+    files: tuple[WarmFile, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {"commit": self.commit, "files": [dataclasses.asdict(f) for f in self.files]}
+
+
+def parse_repo_listing(value: object) -> RepoListing:
+    d = _obj(value, "repo listing")
+    files = _files(d)
+    if not files:
+        raise BadMessage("field 'files': a listing without files")
+    return RepoListing(_named(hubnames.commit, _text(d, "commit"), "commit"), files)
 
 
 @dataclasses.dataclass(frozen=True)

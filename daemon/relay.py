@@ -14,14 +14,16 @@ from aiohttp import web
 
 from .fetch import Fetcher, TransferFailed
 from .peers import Peer, PeerApi, PeerError, PeerSet
+from .ratelimit import PeerUploadCap
 from .store import BlobId
 
 log = logging.getLogger(__name__)
 
 
 class Relay:
-    def __init__(self, peers: PeerSet, api: PeerApi) -> None:
+    def __init__(self, peers: PeerSet, api: PeerApi, upload: PeerUploadCap) -> None:
         self.peers = peers
+        self.upload = upload  # peer_upload_rate
         self.fetcher: Fetcher | None = None  # set once the daemon has one
         self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
         api.route("GET", "/relay/{digest}", self._serve)
@@ -66,7 +68,8 @@ class Relay:
                 peer.bytes_to += len(data)
 
         try:
-            await self.fetcher.send(transfer, start, end, write, to_peer=True)
+            with self.upload.stream() as pace:
+                await self.fetcher.send(transfer, start, end, write, to_peer=True, pace=pace)
         except ConnectionResetError:
             return resp  # the peer moved to another source
         except TransferFailed as e:

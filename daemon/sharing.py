@@ -23,6 +23,7 @@ from .peermsg import (
     transfer_fields,
 )
 from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
+from .ratelimit import PeerUploadCap
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
 from .swarm import (
     ChunkTorrent,
@@ -52,9 +53,10 @@ class Holders:
 
 
 class Sharing:
-    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi, *,
-                 node_name: str, version: str, bt_port: int) -> None:
+    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi,
+                 upload: PeerUploadCap, *, node_name: str, version: str, bt_port: int) -> None:
         self.store = store
+        self.upload = upload  # peer_upload_rate: small blobs are sent within it
         self.swarm = swarm
         self.peers = peers
         self.api = api
@@ -81,13 +83,19 @@ class Sharing:
         """At start: the chunks whose torrents were made before (no hashing here: in seed mode
         libtorrent checks each piece before its first upload)."""
         held = {(d, i) for d, i, _, _ in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
+        for path in self.torrents_dir.glob("*.tmp"):  # a torrent being written when it stopped
+            path.unlink(missing_ok=True)
         for path in self.torrents_dir.glob("*.torrent"):
             digest, _, idx = path.name.removesuffix(".torrent").rpartition(".")
             key = (digest, int(idx)) if idx.isdigit() else None
-            if key in held:
-                self._seed(key, path.read_bytes())
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if key in held:
+                    self._seed(key, path.read_bytes())
+                    continue
+            except (OSError, RuntimeError, TypeError, ValueError) as e:  # libtorrent: Runtime
+                log.warning("torrent %s is damaged (%s): removed; made again when a peer asks",
+                            path, e)
+            path.unlink(missing_ok=True)
         log.info("seeding %d chunks whose torrents were made before", len(self._seeded))
 
     def _seed(self, key: tuple[str, int], torrent: bytes) -> None:
@@ -169,6 +177,8 @@ class Sharing:
         blob = self.store.complete_blob(digest) if self.may_share(digest) else None
         if blob is None or blob.size > SMALL_BLOB:
             return web.json_response({"error": "small blob not held"}, status=404)
+        with self.upload.stream() as pace:
+            await pace.take(blob.size)  # before the read: nothing held in memory meanwhile
         data = self.store.read(blob, 0, blob.size)
         peer = self.peers.peers.get(sender)
         if peer is not None:

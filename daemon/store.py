@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -34,11 +35,16 @@ MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ..
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ALGOS = ("sha256", "gitsha1")
+_CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
 
 
 class DigestMismatch(Exception):
     """The bytes of a blob do not hash to its name; they were discarded."""
+
+
+class ChunkDamaged(OSError):
+    """A complete chunk's file no longer matches its xxh3 (damaged on disk): never served."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +105,9 @@ class Store:
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
         self.over_limit = 0  # bytes above max_cache_size that eviction could not free
+        # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
+        # checked before its first read, and by check_unchecked() behind the start
+        self.unchecked: dict[tuple[str, int], tuple[int, str]] = {}
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- pins -----------------------------------------------------------------------------
@@ -239,6 +248,7 @@ class Store:
             idx = offset // self.chunk_size
             within = offset - idx * self.chunk_size
             n = min(end - offset, self.chunk_size - within)
+            self._check_once(blob.digest, idx)
             data = self._read_chunk(blob.digest, idx, within, n)
             if len(data) != n:
                 raise OSError(f"chunk {blob.digest}.{idx} is shorter than the index says")
@@ -259,6 +269,31 @@ class Store:
                 os.close(fd)
         raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
 
+    async def adopt_unrecorded_chunks(self, digest: str | None = None) -> int:
+        """Chunks in place under their final name whose completion never reached the index
+        (its write failed: a full disk holds the index too) are marked complete (of one blob,
+        or of all); the blob's digest, checked before it counts as complete, vouches for their
+        bytes. Returns how many."""
+        rows = [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT digest, idx, length FROM chunks WHERE complete=0 AND (? IS NULL OR digest=?)",
+            (digest, digest))]
+        found = await asyncio.to_thread(self._whole_in_place, rows)
+        with self.db:
+            for d, idx, length, xxh3 in found:
+                self.adopt_chunk(d, idx, length, xxh3)
+                log.warning("chunk %s was written whole but the index had not recorded it "
+                            "(a full disk?): kept", self.chunk_path(d, idx))
+        return len(found)
+
+    def _whole_in_place(self, rows: list[tuple[str, int, int]]) -> list[tuple[str, int, int, str]]:
+        found = []
+        for digest, idx, length in rows:
+            path = self.chunk_path(digest, idx)
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == length:
+                    found.append((digest, idx, length, xxh3_of_file(path, length)))
+        return found
+
     def open_writer(self, blob: BlobId) -> BlobWriter:
         """A sequential writer that continues at the blob's durable prefix."""
         self.register(blob)
@@ -275,6 +310,7 @@ class Store:
                 with _ignore_missing():
                     self.chunk_path(digest, r["idx"], partial=partial).unlink()
             freed += r["durable"]
+            self.unchecked.pop((digest, r["idx"]), None)
         with self.db:
             self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
             self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
@@ -335,27 +371,132 @@ class Store:
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:
-        """At start: keep what is good. Complete chunks must match their xxh3, partial chunks
-        are cut back to their last checkpoint and must match it; the rest is dropped."""
+        """At start: keep what is good, in seconds whatever the store's size. Blobs whose
+        index rows disagree with each other are forgotten; complete chunks must have their
+        length (their xxh3 is checked later: `unchecked`), partial chunks are cut back to their
+        last checkpoint and must match its xxh3; the rest is dropped. Complete chunk files the
+        index does not know are kept when together they hash to their blob's name."""
+        self._forget_inconsistent_blobs()
+        await self.adopt_unrecorded_chunks()
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
-        verdicts = await asyncio.to_thread(self._check_chunks, rows)
-        stats = {"good": 0, "dropped": 0, "partial": 0}
+        verdicts = await asyncio.to_thread(self._check_chunks, rows, deep=False)
+        stats = {"good": 0, "dropped": 0, "partial": 0, "adopted": 0}
         with self.db:
             for row, ok in zip(rows, verdicts, strict=True):
                 if ok:
                     stats["partial" if not row["complete"] else "good"] += 1
+                    if row["complete"] and row["length"]:
+                        self.unchecked[row["digest"], row["idx"]] = (row["length"], row["xxh3"])
                     continue
                 stats["dropped"] += 1
-                log.warning("chunk %s.%d failed its check at start; it will be fetched again",
-                            row["digest"], row["idx"])
+                log.warning("chunk %s failed its check at start; it will be fetched again",
+                            self.chunk_path(row["digest"], row["idx"],
+                                            partial=not row["complete"]))
                 self._reset_chunk(row["digest"], row["idx"])
+        known = {r[0] for r in self.db.execute("SELECT digest FROM blobs")}
+        for blob, chunks in await asyncio.to_thread(self._orphan_blobs, known):
+            self._adopt_blob(blob, chunks)
+            stats["adopted"] += 1
         await asyncio.to_thread(self._remove_strays)
         return stats
 
-    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
-        return [self._check_chunk(r) for r in rows]
+    def _forget_inconsistent_blobs(self) -> None:
+        """Drop the rows (not the files) of blobs whose rows break the store's invariants, and
+        chunk rows of no blob; their chunk files are then orphans, kept if they hash right."""
+        chunks: dict[str, list[sqlite3.Row]] = collections.defaultdict(list)
+        for r in self.db.execute("SELECT * FROM chunks ORDER BY idx"):
+            chunks[r["digest"]].append(r)
+        blobs = {r["digest"]: r for r in self.db.execute("SELECT * FROM blobs")}
+        with self.db:
+            for digest in blobs.keys() | chunks.keys():
+                fault = self._row_fault(blobs.get(digest), chunks.get(digest, []))
+                if fault:
+                    log.warning("blob %s: its index rows are inconsistent (%s); its chunk "
+                                "files are checked again", digest, fault)
+                    self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+                    self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
 
-    def _check_chunk(self, row: dict[str, Any]) -> bool:
+    def _row_fault(self, blob: sqlite3.Row | None, chunks: list[sqlite3.Row]) -> str:
+        """What is wrong with a blob's rows ("" when nothing)."""
+        if blob is None:
+            return "chunk rows of no blob"
+        try:
+            b = BlobId(blob["digest"], blob["algo"], blob["size"])
+        except ValueError as e:
+            return str(e)
+        spans = [(i, n) for i, _, n in self.chunk_spans(b.size)]
+        if [(c["idx"], c["length"]) for c in chunks] != spans:
+            return f"chunk rows do not cut {b.size} bytes into chunks of {self.chunk_size}"
+        for c in chunks:
+            if not 0 <= c["durable"] <= c["length"] or c["complete"] not in (0, 1) or (
+                    c["complete"] and c["durable"] != c["length"]):
+                return f"chunk {c['idx']} says {c['durable']} of {c['length']} bytes durable"
+        if blob["complete"] not in (0, 1) or (blob["complete"] and not all(
+                c["complete"] for c in chunks)):
+            return "a complete blob with incomplete chunks"
+        return ""
+
+    def _orphan_blobs(self, known: set[str]) -> list[tuple[BlobId, list[str]]]:
+        """Blobs not `known` to the index (it was damaged) whose complete chunk files are all
+        on disk and hash to the blob's name: (blob, xxh3 of each chunk)."""
+        found: dict[str, dict[int, Path]] = collections.defaultdict(dict)
+        for path in (self.root / "chunks").glob("*/*"):
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if m and not m.group(3) and m.group(1) not in known:
+                found[m.group(1)][int(m.group(2))] = path
+        orphans = []
+        for digest, paths in found.items():
+            try:
+                blob = self._blob_of_files(digest, paths)
+                chunks = self._chunk_hashes_if_blob_matches(blob) if blob else None
+            except OSError:
+                continue  # left to _remove_strays
+            if blob is not None and chunks is not None:
+                orphans.append((blob, chunks))
+        return orphans
+
+    def _blob_of_files(self, digest: str, paths: dict[int, Path]) -> BlobId | None:
+        """The blob these chunk files would make: every index from 0, every chunk but the
+        last full."""
+        sizes = [paths[i].stat().st_size if i in paths else -1 for i in range(len(paths))]
+        if -1 in sizes or any(n != self.chunk_size for n in sizes[:-1]) or not (
+                0 <= sizes[-1] <= self.chunk_size) or (len(sizes) > 1 and sizes[-1] == 0):
+            return None
+        algo = "sha256" if len(digest) == 64 else "gitsha1"
+        try:
+            return BlobId(digest, algo, sum(sizes))
+        except ValueError:
+            return None
+
+    def _chunk_hashes_if_blob_matches(self, blob: BlobId) -> list[str] | None:
+        whole = blob_hasher(blob)
+        hashes = []
+        for idx, _, _ in self.chunk_spans(blob.size):
+            chunk = xxhash.xxh3_128()
+            with open(self.chunk_path(blob.digest, idx), "rb") as f:
+                while data := f.read(READ_BLOCK * 8):
+                    chunk.update(data)
+                    whole.update(data)
+            hashes.append(chunk.hexdigest())
+        return hashes if whole.hexdigest() == blob.digest else None
+
+    def _adopt_blob(self, blob: BlobId, chunk_hashes: list[str]) -> None:
+        self.register(blob)
+        with self.db:
+            for (idx, _, length), xxh3 in zip(self.chunk_spans(blob.size), chunk_hashes,
+                                              strict=True):
+                self.adopt_chunk(blob.digest, idx, length, xxh3)
+            self.mark_complete(blob.digest)
+        log.warning("blob %s (%d bytes): kept from its chunk files, which the index had lost",
+                    blob.digest, blob.size)
+
+    def _check_chunks(self, rows: list[dict[str, Any]],  # Any: sqlite values
+                      deep: bool = True) -> list[bool]:
+        return [self._check_chunk(r, deep=deep) for r in rows]
+
+    def _check_chunk(self, row: dict[str, Any], *, deep: bool) -> bool:
+        """Is the chunk's file as its row says: a complete one of its length (and with `deep`,
+        of its xxh3), a partial one cut back to its checkpoint and of its xxh3."""
         path = self.chunk_path(row["digest"], row["idx"], partial=not row["complete"])
         if row["durable"] == 0:
             with _ignore_missing():
@@ -366,12 +507,69 @@ class Store:
                 os.truncate(path, row["durable"])
             elif path.stat().st_size != row["length"]:
                 return False
+            elif not deep:
+                return True
             return xxh3_of_file(path, row["durable"]) == str(row["xxh3"])
         except OSError:
             return False
 
+    def _check_once(self, digest: str, idx: int) -> None:
+        """Hash a complete chunk not yet checked since start (thread-safe: no index access);
+        ChunkDamaged when it no longer matches, and then it stays unchecked."""
+        want = self.unchecked.get((digest, idx))
+        if want is None:
+            return
+        path = self.chunk_path(digest, idx)
+        try:
+            ok = xxh3_of_file(path, want[0]) == want[1]
+        except OSError:
+            ok = False
+        if not ok:
+            raise ChunkDamaged(errno.EIO, "the chunk no longer matches its xxh3", str(path))
+        self.unchecked.pop((digest, idx), None)
+
+    async def check_chunk(self, digest: str, idx: int) -> None:
+        """Before a chunk's first read since start: hash it off the event loop; a damaged one
+        is dropped (to be fetched again) and ChunkDamaged raised."""
+        if (digest, idx) not in self.unchecked:
+            return
+        try:
+            await asyncio.to_thread(self._check_once, digest, idx)
+        except ChunkDamaged:
+            if (digest, idx) in self.unchecked:  # not already dropped by a concurrent check
+                log.error("chunk %s no longer matches its xxh3 (damaged on disk); dropped, it "
+                          "will be fetched again", self.chunk_path(digest, idx))
+                with self.db:
+                    self._reset_chunk(digest, idx)
+            raise
+
+    async def check_span(self, digest: str, start: int, end: int) -> None:
+        """check_chunk for every chunk holding a byte of [start, end)."""
+        for idx in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+            await self.check_chunk(digest, idx)
+
+    async def check_blob(self, blob: BlobId) -> None:
+        """Every chunk of the blob not yet checked since start; damaged ones are dropped."""
+        for idx, _, _ in self.chunk_spans(blob.size):
+            with contextlib.suppress(ChunkDamaged):
+                await self.check_chunk(blob.digest, idx)
+
+    async def check_unchecked(self) -> int:
+        """Behind the start: hash every complete chunk no read has checked yet, one at a time;
+        returns how many were damaged."""
+        started, damaged, count = time.monotonic(), 0, len(self.unchecked)
+        for digest, idx in list(self.unchecked):
+            try:
+                await self.check_chunk(digest, idx)
+            except ChunkDamaged:
+                damaged += 1
+        log.info("store: the %d complete chunks found at start are checked (%d damaged, "
+                 "%.1f s)", count, damaged, time.monotonic() - started)
+        return damaged
+
     def _reset_chunk(self, digest: str, idx: int) -> None:
         self.on_removed(digest)
+        self.unchecked.pop((digest, idx), None)
         for partial in (False, True):
             with _ignore_missing():
                 self.chunk_path(digest, idx, partial=partial).unlink()
@@ -380,12 +578,14 @@ class Store:
         self.db.execute("UPDATE blobs SET complete=0 WHERE digest=?", (digest,))
 
     def _remove_strays(self) -> None:
-        """Files under chunks/ that the index does not know (e.g. a crash before the insert)."""
-        known = {(r[0], r[1]) for r in self.db.execute("SELECT digest, idx FROM chunks")}
+        """Files under chunks/ that the index does not name: a crash before the insert, a
+        temp file left beside a complete chunk, chunks of a blob that did not hash right."""
+        wanted = {(r[0], r[1], "" if r[2] else ".part")
+                  for r in self.db.execute("SELECT digest, idx, complete FROM chunks")}
         for path in (self.root / "chunks").glob("*/*"):
-            m = re.fullmatch(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?", path.name)
-            if not m or (m.group(1), int(m.group(2))) not in known:
-                log.info("removing stray file %s", path)
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if not m or (m.group(1), int(m.group(2)), m.group(3) or "") not in wanted:
+                log.warning("removing stray file %s", path)
                 with _ignore_missing():
                     path.unlink()
 
@@ -396,7 +596,9 @@ class Store:
         verdicts = await asyncio.to_thread(self._check_chunks, rows)
         problems = []
         for row, ok in zip(rows, verdicts, strict=True):
-            if not ok:
+            if ok:
+                self.unchecked.pop((row["digest"], row["idx"]), None)
+            else:
                 problems.append({"digest": row["digest"], "chunk": row["idx"], "error": "xxh3"})
                 self._reset_chunk(row["digest"], row["idx"])
         if full:
@@ -438,6 +640,9 @@ class BlobWriter:
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
+        await self.store.check_blob(self.blob)
+        await self.store.adopt_unrecorded_chunks(self.blob.digest)
+        self.offset = self.store.contiguous_prefix(self.blob)
         self._hasher = await asyncio.to_thread(self._hash_prefix)
 
     def _hash_prefix(self) -> Hasher:

@@ -154,6 +154,7 @@ class Swarm:
             settings["outgoing_interfaces"] = self.interface
         self._ses = lt.session(settings)
         self._ses.set_ip_filter(self._filter(set()))
+        self._ses.set_peer_class_filter(self._every_peer_global())
         self._rsock, self._wsock = socket.socketpair()
         self._rsock.setblocking(False)
         self._wsock.setblocking(False)
@@ -193,6 +194,25 @@ class Swarm:
 
     def allow_only(self, ips: set[str]) -> None:
         self.ses.set_ip_filter(self._filter(ips))
+
+    # --- upload rate ------------------------------------------------------------------------
+    def _every_peer_global(self) -> lt.ip_filter:
+        """Every address in the global peer class, which the session's rate limits apply to:
+        by default LAN addresses get the local class only, which no limit applies to, and
+        cluster peers are on the LAN."""
+        f = lt.ip_filter()
+        in_global = 1 << self.ses.global_peer_class_id
+        f.add_rule("0.0.0.0", "255.255.255.255", in_global)
+        f.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", in_global)
+        return f
+
+    def limit_upload(self, rate: int) -> None:
+        """At most `rate` bytes per second of BitTorrent uploads, all peers together (0: none)."""
+        self.ses.apply_settings({"upload_rate_limit": rate})
+
+    def upload_limit(self) -> int:
+        """The upload limit the session applies now (0: none)."""
+        return int(self.ses.get_settings()["upload_rate_limit"])
 
     # --- seeding ----------------------------------------------------------------------------
     def seed(self, torrent: bytes, path: Path) -> None:

@@ -63,6 +63,7 @@ class Job:
     commit: str
     files: list[WarmFile]
     token: str | None = None  # memory only
+    pin: bool = False  # `warm --pin`: every node of the job pins the revision
     confirmed: bool = False  # the file entries came from the upstream (not from a peer)
     state: JobState = JobState.RUNNING
     error: str = ""
@@ -83,12 +84,12 @@ class Job:
 
     def spec(self, sealed_token: str | None) -> WarmSpec:
         return WarmSpec(self.id, self.repo_type, self.repo_id, self.revision, self.commit,
-                        tuple(self.files), sealed_token)
+                        tuple(self.files), sealed_token, self.pin)
 
     @classmethod
     def from_spec(cls, spec: WarmSpec, token: str | None) -> Job:
         return cls(spec.id, spec.repo_type, spec.repo_id, spec.revision, spec.commit,
-                   list(spec.files), token)
+                   list(spec.files), token, spec.pin)
 
 
 class Warmup:
@@ -119,15 +120,14 @@ class Warmup:
         commit = await self._resolve(repo, revision, token)
         files = await self._list(repo, commit, token, include, exclude)
         job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
-                  confirmed=True)
+                  pin=body.get("pin") is True, confirmed=True)
         nodes = self._choose(nodes_wanted)
-        if body.get("pin") is True and self.pins is not None:
-            self.pins.add(repo, revision, commit)  # before the files land: none is evicted
         self.members[job.id] = [n for n, _ in nodes]
         self._keep_token(job)
         errors = {}
         for node_id, peer in nodes:
             if peer is None:
+                self._pin_if_asked(job)
                 self._start(job)
                 continue
             try:
@@ -278,6 +278,12 @@ class Warmup:
             "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, ?, ?) ON CONFLICT(id)"
             " DO UPDATE SET state=excluded.state",
             (job.id, json.dumps(job.spec(None).to_json()), job.state, job.started))
+
+    def _pin_if_asked(self, job: Job) -> None:
+        """When a node takes a `warm --pin` job: pinned before the files land, so none of
+        them is evicted on its way in (not on resume: an unpin meanwhile stands)."""
+        if job.pin and self.pins is not None:
+            self.pins.add(job.repo, job.revision, job.commit)
 
     def _start(self, job: Job) -> None:
         if job.id in self.jobs:
@@ -441,6 +447,8 @@ class Warmup:
         except (ValueError, RecursionError, SignatureError) as e:
             log.warning("warm job from node %s refused: %s", sender, e)
             return web.json_response({"error": f"bad warm job: {e}"}, status=400)
+        if job.id not in self.jobs:
+            self._pin_if_asked(job)
         self._start(job)
         log.info("warm job %s from node %s: %s, %d files", job.id, sender, job.repo_id,
                  len(job.files))

@@ -86,7 +86,7 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
         start_daemon: StartDaemon, hub: FakeHub, browser: WebDriver) -> None:
     from selenium.webdriver.common.by import By
 
-    d = start_daemon()
+    d = start_daemon("--peer-upload-rate", "400mbit")
     hub.faults(cdn_rate=1 * MiB)  # ~12 s for the 48 MiB file over 4 connections
     read_in_background(d.url + URL)
     browser.get(d.url + "/_modelpeer/")
@@ -96,6 +96,8 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
     assert second > first, (first, second)
     assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
     assert browser.find_element(By.ID, "conn").text == "live"
+    assert browser.find_element(By.ID, "caps").text == "no limit"  # upstream_rate
+    assert "to peers: 50.0 MB/s" in browser.find_element(By.ID, "caps-sub").text
     plan = browser.find_element(By.ID, "plan")  # the plan graph: upstream -> this node
     assert plan.find_elements(By.CSS_SELECTOR, "svg.plan-graph line.plan-edge")
     assert "upstream" in plan.text and d.status()["node"] in plan.text, plan.text

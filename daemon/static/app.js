@@ -10,6 +10,10 @@ function size(n) {
   return (i === 0 ? n.toFixed(0) : n.toFixed(1)) + " " + units[i];
 }
 
+function rate(n) {
+  return n ? size(n) + "/s" : "no limit";
+}
+
 function ago(ts) {
   if (!ts) return "–";
   const s = Math.max(0, Date.now() / 1000 - ts);
@@ -168,6 +172,9 @@ function render(s) {
   $("peer-sub").textContent = s.peers.enabled ? "cluster " + s.peers.cluster_id : s.peers.reason;
   $("upstream").textContent = s.offline ? "offline" : size(s.upstream_bytes);
   $("upstream-sub").textContent = s.upstream.join(", ");
+  $("caps").textContent = rate(s.upstream_rate);
+  $("caps-sub").textContent = "from the upstream · to peers: " + rate(s.peer_upload_rate) +
+    (s.peers.upload_split && s.peers.upload_split.peer_api ? " (half for relays now)" : "");
   fill($("transfers"), s.transfers, transfer, "nothing is moving");
   fill($("plan"), s.plan, planBlob, "no blob in transfer on the cluster");
   const body = $("peers").querySelector("tbody");

@@ -17,6 +17,7 @@ from modelpeer.daemon.peermsg import (
     parse_chunk_map,
     parse_job_id,
     parse_job_status,
+    parse_repo_listing,
     parse_sealed_token,
     parse_status,
     parse_warm_spec,
@@ -49,10 +50,15 @@ def test_good_messages_parse() -> None:
     assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
+    assert not spec.pin  # a coordinator that does not say pins nothing
+    pinned = parse_warm_spec(spec_with(pin=True))
+    assert pinned.pin and parse_warm_spec(pinned.to_json()) == pinned
     j = parse_job_status({"state": "done", "error": "", "files": 1, "done_files": 1,
                           "bytes": 5, "have_bytes": 5, "repo": "acme/tts@c", "started": 1.5,
                           "finished": 2})
     assert j.state is JobState.DONE
+    listing = parse_repo_listing({"commit": "c" * 40, "files": [GOOD_FILE]})
+    assert listing.files == spec.files and parse_repo_listing(listing.to_json()) == listing
     assert parse_sealed_token({"sealed_token": "abc"}) == "abc"
     assert parse_job_id({"job": "0123456789ab"}) == "0123456789ab"
     with pytest.raises(BadMessage):
@@ -75,11 +81,23 @@ def file_with(**change: Any) -> dict[str, Any]:
     file_with(path="a\\b"), file_with(path="a\x00b"), file_with(digest="A" * 64),
     file_with(digest="a" * 40), file_with(algo="md5"), file_with(size=-1), file_with(size=True),
     file_with(size="10"), file_with(size=1 << 60), file_with(lfs=False),
-    spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5),
+    spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5), spec_with(pin="yes"),
+    spec_with(pin=1), spec_with(pin=None),
 ])
 def test_malformed_warm_jobs_are_refused(message: Any) -> None:
     with pytest.raises(BadMessage):
         parse_warm_spec(message)
+
+
+@pytest.mark.parametrize("message", [
+    {}, [], {"commit": "c" * 40}, {"commit": "c" * 40, "files": []},
+    {"commit": "main", "files": [GOOD_FILE]}, {"files": [GOOD_FILE]},
+    {"commit": "c" * 40, "files": [GOOD_FILE, GOOD_FILE]},
+    {"commit": "c" * 40, "files": [{**GOOD_FILE, "path": "../x"}]},
+])
+def test_malformed_repo_listings_are_refused(message: Any) -> None:
+    with pytest.raises(BadMessage):
+        parse_repo_listing(message)
 
 
 @pytest.mark.parametrize("message", [
@@ -123,7 +141,7 @@ json_values = st.recursive(
 @given(json_values)
 def test_no_json_value_breaks_a_parser_otherwise(value: Any) -> None:
     for parse in (parse_status, parse_warm_spec, parse_job_status, parse_sealed_token, parse_job_id,
-                  lambda v: parse_chunk_map(v, D, 4)):
+                  parse_repo_listing, lambda v: parse_chunk_map(v, D, 4)):
         with contextlib.suppress(BadMessage):
             parse(value)
 
