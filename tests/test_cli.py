@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 
 from modelpeer.client.cli import human_size
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, free_port
+from tests.harness import ROOT, Modelpeerd, cli, free_port, wait_for
 
 StartDaemon = Callable[..., Modelpeerd]
 MODEL = "acme/tiny-tts"
@@ -83,6 +89,30 @@ def test_warm_wait_shows_each_node_and_the_total_then_jobs_lists_it(
     listed = [line.split() for line in cli(d, "jobs").stdout.splitlines()]
     assert listed[0] == ["JOB", "STATE", "REPO", "FILES", "BYTES"]
     assert listed[1][:4] == [job["job"], "done", job["repo"], f"{job['files']}/{job['files']}"]
+
+
+def test_status_watch_redraws_in_place_in_a_terminal(start_daemon: StartDaemon) -> None:
+    d = start_daemon()
+    leader, follower = pty.openpty()
+    watch = subprocess.Popen([sys.executable, "-m", "modelpeer.client.cli", "--daemon", d.url,
+                              "status", "--watch", "--interval", "0.2"],
+                             stdin=follower, stdout=follower, stderr=follower, cwd=ROOT)
+    os.close(follower)
+    shown = bytearray()
+
+    def redrawn() -> bool:
+        if select.select([leader], [], [], 0.1)[0]:
+            shown.extend(os.read(leader, 65536))
+        return shown.count(b"cache     ") >= 2
+
+    try:
+        wait_for(redrawn, "the status drawn twice", timeout=30)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        code = watch.wait(10)
+        os.close(leader)
+    assert code == 0, bytes(shown)
+    assert b"\x1b[2J" not in shown, "the screen was cleared instead of the lines redrawn"
 
 
 def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: FakeHub) -> None:
