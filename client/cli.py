@@ -13,13 +13,24 @@ import json
 import os
 import sys
 import time
-import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, TypedDict, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, cast
+
+from rich.console import Group, RenderableType
+from rich.live import Live
+from rich.progress import Progress, TaskID
+from rich.table import Column
+from rich.text import Text
+
+from modelpeer.client import view
+from modelpeer.client.view import shown
+
+if TYPE_CHECKING:
+    from modelpeer.client.hfcache import BlobFile, Snapshot
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
 API = "/_modelpeer/v1"
@@ -71,13 +82,6 @@ class CliError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def shown(value: object) -> str:
-    """A value from the network, safe to print: control characters (ANSI escapes, \r, bidi
-    overrides...) appear escaped (\x1b) instead of acting on the terminal."""
-    return "".join(c.encode("unicode_escape").decode() if unicodedata.category(c) in ("Cc", "Cf")
-                   else c for c in str(value))
 
 
 def human_size(n: float) -> str:
@@ -142,40 +146,48 @@ def _print_json(value: object) -> None:
 
 
 def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
-    if getattr(args, "watch", False) and not args.json:
-        args.watch = False
+    if args.watch and not args.json:
         return cmd_status_watch(d, args)
     s = d.call("GET", "/status")
     if args.json:
         _print_json(s)
-        return 0
+    else:
+        view.console().print(_status_view(s))
+    return 0
+
+
+def _status_view(s: dict[str, Any]) -> Group:  # Any: the daemon's JSON
     store, served = s["store"], s["served_bytes"]
     peers = s["peers"]
-    print(f"node      {shown(s['node'])}  (modelpeerd {shown(s['version'])}, "
-          f"up {s['uptime']:.0f}s)")
-    print(f"serving   {shown(s['listen'])}   upstream {shown(', '.join(s['upstream']))}"
-          + ("   OFFLINE" if s["offline"] else ""))
-    print(f"cache     {human_size(store['bytes'])} in {store['complete_blobs']} files, "
-          f"{store['chunks']} chunks ({_of_limit(store['bytes'], s)})  at {shown(s['cache_dir'])}")
-    print(f"pinned    {human_size(s['pinned_bytes'])} in {s['pinned_files']} files "
-          f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
-                                   "that pins keep (unpin, or raise max_cache_size)"
-                                   if s["over_limit_bytes"] else ""))
-    print(f"caps      upstream {_rate(s['upstream_rate'])}, peer upload "
-          f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}")
-    print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
-          + f";  {human_size(s['upstream_bytes'])} read from upstream")
-    _print_startup(s.get("startup", {}))
     off = "" if peers["enabled"] else f"(off: {shown(peers['reason'])})"
-    print(f"peers     {peers['count']} {off}")
-    for t in s["transfers"]:
-        pct = 100 * t["available"] / t["size"] if t["size"] else 100
-        bar = "#" * int(pct / 5)
-        print(f"  [{bar:20}] {pct:5.1f}%  {human_size(t['rate'])}/s from {shown(t['source'])}"
-              f"  {shown(t['file'])}")
+    lines = [
+        f"node      {shown(s['node'])}  (modelpeerd {shown(s['version'])}, "
+        f"up {s['uptime']:.0f}s)",
+        f"serving   {shown(s['listen'])}   upstream {shown(', '.join(s['upstream']))}"
+        + ("   OFFLINE" if s["offline"] else ""),
+        f"cache     {human_size(store['bytes'])} in {store['complete_blobs']} files, "
+        f"{store['chunks']} chunks ({_of_limit(store['bytes'], s)})  at {shown(s['cache_dir'])}",
+        f"pinned    {human_size(s['pinned_bytes'])} in {s['pinned_files']} files "
+        f"({s['pins']} pins)" + (f";  {human_size(s['over_limit_bytes'])} over the limit "
+                                 "that pins keep (unpin, or raise max_cache_size)"
+                                 if s["over_limit_bytes"] else ""),
+        f"caps      upstream {_rate(s['upstream_rate'])}, peer upload "
+        f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}",
+        "served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
+        + f";  {human_size(s['upstream_bytes'])} read from upstream",
+        *_startup_lines(s.get("startup", {})),
+        f"peers     {peers['count']} {off}",
+    ]
+    parts: list[RenderableType] = [Text(line) for line in lines]
+    if s["transfers"]:
+        parts.append(view.indented(view.table(
+            ["", view.right("DONE"), view.right("RATE"), "FROM", "FILE"],
+            ([view.bar(t["available"], t["size"]), view.percent(t["available"], t["size"]),
+              f"{human_size(t['rate'])}/s", shown(t["source"]), shown(t["file"])]
+             for t in s["transfers"]))))
     for blob in s.get("plan", []):
-        _print_plan(blob)
-    return 0
+        parts += _plan_view(blob)
+    return Group(*parts)
 
 
 def _rate(rate: int) -> str:
@@ -190,26 +202,29 @@ def _upload_split(peers: dict[str, Any]) -> str:  # Any: the daemon's JSON
             f"{human_size(split['peer_api'])}/s relays)")
 
 
-def _print_plan(blob: dict[str, Any]) -> None:  # Any: the daemon's JSON
-    """Who feeds whom for one blob on the cluster, a line per node."""
-    print(f"plan      {shown(blob['file'])} ({human_size(blob['size'])})")
-    for n in blob["nodes"]:
+def _plan_view(blob: dict[str, Any]) -> list[RenderableType]:  # Any: the daemon's JSON
+    """Who feeds whom for one blob on the cluster, a row per node."""
+    def feed(n: dict[str, Any]) -> str:  # Any: the daemon's JSON
         source = (shown(n["feeder_name"]) if n["feeder"]
                   else "peers (BitTorrent)" if n["source"] == "peer" else shown(n["source"]))
-        pct = 100 * n["available"] / blob["size"] if blob["size"] else 100
-        print(f"  {source:>20} -> {shown(n['name'] or n['node_id'][:12]):20} "
-              f"{human_size(n['rate']):>9}/s {pct:5.1f}%")
+        return f"{source} -> {shown(n['name'] or n['node_id'][:12])}"
+
+    size = blob["size"]
+    return [Text(f"plan      {shown(blob['file'])} ({human_size(size)})"),
+            view.indented(view.table(
+                ["FEED", view.right("RATE"), "", view.right("DONE")],
+                ([feed(n), f"{human_size(n['rate'])}/s", view.bar(n["available"], size),
+                  view.percent(n["available"], size)] for n in blob["nodes"])))]
 
 
-def _print_startup(startup: dict[str, Any]) -> None:  # Any: the daemon's JSON
+def _startup_lines(startup: dict[str, Any]) -> list[str]:  # Any: the daemon's JSON
     """What the start (and the chunk check behind it) found wrong, if anything."""
     problems, unchecked = startup.get("problems", []), startup.get("unchecked_chunks", 0)
     if not problems and not unchecked:
-        return
-    print(f"start     {len(problems)} problems found in the cache at start"
-          + (f"; {unchecked} chunks still to check" if unchecked else ""))
-    for problem in problems[:5]:
-        print(f"  {shown(problem)}")
+        return []
+    return [f"start     {len(problems)} problems found in the cache at start"
+            + (f"; {unchecked} chunks still to check" if unchecked else ""),
+            *(f"  {shown(problem)}" for problem in problems[:5])]
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
@@ -218,15 +233,14 @@ def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
 
 
 def cmd_status_watch(d: Daemon, args: argparse.Namespace) -> int:
-    """Redraw the status every --interval seconds until Ctrl-C."""
-    try:
-        while True:
-            sys.stdout.write("\x1b[H\x1b[2J")
-            cmd_status(d, args)
-            sys.stdout.flush()
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return 0
+    """Redraw the status in place every --interval seconds until Ctrl-C."""
+    with Live(console=view.console(), auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(_status_view(d.call("GET", "/status")), refresh=True)
+                time.sleep(args.interval)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
@@ -243,13 +257,15 @@ def cmd_ls(d: Daemon, args: argparse.Namespace) -> int:
     if not repos:
         print("the cache is empty")
         return 0
-    print(f"{'REPO':50} {'TYPE':8} {'FILES':>6} {'SIZE':>10}  {'LAST USED':10} PINNED")
+    rows: list[list[str]] = []
     for r in repos:
         pinned = ", ".join(p["revision"] for p in r["pins"])
-        print(f"{shown(r['repo_id']):50} {shown(r['repo_type']):8} {r['files']:>6} "
-              f"{human_size(r['bytes']):>10}  {human_age(r['last_access']):10} {shown(pinned)}")
-        for rev in r.get("revisions", []):
-            _print_signed_revision(rev)
+        rows.append([shown(r["repo_id"]), shown(r["repo_type"]), str(r["files"]),
+                     human_size(r["bytes"]), human_age(r["last_access"]), shown(pinned)])
+        rows += [[_signed_revision(rev)] for rev in r.get("revisions", [])
+                 if rev["signed_by"] or rev["signature_error"]]
+    view.console().print(view.table(["REPO", "TYPE", view.right("FILES"), view.right("SIZE"),
+                                     "LAST USED", "PINNED"], rows))
     return 0
 
 
@@ -278,12 +294,11 @@ def cmd_unpin(d: Daemon, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_signed_revision(rev: dict[str, Any]) -> None:  # Any: the daemon's JSON
-    if rev["signed_by"] or rev["signature_error"]:
-        names = ", ".join(rev["revisions"]) or "-"
-        signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
-                  else f"NOT VERIFIED: {rev['signature_error']}")
-        print(f"  @{shown(rev['commit'][:12])} ({shown(names)}) {shown(signed)}")
+def _signed_revision(rev: dict[str, Any]) -> str:  # Any: the daemon's JSON
+    names = ", ".join(rev["revisions"]) or "-"
+    signed = (f"signed by {rev['signed_by']}" if rev["signed_by"]
+              else f"NOT VERIFIED: {rev['signature_error']}")
+    return f"  @{shown(rev['commit'][:12])} ({shown(names)}) {shown(signed)}"
 
 
 def cmd_rm(d: Daemon, args: argparse.Namespace) -> int:
@@ -342,15 +357,14 @@ def cmd_peers(d: Daemon, args: argparse.Namespace) -> int:
         return 0
     print(f"node {shown(result['node_id'])} in cluster {shown(result['cluster_id'])}: "
           f"{result['count']} live peers")
-    print(f"{'NODE':18} {'NAME':16} {'ADDRESS':21} {'VERSION':8} {'LAST SEEN':10} "
-          f"{'CHUNKS':>6} {'FROM':>9} {'TO':>9}")
-    for p in result["peers"]:
-        state = "banned" if p["banned"] else ("" if p["alive"] else "down")
-        address = shown(f"{p['address']}:{p['peer_port']}")
-        print(f"{shown(p['node_id']):18} {shown(p['name'])[:16]:16} {address:21}"
-              f" {shown(p['version']):8} {human_age(p['last_seen']) if p['last_seen'] else '-':10}"
-              f" {shown(p['chunks_held']):>6} {human_size(p['bytes_from']):>9}"
-              f" {human_size(p['bytes_to']):>9} {state}")
+    rows = ([shown(p["node_id"]), shown(p["name"]), shown(f"{p['address']}:{p['peer_port']}"),
+             shown(p["version"]), human_age(p["last_seen"]) if p["last_seen"] else "-",
+             shown(p["chunks_held"]), human_size(p["bytes_from"]), human_size(p["bytes_to"]),
+             "banned" if p["banned"] else ("" if p["alive"] else "down")]
+            for p in result["peers"])
+    view.console().print(view.table(
+        ["NODE", Column("NAME", max_width=16, no_wrap=True), "ADDRESS", "VERSION", "LAST SEEN",
+         view.right("CHUNKS"), view.right("FROM"), view.right("TO"), "STATE"], rows))
     return 0
 
 
@@ -401,15 +415,15 @@ def cmd_warm(d: Daemon, args: argparse.Namespace) -> int:
 
 
 def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
-    """Live progress, one bar per node and a total; the exit code says whether all made it."""
-    started = time.monotonic()
-    while True:
-        status = d.call("GET", f"/jobs/{job}")
-        if not as_json:
-            _draw_job(status, time.monotonic() - started)
-        if status["state"] != "running":
-            break
-        time.sleep(0.5)
+    """Live progress, a row per node and a total; the exit code says whether all made it."""
+    tasks: dict[str | None, TaskID] = {}  # node -> its row; None: the total
+    with view.transfer_progress(view.console(), disable=as_json) as progress:
+        while True:
+            status = d.call("GET", f"/jobs/{job}")
+            _show_job(progress, tasks, status)
+            if status["state"] != "running":
+                break
+            time.sleep(0.5)
     if as_json:
         _print_json(status)
     failed = {n: s.get("error", "") for n, s in status["nodes"].items() if s["state"] != "done"}
@@ -418,21 +432,20 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
     return EXIT_PROBLEM if failed else 0
 
 
-def _draw_job(status: dict[str, Any], elapsed: float) -> None:  # Any: the daemon's JSON
-    lines = []
-    total = have = 0
-    for node, s in sorted(status["nodes"].items()):
-        size, got = s.get("bytes", 0), s.get("have_bytes", 0)
-        total, have = total + size, have + got
-        pct = 100 * got / size if size else 100.0
-        lines.append(f"  {shown(node):16} [{'#' * int(pct / 5):20}] {pct:5.1f}% "
-                     f"{human_size(got):>9} {shown(s['state'])}")
-    rate = human_size(have / elapsed if elapsed else 0)
-    lines.append(f"  {'total':16} {human_size(have)} of {human_size(total)}, {rate}/s, "
-                 f"{shown(status['state'])}")
-    if sys.stdout.isatty():
-        sys.stdout.write("\x1b[H\x1b[2J")
-    print("\n".join(lines), flush=True)
+def _show_job(progress: Progress, tasks: dict[str | None, TaskID],
+              status: dict[str, Any]) -> None:  # Any: the daemon's JSON
+    """Updates the row of each node and the total's, adding the rows not there yet."""
+    nodes = status["nodes"]
+    rows: dict[str | None, tuple[str, dict[str, Any]]] = {  # Any: the daemon's JSON
+        node: (shown(node), s) for node, s in sorted(nodes.items())}
+    rows[None] = ("total", {"state": status["state"],
+                            "bytes": sum(s.get("bytes", 0) for s in nodes.values()),
+                            "have_bytes": sum(s.get("have_bytes", 0) for s in nodes.values())})
+    for key, (name, s) in rows.items():
+        size, state = s.get("bytes", 0), shown(s["state"])
+        if key not in tasks:
+            tasks[key] = progress.add_task(name, total=size, state=state)
+        progress.update(tasks[key], total=size, completed=s.get("have_bytes", 0), state=state)
 
 
 def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
@@ -446,10 +459,11 @@ def cmd_jobs(d: Daemon, args: argparse.Namespace) -> int:
         return 0
     if not jobs:
         print("no warm jobs")
-    for j in jobs:
-        print(f"{shown(j['job'])}  {shown(j['state']):9} {shown(j['repo']):40} "
-              f"{j['done_files']}/{j['files']} files "
-              f"{human_size(j['have_bytes'])} of {human_size(j['bytes'])}")
+        return 0
+    view.console().print(view.table(
+        ["JOB", "STATE", "REPO", view.right("FILES"), view.right("BYTES")],
+        ([shown(j["job"]), shown(j["state"]), shown(j["repo"]), f"{j['done_files']}/{j['files']}",
+          f"{human_size(j['have_bytes'])} of {human_size(j['bytes'])}"] for j in jobs)))
     return 0
 
 
@@ -500,38 +514,32 @@ def cmd_import(d: Daemon, args: argparse.Namespace) -> int:
 def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
     from modelpeer.client import hfcache
 
-    results, problems = [], []
+    snaps = [snap for root in _hf_cache_dirs(args) for snap in hfcache.snapshots(root)]
+    results: list[Imported] = []
+    problems: list[str] = []
     no_reflink = ""  # why the daemon cannot clone these files; then every snapshot is copied
-    for root in _hf_cache_dirs(args):
-        for snap in hfcache.snapshots(root):
+    with view.transfer_progress(view.console(stderr=True)) as progress:
+        total = progress.add_task("all", total=sum(s.manifest.archive_size() for s in snaps),
+                                  state=f"{len(snaps)} snapshots")
+        for snap in snaps:
             m = snap.manifest
             label = f"{m.repo_id}@{m.commit[:12]}"
             problems += [f"{label}/{p}" for p in snap.problems]
-            print(f"importing {label}: {len(m.files)} files, "
-                  f"{human_size(sum(f.size for f in m.blobs()))}", file=sys.stderr, flush=True)
+            rows = (progress.add_task(shown(label), total=m.archive_size(),
+                                      state=f"{len(m.files)} files"), total)
             try:
-                result: Imported | None = None
-                if not no_reflink:
-                    answer: Reflinked | NoReflink = d.call(
-                        "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
-                            k: str(v) for k, v in snap.sources.items()}}, token=_token(args))
-                    if answer["reflink"] is False:
-                        no_reflink = answer["reason"]
-                        print(f"  {no_reflink}; copying instead", file=sys.stderr)
-                    else:
-                        result = answer
-                if no_reflink:
-                    result = _send_bundle(d, hfcache.archive(snap), m.archive_size(),
-                                          _token(args), lenient=True, what=label)
+                result, no_reflink = _import_snapshot(d, snap, label, _token(args), no_reflink,
+                                                      progress, rows)
             except CliError as e:
                 if e.code == EXIT_UNREACHABLE:
                     raise
                 problems.append(f"{label}: {e}")
                 continue
-            assert result is not None  # reflinked, or else copied
+            finally:
+                progress.remove_task(rows[0])
             problems += [f"{label}/{s['path']}: {s['error']}" for s in result["skipped"]]
             results.append(result)
-            print(f"  {_imported_line(result)}", file=sys.stderr)
+            progress.console.print(f"  {_imported_line(result)}")
     repos = len({r["repo"] for r in results})
     files = sum(r["files"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
@@ -550,6 +558,36 @@ def cmd_import_hf_cache(d: Daemon, args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if problems else 0
 
 
+def _import_snapshot(d: Daemon, snap: Snapshot, label: str, token: str | None,
+                     no_reflink: str, progress: Progress,
+                     rows: tuple[TaskID, ...]) -> tuple[Imported, str]:
+    """The snapshot reflinked into the store, or else copied (streamed, advancing `rows`), and
+    why the daemon cannot reflink if it said so: then later snapshots are copied at once."""
+    from modelpeer.client import hfcache
+
+    m = snap.manifest
+    if not no_reflink:
+        answer: Reflinked | NoReflink = d.call(
+            "POST", "/hf-cache/reflink", {"manifest": m.to_json(), "sources": {
+                k: str(v) for k, v in snap.sources.items()}}, token=token)
+        if answer["reflink"] is True:
+            for row in rows:
+                progress.advance(row, m.archive_size())
+            return answer, no_reflink
+        no_reflink = answer["reason"]
+        progress.console.print(f"  {no_reflink}; copying instead")
+    sent = _advancing(hfcache.archive(snap), progress, rows)
+    return _send_bundle(d, sent, m.archive_size(), token, lenient=True, what=label), no_reflink
+
+
+def _advancing(data: Iterable[bytes], progress: Progress,
+               rows: tuple[TaskID, ...]) -> Iterator[bytes]:
+    for block in data:
+        for row in rows:
+            progress.advance(row, len(block))
+        yield block
+
+
 def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
     from modelpeer.client import hfcache
 
@@ -557,8 +595,11 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
     shared_files = shared_bytes = freed_bytes = 0
     problems: list[str] = []
     reflink, reason = True, ""
-    for root in _hf_cache_dirs(args):
-        for repo_dir, files in hfcache.blob_files(root):
+    repos = [repo for root in _hf_cache_dirs(args) for repo in hfcache.blob_files(root)]
+    with view.transfer_progress(view.console(stderr=True)) as progress:
+        row = progress.add_task("dedupe", total=sum(_bytes_of(files) for _, files in repos),
+                                state=f"{len(repos)} repos")
+        for repo_dir, files in repos:
             result: Deduped = d.call("POST", "/hf-cache/dedupe", {"files": files})
             if not result["reflink"]:
                 reflink, reason = False, result["reason"]
@@ -567,8 +608,7 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
             shared_bytes += result["shared_bytes"]
             freed_bytes += result["freed_bytes"]
             problems += [f"{repo_dir}: {p['path']}: {p['error']}" for p in result["problems"]]
-        if not reflink:
-            break
+            progress.advance(row, _bytes_of(files))
     if args.json:
         _print_json({"shared_files": shared_files, "shared_bytes": shared_bytes,
                      "freed_bytes": freed_bytes, "problems": problems, "reflink": reflink,
@@ -581,6 +621,10 @@ def cmd_dedupe(d: Daemon, args: argparse.Namespace) -> int:
         for p in problems:
             print(f"  left as is: {p}")
     return EXIT_PROBLEM if problems or not reflink else 0
+
+
+def _bytes_of(files: list[BlobFile]) -> int:
+    return sum(f["size"] for f in files)
 
 
 def _hf_cache_dirs(args: argparse.Namespace) -> list[Path]:

@@ -12,6 +12,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 from modelpeer.daemon.bundle import Manifest, blob_member, end, head, member_header, padding
 from modelpeer.daemon.peermsg import WarmFile
@@ -77,10 +78,16 @@ def _snapshot(repo_type: str, repo_id: str, snap: Path, revisions: list[str]) ->
     return Snapshot(manifest, sources, problems)
 
 
-def blob_files(root: Path) -> Iterator[tuple[str, list[dict[str, object]]]]:
-    """Per repo directory, its blob files named by a digest: {path, digest, size}."""
+class BlobFile(TypedDict):
+    path: str
+    digest: str
+    size: int
+
+
+def blob_files(root: Path) -> Iterator[tuple[str, list[BlobFile]]]:
+    """Per repo directory, its blob files named by a digest."""
     for repo_dir in sorted(root.glob("*--*")):
-        blobs = [{"path": str(p.resolve()), "digest": p.name, "size": p.stat().st_size}
+        blobs = [BlobFile(path=str(p.resolve()), digest=p.name, size=p.stat().st_size)
                  for p in sorted((repo_dir / "blobs").glob("*"))
                  if p.is_file() and len(p.name) in (40, 64)]
         if blobs:

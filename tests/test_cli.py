@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 
+from modelpeer.client.cli import human_size
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, free_port
+from tests.harness import ROOT, Modelpeerd, cli, free_port, wait_for
 
 StartDaemon = Callable[..., Modelpeerd]
 MODEL = "acme/tiny-tts"
@@ -66,6 +73,46 @@ def test_env_and_unreachable_daemon() -> None:
     down = cli(url, "status")
     assert down.returncode == 3
     assert "cannot reach modelpeerd" in down.stderr
+
+
+def test_warm_wait_shows_each_node_and_the_total_then_jobs_lists_it(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    warmed = cli(d, "warm", MODEL, "--nodes", "local", "--wait")
+    assert warmed.returncode == 0, warmed.stderr
+    amount, unit = human_size(sum(len(b) for b in expected_files(MODEL).values())).split()
+    rows = [line.split() for line in warmed.stdout.splitlines()]
+    assert len(rows) == 2 and rows[0][0] != "total" and rows[1][0] == "total", warmed.stdout
+    for row in rows:  # name, bar, bytes done/of, rate, time left, state
+        assert f"{amount}/{amount}" in row and unit in row and row[-1] == "done", row
+    job = json.loads(cli(d, "jobs", "--json").stdout)[0]
+    listed = [line.split() for line in cli(d, "jobs").stdout.splitlines()]
+    assert listed[0] == ["JOB", "STATE", "REPO", "FILES", "BYTES"]
+    assert listed[1][:4] == [job["job"], "done", job["repo"], f"{job['files']}/{job['files']}"]
+
+
+def test_status_watch_redraws_in_place_in_a_terminal(start_daemon: StartDaemon) -> None:
+    d = start_daemon()
+    leader, follower = pty.openpty()
+    watch = subprocess.Popen([sys.executable, "-m", "modelpeer.client.cli", "--daemon", d.url,
+                              "status", "--watch", "--interval", "0.2"],
+                             stdin=follower, stdout=follower, stderr=follower, cwd=ROOT)
+    os.close(follower)
+    shown = bytearray()
+
+    def redrawn() -> bool:
+        if select.select([leader], [], [], 0.1)[0]:
+            shown.extend(os.read(leader, 65536))
+        return shown.count(b"cache     ") >= 2
+
+    try:
+        wait_for(redrawn, "the status drawn twice", timeout=30)
+    finally:
+        watch.send_signal(signal.SIGINT)
+        code = watch.wait(10)
+        os.close(leader)
+    assert code == 0, bytes(shown)
+    assert b"\x1b[2J" not in shown, "the screen was cleared instead of the lines redrawn"
 
 
 def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: FakeHub) -> None:
