@@ -85,9 +85,10 @@ def chunk_count(m: Member) -> int:
 
 
 def relaying_map(m: Member) -> dict[str, object]:
-    """A member that says it gets the blob from the upstream and has all of it."""
+    """A member that says it gets the blob from the upstream and has all of it, at a rate
+    (10 GB/s) no upstream beats: the daemon relays from it rather than overtaking it."""
     return {**empty_map(m.digest), "transfer": "upstream", "available": m.size,
-            "rate": 100 * 1024 * 1024}
+            "rate": 10_000_000_000}
 
 
 def holding_map(m: Member) -> dict[str, object]:
