@@ -428,6 +428,8 @@ class Fetcher:
                 await asyncio.sleep(settle)  # a node that started with this one may be first
             else:
                 if overtake and isinstance(decision, Relay):
+                    if not await self._still_overtakes(plan, sharing, transfer, decision.node):
+                        continue
                     log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
                              "gives more; fetching the rest from there", transfer.label,
                              decision.node,
@@ -435,6 +437,16 @@ class Fetcher:
                 break
         transfer.feeder = ""
         transfer.mark_source(writer.offset, "upstream")
+
+    async def _still_overtakes(self, plan: Plan, sharing: Sharing, transfer: Transfer,
+                               node: str) -> bool:
+        """Whether overtaking `node` still stands after a pause of this node's own and fresh
+        chunk maps: two nodes that each took themselves for the first behind it (their news
+        a round apart) do not both go to the upstream; the later one sees the earlier one
+        fetching and relays from it."""
+        await asyncio.sleep(plan.overtake_pause())
+        held = await sharing.holders(transfer.blob)
+        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream_rate())
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, sharing: Sharing,
                              plan: Plan, held: Holders, node: str, origin: Origin) -> None:

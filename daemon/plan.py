@@ -31,6 +31,7 @@ SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not us
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
+OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once confirm it
 RATE_WINDOW = 2.0
 RATE_SAMPLE_BYTES = 2 * 1024 * 1024  # a transfer younger than this says little by its rate
 
@@ -160,6 +161,12 @@ class Plan:
             return False  # someone overtook it already: the plan moves to that one
         known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
         return known >= OVERTAKE_FACTOR * max(delivered, 1.0)
+
+    def overtake_pause(self) -> float:
+        """How long this node waits before it confirms an overtake: spread over
+        OVERTAKE_SPREAD seconds by its rank for the blob, so that nodes deciding at once do
+        not confirm at once."""
+        return int(self.rank(self.node_id)[:4], 16) / 0xFFFF * OVERTAKE_SPREAD
 
     def needs_probe(self, transfers: Mapping[str, PeerTransfer], source: str,
                     upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 from modelpeer.daemon.peermsg import BlobTransfer, PeerTransfer, TransferSource
 from modelpeer.daemon.plan import (
     DROP_FOR,
+    OVERTAKE_SPREAD,
     GoUpstream,
     Plan,
     RateMeter,
@@ -154,3 +155,10 @@ def test_the_cluster_plan_groups_each_blob_and_names_the_feeders() -> None:
     assert [(n.name, n.source, n.feeder_name, n.available) for n in first.nodes] == [
         ("h1", "upstream", "", 60), ("h2", "peer", "h1", 40)]
     assert second.nodes[0].feeder_name == "f" * 12  # a feeder that is not a member: its id
+
+
+def test_nodes_confirming_an_overtake_wait_apart() -> None:
+    pauses = [Plan(node, "d" * 64, Clock()).overtake_pause() for node in ("a", "b", "c", "d")]
+    assert all(0 <= p <= OVERTAKE_SPREAD for p in pauses)
+    assert len(set(pauses)) == 4
+    assert Plan("a", "d" * 64).overtake_pause() == pauses[0]  # the same for a node and blob
