@@ -45,7 +45,7 @@ class Phase:
 class Run:
     idle_rss_mib: float
     cold: Phase
-    hit: Phase
+    hit: Phase | None  # None: not measured (--cold-only)
     upstream_x: float  # upstream bytes / file size
     hwm_mib: float
 
@@ -61,7 +61,7 @@ def phase(d: Modelpeerd, clients: int, want: str) -> Phase:
 
 
 def one_run(work: Path, hub: FakeHub, clients: int, cdn_rate: int, want: str,
-            size: int) -> Run:
+            size: int, hit_too: bool) -> Run:
     hub.reset()
     hub.faults(cdn_rate=cdn_rate)
     d = Modelpeerd(work / "cache", hub.url, extra=["--log-level", "warning"]).start()
@@ -70,7 +70,7 @@ def one_run(work: Path, hub: FakeHub, clients: int, cdn_rate: int, want: str,
         idle = proc_status_kib(d.proc.pid, "VmRSS") / 1024
         cold = phase(d, clients, want)
         upstream = hub.stats()["cdn_bytes"] / size
-        hit = phase(d, clients, want)
+        hit = phase(d, clients, want) if hit_too else None
         hwm = proc_status_kib(d.proc.pid, "VmHWM") / 1024
     finally:
         d.stop()
@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=400)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cdn-rate", default="10MiB", help="bytes/s per CDN connection (0: none)")
+    ap.add_argument("--cold-only", action="store_true",
+                    help="skip the cache-hit phase (at 1 GiB, 400 clients read 400 GiB a phase)")
     ap.add_argument("--json", type=Path, help="also write the runs here")
     args = ap.parse_args()
     size, cdn_rate = parse_size(args.size), parse_size(args.cdn_rate)
@@ -92,7 +94,8 @@ def main() -> None:
     try:
         want = file_xxh3(next(p for p in (work / "hub").rglob("*")
                               if p.is_file() and p.stat().st_size == size))
-        runs = [one_run(work, hub, args.clients, cdn_rate, want, size) for _ in range(args.runs)]
+        runs = [one_run(work, hub, args.clients, cdn_rate, want, size, not args.cold_only)
+                for _ in range(args.runs)]
     finally:
         hub.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -115,23 +118,24 @@ def spread(values: list[float], digits: int = 0) -> str:
 
 
 def report(args: argparse.Namespace, size: int, runs: list[Run]) -> None:
+    phases = {"cold": [r.cold for r in runs],
+              "cache hit": [r.hit for r in runs if r.hit is not None]}
+    phases = {name: ps for name, ps in phases.items() if ps}
     print(f"\n{args.clients} clients, {size / MiB:.0f} MiB file, CDN {args.cdn_rate}/s per "
           f"connection, {len(runs)} runs (worst, then the spread), {os.cpu_count()} cores\n")
-    print("| what | cold | cache hit |\n|---|---|---|")
-    for label, value, digits in (("daemon peak RSS, MiB", lambda p: p.peak_rss_mib, 0),
-                                 ("seconds until every client has the file",
-                                  lambda p: p.seconds, 1)):
-        print(f"| {label} | {spread([value(r.cold) for r in runs], digits)} | "
-              f"{spread([value(r.hit) for r in runs], digits)} |")
+    print("| what | " + " | ".join(phases) + " |\n|---" * (len(phases) + 1) + "|")
+    print("| daemon peak RSS, MiB | " + " | ".join(
+        spread([p.peak_rss_mib for p in ps]) for ps in phases.values()) + " |")
+    print("| seconds until every client has the file | " + " | ".join(
+        spread([p.seconds for p in ps], 1) for ps in phases.values()) + " |")
     print("| bodies right / wrong / errors | " + " | ".join(
         f"{sum(p.right for p in ps)} / {sum(p.wrong for p in ps)} / "
-        f"{sum(len(p.errors) for p in ps)}"
-        for ps in ([r.cold for r in runs], [r.hit for r in runs])) + " |")
+        f"{sum(len(p.errors) for p in ps)}" for ps in phases.values()) + " |")
     print(f"\nidle RSS {spread([r.idle_rss_mib for r in runs])} MiB; VmHWM over the run "
           f"{spread([r.hwm_mib for r in runs])} MiB; upstream bytes / file size "
           f"{spread([r.upstream_x for r in runs], 2)}")
-    for r in runs:
-        for e in (r.cold.errors + r.hit.errors)[:5]:
+    for ps in phases.values():
+        for e in [e for p in ps for e in p.errors][:5]:
             print("error:", e)
 
 
