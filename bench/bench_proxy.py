@@ -1,9 +1,12 @@
 """Single-node benchmark: a cold download through modelpeerd vs the same download straight from
-the (fake) Hub and its CDN, and a cache hit vs nginx serving the same file, in one run.
+the (fake) Hub and its CDN and vs nginx `proxy_cache` in front of the same CDN (cold), and a
+cache hit vs nginx serving the same file, in one run. The daemon's CPU time (user + sys, all
+threads) is read from /proc around each download.
 
     python bench/bench_proxy.py --size 2GiB [--runs 3]
 
-Prints a Markdown table of times, rates and ratios (what goes into docs/benchmarks.md).
+Prints a Markdown table of times (worst and spread over the runs), rates, CPU seconds per GiB
+and ratios taken within each run (what goes into docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +33,13 @@ from tests.harness import Modelpeerd, free_port  # noqa: E402
 REPO = "acme/big"
 FILE = "big.bin"
 BLOCK = 1024 * 1024
+ROWS = {"direct": "direct from the fake Hub + CDN (baseline)",
+        "nginx_cold": "nginx proxy_cache in front of the CDN, cold (baseline)",
+        "cold": "cold, through modelpeerd",
+        "hit": "cache hit, through modelpeerd",
+        "old_cold": "cold, through modelpeerd of --old-code",
+        "old_hit": "cache hit, through modelpeerd of --old-code",
+        "nginx": "nginx serving the same file (baseline)"}
 
 
 def timed_get(url: str) -> tuple[float, str]:
@@ -41,9 +52,26 @@ def timed_get(url: str) -> tuple[float, str]:
     return time.perf_counter() - started, h.hexdigest()
 
 
-def nginx_serving(root: Path, work: Path, prefix_cmd: list[str] | None = None,
-                  host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) and of its live children."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(cpu_seconds(int(c)) for c in children)
+
+
+def timed_get_cpu(url: str, pid: int) -> tuple[float, str, float]:
+    """timed_get, and the CPU seconds process `pid` spent meanwhile."""
+    before = cpu_seconds(pid)
+    seconds, digest = timed_get(url)
+    return seconds, digest, cpu_seconds(pid) - before
+
+
+def nginx_running(server: str, work: Path, prefix_cmd: list[str] | None = None,
+                  http: str = "") -> subprocess.Popen[bytes]:
+    """nginx (one worker, sendfile) with that server block, its files under `work`."""
+    work.mkdir(parents=True, exist_ok=True)
     conf = work / "nginx.conf"
     user = "user root root;" if os.geteuid() == 0 else ""  # workers must read our temp dir
     conf.write_text(f"""
@@ -53,81 +81,156 @@ http {{
   access_log off; sendfile on; tcp_nopush on;
   client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
   fastcgi_temp_path {work}/fcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
-  server {{ listen {host}:{port}; root {root}; }}
+  {http}
+  server {{ {server} }}
 }}""")
     proc = subprocess.Popen([*(prefix_cmd or []), "nginx", "-c", str(conf)],
                             stderr=subprocess.DEVNULL)
     time.sleep(0.5)
+    return proc
+
+
+def nginx_serving(root: Path, work: Path, prefix_cmd: list[str] | None = None,
+                  host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = nginx_running(f"listen {host}:{port}; root {root};", work, prefix_cmd)
     return proc, f"http://{host}:{port}"
+
+
+def nginx_caching(origin: str, work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """nginx proxy_cache (an empty cache) in front of `origin`: a C caching proxy."""
+    port = free_port()
+    proc = nginx_running(
+        f"listen 127.0.0.1:{port}; location / {{ proxy_pass {origin}; proxy_cache big;"
+        " proxy_cache_valid 200 1h; proxy_buffering on; }", work,
+        http=f"proxy_cache_path {work}/cache levels=1:2 keys_zone=big:10m max_size=20g;")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def cdn_location(url: str) -> str:
+    """Where the Hub redirects a resolve URL (the CDN's signed URL)."""
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: object, **kwargs: object) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        opener.open(urllib.request.Request(url, method="HEAD"))
+    except urllib.error.HTTPError as e:
+        return str(e.headers["Location"])
+    raise RuntimeError(f"{url} did not redirect to a CDN")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait()
+
+
+def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
+            cpu: dict[str, list[float]], old_code: str | None) -> str:
+    """Direct, nginx proxy_cache cold, modelpeerd cold and hit (and those of the old code),
+    in that order; the digest."""
+    t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
+    times["direct"].append(t)
+    if shutil.which("nginx"):
+        location = cdn_location(f"{hub.url}/{REPO}/resolve/main/{FILE}")
+        path = location[location.index("/repos/"):]
+        proc, url = nginx_caching(hub.cdn_url, work / "nginx-cache")
+        try:
+            t, got, c = timed_get_cpu(url + path, proc.pid)
+        finally:
+            stop(proc)
+            shutil.rmtree(work / "nginx-cache", ignore_errors=True)
+        assert got == digest, "nginx proxy_cache answered other bytes"
+        times["nginx_cold"].append(t)
+        cpu["nginx_cold"].append(c)
+    daemon_cold_and_hit(hub, work, digest, "", {}, times, cpu)
+    if old_code is not None:
+        daemon_cold_and_hit(hub, work, digest, "old_", {"PYTHONPATH": old_code}, times, cpu)
+    return digest
+
+
+def daemon_cold_and_hit(hub: FakeHub, work: Path, digest: str, prefix: str,
+                        env: dict[str, str], times: dict[str, list[float]],
+                        cpu: dict[str, list[float]]) -> None:
+    """A fresh daemon (with that environment): the file cold, then again (a cache hit)."""
+    d = Modelpeerd(work / "cache", hub.url, env=env)
+    d.extra = ["--log-level", "warning"]
+    d.start()
+    try:
+        assert d.proc is not None
+        for kind in (prefix + "cold", prefix + "hit"):
+            t, got, c = timed_get_cpu(f"{d.url}/{REPO}/resolve/main/{FILE}", d.proc.pid)
+            assert got == digest, f"{kind} download through the proxy differs"
+            times[kind].append(t)
+            cpu[kind].append(c)
+    finally:
+        d.stop()
+        shutil.rmtree(work / "cache", ignore_errors=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="1GiB")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--old-code", metavar="DIR",
+                    help="also run the daemon from DIR/modelpeer/daemon in each run, e.g. an "
+                         "earlier commit's daemon/ (git archive) linked there: before and after "
+                         "in the same run")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     hub = FakeHub(work / "hub", big_size=size)
     hub.start()
-    rows: dict[str, list[float]] = {k: [] for k in ("direct", "cold", "hit", "nginx")}
-    digest = ""
+    times: dict[str, list[float]] = {k: [] for k in ROWS}
+    cpu: dict[str, list[float]] = {k: [] for k in ROWS}
     try:
-        for run in range(args.runs):
-            d = Modelpeerd(work / f"cache{run}", hub.url)
-            d.extra = ["--log-level", "warning"]
-            d.start()
-            try:
-                t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
-                rows["direct"].append(t)
-                t, got = timed_get(f"{d.url}/{REPO}/resolve/main/{FILE}")
-                assert got == digest, "cold download through the proxy differs"
-                rows["cold"].append(t)
-                t, got = timed_get(f"{d.url}/{REPO}/resolve/main/{FILE}")
-                assert got == digest
-                rows["hit"].append(t)
-            finally:
-                d.stop()
-            shutil.rmtree(work / f"cache{run}", ignore_errors=True)
+        for _ in range(args.runs):
+            digest = one_run(hub, work, times, cpu, args.old_code)
         if shutil.which("nginx"):
-            src = _big_file(work / "hub", size)
             www = work / "www"
             www.mkdir()
-            (www / FILE).symlink_to(src)
-            proc, url = nginx_serving(www, work)
+            (www / FILE).symlink_to(_big_file(work / "hub", size))
+            proc, url = nginx_serving(www, work / "nginx")
             try:
                 for _ in range(args.runs):
-                    t, got = timed_get(f"{url}/{FILE}")
+                    t, got, c = timed_get_cpu(f"{url}/{FILE}", proc.pid)
                     assert got == digest
-                    rows["nginx"].append(t)
+                    times["nginx"].append(t)
+                    cpu["nginx"].append(c)
             finally:
-                proc.terminate()
-                proc.wait()
+                stop(proc)
     finally:
         hub.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report(size, rows)
+    report(size, times, cpu)
 
 
 def _big_file(root: Path, size: int) -> Path:
     return next(p for p in root.rglob("*") if p.is_file() and p.stat().st_size == size)
 
 
-def report(size: int, rows: dict[str, list[float]]) -> None:
-    med = {k: statistics.median(v) for k, v in rows.items() if v}
-    mb = size / 1e6
-    print(f"\n{size / 2**30:.2f} GiB file, median of {len(rows['cold'])} runs, loopback\n")
-    print("| what | seconds | MB/s |\n|---|---|---|")
-    for k, label in (("direct", "direct from the fake Hub + CDN (baseline)"),
-                     ("cold", "cold, through modelpeerd"),
-                     ("hit", "cache hit, through modelpeerd"),
-                     ("nginx", "nginx serving the same file (baseline)")):
-        if k in med:
-            print(f"| {label} | {med[k]:.2f} | {mb / med[k]:.0f} |")
-    print("\n| ratio | value |\n|---|---|")
-    print(f"| cold through proxy / direct (time) | {med['cold'] / med['direct']:.2f} |")
-    if "nginx" in med:
-        print(f"| cache hit / nginx (time) | {med['hit'] / med['nginx']:.2f} |")
+def report(size: int, times: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    gib = size / 2**30
+    print(f"\n{gib:.2f} GiB file, {len(times['cold'])} runs, loopback; worst run, then median "
+          "and all runs\n")
+    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) |")
+    print("|---|---|---|---|---|---|")
+    for k, label in ROWS.items():
+        if times[k]:
+            runs = " ".join(f"{t:.2f}" for t in times[k])
+            cpu_text = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
+            print(f"| {label} | {max(times[k]):.2f} | {size / 1e6 / max(times[k]):.0f} | "
+                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_text} |")
+    print("\n| ratio of times, within each run | worst | runs |\n|---|---|---|")
+    for a, b, label in (("cold", "direct", "cold through modelpeerd / direct"),
+                        ("cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),
+                        ("hit", "nginx", "cache hit / nginx serving"),
+                        ("cold", "old_cold", "cold through modelpeerd / the same, old code"),
+                        ("hit", "old_hit", "cache hit / the same, old code")):
+        if times[a] and times[b]:
+            ratios = [x / y for x, y in zip(times[a], times[b], strict=False)]
+            print(f"| {label} | {max(ratios):.2f} | {' '.join(f'{r:.2f}' for r in ratios)} |")
 
 
 if __name__ == "__main__":

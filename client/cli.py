@@ -165,6 +165,7 @@ def cmd_status(d: Daemon, args: argparse.Namespace) -> int:
           f"{_rate(s['peer_upload_rate'])}{_upload_split(peers)}")
     print("served    " + ", ".join(f"{human_size(served[k])} from {shown(k)}" for k in served)
           + f";  {human_size(s['upstream_bytes'])} read from upstream")
+    _print_startup(s.get("startup", {}))
     off = "" if peers["enabled"] else f"(off: {shown(peers['reason'])})"
     print(f"peers     {peers['count']} {off}")
     for t in s["transfers"]:
@@ -198,6 +199,17 @@ def _print_plan(blob: dict[str, Any]) -> None:  # Any: the daemon's JSON
         pct = 100 * n["available"] / blob["size"] if blob["size"] else 100
         print(f"  {source:>20} -> {shown(n['name'] or n['node_id'][:12]):20} "
               f"{human_size(n['rate']):>9}/s {pct:5.1f}%")
+
+
+def _print_startup(startup: dict[str, Any]) -> None:  # Any: the daemon's JSON
+    """What the start (and the chunk check behind it) found wrong, if anything."""
+    problems, unchecked = startup.get("problems", []), startup.get("unchecked_chunks", 0)
+    if not problems and not unchecked:
+        return
+    print(f"start     {len(problems)} problems found in the cache at start"
+          + (f"; {unchecked} chunks still to check" if unchecked else ""))
+    for problem in problems[:5]:
+        print(f"  {shown(problem)}")
 
 
 def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON

@@ -14,7 +14,7 @@ from . import notify
 from .cacheapi import CacheApi
 from .catalog import Catalog
 from .config import Config, ConfigError, load_config
-from .control import Control
+from .control import Control, RecentErrors
 from .fetch import Fetcher
 from .guard import local_only
 from .index import open_index
@@ -48,14 +48,31 @@ class Daemon:
         self.db: sqlite3.Connection | None = None
         self._runner: web.AppRunner | None = None
         self._stop = asyncio.Event()
+        self.startup_problems = RecentErrors()  # what start() found wrong, for the status
+        self.recovered: dict[str, int] = {}
+        self._checker: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
+        """Start serving; the store's chunks are hashed behind it. What the start and that
+        check find wrong is kept for the status."""
+        logging.getLogger().addHandler(self.startup_problems)
+        try:
+            await self._start()
+        except BaseException:
+            logging.getLogger().removeHandler(self.startup_problems)
+            raise
+        self._checker = asyncio.create_task(self.store.check_unchecked(), name="store check")
+        self._checker.add_done_callback(
+            lambda _: logging.getLogger().removeHandler(self.startup_problems))
+
+    async def _start(self) -> None:
         cfg = self.cfg
         self.db = open_index(cfg.cache_dir / "index.sqlite3")
         self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size)
-        recovered = await self.store.recover()
-        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped",
-                 cfg.cache_dir, recovered["good"], recovered["partial"], recovered["dropped"])
+        self.recovered = await self.store.recover()
+        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped, %d blobs "
+                 "kept from files the index had lost", cfg.cache_dir, self.recovered["good"],
+                 self.recovered["partial"], self.recovered["dropped"], self.recovered["adopted"])
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
         self.upstream.rate.rate = cfg.upstream_rate
@@ -63,7 +80,7 @@ class Daemon:
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
         self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
                                max_cache_size=cfg.max_cache_size, offline=cfg.offline,
-                               max_transfers=cfg.max_transfers, read_buffer=cfg.read_buffer)
+                               max_transfers=cfg.max_transfers)
         self.fetcher.on_upstream_bytes = self.metrics.upstream_read
         self.fetcher.on_upstream_error = self.metrics.upstream_failed
         self.signatures = Signatures(cfg.require_signature, self.catalog, self.fetcher,
@@ -118,7 +135,10 @@ class Daemon:
                 "peer_upload_rate": self.cfg.peer_upload_rate,
                 "require_signature": [str(r) for r in self.cfg.require_signature],
                 "over_limit_bytes": self.store.over_limit, **self.pins.summary(),
-                "peers": self.lan.summary()}
+                "peers": self.lan.summary(),
+                "startup": {"chunks": self.recovered,
+                            "unchecked_chunks": len(self.store.unchecked), "problems": [
+                    r["message"] for r in self.startup_problems.records]}}
 
     def status_line(self) -> str:
         usage = self.store.usage()
@@ -131,6 +151,9 @@ class Daemon:
         log.info("stopping: closing listeners and checkpointing transfers")
         if self._runner is not None:
             await self._runner.shutdown()
+        if self._checker is not None:
+            self._checker.cancel()
+            await asyncio.gather(self._checker, return_exceptions=True)
         await self.warmup.close()
         await self.fetcher.close()
         await self.lan.close()

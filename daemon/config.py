@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +38,15 @@ _SIZE_UNITS = {
 
 
 def parse_size(value: str | int) -> int:
-    """'64MiB', '10G', '1.5 GB' or a plain number of bytes -> bytes."""
+    """'64MiB', '10G', '1.5 GB' or a plain number of bytes -> bytes (exact: no float)."""
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise ValueError(f"size must not be negative: {value}")
         return value
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value), re.ASCII)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use e.g. 500MiB, 20GB or a number of bytes)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return int(Fraction(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 _BIT_UNITS = {"bit": 1 / 8, "kbit": 1000 / 8, "mbit": 1000**2 / 8, "gbit": 1000**3 / 8}
@@ -67,14 +69,18 @@ def parse_rate(value: str | int) -> int:
 
 
 def parse_duration(value: str | int | float) -> float:
-    """'30s', '5m', '1h' or a number of seconds -> seconds."""
+    """'30s', '5m', '1h' or a number of seconds -> seconds (finite, not negative)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*", str(value))
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
-    return float(m.group(1)) * scale
+        seconds = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*", str(value), re.ASCII)
+        if not m:
+            raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 5m, 1h)")
+        scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+        seconds = float(m.group(1)) * scale
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"not a duration: {value!r} (want a finite number of seconds >= 0)")
+    return seconds
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -83,6 +89,13 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if not m or not 0 <= int(m.group(2)) <= 65535:
         raise ValueError(f"not HOST:PORT: {value!r} (e.g. 127.0.0.1:6580)")
     return (m.group(1) or "0.0.0.0", int(m.group(2)))
+
+
+def parse_path(value: str) -> Path:
+    v = str(value)
+    if not v.strip() or "\0" in v:
+        raise ValueError(f"not a file path: {value!r}")
+    return Path(v)
 
 
 def parse_bool(value: str | bool) -> bool:
@@ -154,7 +167,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("cache_dir", Path, _default_cache_dir,
+    Option("cache_dir", parse_path, _default_cache_dir,
            "where chunks and the index live (default: $CACHE_DIRECTORY, else ~/.cache/modelpeer)"),
     Option("listen", parse_hostport, lambda: ("127.0.0.1", 6580),
            "HOST:PORT of the Hub-compatible API and the control API"),
@@ -187,9 +200,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_transfers", int, lambda: 8,
            "at most this many blobs read from the upstream at once; more wait their turn "
            "(each holds up to upstream_connections x 8 MiB in memory)"),
-    Option("read_buffer", parse_size, lambda: 64 * 1024**2,
-           "at most this many bytes of files held in memory on their way to clients and "
-           "peers, all responses together; more readers wait their turn"),
     Option("upstream_timeout", parse_duration, lambda: 30.0,
            "give up on an upstream connection that sends nothing for this long"),
     Option("interface", str, lambda: "",
@@ -199,7 +209,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("peer", parse_hostport, lambda: [],
            "a static peer's HOST:PORT (peer API), for networks without multicast",
            repeatable=True),
-    Option("cluster_key_file", Path, _default_cluster_key_file,
+    Option("cluster_key_file", parse_path, _default_cluster_key_file,
            "file with the cluster key (default: $CREDENTIALS_DIRECTORY/cluster.key if systemd "
            "passes one); without one the daemon is a local cache only"),
     Option("node_name", str, lambda: "", "a name for this node (default: the host name)"),
@@ -227,7 +237,6 @@ class Config:
     upstream_rate: int
     peer_upload_rate: int
     max_transfers: int
-    read_buffer: int
     upstream_timeout: float
     interface: str
     peer_listen: tuple[str, int]
@@ -253,8 +262,6 @@ class Config:
             raise ConfigError("upstream_connections must be between 1 and 64")
         if self.max_transfers < 1:
             raise ConfigError("max_transfers must be at least 1")
-        if self.read_buffer < 1024**2:
-            raise ConfigError(f"read_buffer must be at least 1MiB, got {self.read_buffer}")
 
 
 def _line_of(text: str, key: str) -> int:

@@ -21,7 +21,7 @@ import errno
 import logging
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
-READ_BLOCK = 1024 * 1024
+PACED_PIECE = 1024 * 1024  # what a paced sender (peer_upload_rate) sends per turn
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
@@ -52,6 +52,8 @@ REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with f
 PROBE_BYTES = 4 * 1024 * 1024
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
+WRONG_BLOB_KEPT = 3600.0  # how long a blob that failed its digest answers a resume whole
+MAX_WRONG_BLOBS = 4096
 EXPECTED_FAILURES = (UpstreamError, PeerError, DigestMismatch, OSError, sqlite3.Error)
 
 
@@ -173,26 +175,44 @@ class Transfer:
                 "rate_now": round(self.meter.rate)}
 
 
-@dataclasses.dataclass
 class _Segment:
-    start: int
-    end: int
-    buf: bytearray = dataclasses.field(default_factory=bytearray)
-    finished: bool = False
-    error: BaseException | None = None
-    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    """Bytes [start, end) of the blob, read over one connection and put into the store's
+    files as they arrive (no buffer holds the segment); committed in order later."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.filled = 0  # bytes from start on that are in the store's files
+        self.finished = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+        self.pending: list[bytes] = []  # received, not yet put: at most COMMIT_BATCH bytes
+        self.pending_bytes = 0
+
+    async def put_pending(self, writer: BlobWriter) -> None:
+        if not self.pending:
+            return
+        try:
+            await writer.put(self.start + self.filled, self.pending)
+        except OSError as e:
+            raise _StoreFailed(f"writing {writer.blob.digest}: {e}") from e
+        self.filled += self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        self.changed.set()
+
+
+class _StoreFailed(Exception):
+    """Putting received bytes into the store failed: the disk, not the upstream."""
 
 
 class Fetcher:
     def __init__(self, store: Store, upstream: Upstream, *, connections: int = 4,
-                 max_cache_size: int = 0, offline: bool = False, max_transfers: int = 8,
-                 read_buffer: int = 64 * 1024 * 1024) -> None:
+                 max_cache_size: int = 0, offline: bool = False, max_transfers: int = 8) -> None:
         self.store = store
         self.upstream = upstream
         self.connections = connections
-        # memory bounds: blobs read from the upstream at once, and blocks on their way out
+        # a memory bound: blobs read from the upstream at once
         self._upstream_slots = asyncio.Semaphore(max_transfers)
-        self._read_slots = asyncio.Semaphore(max(1, read_buffer // READ_BLOCK))
         self.offline = offline
         self.max_cache_size = max_cache_size
         self.sharing: Sharing | None = None
@@ -201,6 +221,7 @@ class Fetcher:
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
+        self._failed_digest: dict[str, float] = {}  # digest -> until when it is remembered
         self.on_upstream_bytes: Callable[[int], None] = lambda n: None
         self.on_upstream_error: Callable[[str], None] = lambda kind: None
 
@@ -252,24 +273,29 @@ class Fetcher:
             finally:
                 transfer.readers -= 1
 
-    async def send(self, transfer: Transfer, start: int, end: int,
-                   write: Callable[[int, bytes], Awaitable[None]], *,
-                   to_peer: bool = False, pace: RateLimit | None = None) -> None:
-        """Bytes [start, end) of the blob to `write(offset, block)`, each block as soon as the
-        transfer may serve it; the blob stays pinned meanwhile. A block is read only when one
-        of the read_buffer slots is free and let go once written, so the bytes held in memory
-        stay bounded however many readers wait on slow clients. With `pace` (peer_upload_rate),
-        a block waits for its turn before it takes a slot."""
+    async def send(self, transport: asyncio.Transport | None, transfer: Transfer, start: int,
+                   end: int, *, to_peer: bool = False,
+                   pace: RateLimit | None = None) -> AsyncIterator[tuple[int, int]]:
+        """Send bytes [start, end) of the blob on the transport, each as soon as the transfer
+        may serve it, from the store's files with sendfile (the bytes are not read into this
+        process, so memory does not grow with the readers); yields (offset, length) of each
+        piece sent. The blob stays pinned. With `pace` (peer_upload_rate), each piece of at
+        most PACED_PIECE bytes waits for its turn."""
+        loop = asyncio.get_running_loop()
         pos = start
         with self.store.pinned(transfer.blob.digest):
             while pos < end:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
-                    n = min(READ_BLOCK, limit - pos)
-                    if pace is not None:
-                        await pace.take(n)
-                    async with self._read_slots:
-                        await write(pos, self.store.read(transfer.blob, pos, n))
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError(f"the reader of {transfer.label} left")
+                    await self.store.check_span(transfer.blob.digest, pos, pos + 1)
+                    with self.store.chunk_file(transfer.blob, pos) as (f, within, left):
+                        n = min(left, limit - pos, PACED_PIECE if pace else left)
+                        if pace is not None:
+                            await pace.take(n)
+                        await loop.sendfile(transport, f, within, n)
+                    yield pos, n
                     pos += n
 
     def transfer_state(self, digest: str) -> PeerTransfer | None:
@@ -353,6 +379,7 @@ class Fetcher:
     def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
         if isinstance(error, DigestMismatch):
             self._blame_peers(transfer)
+            self._remember_failed_digest(transfer.blob.digest)
         expected = isinstance(error, EXPECTED_FAILURES)
         log.error("fetching %s (%s) failed%s: %s", origin.label, transfer.blob.digest[:12],
                   "" if expected else " unexpectedly", error,
@@ -367,6 +394,7 @@ class Fetcher:
         blob = transfer.blob
         transfer.mark_source(writer.offset, "peer")
         plan = Plan(sharing.peers.node_id, blob.digest)
+        held_failed_at = -1  # where getting complete chunks from their holders broke last
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if held.small:
@@ -381,13 +409,18 @@ class Fetcher:
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
                       if overtake and isinstance(decision, Relay) else held.chunks)
-            if isinstance(decision, Relay) and not overtake:
-                await self._relay_decided(transfer, writer, sharing, plan, held, decision.node,
-                                          origin)
-            elif self._held_run(blob, writer.offset, chunks):
-                # complete chunks somewhere beat the upstream: BitTorrent from their holders
+            run = self._held_run(blob, writer.offset, chunks)
+            relay = decision.node if isinstance(decision, Relay) and not overtake else ""
+            if relay and not (run and writer.offset != held_failed_at
+                              and _has_nothing_past(held, relay, writer.offset)):
+                await self._relay_decided(transfer, writer, sharing, plan, held, relay, origin)
+            elif run:
+                # complete chunks somewhere beat the upstream, and a feeder that waits for its
+                # own bytes: BitTorrent from their holders (if that breaks, the feeder again)
                 if not await self._chunks_held(transfer, writer, sharing, chunks, held):
-                    break
+                    if not relay:
+                        break
+                    held_failed_at = writer.offset
             elif isinstance(decision, GoUpstream):
                 settle = SETTLE - (time.monotonic() - transfer.started)
                 if settle <= 0:
@@ -436,7 +469,8 @@ class Fetcher:
         transfer.peers_used.add(peer.node_id)
         transfer.feeder = peer.node_id
         meter = RateMeter()
-        batch = bytearray()  # socket reads are small: fewer, larger writes cost less CPU
+        batch: list[bytes] = []  # socket reads are small: fewer, larger writes cost less CPU
+        pos = before  # the blob offset after the bytes received
         stream = relay.stream(peer, transfer.blob, before, end)
         try:
             async with contextlib.aclosing(stream):
@@ -445,27 +479,39 @@ class Fetcher:
                         data = await asyncio.wait_for(anext(stream), STALL_WINDOW)
                     except StopAsyncIteration:
                         break
-                    batch += data
+                    batch.append(data)
                     meter.add(len(data))
-                    if len(batch) >= COMMIT_BATCH:
-                        await self._write(transfer, writer, memoryview(batch))
-                        batch = bytearray()
+                    pos += len(data)
+                    if pos - writer.offset >= COMMIT_BATCH:
+                        await self._write_batch(transfer, writer, batch)
+                        batch = []
         except TimeoutError:
-            dropped = plan.stalled(peer.node_id, transfers, writer.offset + len(batch))
+            dropped = plan.stalled(peer.node_id, transfers, pos)
             log.warning("relaying %s from peer %s: no byte for %.0fs at byte %d; %s",
-                        transfer.label, peer.node_id, STALL_WINDOW, writer.offset + len(batch),
+                        transfer.label, peer.node_id, STALL_WINDOW, pos,
                         "trying another source" if dropped else "looking again")
         except PeerError as e:
             plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
-                     peer.node_id, writer.offset + len(batch), e)
+                     peer.node_id, pos, e)
         if meter.age >= CHECK_EVERY:
             plan.measured[peer.node_id] = meter.rate
             if (meter.rate < MIN_RELAY_RATE
-                    and plan.stalled(peer.node_id, transfers, writer.offset + len(batch))):
+                    and plan.stalled(peer.node_id, transfers, pos)):
                 log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
                             transfer.label, peer.node_id, meter.rate)
-        await self._write(transfer, writer, memoryview(batch))
+        await self._write_batch(transfer, writer, batch)
+
+    async def _write_batch(self, transfer: Transfer, writer: BlobWriter,
+                           pieces: list[bytes]) -> None:
+        """Pieces from a peer, in order: into the files while they are in the CPU cache, then
+        hashed as read back (no joining of the pieces, a copy)."""
+        n = sum(len(p) for p in pieces)
+        if n:
+            await writer.put(writer.offset, pieces)
+            await writer.commit(n)
+            transfer.bytes_peers += n
+            transfer.advance(writer.offset)
 
     async def _probe_upstream(self, transfer: Transfer, writer: BlobWriter,
                               origin: Origin) -> None:
@@ -491,6 +537,18 @@ class Fetcher:
         self._note_upstream_rate(writer.offset - start, time.monotonic() - began)
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
                  self.upstream_rate() / 1e6, writer.offset - start)
+
+    def _remember_failed_digest(self, digest: str) -> None:
+        now = time.monotonic()
+        if len(self._failed_digest) >= MAX_WRONG_BLOBS:
+            self._failed_digest = {d: t for d, t in self._failed_digest.items() if t > now}
+        self._failed_digest[digest] = now + WRONG_BLOB_KEPT
+
+    def failed_digest_lately(self, digest: str) -> bool:
+        """Whether a transfer of the blob failed its digest lately. Its readers got all but
+        the last byte before the check (the bytes stream as they land), so a client resuming
+        with a Range holds wrong bytes and must start over."""
+        return self._failed_digest.get(digest, 0.0) > time.monotonic()
 
     def _blame_peers(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again
@@ -572,16 +630,17 @@ class Fetcher:
                              url: URL) -> None:
         """The rest of the blob over several connections at once, one Range each."""
         size = transfer.blob.size
-        segments = [_Segment(s, min(s + SEGMENT, size))
-                    for s in range(writer.offset, size, SEGMENT)]
+        starts = range(writer.offset, size, SEGMENT)
+        segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
         try:
-            for i, seg in enumerate(segments):
-                while len(tasks) < min(len(segments), i + self.connections):
+            for i in range(len(starts)):
+                while len(segments) < min(len(starts), i + self.connections):
+                    start = starts[len(segments)]
+                    segments.append(_Segment(start, min(start + SEGMENT, size)))
                     tasks.append(asyncio.create_task(
-                        self._fill(segments[len(tasks)], url, origin, transfer)))
-                await self._commit(seg, writer, transfer)
-                segments[i] = _Segment(seg.start, seg.end, finished=True)  # drop the buffer
+                        self._fill(segments[-1], url, origin, transfer, writer)))
+                await self._commit(segments[i], writer, transfer)
         finally:
             for t in tasks:
                 t.cancel()
@@ -621,12 +680,11 @@ class Fetcher:
                       transfer: Transfer) -> None:
         written = 0
         while True:
-            pending = len(seg.buf) - written
+            pending = seg.filled - written
             if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
                                                          or written == 0)):
-                data = bytes(seg.buf[written:])
-                await writer.write(data)
-                written += len(data)
+                await writer.commit(pending)
+                written += pending
                 transfer.advance(writer.offset)
                 continue
             if seg.error is not None:
@@ -636,30 +694,44 @@ class Fetcher:
             seg.changed.clear()
             await seg.changed.wait()
 
-    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer) -> None:
+    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
+                    writer: BlobWriter) -> None:
         failures = 0
         try:
-            while seg.start + len(seg.buf) < seg.end:
-                before = len(seg.buf)
+            while seg.start + seg.filled < seg.end:
+                before = seg.filled
                 try:
                     async for data in self.upstream.read_range(
-                            url, seg.start + len(seg.buf), seg.end, token=origin.token):
-                        seg.buf += data
+                            url, seg.start + seg.filled, seg.end, token=origin.token):
+                        seg.pending.append(data)
+                        seg.pending_bytes += len(data)
                         transfer.bytes_upstream += len(data)
                         self.on_upstream_bytes(len(data))
-                        seg.changed.set()
-                except RangeIgnored:
+                        # the first bytes at once: the committer may be waiting for them
+                        if seg.pending_bytes >= COMMIT_BATCH or seg.filled == 0:
+                            await seg.put_pending(writer)
+                    await seg.put_pending(writer)
+                except (RangeIgnored, _StoreFailed):
                     raise
                 except (UpstreamError, OSError, TimeoutError, aiohttp.ClientError) as e:
-                    failures = 0 if len(seg.buf) > before else failures + 1
+                    await seg.put_pending(writer)  # what arrived before the break is good
+                    failures = 0 if seg.filled > before else failures + 1
                     url = await self._after_break(origin, url, failures,
-                                                  seg.start + len(seg.buf), e)
+                                                  seg.start + seg.filled, e)
             seg.finished = True
         except BaseException as e:
-            seg.error = e if isinstance(e, Exception) else TransferFailed("cancelled")
+            cause = e.__cause__ if isinstance(e, _StoreFailed) else e
+            seg.error = cause if isinstance(cause, Exception) else TransferFailed("cancelled")
             raise
         finally:
             seg.changed.set()
+
+
+def _has_nothing_past(held: Holders, node: str, offset: int) -> bool:
+    """Whether `node` has no byte of the blob past `offset` yet: waiting for it loses to
+    complete chunks that other peers hold (a slow upstream fetcher can be minutes away)."""
+    t = held.transfers.get(node)
+    return t is None or t.available <= offset
 
 
 def _without(chunks: dict[int, list[tuple[Peer, str]]],

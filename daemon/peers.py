@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 API = "/_modelpeer/peer/v1"
 LIVENESS_INTERVAL = 3.0
 DEAD_AFTER = 10.0
-REQUEST_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 5.0  # silence on a connection; also the deadline of a whole status answer
+ANSWER_DEADLINE = 10.0  # a whole answer (torrent, small blob, JSON) slower than this is a drip
 ADMIT_RETRY = 10.0  # a candidate that failed the proof is not asked again for this long
 MAX_BODY = 4 * 1024 * 1024  # a request body (a warm job's file list)
 MAX_ANSWER = 8 * 1024 * 1024  # a JSON answer, a torrent or a small blob
@@ -274,11 +275,11 @@ class PeerSet:
     async def _hello(self, address: str, port: int, expected: str) -> NodeStatus:
         """The node's status, in a signed answer to a fresh signed request."""
         target = Peer(expected, address, port)
-        async with self._call(target, "GET", "/status") as answer:
-            data = await self._body(target, answer)
+        data, responder = await self._answer(target, "GET", "/status", None, MAX_ANSWER,
+                                             REQUEST_TIMEOUT)
         status = _parsed(target, "/status", parse_status, data)
-        if status.node_id != answer.responder:
-            raise PeerError(f"{address}:{port} signed as {answer.responder[:16]} but says it is "
+        if status.node_id != responder:
+            raise PeerError(f"{address}:{port} signed as {responder[:16]} but says it is "
                             f"{status.node_id[:16]}")
         return status
 
@@ -373,10 +374,22 @@ class PeerSet:
             raise PeerError(f"{where}: the answer does not match its signed digest")
         return bytes(data)
 
+    async def _answer(self, peer: Peer, method: str, path: str, body: object, limit: int,
+                      deadline: float) -> tuple[bytes, str]:
+        """The whole answer and the node that signed it, within `deadline` seconds: the
+        session's read timeout only catches silence, and a peer that sends a byte a second
+        would hold the caller (and the liveness round) for as long as it likes."""
+        try:
+            async with asyncio.timeout(deadline):
+                async with self._call(peer, method, path, body) as answer:
+                    return await self._body(peer, answer, limit), answer.responder
+        except TimeoutError as e:
+            raise PeerError(f"peer {peer.node_id[:16]} at {peer.address}: {method} {path}: no "
+                            f"whole answer in {deadline:.0f}s") from e
+
     async def request(self, peer: Peer, method: str, path: str, body: object = None, *,
                       limit: int = MAX_ANSWER) -> bytes:
-        async with self._call(peer, method, path, body) as answer:
-            return await self._body(peer, answer, limit)
+        return (await self._answer(peer, method, path, body, limit, ANSWER_DEADLINE))[0]
 
     async def request_json(self, peer: Peer, method: str, path: str,
                            parse: Callable[[object], T], body: object = None) -> T:
@@ -387,8 +400,10 @@ class PeerSet:
     async def stream(self, peer: Peer, path: str) -> AsyncGenerator[bytes, None]:
         """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
         async with self._call(peer, "GET", path) as answer:
-            async for data in answer.resp.content.iter_any():
-                yield data
+            # each piece as the socket delivered it: no joining of pieces (a copy)
+            async for data, _ in answer.resp.content.iter_chunks():
+                if data:
+                    yield data
 
 
 def _parsed(peer: Peer, path: str, parse: Callable[[object], T], data: bytes) -> T:

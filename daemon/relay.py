@@ -62,14 +62,12 @@ class Relay:
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
 
-        async def write(pos: int, data: bytes) -> None:
-            await resp.write(data)
-            if peer is not None:
-                peer.bytes_to += len(data)
-
         try:
             with self.upload.stream() as pace:
-                await self.fetcher.send(transfer, start, end, write, to_peer=True, pace=pace)
+                async for _, n in self.fetcher.send(request.transport, transfer, start, end,
+                                                    to_peer=True, pace=pace):
+                    if peer is not None:
+                        peer.bytes_to += n
         except ConnectionResetError:
             return resp  # the peer moved to another source
         except TransferFailed as e:

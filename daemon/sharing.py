@@ -83,13 +83,19 @@ class Sharing:
         """At start: the chunks whose torrents were made before (no hashing here: in seed mode
         libtorrent checks each piece before its first upload)."""
         held = {(d, i) for d, i, _, _ in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
+        for path in self.torrents_dir.glob("*.tmp"):  # a torrent being written when it stopped
+            path.unlink(missing_ok=True)
         for path in self.torrents_dir.glob("*.torrent"):
             digest, _, idx = path.name.removesuffix(".torrent").rpartition(".")
             key = (digest, int(idx)) if idx.isdigit() else None
-            if key in held:
-                self._seed(key, path.read_bytes())
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if key in held:
+                    self._seed(key, path.read_bytes())
+                    continue
+            except (OSError, RuntimeError, TypeError, ValueError) as e:  # libtorrent: Runtime
+                log.warning("torrent %s is damaged (%s): removed; made again when a peer asks",
+                            path, e)
+            path.unlink(missing_ok=True)
         log.info("seeding %d chunks whose torrents were made before", len(self._seeded))
 
     def _seed(self, key: tuple[str, int], torrent: bytes) -> None:
@@ -297,7 +303,9 @@ class Sharing:
             async for data in self.swarm.fetch(torrent, endpoints):
                 yield data
         except (SwarmError, SwarmStalled) as e:
-            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} failed: {e}") from e
+            names = ", ".join(dict.fromkeys(p.node_id for p in sources))
+            raise PeerError(f"BitTorrent transfer of {blob.digest}.{idx} from peers {names} "
+                            f"failed: {e}") from e
 
     # --- events -------------------------------------------------------------------------
     def _bad_peer(self, ip: str, info_hash: str) -> None:

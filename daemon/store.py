@@ -14,7 +14,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
+import io
 import logging
 import os
 import re
@@ -34,11 +36,16 @@ MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ..
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ALGOS = ("sha256", "gitsha1")
+_CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
 
 
 class DigestMismatch(Exception):
     """The bytes of a blob do not hash to its name; they were discarded."""
+
+
+class ChunkDamaged(OSError):
+    """A complete chunk's file no longer matches its xxh3 (damaged on disk): never served."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +106,9 @@ class Store:
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
         self.over_limit = 0  # bytes above max_cache_size that eviction could not free
+        # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
+        # checked before its first read, and by check_unchecked() behind the start
+        self.unchecked: dict[tuple[str, int], tuple[int, str]] = {}
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
     # --- pins -----------------------------------------------------------------------------
@@ -239,6 +249,7 @@ class Store:
             idx = offset // self.chunk_size
             within = offset - idx * self.chunk_size
             n = min(end - offset, self.chunk_size - within)
+            self._check_once(blob.digest, idx)
             data = self._read_chunk(blob.digest, idx, within, n)
             if len(data) != n:
                 raise OSError(f"chunk {blob.digest}.{idx} is shorter than the index says")
@@ -247,17 +258,54 @@ class Store:
         return b"".join(parts)
 
     def _read_chunk(self, digest: str, idx: int, offset: int, n: int) -> bytes:
+        fd = self._open_chunk(digest, idx)
+        try:
+            return os.pread(fd, n, offset)
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def chunk_file(self, blob: BlobId, offset: int) -> Iterator[tuple[io.FileIO, int, int]]:
+        """The chunk file holding the blob's byte `offset`, open for reading, with where that
+        byte is in the file and how many bytes of the chunk follow it."""
+        idx = offset // self.chunk_size
+        within = offset - idx * self.chunk_size
+        with io.FileIO(self._open_chunk(blob.digest, idx), "rb") as f:
+            yield f, within, min(self.chunk_size, blob.size - idx * self.chunk_size) - within
+
+    def _open_chunk(self, digest: str, idx: int) -> int:
         # A writer may rename .part into place between our two attempts: try both names.
         for partial in (False, True, False):
             try:
-                fd = os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
+                return os.open(self.chunk_path(digest, idx, partial=partial), os.O_RDONLY)
             except FileNotFoundError:
                 continue
-            try:
-                return os.pread(fd, n, offset)
-            finally:
-                os.close(fd)
         raise FileNotFoundError(f"chunk {digest}.{idx} is missing from {self.root}")
+
+    async def adopt_unrecorded_chunks(self, digest: str | None = None) -> int:
+        """Chunks in place under their final name whose completion never reached the index
+        (its write failed: a full disk holds the index too) are marked complete (of one blob,
+        or of all); the blob's digest, checked before it counts as complete, vouches for their
+        bytes. Returns how many."""
+        rows = [(r[0], r[1], r[2]) for r in self.db.execute(
+            "SELECT digest, idx, length FROM chunks WHERE complete=0 AND (? IS NULL OR digest=?)",
+            (digest, digest))]
+        found = await asyncio.to_thread(self._whole_in_place, rows)
+        with self.db:
+            for d, idx, length, xxh3 in found:
+                self.adopt_chunk(d, idx, length, xxh3)
+                log.warning("chunk %s was written whole but the index had not recorded it "
+                            "(a full disk?): kept", self.chunk_path(d, idx))
+        return len(found)
+
+    def _whole_in_place(self, rows: list[tuple[str, int, int]]) -> list[tuple[str, int, int, str]]:
+        found = []
+        for digest, idx, length in rows:
+            path = self.chunk_path(digest, idx)
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == length:
+                    found.append((digest, idx, length, xxh3_of_file(path, length)))
+        return found
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         """A sequential writer that continues at the blob's durable prefix."""
@@ -275,6 +323,7 @@ class Store:
                 with _ignore_missing():
                     self.chunk_path(digest, r["idx"], partial=partial).unlink()
             freed += r["durable"]
+            self.unchecked.pop((digest, r["idx"]), None)
         with self.db:
             self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
             self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
@@ -335,27 +384,132 @@ class Store:
 
     # --- checks -------------------------------------------------------------------------
     async def recover(self) -> dict[str, int]:
-        """At start: keep what is good. Complete chunks must match their xxh3, partial chunks
-        are cut back to their last checkpoint and must match it; the rest is dropped."""
+        """At start: keep what is good, in seconds whatever the store's size. Blobs whose
+        index rows disagree with each other are forgotten; complete chunks must have their
+        length (their xxh3 is checked later: `unchecked`), partial chunks are cut back to their
+        last checkpoint and must match its xxh3; the rest is dropped. Complete chunk files the
+        index does not know are kept when together they hash to their blob's name."""
+        self._forget_inconsistent_blobs()
+        await self.adopt_unrecorded_chunks()
         rows = [dict(r) for r in self.db.execute("SELECT * FROM chunks")]
-        verdicts = await asyncio.to_thread(self._check_chunks, rows)
-        stats = {"good": 0, "dropped": 0, "partial": 0}
+        verdicts = await asyncio.to_thread(self._check_chunks, rows, deep=False)
+        stats = {"good": 0, "dropped": 0, "partial": 0, "adopted": 0}
         with self.db:
             for row, ok in zip(rows, verdicts, strict=True):
                 if ok:
                     stats["partial" if not row["complete"] else "good"] += 1
+                    if row["complete"] and row["length"]:
+                        self.unchecked[row["digest"], row["idx"]] = (row["length"], row["xxh3"])
                     continue
                 stats["dropped"] += 1
-                log.warning("chunk %s.%d failed its check at start; it will be fetched again",
-                            row["digest"], row["idx"])
+                log.warning("chunk %s failed its check at start; it will be fetched again",
+                            self.chunk_path(row["digest"], row["idx"],
+                                            partial=not row["complete"]))
                 self._reset_chunk(row["digest"], row["idx"])
+        known = {r[0] for r in self.db.execute("SELECT digest FROM blobs")}
+        for blob, chunks in await asyncio.to_thread(self._orphan_blobs, known):
+            self._adopt_blob(blob, chunks)
+            stats["adopted"] += 1
         await asyncio.to_thread(self._remove_strays)
         return stats
 
-    def _check_chunks(self, rows: list[dict[str, Any]]) -> list[bool]:  # Any: sqlite values
-        return [self._check_chunk(r) for r in rows]
+    def _forget_inconsistent_blobs(self) -> None:
+        """Drop the rows (not the files) of blobs whose rows break the store's invariants, and
+        chunk rows of no blob; their chunk files are then orphans, kept if they hash right."""
+        chunks: dict[str, list[sqlite3.Row]] = collections.defaultdict(list)
+        for r in self.db.execute("SELECT * FROM chunks ORDER BY idx"):
+            chunks[r["digest"]].append(r)
+        blobs = {r["digest"]: r for r in self.db.execute("SELECT * FROM blobs")}
+        with self.db:
+            for digest in blobs.keys() | chunks.keys():
+                fault = self._row_fault(blobs.get(digest), chunks.get(digest, []))
+                if fault:
+                    log.warning("blob %s: its index rows are inconsistent (%s); its chunk "
+                                "files are checked again", digest, fault)
+                    self.db.execute("DELETE FROM chunks WHERE digest=?", (digest,))
+                    self.db.execute("DELETE FROM blobs WHERE digest=?", (digest,))
 
-    def _check_chunk(self, row: dict[str, Any]) -> bool:
+    def _row_fault(self, blob: sqlite3.Row | None, chunks: list[sqlite3.Row]) -> str:
+        """What is wrong with a blob's rows ("" when nothing)."""
+        if blob is None:
+            return "chunk rows of no blob"
+        try:
+            b = BlobId(blob["digest"], blob["algo"], blob["size"])
+        except ValueError as e:
+            return str(e)
+        spans = [(i, n) for i, _, n in self.chunk_spans(b.size)]
+        if [(c["idx"], c["length"]) for c in chunks] != spans:
+            return f"chunk rows do not cut {b.size} bytes into chunks of {self.chunk_size}"
+        for c in chunks:
+            if not 0 <= c["durable"] <= c["length"] or c["complete"] not in (0, 1) or (
+                    c["complete"] and c["durable"] != c["length"]):
+                return f"chunk {c['idx']} says {c['durable']} of {c['length']} bytes durable"
+        if blob["complete"] not in (0, 1) or (blob["complete"] and not all(
+                c["complete"] for c in chunks)):
+            return "a complete blob with incomplete chunks"
+        return ""
+
+    def _orphan_blobs(self, known: set[str]) -> list[tuple[BlobId, list[str]]]:
+        """Blobs not `known` to the index (it was damaged) whose complete chunk files are all
+        on disk and hash to the blob's name: (blob, xxh3 of each chunk)."""
+        found: dict[str, dict[int, Path]] = collections.defaultdict(dict)
+        for path in (self.root / "chunks").glob("*/*"):
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if m and not m.group(3) and m.group(1) not in known:
+                found[m.group(1)][int(m.group(2))] = path
+        orphans = []
+        for digest, paths in found.items():
+            try:
+                blob = self._blob_of_files(digest, paths)
+                chunks = self._chunk_hashes_if_blob_matches(blob) if blob else None
+            except OSError:
+                continue  # left to _remove_strays
+            if blob is not None and chunks is not None:
+                orphans.append((blob, chunks))
+        return orphans
+
+    def _blob_of_files(self, digest: str, paths: dict[int, Path]) -> BlobId | None:
+        """The blob these chunk files would make: every index from 0, every chunk but the
+        last full."""
+        sizes = [paths[i].stat().st_size if i in paths else -1 for i in range(len(paths))]
+        if -1 in sizes or any(n != self.chunk_size for n in sizes[:-1]) or not (
+                0 <= sizes[-1] <= self.chunk_size) or (len(sizes) > 1 and sizes[-1] == 0):
+            return None
+        algo = "sha256" if len(digest) == 64 else "gitsha1"
+        try:
+            return BlobId(digest, algo, sum(sizes))
+        except ValueError:
+            return None
+
+    def _chunk_hashes_if_blob_matches(self, blob: BlobId) -> list[str] | None:
+        whole = blob_hasher(blob)
+        hashes = []
+        for idx, _, _ in self.chunk_spans(blob.size):
+            chunk = xxhash.xxh3_128()
+            with open(self.chunk_path(blob.digest, idx), "rb") as f:
+                while data := f.read(READ_BLOCK * 8):
+                    chunk.update(data)
+                    whole.update(data)
+            hashes.append(chunk.hexdigest())
+        return hashes if whole.hexdigest() == blob.digest else None
+
+    def _adopt_blob(self, blob: BlobId, chunk_hashes: list[str]) -> None:
+        self.register(blob)
+        with self.db:
+            for (idx, _, length), xxh3 in zip(self.chunk_spans(blob.size), chunk_hashes,
+                                              strict=True):
+                self.adopt_chunk(blob.digest, idx, length, xxh3)
+            self.mark_complete(blob.digest)
+        log.warning("blob %s (%d bytes): kept from its chunk files, which the index had lost",
+                    blob.digest, blob.size)
+
+    def _check_chunks(self, rows: list[dict[str, Any]],  # Any: sqlite values
+                      deep: bool = True) -> list[bool]:
+        return [self._check_chunk(r, deep=deep) for r in rows]
+
+    def _check_chunk(self, row: dict[str, Any], *, deep: bool) -> bool:
+        """Is the chunk's file as its row says: a complete one of its length (and with `deep`,
+        of its xxh3), a partial one cut back to its checkpoint and of its xxh3."""
         path = self.chunk_path(row["digest"], row["idx"], partial=not row["complete"])
         if row["durable"] == 0:
             with _ignore_missing():
@@ -366,12 +520,69 @@ class Store:
                 os.truncate(path, row["durable"])
             elif path.stat().st_size != row["length"]:
                 return False
+            elif not deep:
+                return True
             return xxh3_of_file(path, row["durable"]) == str(row["xxh3"])
         except OSError:
             return False
 
+    def _check_once(self, digest: str, idx: int) -> None:
+        """Hash a complete chunk not yet checked since start (thread-safe: no index access);
+        ChunkDamaged when it no longer matches, and then it stays unchecked."""
+        want = self.unchecked.get((digest, idx))
+        if want is None:
+            return
+        path = self.chunk_path(digest, idx)
+        try:
+            ok = xxh3_of_file(path, want[0]) == want[1]
+        except OSError:
+            ok = False
+        if not ok:
+            raise ChunkDamaged(errno.EIO, "the chunk no longer matches its xxh3", str(path))
+        self.unchecked.pop((digest, idx), None)
+
+    async def check_chunk(self, digest: str, idx: int) -> None:
+        """Before a chunk's first read since start: hash it off the event loop; a damaged one
+        is dropped (to be fetched again) and ChunkDamaged raised."""
+        if (digest, idx) not in self.unchecked:
+            return
+        try:
+            await asyncio.to_thread(self._check_once, digest, idx)
+        except ChunkDamaged:
+            if (digest, idx) in self.unchecked:  # not already dropped by a concurrent check
+                log.error("chunk %s no longer matches its xxh3 (damaged on disk); dropped, it "
+                          "will be fetched again", self.chunk_path(digest, idx))
+                with self.db:
+                    self._reset_chunk(digest, idx)
+            raise
+
+    async def check_span(self, digest: str, start: int, end: int) -> None:
+        """check_chunk for every chunk holding a byte of [start, end)."""
+        for idx in range(start // self.chunk_size, (end - 1) // self.chunk_size + 1):
+            await self.check_chunk(digest, idx)
+
+    async def check_blob(self, blob: BlobId) -> None:
+        """Every chunk of the blob not yet checked since start; damaged ones are dropped."""
+        for idx, _, _ in self.chunk_spans(blob.size):
+            with contextlib.suppress(ChunkDamaged):
+                await self.check_chunk(blob.digest, idx)
+
+    async def check_unchecked(self) -> int:
+        """Behind the start: hash every complete chunk no read has checked yet, one at a time;
+        returns how many were damaged."""
+        started, damaged, count = time.monotonic(), 0, len(self.unchecked)
+        for digest, idx in list(self.unchecked):
+            try:
+                await self.check_chunk(digest, idx)
+            except ChunkDamaged:
+                damaged += 1
+        log.info("store: the %d complete chunks found at start are checked (%d damaged, "
+                 "%.1f s)", count, damaged, time.monotonic() - started)
+        return damaged
+
     def _reset_chunk(self, digest: str, idx: int) -> None:
         self.on_removed(digest)
+        self.unchecked.pop((digest, idx), None)
         for partial in (False, True):
             with _ignore_missing():
                 self.chunk_path(digest, idx, partial=partial).unlink()
@@ -380,12 +591,14 @@ class Store:
         self.db.execute("UPDATE blobs SET complete=0 WHERE digest=?", (digest,))
 
     def _remove_strays(self) -> None:
-        """Files under chunks/ that the index does not know (e.g. a crash before the insert)."""
-        known = {(r[0], r[1]) for r in self.db.execute("SELECT digest, idx FROM chunks")}
+        """Files under chunks/ that the index does not name: a crash before the insert, a
+        temp file left beside a complete chunk, chunks of a blob that did not hash right."""
+        wanted = {(r[0], r[1], "" if r[2] else ".part")
+                  for r in self.db.execute("SELECT digest, idx, complete FROM chunks")}
         for path in (self.root / "chunks").glob("*/*"):
-            m = re.fullmatch(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?", path.name)
-            if not m or (m.group(1), int(m.group(2))) not in known:
-                log.info("removing stray file %s", path)
+            m = _CHUNK_NAME.fullmatch(path.name)
+            if not m or (m.group(1), int(m.group(2)), m.group(3) or "") not in wanted:
+                log.warning("removing stray file %s", path)
                 with _ignore_missing():
                     path.unlink()
 
@@ -396,7 +609,9 @@ class Store:
         verdicts = await asyncio.to_thread(self._check_chunks, rows)
         problems = []
         for row, ok in zip(rows, verdicts, strict=True):
-            if not ok:
+            if ok:
+                self.unchecked.pop((row["digest"], row["idx"]), None)
+            else:
                 problems.append({"digest": row["digest"], "chunk": row["idx"], "error": "xxh3"})
                 self._reset_chunk(row["digest"], row["idx"])
         if full:
@@ -421,6 +636,10 @@ class Store:
 class BlobWriter:
     """Appends a blob's bytes in order from `offset`, checkpointing and verifying as it goes.
 
+    Bytes may also be put into the chunk files ahead of that order (put), as they arrive from
+    several connections; commit() then takes them in order, hashing them as read back from
+    the page cache. Only bytes taken in order count as written.
+
     Written bytes can be read at once (from the page cache); making them durable (fsync, then
     the index) runs behind, one step after the other, so a chunk's fsync never holds up the
     bytes that follow it, nor a peer relaying them. A failed step fails the next write."""
@@ -430,14 +649,20 @@ class BlobWriter:
         self.blob = blob
         self.offset = offset
         self._hasher: Hasher | None = None
-        self._fd: int | None = None
+        self._fds: dict[int, int] = {}  # chunk index -> its open .part file
+        self._fd: int | None = None  # that of the chunk being written in order
         self._chunk: ChunkState | None = None
         self._chunk_hash: Hasher | None = None
         self._since_checkpoint = 0
         self._durable: asyncio.Future[None] | None = None  # the last durability step
+        self._in_threads: set[asyncio.Future[None]] = set()  # file work close() waits for
+        self._block: memoryview | None = None  # commit() reads bytes back into it
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
+        await self.store.check_blob(self.blob)
+        await self.store.adopt_unrecorded_chunks(self.blob.digest)
+        self.offset = self.store.contiguous_prefix(self.blob)
         self._hasher = await asyncio.to_thread(self._hash_prefix)
 
     def _hash_prefix(self) -> Hasher:
@@ -446,49 +671,114 @@ class BlobWriter:
             h.update(self.store.read(self.blob, pos, min(READ_BLOCK, self.offset - pos)))
         return h
 
+    def _chunk_fd(self, idx: int) -> int:
+        """The chunk's .part file, opened the first time with what it holds in order kept."""
+        fd = self._fds.get(idx)
+        if fd is None:
+            start = idx * self.store.chunk_size
+            length = min(self.store.chunk_size, self.blob.size - start)
+            kept = min(max(0, self.offset - start), length)
+            # room for all bytes up to this chunk's end: chunks opened ahead are not full yet
+            self.store.make_room(start + length - self.offset)
+            path = self.store.chunk_path(self.blob.digest, idx, partial=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._fds[idx] = fd
+            os.ftruncate(fd, kept)
+        return fd
+
     def _open_chunk(self) -> None:
         idx = self.offset // self.store.chunk_size
         chunk = self.store.chunks(self.blob)[idx]
-        self.store.make_room(chunk.offset + chunk.length - self.offset)
-        path = self.store.chunk_path(self.blob.digest, idx, partial=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = self._chunk_fd(idx)
         within = self.offset - chunk.offset
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        os.truncate(path, within)
         self._chunk_hash = xxhash.xxh3_128()
         if within:
             self._chunk_hash.update(self.store.read(self.blob, chunk.offset, within))
-        os.lseek(fd, within, os.SEEK_SET)
         self._fd, self._chunk = fd, chunk
 
     async def write(self, data: bytes | memoryview) -> None:
-        self._raise_durability_failure()
+        """Bytes in order, at `offset`."""
         view = memoryview(data)
-        while view:
+        await self._in_order(len(view), lambda fd, at, done, n: self._append(
+            fd, at, view[done:done + n]))
+
+    async def put(self, offset: int, pieces: list[bytes]) -> None:
+        """Bytes at `offset`, at or past what is written in order, into the chunk files now
+        (while they are in the CPU cache); commit() takes them in order later."""
+        self._raise_durability_failure()
+        size = sum(len(p) for p in pieces)
+        if offset < self.offset or offset + size > self.blob.size:
+            raise ValueError(f"blob {self.blob.digest}: bytes [{offset}, {offset + size}) are "
+                             f"not between the written {self.offset} and the size")
+        writes = []  # (fd, offset in the chunk file, bytes), files opened here: make_room
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                idx, at = divmod(offset, self.store.chunk_size)
+                n = min(len(view), self.store.chunk_size - at)
+                writes.append((self._chunk_fd(idx), at, view[:n]))
+                view, offset = view[n:], offset + n
+        await self._in_thread(_pwrite_all, writes)
+
+    async def commit(self, n: int) -> None:
+        """The next n bytes in order, put() before: hash them and count them as written."""
+        await self._in_order(n, self._hash_back)
+
+    async def _in_order(self, total: int, step: Callable[[int, int, int, int], None]) -> None:
+        """Take `total` bytes in order, chunk by chunk: step(fd, offset in the chunk file,
+        bytes taken before, length) writes and hashes, or hashes what was put."""
+        self._raise_durability_failure()
+        if self.offset + total > self.blob.size:
+            raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
+        done = 0
+        while done < total:
             if self._fd is None:
                 self._open_chunk()
             assert self._chunk is not None and self._fd is not None
-            room = self._chunk.offset + self._chunk.length - self.offset
-            piece = view[:room]
-            if self.offset + len(piece) > self.blob.size:
-                raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
-            if len(piece) >= OFFLOAD:
-                await asyncio.to_thread(self._append, self._fd, piece)
+            at = self.offset - self._chunk.offset
+            n = min(total - done, self._chunk.length - at)
+            if n >= OFFLOAD:
+                await self._in_thread(step, self._fd, at, done, n)
             else:
-                self._append(self._fd, piece)
-            self.offset += len(piece)
-            self._since_checkpoint += len(piece)
-            view = view[len(piece):]
+                step(self._fd, at, done, n)
+            self.offset += n
+            self._since_checkpoint += n
+            done += n
             if self.offset == self._chunk.offset + self._chunk.length:
                 self._complete_chunk()
             elif self._since_checkpoint >= CHECKPOINT and not self._durability_pending():
                 self._checkpoint()
 
-    def _append(self, fd: int, piece: memoryview) -> None:
-        _write_all(fd, piece)
+    async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
+        """fn off the event loop; close() waits for it even if this await is cancelled, so
+        no thread uses a file descriptor after it is closed."""
+        work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._in_threads.add(work)
+        work.add_done_callback(self._in_threads.discard)
+        await asyncio.shield(work)
+
+    def _append(self, fd: int, at: int, piece: memoryview) -> None:
+        # block by block, so the hashes read each block from the CPU cache the write left it in
+        for pos in range(0, len(piece), READ_BLOCK):
+            block = piece[pos:pos + READ_BLOCK]
+            _pwrite_all([(fd, at + pos, block)])
+            self._hash(block)
+
+    def _hash_back(self, fd: int, at: int, _done: int, n: int) -> None:
+        if self._block is None:
+            self._block = memoryview(bytearray(READ_BLOCK))
+        for pos in range(at, at + n, READ_BLOCK):
+            block = self._block[:min(READ_BLOCK, at + n - pos)]
+            if os.preadv(fd, [block], pos) != len(block):
+                raise OSError(f"chunk {self.blob.digest}.{self.offset // self.store.chunk_size}"
+                              f" holds less than was put into it (at {pos})")
+            self._hash(block)
+
+    def _hash(self, block: memoryview) -> None:
         assert self._chunk_hash is not None and self._hasher is not None  # _open_chunk, prepare
-        self._chunk_hash.update(piece)
-        self._hasher.update(piece)
+        self._chunk_hash.update(block)
+        self._hasher.update(block)
 
     def _then(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run a durability step after the ones before it, off the writing path."""
@@ -532,6 +822,7 @@ class BlobWriter:
     def _complete_chunk(self) -> None:
         assert self._fd is not None and self._chunk is not None and self._chunk_hash is not None
         fd, chunk, digest = self._fd, self._chunk, self._chunk_hash.hexdigest()
+        del self._fds[chunk.idx]
         self._fd = self._chunk = None
 
         async def step() -> None:
@@ -579,21 +870,26 @@ class BlobWriter:
     async def close(self) -> None:
         """Stop writing (error or shutdown): make what was written durable for a resume."""
         try:
+            await asyncio.gather(*self._in_threads, return_exceptions=True)
             await self.settle()
         finally:
-            if self._fd is not None:
-                try:
-                    if self._since_checkpoint:
-                        self._checkpoint()
-                        await self.settle()
-                finally:
-                    os.close(self._fd)
-                    self._fd = self._chunk = None
+            try:
+                if self._fd is not None and self._since_checkpoint:
+                    self._checkpoint()
+                    await self.settle()
+            finally:
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+                self._fd = self._chunk = None
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
+def _pwrite_all(writes: list[tuple[int, int, memoryview]]) -> None:
+    """Each (file, offset, bytes) written whole."""
+    for fd, at, data in writes:
+        while data:
+            n = os.pwrite(fd, data, at)
+            data, at = data[n:], at + n
 
 
 def xxh3_of_file(path: Path, length: int) -> str:

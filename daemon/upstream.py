@@ -21,7 +21,6 @@ from .ratelimit import RateLimit
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-READ_SIZE = 1024 * 1024
 
 
 class UpstreamError(Exception):
@@ -190,7 +189,10 @@ class Upstream:
 async def _body(resp: aiohttp.ClientResponse, expected: int) -> AsyncIterator[bytes]:
     """The response body, which must be exactly `expected` bytes long."""
     got = 0
-    async for data in resp.content.iter_chunked(READ_SIZE):
+    # each piece as the socket delivered it: no joining of pieces into larger reads (a copy)
+    async for data, _ in resp.content.iter_chunks():
+        if not data:
+            continue  # the end of an HTTP chunk
         got += len(data)
         if got > expected:
             raise UpstreamError(f"{resp.url.host}: sent more than the {expected} bytes asked for")

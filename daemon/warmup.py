@@ -133,6 +133,7 @@ class Warmup:
             try:
                 await self._send_job(peer, job)
             except PeerError as e:
+                log.warning("warm job %s: node %s did not take it: %s", job.id, node_id, e)
                 errors[node_id] = str(e)
         log.info("warm job %s: %s@%s, %d files, %d bytes, on %d nodes", job.id, repo,
                  commit[:12], len(files), job.total_bytes, len(nodes))
@@ -142,7 +143,9 @@ class Warmup:
     async def _send_job(self, peer: Peer, job: Job) -> None:
         assert self.peers is not None  # a remote node was chosen, so there is a LAN
         spec = job.spec(self._seal(job.id, job.token)).to_json()
-        await self.peers.request_json(peer, "POST", "/warm", parse_job_id, spec)
+        taken = await self.peers.request_json(peer, "POST", "/warm", parse_job_id, spec)
+        if taken != job.id:
+            raise PeerError(f"node {peer.node_id} answered job {taken}, not {job.id}")
 
     def _seal(self, job_id: str, token: str | None) -> str | None:
         if token is None or self.cluster_key is None:

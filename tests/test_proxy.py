@@ -212,6 +212,22 @@ def test_lying_upstream_bytes_are_never_served(start_daemon: StartDaemon,
         expected_files("acme/gated-model")["model.safetensors"]).digest()
 
 
+def test_a_wrong_byte_in_a_segment_read_ahead_is_never_served(start_daemon: StartDaemon,
+                                                                hub: FakeHub) -> None:
+    d = start_daemon()
+    url = f"{d.url}/{MODEL}/resolve/main/model.safetensors"
+    want = expected_files(MODEL)["model.safetensors"]
+    # in the last 8 MiB segment: put into the files while the first ones are still committed
+    hub.faults(cdn_corrupt_at=len(want) - 3 * MiB)
+    with pytest.raises(Exception):  # noqa: B017 - 502 or a cut connection
+        _raw_get(url)
+    assert "discarded, never served" in d.log()
+    assert d.status()["store"]["complete_blobs"] == 0
+    hub.reset()
+    _, _, body = _raw_get(url)
+    assert body == want
+
+
 def test_sigterm_during_a_download_exits_cleanly(start_daemon: StartDaemon,
                                                  hub: FakeHub) -> None:
     d = start_daemon()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelpeer.daemon.index import open_index
-from modelpeer.daemon.store import CHECKPOINT, BlobId, DigestMismatch, Store
+from modelpeer.daemon.store import CHECKPOINT, BlobId, ChunkDamaged, DigestMismatch, Store
 
 MiB = 1024 * 1024
 
@@ -83,10 +83,48 @@ async def test_killed_writer_resumes_at_last_checkpoint(tmp_path: Path, data: by
 
     store = make_store(tmp_path)
     stats = await store.recover()
-    assert stats == {"good": 1, "dropped": 0, "partial": 2}
+    assert stats == {"good": 1, "dropped": 0, "partial": 2, "adopted": 0}
     assert store.contiguous_prefix(blob) == 6 * MiB + 777
     await write(store, blob, data)
     assert store.is_complete(blob.digest)
+    assert store.read(blob, 0, len(data)) == data
+
+
+async def test_bytes_put_ahead_count_once_committed_in_order(tmp_path: Path,
+                                                             data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    # segments as several connections deliver them: later ones first, across chunk ends
+    cuts = [0, 3 * MiB, 5 * MiB, 9 * MiB, len(data)]
+    for a, b in reversed(list(zip(cuts, cuts[1:], strict=False))):
+        await writer.put(a, [data[a:a + MiB], data[a + MiB:b]])
+    assert writer.offset == 0
+    await writer.commit(len(data))
+    await writer.verify()
+    await writer.finish()
+    await writer.close()
+    assert store.is_complete(blob.digest)
+    assert store.read(blob, 0, len(data)) == data
+    assert not list(tmp_path.glob("chunks/*/*.part"))
+
+
+async def test_bytes_put_ahead_are_lost_unless_committed(tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    await writer.put(0, [data[:MiB]])
+    await writer.put(5 * MiB, [b"x" * MiB])  # wrong bytes, never committed
+    await writer.commit(MiB)
+    await writer.close()
+    store.db.close()
+
+    store = make_store(tmp_path)
+    await store.recover()
+    assert store.contiguous_prefix(blob) == MiB
+    await write(store, blob, data)
     assert store.read(blob, 0, len(data)) == data
 
 
@@ -102,7 +140,8 @@ async def test_checkpoints_make_partial_chunks_durable(tmp_path: Path) -> None:
     assert store.contiguous_prefix(blob) == CHECKPOINT + 100
 
 
-async def test_recover_drops_a_corrupted_complete_chunk(tmp_path: Path, data: bytes) -> None:
+async def test_a_chunk_damaged_while_down_is_never_read_and_is_dropped(tmp_path: Path,
+                                                                     data: bytes) -> None:
     store = make_store(tmp_path)
     blob = blob_of(data)
     await write(store, blob, data)
@@ -110,10 +149,37 @@ async def test_recover_drops_a_corrupted_complete_chunk(tmp_path: Path, data: by
     raw = bytearray(chunk1.read_bytes())
     raw[100] ^= 1
     chunk1.write_bytes(bytes(raw))
-    stats = await store.recover()
-    assert stats["dropped"] == 1
+    store.db.close()
+
+    store = make_store(tmp_path)
+    stats = await store.recover()  # lengths only: the hashing comes after the start
+    assert stats["good"] == 3 and len(store.unchecked) == 3
+    assert store.read(blob, 0, 100) == data[:100]
+    with pytest.raises(ChunkDamaged):
+        store.read(blob, 4 * MiB, 200)
+    with pytest.raises(ChunkDamaged):
+        await store.check_span(blob.digest, 4 * MiB - 10, 4 * MiB + 10)
     assert not store.is_complete(blob.digest)
     assert store.contiguous_prefix(blob) == 4 * MiB
+    assert await store.check_unchecked() == 0  # the rest was good
+    assert store.unchecked == {}
+
+
+async def test_the_check_behind_the_start_drops_damaged_chunks(tmp_path: Path,
+                                                               data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    with open(store.chunk_path(blob.digest, 2), "r+b") as f:
+        f.write(b"X")
+    store.db.close()
+
+    store = make_store(tmp_path)
+    await store.recover()
+    assert store.is_complete(blob.digest)
+    assert await store.check_unchecked() == 1
+    assert not store.is_complete(blob.digest)
+    assert store.contiguous_prefix(blob) == 8 * MiB
 
 
 async def test_verify_finds_and_drops_bad_chunks(tmp_path: Path, data: bytes) -> None:
@@ -141,3 +207,18 @@ async def test_eviction_is_least_recently_used(tmp_path: Path) -> None:
     removed = store.evict(int(2.5 * MiB))
     assert removed == [blobs[1].digest]
     assert store.usage().complete_blobs == 2
+
+
+async def test_a_store_reopened_with_another_chunk_size_forgets_its_blobs(
+        tmp_path: Path, data: bytes) -> None:
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    await write(store, blob, data)
+    store.db.close()
+
+    store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=8 * MiB)
+    await store.recover()
+    assert not store.is_complete(blob.digest)  # never read through the wrong chunk layout
+    assert not list(tmp_path.glob("chunks/*/*"))
+    await write(store, blob, data)
+    assert store.read(blob, 0, len(data)) == data

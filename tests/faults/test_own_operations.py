@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, hf_client, raw, wait_for
+from tests.harness import Modelpeerd, cli, download, hf_client, raw, wait_for
 
 MiB = 1024 * 1024
 MODEL = "acme/tiny-tts"
@@ -189,3 +189,28 @@ def test_the_cli_prints_network_labels_escaped(start_daemon: StartDaemon, hub: F
         assert "evil\\x1b[2J\\x1b[31m\\rname.bin" in text.stdout
         as_json = json.loads(cli(d, "status", "--json").stdout)
         assert as_json["transfers"][0]["file"] == f"{repo}/{name}"
+
+
+def test_a_disk_that_fills_mid_download_keeps_what_was_stored_and_resumes(
+        start_daemon: StartDaemon, hub: FakeHub, hf_home: HfHome, small_disk: Path) -> None:
+    before, during = "faults/stored-before-the-disk-fills", "faults/disk-fills-midway"
+    hub.add_repo(before, {"kept.bin": {"size": 6 * MiB}})
+    hub.add_repo(during, {"big.bin": {"size": 40 * MiB}})
+    d = start_daemon(cache_dir=small_disk)  # its log beside the mount, not on the full disk
+    assert download(d, hf_home(), before, "kept.bin") == expected_files(before)["kept.bin"]
+    # leave room for 2 of the 5 chunks: the disk fills in the middle of the download
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        os.posix_fallocate(f.fileno(), 0, free - 20 * MiB)
+    out = hf_client(d.url, hf_home(), "hf_hub_download", during, "big.bin")
+    assert "error" in out, "the download fit on a full disk"
+    assert "disk full" in d.log()
+    filler.unlink()
+    hub.reset()
+    assert download(d, hf_home(), during, "big.bin") == expected_files(during)["big.bin"]
+    assert hub.stats()["cdn_bytes"] <= 40 * MiB - 16 * MiB, "the download started over"
+    hub.reset()
+    assert download(d, hf_home(), before, "kept.bin") == expected_files(before)["kept.bin"]
+    assert hub.stats()["cdn_bytes"] == 0, "a blob stored before the disk filled was lost"
