@@ -123,7 +123,7 @@ def report(args: argparse.Namespace, size: int, runs: list[Run]) -> None:
     phases = {name: ps for name, ps in phases.items() if ps}
     print(f"\n{args.clients} clients, {size / MiB:.0f} MiB file, CDN {args.cdn_rate}/s per "
           f"connection, {len(runs)} runs (worst, then the spread), {os.cpu_count()} cores\n")
-    print("| what | " + " | ".join(phases) + " |\n|---" * (len(phases) + 1) + "|")
+    print("| what | " + " | ".join(phases) + " |\n" + "|---" * (len(phases) + 1) + "|")
     print("| daemon peak RSS, MiB | " + " | ".join(
         spread([p.peak_rss_mib for p in ps]) for ps in phases.values()) + " |")
     print("| seconds until every client has the file | " + " | ".join(

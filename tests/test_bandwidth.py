@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import Modelpeerd, fetch
 
 MiB = 1024 * 1024
+
+
+def raw_head(base: str, path: str) -> tuple[int, dict[str, str], bytes]:
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("HEAD", path)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
 
 
 def timed_download(d: Modelpeerd, repo: str) -> float:
@@ -33,3 +47,22 @@ def test_upstream_rate_paces_downloads_and_reloads(tmp_path: Path, hub: FakeHub)
         while "upstream_rate)" not in d.log() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert timed_download(d, "rate/free") < 4
+
+
+def test_a_large_download_keeps_to_the_cap(tmp_path: Path, hub: FakeHub) -> None:
+    """256 MiB at upstream_rate = 100mbit: no faster than the cap allows (the bucket's burst is
+    small beside 21 s), and byte-exact."""
+    size = 256 * MiB
+    hub.add_repo("rate/large", {"w.bin": {"size": size, "big": True}}, timeout=120)
+    status, headers, _ = raw_head(hub.url, "/rate/large/resolve/main/w.bin")
+    sha256 = headers["X-Linked-Etag"].strip('"')  # the Hub's answer, before its redirect
+    with Modelpeerd(tmp_path / "cache", hub.url, extra=["--upstream-rate", "100mbit"]) as d:
+        started = time.monotonic()
+        h = hashlib.sha256()
+        with urllib.request.urlopen(f"{d.url}/rate/large/resolve/main/w.bin", timeout=120) as r:
+            while data := r.read(MiB):
+                h.update(data)
+        took = time.monotonic() - started
+    assert h.hexdigest() == sha256
+    implied = size * 8 / 100e6
+    assert took >= 0.95 * implied, f"{took:.1f} s for what 100 Mbit/s takes {implied:.1f} s"
