@@ -162,7 +162,7 @@ class Control:
             return web.json_response({"error": f"{repo} is not in the cache"}, status=404)
         digests = self.catalog.forget(repo)
         in_use = [d for d in digests if self.store.is_pinned(d)]
-        pending = sum(size for size, _ in self.store.blob_sizes(in_use).values())
+        pending = self.store.bytes_on_disk(in_use)
         freed = sum(self.store.retire(d) for d in digests)
         if in_use:
             log.info("rm %s: %d blobs in use are removed after their last reader (%d bytes)",

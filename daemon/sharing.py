@@ -82,7 +82,7 @@ class Sharing:
     async def seed_all(self) -> None:
         """At start: the chunks whose torrents were made before (no hashing here: in seed mode
         libtorrent checks each piece before its first upload)."""
-        held = {(d, i) for d, i, _, _ in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
+        held = {(c.digest, c.idx) for c in self.store.complete_chunks(min_blob_size=SHARED_BLOB)}
         for path in self.torrents_dir.glob("*.tmp"):  # a torrent being written when it stopped
             path.unlink(missing_ok=True)
         for path in self.torrents_dir.glob("*.torrent"):
@@ -119,11 +119,11 @@ class Sharing:
     async def _make_torrent(self, key: tuple[str, int], path: Path) -> bytes | None:
         chunk = next((c for c in self.store.complete_chunks(digest=key[0],
                                                             min_blob_size=SHARED_BLOB)
-                      if c[1] == key[1]), None)
+                      if c.idx == key[1]), None)
         if chunk is None:
             return None
-        made = await asyncio.to_thread(_checked_torrent, self.store.chunk_path(*key), chunk[2],
-                                       chunk[3])
+        made = await asyncio.to_thread(_checked_torrent, self.store.chunk_path(*key),
+                                       chunk.length, chunk.xxh3)
         if made is None:
             log.error("chunk %s.%d no longer matches its xxh3 on disk: not shared (run "
                       "`modelpeer verify`)", *key)
@@ -154,9 +154,8 @@ class Sharing:
         if not self.may_share(digest):
             return web.json_response({"digest": digest, "chunks": [], "small": False,
                                       "transfer": ""})
-        chunks = [{"index": idx, "info_hash": self._seeded.get((digest, idx), "")}
-                  for _, idx, _, _ in self.store.complete_chunks(digest=digest,
-                                                                 min_blob_size=SHARED_BLOB)]
+        chunks = [{"index": c.idx, "info_hash": self._seeded.get((digest, c.idx), "")}
+                  for c in self.store.complete_chunks(digest=digest, min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         state = self.transfer_state(digest)
         transfer = {} if state is None else transfer_fields(state)

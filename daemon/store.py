@@ -24,7 +24,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
@@ -84,6 +84,13 @@ class ChunkState:
     length: int
     durable: int
     complete: bool
+    xxh3: str
+
+
+class CompleteChunk(NamedTuple):
+    digest: str
+    idx: int
+    length: int
     xxh3: str
 
 
@@ -175,14 +182,14 @@ class Store:
         return BlobId(digest, row["algo"], row["size"]) if row is not None else None
 
     def complete_chunks(self, *, digest: str | None = None,
-                        min_blob_size: int = 0) -> list[tuple[str, int, int, str]]:
-        """(digest, index, length, xxh3) of the complete chunks of blobs of at least
-        `min_blob_size` bytes (of one blob, or of all)."""
+                        min_blob_size: int = 0) -> list[CompleteChunk]:
+        """The complete chunks of blobs of at least `min_blob_size` bytes (of one blob, or of
+        all)."""
         rows = self.db.execute(
             "SELECT c.digest, c.idx, c.length, c.xxh3 FROM chunks c JOIN blobs b USING (digest)"
             " WHERE c.complete=1 AND b.size>=? AND (? IS NULL OR c.digest=?) ORDER BY c.idx",
             (min_blob_size, digest, digest))
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return [CompleteChunk(r[0], r[1], r[2], r[3]) for r in rows]
 
     def count_complete_chunks(self, min_blob_size: int = 0) -> int:
         return int(self.db.execute(
@@ -229,16 +236,11 @@ class Store:
             "SELECT COUNT(*), COALESCE(SUM(complete),0) FROM blobs").fetchone()
         return Usage(bytes=row[0], blobs=blobs[0], complete_blobs=blobs[1], chunks=row[1])
 
-    def blob_sizes(self, digests: list[str]) -> dict[str, tuple[int, int]]:
-        """digest -> (bytes on disk, complete flag)."""
-        out: dict[str, tuple[int, int]] = {}
-        for d in digests:
-            row = self.db.execute(
-                "SELECT b.complete, COALESCE((SELECT SUM(durable) FROM chunks c"
-                " WHERE c.digest=b.digest),0) FROM blobs b WHERE b.digest=?", (d,)).fetchone()
-            if row:
-                out[d] = (row[1], row[0])
-        return out
+    def bytes_on_disk(self, digests: list[str]) -> int:
+        """What the chunks of these blobs take on disk, together."""
+        return sum(int(self.db.execute(
+            "SELECT COALESCE(SUM(durable),0) FROM chunks WHERE digest=?", (d,)).fetchone()[0])
+            for d in digests)
 
     # --- bytes --------------------------------------------------------------------------
     def read(self, blob: BlobId, offset: int, length: int) -> bytes:
