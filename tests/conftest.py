@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 
 
+UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test outside tests/unit is end to end: `pytest -m "not e2e"` runs the fast,
+    in-process layer alone."""
+    for item in items:
+        if UNIT not in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def fakehub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
     """One fake Hub (with its CDN) for the session; faults and counters reset per test."""
