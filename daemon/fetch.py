@@ -218,6 +218,7 @@ class Fetcher:
         self.sharing: Sharing | None = None
         self.relay: RelayApi | None = None
         self._upstream_rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
+        self._probing = False  # one probe at a time: its rate serves every transfer
         self.transfers: dict[str, Transfer] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runs: dict[str, asyncio.Task[None]] = {}  # digest -> the last transfer's task
@@ -456,7 +457,8 @@ class Fetcher:
         if peer is None or self.relay is None:
             plan.drop(node)
         elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self.upstream_rate())
-                and not plan.probed and transfer.blob.size >= PROBED_BLOB):
+                and not plan.probed and not self._probing
+                and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
             await self._probe_upstream(transfer, writer, origin)
         else:
@@ -531,6 +533,7 @@ class Fetcher:
         start, end = writer.offset, min(transfer.blob.size, writer.offset + PROBE_BYTES)
         transfer.mark_source(start, "upstream")
         transfer.probing = True  # peers must not take this node for an upstream fetcher
+        self._probing = True
         try:
             url = await self._locate(origin)
             transfer.upstream_origin = origin
@@ -544,7 +547,7 @@ class Fetcher:
             log.info("probing the upstream for %s failed: %s", transfer.label, e)
             return
         finally:
-            transfer.probing = False
+            transfer.probing = self._probing = False
             transfer.mark_source(writer.offset, "peer")
         self._note_upstream_rate(writer.offset - start, time.monotonic() - began)
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
