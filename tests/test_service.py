@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from modelpeer.daemon.config import OPTIONS, ConfigError, read_config_file
+from modelpeer.daemon.config import OPTIONS, read_config_file
+from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import ROOT, Modelpeerd, free_port, get_json
