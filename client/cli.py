@@ -385,7 +385,8 @@ def cmd_cluster_key_new(d: Daemon, args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_key_check(d: Daemon, args: argparse.Namespace) -> int:
-    from modelpeer.daemon.keyfile import ClusterKeyError, cluster_id_of, read_key_file
+    from modelpeer.daemon.errors import ClusterKeyError
+    from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 
     try:
         key = read_key_file(args.file)

@@ -13,8 +13,9 @@ from aiohttp import web
 from . import notify
 from .cacheapi import CacheApi
 from .catalog import Catalog
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .control import Control, RecentErrors
+from .errors import ConfigError
 from .fetch import Fetcher
 from .guard import local_only
 from .index import open_index

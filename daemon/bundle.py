@@ -25,6 +25,7 @@ import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from . import hubnames
+from .errors import BundleError
 from .peermsg import MAX_FILES, WarmFile, parse_warm_file
 
 FORMAT = "modelpeer-bundle/1"
@@ -33,14 +34,6 @@ MANIFEST_SUM = MANIFEST + ".sha256"
 BLOCK = 512
 MAX_MANIFEST = 64 * 1024 * 1024
 CONTENT_TYPE = "application/x-tar"
-
-
-class BundleError(ValueError):
-    """The archive is not a whole, intact bundle; `offset` is where that was found."""
-
-    def __init__(self, message: str, offset: int) -> None:
-        super().__init__(f"{message} (at byte {offset} of the archive)")
-        self.offset = offset
 
 
 @dataclasses.dataclass(frozen=True)

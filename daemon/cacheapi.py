@@ -14,13 +14,13 @@ import aiohttp
 from aiohttp import web
 
 from . import hfcache, hubnames
-from .bundle import CONTENT_TYPE, MAX_MANIFEST, BundleError, Reader, manifest_from_json
-from .catalog import Catalog, HubError, Repo
+from .bundle import CONTENT_TYPE, MAX_MANIFEST, Reader, manifest_from_json
+from .catalog import Catalog, Repo
 from .control import PREFIX
+from .errors import BundleError, HubError, InvalidName, NoReflink, NotCached
 from .fetch import Fetcher, is_disk_full
 from .ingest import READ_BLOCK, Ingest
-from .pins import NotCached, Pins
-from .reflink import NoReflink
+from .pins import Pins
 from .store import BlobId, Store
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,14 @@ def _repo(repo_type: object, repo_id: object) -> Repo:
     try:
         return Repo(hubnames.repo_type(str(repo_type or "model")),
                     hubnames.repo_id(str(repo_id or "").split("/")))
-    except hubnames.InvalidName as e:
+    except InvalidName as e:
         raise HubError(400, "", str(e)) from e
 
 
 def _revision(value: object) -> str:
     try:
         return hubnames.revision(str(value))
-    except hubnames.InvalidName as e:
+    except InvalidName as e:
         raise HubError(400, "", str(e)) from e
 
 

@@ -25,9 +25,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from . import offline_api
+from .errors import HubError, UpstreamUnavailable
 from .hubnames import COMMIT_RE, REPO_TYPES
 from .store import BlobId
-from .upstream import Answer, Upstream, UpstreamUnavailable
+from .upstream import Answer, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -76,36 +77,6 @@ class ApiAnswer:
     content_type: str
     next_link: str  # path+query of the next page, or ""
     commit: str
-
-
-class HubError(Exception):
-    """An answer in the Hub's error form: status, X-Error-Code, message."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-    @classmethod
-    def from_answer(cls, answer: Answer) -> HubError:
-        message = answer.headers.get("X-Error-Message", "")
-        if not message and answer.body:
-            try:
-                message = json.loads(answer.body).get("error", "")
-            except (ValueError, AttributeError):
-                message = answer.body[:200].decode(errors="replace")
-        keep = {k: answer.headers[k] for k in ("X-Repo-Commit", "X-Error-Message")
-                if k in answer.headers}
-        return cls(answer.status, answer.headers.get("X-Error-Code", ""),
-                   message or f"upstream answered HTTP {answer.status}", keep)
-
-    @classmethod
-    def unreachable(cls, what: str, reason: object) -> HubError:
-        return cls(502, "", f"{what}: the upstream Hub is unreachable and nothing usable is "
-                            f"cached ({reason}); retry when it is back")
 
 
 def _token_key(token: str) -> str:

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .errors import SignatureError
 from .keyfile import cluster_id_of
 
 REPLAY_WINDOW = 30.0
@@ -49,10 +50,6 @@ H_BODY = "X-Modelpeer-Body"
 H_PUBLIC = "X-Modelpeer-Public-Key"
 H_MAC = "X-Modelpeer-Mac"
 H_SIG = "X-Modelpeer-Signature"
-
-
-class SignatureError(Exception):
-    """A peer message is not authentic, not fresh, not for this node, or replayed."""
 
 
 def _derive(key: bytes, purpose: str) -> bytes:

@@ -17,15 +17,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from .keyfile import ClusterKeyError, read_key_file
+from .errors import ClusterKeyError, ConfigError
+from .keyfile import read_key_file
 from .signatures import SignatureRule, parse_rule
 
 DEFAULT_CONFIG_FILE = Path("/etc/modelpeer/modelpeer.toml")
 DEFAULT_UPSTREAM = "https://huggingface.co"
-
-
-class ConfigError(ValueError):
-    """A setting is unknown or has a bad value; the message names where it came from."""
 
 
 _SIZE_UNITS = {

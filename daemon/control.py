@@ -12,7 +12,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .catalog import Catalog, HubError, Repo
+from .catalog import Catalog, Repo
+from .errors import HubError
 from .fetch import Fetcher
 from .hubnames import REPO_TYPES
 from .lan import Lan

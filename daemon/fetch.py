@@ -27,12 +27,20 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from .errors import (
+    DigestMismatch,
+    PeerError,
+    RangeIgnored,
+    TransferFailed,
+    UpstreamError,
+    UpstreamRefused,
+)
 from .peermsg import BlobTransfer, PeerTransfer, TransferSource
-from .peers import BAN_SECONDS, PeerError
+from .peers import BAN_SECONDS
 from .plan import STALL_WINDOW, GoUpstream, Plan, RateMeter, Relay
 from .ratelimit import RateLimit
-from .store import BlobId, BlobWriter, DigestMismatch, Store
-from .upstream import RangeIgnored, Upstream, UpstreamError, UpstreamRefused, backoff
+from .store import BlobId, BlobWriter, Store
+from .upstream import Upstream, backoff
 
 if TYPE_CHECKING:
     from .peers import Peer
@@ -64,10 +72,6 @@ class Origin:
     resolve_path: str
     token: str | None
     label: str  # "repo_type:repo_id/path", for logs and status
-
-
-class TransferFailed(Exception):
-    pass
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import xxhash
 
-from .reflink import ContentDiffers, NoReflink, clone_range, dedupe_range, open_readable_by_all
-from .store import READ_BLOCK, BlobId, DigestMismatch, Store, blob_hasher
+from .errors import ContentDiffers, DigestMismatch, NoReflink
+from .reflink import clone_range, dedupe_range, open_readable_by_all
+from .store import READ_BLOCK, BlobId, Store, blob_hasher
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
+from .errors import InvalidName
+
 REPO_TYPES = {"model": "models", "dataset": "datasets", "space": "spaces"}
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 _DIGEST_RE = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
 MAX_PATH = 4096
-
-
-class InvalidName(ValueError):
-    """A repo id, revision, path or digest that the Hub would never use."""
 
 
 def repo_id(segments: list[str]) -> str:

@@ -19,11 +19,12 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from . import hfcache
-from .bundle import BundleError, Manifest, Reader, blob_member, end, head, member_header, padding
-from .catalog import Catalog, FileEntry, HubError, Repo
-from .fetch import Fetcher, Transfer, TransferFailed
+from .bundle import Manifest, Reader, blob_member, end, head, member_header, padding
+from .catalog import Catalog, FileEntry, Repo
+from .errors import BundleError, DigestMismatch, HubError, TransferFailed
+from .fetch import Fetcher, Transfer
 from .peermsg import WarmFile
-from .store import BlobId, DigestMismatch, Store, blob_hasher
+from .store import BlobId, Store, blob_hasher
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,9 @@ import secrets
 import stat
 from pathlib import Path
 
+from .errors import ClusterKeyError
+
 KEY_BYTES = 32
-
-
-class ClusterKeyError(ValueError):
-    """The key file is missing, unreadable, malformed or readable by others."""
 
 
 def new_key_file(path: Path) -> None:

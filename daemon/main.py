@@ -7,7 +7,8 @@ import logging
 import sys
 
 from .app import Daemon
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import ConfigError
 from .logs import setup_logging
 
 log = logging.getLogger("modelpeer.daemon")

@@ -20,8 +20,9 @@ from aiohttp import web
 
 from . import hubnames
 from .catalog import Catalog, FileEntry, Repo
+from .errors import InvalidName, PeerError
 from .peermsg import RepoListing, WarmFile, parse_repo_listing
-from .peers import Peer, PeerApi, PeerError, PeerSet
+from .peers import Peer, PeerApi, PeerSet
 from .store import BlobId
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class PeerCatalog:
             repo = Repo(hubnames.repo_type(request.match_info["repo_type"]),
                         hubnames.repo_id(request.match_info["repo_id"].split("/")))
             revision = hubnames.revision(request.query.get("revision", "main"))
-        except hubnames.InvalidName as e:
+        except InvalidName as e:
             return web.json_response({"error": str(e)}, status=400)
         commit = self.catalog.known_commit(repo, revision)
         if commit is None or not self.catalog.is_public(repo):

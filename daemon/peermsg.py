@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from . import hubnames
+from .errors import BadMessage, InvalidName
 
 MAX_NAME = 256
 MAX_FILES = 100_000
@@ -23,10 +24,6 @@ NODE_ID_RE = _HEX32
 JOB_ID_RE = re.compile(r"[0-9a-f]{12}")
 
 T = TypeVar("T")
-
-
-class BadMessage(ValueError):
-    """A peer message that does not have the expected shape."""
 
 
 class JobState(enum.StrEnum):
@@ -92,7 +89,7 @@ def _choice(d: dict[str, object], key: str, kind: Callable[[str], T], default: s
 def _named(parse: Callable[[str], str], value: str, key: str) -> str:
     try:
         return parse(value)
-    except hubnames.InvalidName as e:
+    except InvalidName as e:
         raise BadMessage(f"field {key!r}: {e}") from e
 
 

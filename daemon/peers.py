@@ -29,10 +29,10 @@ from .cluster import (
     H_NONCE,
     UNHASHED_BODY,
     Credentials,
-    SignatureError,
     body_digest,
 )
-from .peermsg import NODE_ID_RE, BadMessage, BlobTransfer, NodeStatus, parse_status
+from .errors import BadMessage, PeerError, SignatureError
+from .peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,6 @@ class Peer:
         del d["transfers"]
         d["banned"] = time.time() < self.banned_until
         return d
-
-
-class PeerError(Exception):
-    """A peer did not answer, answered something unauthentic, or something malformed."""
 
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]

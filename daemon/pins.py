@@ -13,16 +13,13 @@ import sqlite3
 import time
 
 from .catalog import Catalog, Repo
+from .errors import NotCached
 
 log = logging.getLogger(__name__)
 
 _PINNED_FILES = (
     "SELECT DISTINCT f.digest, f.size FROM pins p JOIN files f ON f.repo_type=p.repo_type"
     " AND f.repo_id=p.repo_id AND f.commit_sha=p.commit_sha")
-
-
-class NotCached(LookupError):
-    """The revision to pin has no file entry in the catalog."""
 
 
 class Pins:

@@ -19,21 +19,17 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from . import hubnames
-from .catalog import Catalog, FileEntry, HubError, Repo
-from .fetch import Fetcher, Origin, Transfer, TransferFailed, is_disk_full
+from .catalog import Catalog, FileEntry, Repo
+from .errors import BadRequest, ChunkDamaged, HubError, InvalidName, TransferFailed
+from .fetch import Fetcher, Origin, Transfer, is_disk_full
 from .metrics import Metrics
 from .signatures import Signatures
-from .store import ChunkDamaged
 
 log = logging.getLogger(__name__)
 
 FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
 _API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_VERBS = ("revision", "tree", "paths-info")
-
-
-class BadRequest(ValueError):
-    pass
 
 
 def hub_error_response(status: int, message: str, code: str = "",
@@ -131,7 +127,7 @@ class Proxy:
                                           f"{request.path} (modelpeer serves the Hub API)")
             route_kind = route.kind
             return await self._dispatch(request, route)
-        except (BadRequest, hubnames.InvalidName) as e:
+        except (BadRequest, InvalidName) as e:
             return hub_error_response(400, str(e))
         except HubError as e:
             return hub_error_response(e.status, e.message, e.code, e.headers)

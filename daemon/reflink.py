@@ -17,6 +17,8 @@ import stat
 import struct
 from pathlib import Path
 
+from .errors import ContentDiffers, NoReflink
+
 FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 FIDEDUPERANGE = 0xC0189436  # _IOWR(0x94, 54, struct file_dedupe_range)
 _DEDUPE_HEAD = struct.Struct("=QQHHI")  # src_offset, src_length, dest_count, 2 reserved
@@ -25,14 +27,6 @@ _DEDUPE_DIFFERS = 1
 # what the kernel answers when the filesystem (or the pair of files) cannot share extents
 _NOT_SUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL,
                             errno.ENOSYS})
-
-
-class NoReflink(OSError):
-    """These files cannot share extents (filesystem, mount, or permission); say why."""
-
-
-class ContentDiffers(Exception):
-    """FIDEDUPERANGE found the two ranges different: nothing was shared."""
 
 
 def open_readable_by_all(path: str) -> int:

@@ -12,10 +12,11 @@ from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
-from .fetch import Fetcher, TransferFailed
-from .peers import Peer, PeerApi, PeerError, PeerSet
+from .errors import ChunkDamaged, PeerError, TransferFailed
+from .fetch import Fetcher
+from .peers import Peer, PeerApi, PeerSet
 from .ratelimit import PeerUploadCap
-from .store import BlobId, ChunkDamaged
+from .store import BlobId
 
 log = logging.getLogger(__name__)
 

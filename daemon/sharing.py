@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import hubnames
+from .errors import InvalidName, PeerError, SwarmError, SwarmStalled
 from .peermsg import (
     MAX_STATUS_TRANSFERS,
     BlobTransfer,
@@ -22,18 +23,10 @@ from .peermsg import (
     parse_chunk_map,
     transfer_fields,
 )
-from .peers import BAN_SECONDS, Peer, PeerApi, PeerError, PeerSet
+from .peers import BAN_SECONDS, Peer, PeerApi, PeerSet
 from .ratelimit import PeerUploadCap
 from .store import BlobId, Store, blob_hasher, xxh3_of_file
-from .swarm import (
-    ChunkTorrent,
-    Swarm,
-    SwarmError,
-    SwarmStalled,
-    chunk_torrent,
-    info_hash_of,
-    torrent_file,
-)
+from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +314,7 @@ class Sharing:
 def _is_digest(value: str) -> bool:
     try:
         hubnames.any_digest(value)
-    except hubnames.InvalidName:
+    except InvalidName:
         return False
     return True
 

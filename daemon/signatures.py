@@ -24,7 +24,8 @@ from types import ModuleType
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .catalog import Catalog, FileEntry, HubError, Repo
+from .catalog import Catalog, FileEntry, Repo
+from .errors import HubError, SignatureRefused
 from .fetch import Fetcher, Origin
 from .metrics import Metrics
 
@@ -72,15 +73,6 @@ def check_public_key(path: Path) -> None:
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _CURVES:
         raise ValueError(f"{path}: not an EC P-256/P-384/P-521 public key (the keys "
                          "`model_signing sign key` signs with)")
-
-
-class SignatureRefused(HubError):
-    """403 with the reason: huggingface_hub shows it ("403 Forbidden: ...") and does not retry."""
-
-    def __init__(self, what: str, reason: str) -> None:
-        super().__init__(403, "SignatureVerificationFailed",
-                         f"signature verification failed: {what}: {reason}")
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
+from .errors import ChunkDamaged, DigestMismatch
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT = 16 * 1024 * 1024
@@ -38,14 +40,6 @@ OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event l
 ALGOS = ("sha256", "gitsha1")
 _CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
-
-
-class DigestMismatch(Exception):
-    """The bytes of a blob do not hash to its name; they were discarded."""
-
-
-class ChunkDamaged(OSError):
-    """A complete chunk's file no longer matches its xxh3 (damaged on disk): never served."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,20 +22,14 @@ from typing import cast
 
 import libtorrent as lt
 
+from .errors import SwarmError, SwarmStalled
+
 log = logging.getLogger(__name__)
 
 MIN_PIECE = 16 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 PIECES_PER_CHUNK = 16
 _FLAGS = lt.create_torrent.no_attributes | lt.create_torrent.v1_only
-
-
-class SwarmError(Exception):
-    pass
-
-
-class SwarmStalled(SwarmError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)

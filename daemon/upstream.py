@@ -16,27 +16,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from .errors import RangeIgnored, UpstreamError, UpstreamUnavailable
 from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
-
-
-class UpstreamError(Exception):
-    """The upstream could not give an answer (unreachable, 5xx, broken transfer)."""
-
-
-class UpstreamUnavailable(UpstreamError):
-    pass
-
-
-class UpstreamRefused(UpstreamError):
-    """The upstream refused the request (401/403): no token, or one without access."""
-
-
-class RangeIgnored(UpstreamError):
-    """The origin answered a Range request with the whole body (or no Content-Range)."""
 
 
 @dataclasses.dataclass

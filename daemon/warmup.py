@@ -28,8 +28,16 @@ from urllib.parse import quote
 from aiohttp import web
 
 from . import hubnames
-from .catalog import Catalog, FileEntry, HubError, Repo
-from .cluster import ClusterKey, SignatureError
+from .catalog import Catalog, FileEntry, Repo
+from .cluster import ClusterKey
+from .errors import (
+    DigestMismatch,
+    HubError,
+    InvalidName,
+    PeerError,
+    SignatureError,
+    UpstreamRefused,
+)
 from .fetch import Fetcher, Origin
 from .peermsg import (
     JobState,
@@ -42,10 +50,9 @@ from .peermsg import (
     parse_warm_file,
     parse_warm_spec,
 )
-from .peers import Peer, PeerApi, PeerError, PeerSet
+from .peers import Peer, PeerApi, PeerSet
 from .pins import Pins
-from .store import BlobId, DigestMismatch
-from .upstream import UpstreamRefused
+from .store import BlobId
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +501,7 @@ def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str]
         repo_type = hubnames.repo_type(body.get("repo_type") or "model")
         repo_id = hubnames.repo_id(str(body.get("repo", "")).split("/"))
         revision = hubnames.revision(body.get("revision") or "main")
-    except (hubnames.InvalidName, TypeError) as e:
+    except (InvalidName, TypeError) as e:
         raise HubError(400, "", f"bad warm request: {e}") from e
     globs = {k: body.get(k) or [] for k in ("include", "exclude")}
     nodes = body.get("nodes") or "all"

@@ -12,7 +12,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from modelpeer.daemon import catalog
-from modelpeer.daemon.catalog import OFFLINE_GRACE, Catalog, FileEntry, HubError, Repo
+from modelpeer.daemon.catalog import OFFLINE_GRACE, Catalog, FileEntry, Repo
+from modelpeer.daemon.errors import HubError
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.store import BlobId
 from modelpeer.daemon.upstream import Answer

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -114,19 +111,6 @@ def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
             return float(pcts[0].text.rstrip("%"))
         time.sleep(0.2)
     raise AssertionError("no transfer shown on the status page")
-
-
-def test_status_watch_redraws_until_interrupted(start_daemon: StartDaemon, hub: FakeHub) -> None:
-    d = start_daemon()
-    proc = subprocess.Popen([sys.executable, "-m", "modelpeer.client.cli", "--daemon", d.url,
-                             "status", "--watch", "--interval", "0.3"],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "TERM": "xterm"})
-    time.sleep(1.5)
-    proc.send_signal(2)
-    out, _ = proc.communicate(timeout=10)
-    assert proc.returncode == 0
-    assert out.count("\x1b[H") >= 3 and "cache" in out
 
 
 def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> None:

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from modelpeer.daemon.config import OPTIONS, ConfigError, read_config_file
+from modelpeer.daemon.config import OPTIONS, read_config_file
+from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 from tests.fakehub import FakeHub, expected_files
 from tests.harness import ROOT, Modelpeerd, free_port, get_json
@@ -267,9 +269,13 @@ def test_install_twice_is_idempotent_and_uninstall_keeps_cache_and_config(
 
 
 def _install_sh(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """install.sh without downloading: the package goes in with --no-deps, and its commands
+    (install.sh runs `modelpeer cluster-key check`) find the dependencies on PYTHONPATH, in
+    the test's own environment."""
+    env = {**os.environ, "MODELPEER_INSTALL_PIP_ARGS": "--no-deps",
+           "PYTHONPATH": sysconfig.get_paths()["purelib"]}
     return subprocess.run([str(SYSTEMD / "install.sh"), "--root", str(root), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "MODELPEER_INSTALL_PIP_ARGS": "--no-deps"})
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 @needs_systemd_analyze

@@ -13,7 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from modelpeer.daemon.config import ConfigError, load_config
+from modelpeer.daemon.config import load_config
+from modelpeer.daemon.errors import ConfigError
 from tests.fakehub import FakeHub, expected_files
 from tests.fakehub.repos import added_repo
 from tests.harness import (

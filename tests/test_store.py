@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from modelpeer.daemon.errors import ChunkDamaged, DigestMismatch
 from modelpeer.daemon.index import open_index
-from modelpeer.daemon.store import CHECKPOINT, BlobId, ChunkDamaged, DigestMismatch, Store
+from modelpeer.daemon.store import CHECKPOINT, BlobId, Store
 
 MiB = 1024 * 1024
 

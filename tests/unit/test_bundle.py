@@ -7,16 +7,8 @@ import hashlib
 
 import pytest
 
-from modelpeer.daemon.bundle import (
-    BundleError,
-    Manifest,
-    Reader,
-    blob_member,
-    end,
-    head,
-    member_header,
-    padding,
-)
+from modelpeer.daemon.bundle import Manifest, Reader, blob_member, end, head, member_header, padding
+from modelpeer.daemon.errors import BundleError
 from modelpeer.daemon.peermsg import WarmFile
 from modelpeer.daemon.store import BlobId, blob_hasher
 

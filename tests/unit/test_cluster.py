@@ -18,9 +18,9 @@ from modelpeer.daemon.cluster import (
     ClusterKey,
     Credentials,
     NodeIdentity,
-    SignatureError,
     body_digest,
 )
+from modelpeer.daemon.errors import SignatureError
 
 KEY = bytes(range(32))
 

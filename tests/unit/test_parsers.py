@@ -18,7 +18,6 @@ from modelpeer.daemon import hubnames
 from modelpeer.daemon.config import (
     _SIZE_UNITS,
     OPTIONS,
-    ConfigError,
     Option,
     load_config,
     parse_bool,
@@ -26,7 +25,8 @@ from modelpeer.daemon.config import (
     parse_hostport,
     parse_size,
 )
-from modelpeer.daemon.proxy import BadRequest, _Unsatisfiable, parse_range, parse_route
+from modelpeer.daemon.errors import BadRequest, ConfigError, InvalidName
+from modelpeer.daemon.proxy import _Unsatisfiable, parse_range, parse_route
 
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
 # what hostile paths are made of: dot segments, encoded separators, NUL, backslashes, unicode
@@ -50,7 +50,7 @@ FILE_PATHS = st.lists(PATH_SEGMENTS.filter(lambda s: s not in (".", "..")), min_
 def assert_route_is_safe(raw: str) -> None:
     try:
         route = parse_route(raw)
-    except hubnames.InvalidName:
+    except InvalidName:
         return
     if route is None:
         return
@@ -128,12 +128,12 @@ def test_names_are_accepted_unchanged_or_refused_as_invalid_names(value: str) ->
     for check in checks:
         try:
             accepted = check(value)
-        except hubnames.InvalidName:
+        except InvalidName:
             continue
         assert check(accepted) == accepted
     try:
         path = hubnames.file_path(value)
-    except hubnames.InvalidName:
+    except InvalidName:
         return
     parts = path.split("/")
     assert not path.startswith("/") and "\\" not in path and "\0" not in path

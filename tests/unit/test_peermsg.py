@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from modelpeer.daemon.errors import BadMessage
 from modelpeer.daemon.peermsg import (
-    BadMessage,
     JobState,
     TransferSource,
     parse_chunk_map,

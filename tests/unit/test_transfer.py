@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from modelpeer.daemon.fetch import Fetcher, Origin, Transfer, TransferFailed
+from modelpeer.daemon.errors import TransferFailed
+from modelpeer.daemon.fetch import Fetcher, Origin, Transfer
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.store import BlobId, Store
 from modelpeer.daemon.upstream import Answer, Upstream
