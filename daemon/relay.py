@@ -62,7 +62,6 @@ class Relay:
         resp.content_length = end - start
         await resp.prepare(request)
         peer = self.peers.peers.get(sender)
-
         try:
             with self.upload.stream() as pace:
                 async for _, n in self.fetcher.send(request.transport, transfer, start, end,
