@@ -37,6 +37,7 @@ READ_BLOCK = 1024 * 1024
 MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ...
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
+ROOM_RETRY = 1.0  # seconds between asks for room that fell short (the blobs to evict were read)
 ALGOS = ("sha256", "gitsha1")
 _CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
@@ -330,21 +331,25 @@ class Store:
         usage <= max_bytes; what cannot be freed is reported, never raised."""
         if max_bytes <= 0:
             return []
-        removed = self._evict_lru(self.usage().bytes - max_bytes, "to stay under max_cache_size")
+        removed, _ = self._evict_lru(self.usage().bytes - max_bytes, "to stay under max_cache_size")
         self._report_over_limit(max(0, self.usage().bytes - max_bytes), max_bytes)
         return removed
 
-    def make_room(self, incoming: int) -> None:
+    def make_room(self, incoming: int) -> bool:
         """Before `incoming` bytes are written: evict least-recently-used complete, unpinned
         blobs while the cache would pass max_bytes or the filesystem's free space would fall
         below the watermark. Blobs are not thrown away for a write that would fail anyway:
-        then the disk fills and the write fails (ENOSPC, a clear 507) with all kept."""
+        then the disk fills and the write fails (ENOSPC, a clear 507) with all kept.
+        False when the cache stays above max_bytes (what is left is read or pinned)."""
         over = self.usage().bytes + incoming - self.max_bytes if self.max_bytes else 0
         short = self._free_space_shortfall(incoming)
         if short > 0 and short > sum(size for _, size in self._eviction_candidates()):
             short = 0
-        if over > 0 or short > 0:
-            self._evict_lru(max(over, short), f"to make room for {incoming} bytes being written")
+        if over <= 0 and short <= 0:
+            return True
+        need = max(over, short)
+        _, still = self._evict_lru(need, f"to make room for {incoming} bytes being written")
+        return need - still >= over
 
     def _free_space_shortfall(self, incoming: int) -> int:
         fs = os.statvfs(self.root)
@@ -361,7 +366,9 @@ class Store:
         kept = self.kept()
         return [(r[0], r[1]) for r in rows if not self.is_pinned(r[0]) and r[0] not in kept]
 
-    def _evict_lru(self, need: int, why: str) -> list[str]:
+    def _evict_lru(self, need: int, why: str) -> tuple[list[str], int]:
+        """Evict until `need` bytes are freed: the blobs removed, and how many bytes are still
+        needed (<= 0 when done)."""
         removed: list[str] = []
         for digest, _ in self._eviction_candidates():
             if need <= 0:
@@ -369,7 +376,7 @@ class Store:
             need -= self.remove(digest)
             removed.append(digest)
             log.info("evicted blob %s %s", digest, why)
-        return removed
+        return removed, need
 
     def _report_over_limit(self, over: int, max_bytes: int) -> None:
         if over and not self.over_limit:
@@ -653,6 +660,8 @@ class BlobWriter:
         self._durable: asyncio.Future[None] | None = None  # the last durability step
         self._in_threads: set[asyncio.Future[None]] = set()  # file work close() waits for
         self._block: memoryview | None = None  # commit() reads bytes back into it
+        self._reserved_end = offset  # make_room was asked for the bytes up to here
+        self._room_retry_at: float | None = None  # when to ask again, if it fell short
 
     async def prepare(self) -> None:
         """Hash the prefix already on disk so the blob digest and chunk xxh3 can continue."""
@@ -675,13 +684,25 @@ class BlobWriter:
             length = min(self.store.chunk_size, self.blob.size - start)
             kept = min(max(0, self.offset - start), length)
             # room for all bytes up to this chunk's end: chunks opened ahead are not full yet
-            self.store.make_room(start + length - self.offset)
+            self._reserved_end = max(self._reserved_end, start + length)
+            self._room_retry_at = None
+            self._retry_room()
             path = self.store.chunk_path(self.blob.digest, idx, partial=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             self._fds[idx] = fd
             os.ftruncate(fd, kept)
         return fd
+
+    def _retry_room(self) -> None:
+        """Ask the store for room for the bytes still to come; when blobs it would evict are
+        being read, ask again every ROOM_RETRY seconds while writing, so the cache goes back
+        under its limit once the reader leaves rather than when this blob is done."""
+        now = time.monotonic()
+        if self._room_retry_at is not None and now < self._room_retry_at:
+            return
+        fits = self.store.make_room(self._reserved_end - self.offset)
+        self._room_retry_at = None if fits else now + ROOM_RETRY
 
     def _open_chunk(self) -> None:
         idx = self.offset // self.store.chunk_size
@@ -703,6 +724,8 @@ class BlobWriter:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
         (while they are in the CPU cache); commit() takes them in order later."""
         self._raise_durability_failure()
+        if self._room_retry_at is not None:
+            self._retry_room()
         size = sum(len(p) for p in pieces)
         if offset < self.offset or offset + size > self.blob.size:
             raise ValueError(f"blob {self.blob.digest}: bytes [{offset}, {offset + size}) are "
@@ -725,6 +748,8 @@ class BlobWriter:
         """Take `total` bytes in order, chunk by chunk: step(fd, offset in the chunk file,
         bytes taken before, length) writes and hashes, or hashes what was put."""
         self._raise_durability_failure()
+        if self._room_retry_at is not None:
+            self._retry_room()
         if self.offset + total > self.blob.size:
             raise DigestMismatch(f"blob {self.blob.digest}: more bytes than its size")
         done = 0

@@ -59,3 +59,24 @@ async def test_writing_past_max_bytes_evicts_first(store: Store) -> None:
     store.max_bytes = int(1.5 * MiB)
     new = await stored(store, 6)
     assert not store.is_complete(old.digest) and store.is_complete(new.digest)
+
+
+async def test_a_write_evicts_a_read_blob_once_its_reader_leaves(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("modelpeer.daemon.store.ROOM_RETRY", 0.0)
+    store.chunk_size = 4 * MiB
+    old = await stored(store, 7)
+    store.max_bytes = int(1.5 * MiB)
+    data = bytes([8]) * MiB
+    blob = BlobId(hashlib.sha256(data).hexdigest(), "sha256", MiB)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    with store.pinned(old.digest):
+        await writer.write(data[:1024])  # the chunk is opened: no room while old is read
+    assert store.is_complete(old.digest)
+    await writer.write(data[1024:])  # asks again: old goes before the blob is done
+    assert not store.is_complete(old.digest)
+    await writer.verify()
+    await writer.finish()
+    await writer.close()
+    assert store.is_complete(blob.digest)
