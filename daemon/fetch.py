@@ -54,6 +54,7 @@ MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
 PACED_PIECE = 1024 * 1024  # what a paced sender (peer_upload_rate) sends per turn
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
+RACED_BLOB = 8 * 1024 * 1024  # smaller blobs go at once: fetching one twice costs little
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
 REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
@@ -400,6 +401,7 @@ class Fetcher:
         transfer.mark_source(writer.offset, "peer")
         plan = Plan(sharing.peers.node_id, blob.digest)
         held_failed_at = -1  # where getting complete chunks from their holders broke last
+        looked_again = False  # before going to the upstream, the holders are asked twice
         while writer.offset < blob.size:
             held = await sharing.holders(blob)
             if held.small:
@@ -426,11 +428,15 @@ class Fetcher:
                     if not relay:
                         break
                     held_failed_at = writer.offset
-            elif isinstance(decision, GoUpstream):
-                settle = SETTLE - (time.monotonic() - transfer.started)
-                if settle <= 0:
+            elif isinstance(decision, GoUpstream) or (
+                    decision is None and blob.size >= RACED_BLOB and sharing.peers.usable()):
+                # nobody fetches it yet, or no peer knew of it: a node that started it at the
+                # same instant may be first, or may not have asked for it yet when asked; look
+                # once more, after SETTLE, before going to the upstream
+                if looked_again:
                     break
-                await asyncio.sleep(settle)  # a node that started with this one may be first
+                looked_again = True
+                await asyncio.sleep(max(0.0, SETTLE - (time.monotonic() - transfer.started)))
             else:
                 if overtake and isinstance(decision, Relay):
                     if not await self._still_overtakes(plan, sharing, transfer, decision.node):
