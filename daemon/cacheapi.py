@@ -16,9 +16,9 @@ from aiohttp import web
 from . import hfcache, hubnames
 from .bundle import CONTENT_TYPE, MAX_MANIFEST, Reader, manifest_from_json
 from .catalog import Catalog, Repo
-from .control import PREFIX
-from .errors import BundleError, HubError, InvalidName, NoReflink, NotCached
-from .fetch import Fetcher, is_disk_full
+from .errors import BundleError, HubError, InvalidName, NoReflink, NotCached, is_disk_full
+from .fetch import Fetcher
+from .guard import PREFIX
 from .ingest import READ_BLOCK, Ingest
 from .pins import Pins
 from .store import BlobId, Store

@@ -5,7 +5,9 @@ answers."""
 
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -137,3 +139,9 @@ class SwarmError(ModelpeerError):
 
 class SwarmStalled(SwarmError):
     pass
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return isinstance(error, sqlite3.Error) and "full" in str(error)

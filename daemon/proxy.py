@@ -20,10 +20,11 @@ from aiohttp import web
 
 from . import hubnames
 from .catalog import Catalog, FileEntry, Repo
-from .errors import BadRequest, ChunkDamaged, HubError, InvalidName, TransferFailed
-from .fetch import Fetcher, Origin, Transfer, is_disk_full
+from .errors import BadRequest, ChunkDamaged, HubError, InvalidName, TransferFailed, is_disk_full
+from .fetch import Fetcher
 from .metrics import Metrics
 from .signatures import Signatures
+from .transfer import Origin, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Proxy:
         except _Unsatisfiable as e:
             return hub_error_response(416, f"range not satisfiable for a {e.size}-byte file",
                                       headers={"Content-Range": f"bytes */{e.size}"})
-        if span and span[0] > 0 and self.fetcher.failed_digest_lately(blob.digest):
+        if span and span[0] > 0 and self.fetcher.transfers.failed_digest_lately(blob.digest):
             log.warning("%s/%s: a Range is answered with the whole file: a transfer of it "
                         "failed its digest lately, so a client resuming it holds wrong bytes",
                         entry.repo, entry.path)
@@ -200,7 +201,7 @@ class Proxy:
             await self.fetcher.store.check_span(blob.digest, start, min(end, start + 1))
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
-        with self.fetcher.reading(transfer):
+        with self.fetcher.transfers.reading(transfer):
             self.metrics.file_request(hit=transfer.verified)
             failure = await self._first_bytes(transfer, start, end)
             if failure is not None:
@@ -229,7 +230,8 @@ class Proxy:
                       start: int, end: int) -> None:
         sent = start
         try:
-            async for pos, n in self.fetcher.send(request.transport, transfer, start, end):
+            sending = self.fetcher.transfers.send(request.transport, transfer, start, end)
+            async for pos, n in sending:
                 self.metrics.served(transfer.source_at(pos), n)
                 sent = pos + n
             await resp.write_eof()

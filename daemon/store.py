@@ -29,6 +29,7 @@ from typing import Any, NamedTuple, Protocol
 import xxhash
 
 from .errors import ChunkDamaged, DigestMismatch
+from .events import Signal
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Store:
         self.db = db
         self.chunk_size = chunk_size
         self.max_bytes = 0  # max_cache_size; 0 = no limit
-        self.on_removed: Callable[[str], None] = lambda digest: None
+        self.removed: Signal[[str]] = Signal("blob removed")  # digest
         self._pins: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
@@ -311,7 +312,7 @@ class Store:
 
     def remove(self, digest: str) -> int:
         """Delete a blob's chunks and rows; returns the bytes freed."""
-        self.on_removed(digest)
+        self.removed.emit(digest)
         freed = 0
         rows = self.db.execute("SELECT idx, durable FROM chunks WHERE digest=?",
                                (digest,)).fetchall()
@@ -584,7 +585,7 @@ class Store:
         return damaged
 
     def _reset_chunk(self, digest: str, idx: int) -> None:
-        self.on_removed(digest)
+        self.removed.emit(digest)
         self.unchecked.pop((digest, idx), None)
         for partial in (False, True):
             with _ignore_missing():

@@ -11,13 +11,13 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from modelpeer.daemon.cluster import (
+from modelpeer.daemon.keyfile import read_key_file
+from modelpeer.daemon.lan.cluster import (
     ANY_RECEIVER,
     ClusterKey,
     Credentials,
     NodeIdentity,
 )
-from modelpeer.daemon.keyfile import read_key_file
 
 
 def status_of(url: str, headers: dict[str, str], method: str) -> int:

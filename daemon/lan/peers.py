@@ -22,6 +22,9 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
+from ..errors import BadMessage, PeerError, SignatureError
+from ..events import Signal
+from ..peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 from .cluster import (
     ANY_RECEIVER,
     EMPTY_BODY,
@@ -31,8 +34,6 @@ from .cluster import (
     Credentials,
     body_digest,
 )
-from .errors import BadMessage, PeerError, SignatureError
-from .peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +147,9 @@ class PeerApi:
         await web.TCPSite(self._runner, host, port, backlog=256).start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
 
 @dataclasses.dataclass
@@ -171,7 +173,7 @@ class PeerSet:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
-        self.on_change: Callable[[], None] = lambda: None
+        self.changed: Signal[[]] = Signal("peer set changed")
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -228,7 +230,7 @@ class PeerSet:
             self._banned_addresses[peer.address] = peer.banned_until
             log.warning("peer %s at %s banned for %.0fs: %s", node_id, peer.address, seconds,
                         reason)
-            self.on_change()
+            self.changed.emit()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:  # Any: as create_task takes
         task = asyncio.get_running_loop().create_task(coro)
@@ -265,7 +267,7 @@ class PeerSet:
             log.info("peer %s moved from %s:%d to %s:%d (proved by its key)", status.node_id,
                      peer.address, peer.peer_port, address, port)
             peer.address, peer.peer_port = address, port
-            self.on_change()
+            self.changed.emit()
         self._update(peer, status)
 
     async def _hello(self, address: str, port: int, expected: str) -> NodeStatus:
@@ -285,7 +287,7 @@ class PeerSet:
         except PeerError:
             if self.peers.pop(peer.node_id, None) is not None:
                 log.info("peer %s at %s left", peer.node_id, peer.address)
-                self.on_change()
+                self.changed.emit()
 
     # --- liveness -------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
@@ -310,7 +312,7 @@ class PeerSet:
             if peer.alive and time.time() - peer.last_seen > DEAD_AFTER:
                 peer.alive = False
                 log.warning("peer %s at %s stopped answering: %s", peer.node_id, peer.address, e)
-                self.on_change()
+                self.changed.emit()
             return
         self._update(peer, status)
 
@@ -323,7 +325,7 @@ class PeerSet:
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)
-            self.on_change()
+            self.changed.emit()
 
     # --- the client side of the peer API ----------------------------------------------------
     @contextlib.asynccontextmanager

@@ -18,12 +18,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import hubnames
-from .catalog import Catalog, FileEntry, Repo
-from .errors import InvalidName, PeerError
-from .peermsg import RepoListing, WarmFile, parse_repo_listing
+from .. import hubnames
+from ..catalog import Catalog, FileEntry, Repo
+from ..errors import InvalidName, PeerError
+from ..peermsg import RepoListing, WarmFile, parse_repo_listing
+from ..store import BlobId
 from .peers import Peer, PeerApi, PeerSet
-from .store import BlobId
 
 log = logging.getLogger(__name__)
 
