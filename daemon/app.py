@@ -19,6 +19,7 @@ from .control import Control, RecentErrors
 from .errors import ConfigError
 from .fetch import Fetcher
 from .guard import local_only
+from .httperrors import errors_as_answers
 from .index import open_index
 from .lan.node import start_lan
 from .logs import set_level
@@ -114,7 +115,8 @@ class Daemon:
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup, self.signatures)
         self.proxy = Proxy(self.catalog, self.fetcher, self.metrics, self.signatures)
-        app = web.Application(client_max_size=1024**2, middlewares=[local_only(cfg.listen)],
+        app = web.Application(client_max_size=1024**2,
+                              middlewares=[local_only(cfg.listen), errors_as_answers],
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
                                             "max_line_size": MAX_HEADER_BYTES})
         app.on_response_prepare.append(_server_header)

@@ -20,7 +20,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .proxy import hub_error_response
+from .httperrors import hub_error_response
 
 log = logging.getLogger(__name__)
 

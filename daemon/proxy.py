@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import sqlite3
 import time
 from urllib.parse import unquote
 
@@ -20,8 +19,9 @@ from aiohttp import web
 
 from . import hubnames
 from .catalog import Catalog, FileEntry, Repo
-from .errors import BadRequest, ChunkDamaged, HubError, InvalidName, TransferFailed, is_disk_full
+from .errors import BadRequest, ChunkDamaged, TransferFailed
 from .fetch import Fetcher
+from .httperrors import answer_for, hub_error_response
 from .metrics import Metrics
 from .signatures import Signatures
 from .transfer import Origin, Transfer
@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
 _API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_VERBS = ("revision", "tree", "paths-info")
-
-
-def hub_error_response(status: int, message: str, code: str = "",
-                       headers: dict[str, str] | None = None) -> web.Response:
-    h = dict(headers or {})
-    if code:
-        h["X-Error-Code"] = code
-    h.setdefault("X-Error-Message", message.replace("\n", " ")[:500])
-    return web.json_response({"error": message}, status=status, headers=h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,16 +119,6 @@ class Proxy:
                                           f"{request.path} (modelpeer serves the Hub API)")
             route_kind = route.kind
             return await self._dispatch(request, route)
-        except (BadRequest, InvalidName) as e:
-            return hub_error_response(400, str(e))
-        except HubError as e:
-            return hub_error_response(e.status, e.message, e.code, e.headers)
-        except (OSError, sqlite3.Error) as e:
-            if is_disk_full(e):
-                log.error("cache disk full while answering %s %s", request.method, request.path)
-                return hub_error_response(507, "the cache disk is full; free space or lower "
-                                          "max_cache_size")
-            raise
         finally:
             self.metrics.observe_request(route_kind, time.monotonic() - started)
 
@@ -220,10 +201,7 @@ class Proxy:
         except TimeoutError:
             return None
         except TransferFailed as e:
-            if is_disk_full(e.__cause__):
-                return hub_error_response(507, f"{transfer.label}: the cache disk is full; "
-                                          "free space or lower max_cache_size")
-            return hub_error_response(502, f"{transfer.label}: could not fetch: {e}")
+            return answer_for(e, transfer.label)
         return None
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
