@@ -105,12 +105,12 @@ class Daemon:
         self.pins = Pins(self.db, self.catalog)
         self.store.kept = self.pins.digests
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
-                             self.node_name, self.lan.peers, self.lan.api,
+                             self.node_name, self.lan.peers,
                              self.lan.credentials.key if self.lan.credentials else None,
                              self.pins, self.signatures.check)
         stack.push_async_callback(self.warmup.close)
         self.lan.ask_peers_for_repos(self.catalog)
-        await self.lan.open()
+        await self.lan.open(self.warmup.peer_routes())
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup, self.signatures)

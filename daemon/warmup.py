@@ -39,7 +39,7 @@ from .errors import (
 )
 from .fetch import Fetcher
 from .lan.cluster import ClusterKey
-from .lan.peers import Peer, PeerApi, PeerSet
+from .lan.peers import Peer, PeerRoute, PeerSet
 from .peermsg import (
     JobState,
     JobStatus,
@@ -102,7 +102,7 @@ class Job:
 
 class Warmup:
     def __init__(self, catalog: Catalog, fetcher: Fetcher, node_id: str, node_name: str,
-                 peers: PeerSet | None, api: PeerApi | None,
+                 peers: PeerSet | None,
                  cluster_key: ClusterKey | None, pins: Pins | None = None,
                  check_signature: Callable[[FileEntry, str | None], Awaitable[None]] | None = None
                  ) -> None:
@@ -118,11 +118,12 @@ class Warmup:
         self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
         # signatures.py's policy: raises HubError when the file may not be served
         self.check_signature = check_signature or _no_policy
-        if api is not None:
-            api.route("POST", "/warm", self._peer_start)
-            api.route("GET", "/warm/{job}", self._peer_status)
-            api.route("GET", "/warm/{job}/token", self._peer_token)
-            api.route("POST", "/warm/{job}/cancel", self._peer_cancel)
+
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("POST", "/warm", self._peer_start),
+                PeerRoute("GET", "/warm/{job}", self._peer_status),
+                PeerRoute("GET", "/warm/{job}/token", self._peer_token),
+                PeerRoute("POST", "/warm/{job}/cancel", self._peer_cancel)]
 
     # --- the coordinator ------------------------------------------------------------------
     async def create(self, body: dict[str, object], token: str | None) -> dict[str, object]:

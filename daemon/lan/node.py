@@ -20,7 +20,7 @@ from ..store import Store
 from ..upstreamfetch import UpstreamFetch
 from .cluster import ClusterKey, Credentials, NodeIdentity
 from .peercatalog import PeerCatalog
-from .peers import PeerApi, PeerSet
+from .peers import PeerApi, PeerRoute, PeerSet
 
 if TYPE_CHECKING:
     from .discovery import Discovery
@@ -49,6 +49,7 @@ class Lan:
         self.node_id = ""
         self.cluster_id = ""
         self._opening: list[Callable[[], Awaitable[None]]] = []
+        self._catalog: PeerCatalog | None = None
         self._stack = contextlib.AsyncExitStack()
 
     def summary(self) -> dict[str, object]:
@@ -91,11 +92,22 @@ class Lan:
 
     def ask_peers_for_repos(self, catalog: Catalog) -> None:
         """With the upstream down, the catalog asks peers for a repo's file list."""
-        if self.peers is not None and self.api is not None:
-            catalog.ask_peers = PeerCatalog(catalog, self.peers, self.api).learn
+        if self.peers is not None:
+            self._catalog = PeerCatalog(catalog, self.peers)
+            catalog.ask_peers = self._catalog.learn
 
-    async def open(self) -> None:
-        """Start answering peers and announce this node (after every peer route is added)."""
+    async def open(self, routes: Sequence[PeerRoute] = ()) -> None:
+        """Start answering peers and announce this node: the one place the peer API's routes
+        are added (the LAN's own parts', and `routes` of the core: warm jobs)."""
+        if self.api is None:
+            return
+        parts: list[Sequence[PeerRoute]] = [routes]
+        for part in (self.sharing, self.relay, self._catalog):
+            if part is not None:
+                parts.append(part.peer_routes())
+        for route in (r for rs in parts for r in rs):
+            self.api.route(route.method, route.path, route.handler,
+                           any_receiver=route.any_receiver)
         for start in self._opening:
             await start()
 
@@ -161,11 +173,11 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, shared: _Shared, nod
     peers = PeerSet(lan.credentials, cfg.peer)
     lan.upload = PeerUploadCap(swarm.limit_upload)
     lan.upload.set_rate(cfg.peer_upload_rate)
-    lan.sharing = Sharing(store, swarm, peers, api, lan.upload, shared.transfers,
+    lan.sharing = Sharing(store, swarm, peers, lan.upload, shared.transfers,
                           shared.upstream, shared.may_share, node_name=node_name,
                           version=version, bt_port=bt_port)
     store.removed.connect(lan.sharing.forget_blob)
-    lan.relay = Relay(peers, api, lan.upload, shared.transfers, shared.may_share)
+    lan.relay = Relay(peers, lan.upload, shared.transfers, shared.may_share)
     lan.api, lan.peers = api, peers
     lan.peer_source = PeerFetch(store, lan.sharing, lan.relay, shared.upstream)
     await lan.sharing.seed_all()

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -77,6 +77,15 @@ class Peer:
 
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+
+
+class PeerRoute(NamedTuple):
+    """A route of the peer API: handler(request, sender node id). `any_receiver`: it answers
+    a signed first contact that does not name this node (only GET /status does)."""
+    method: str
+    path: str
+    handler: Handler
+    any_receiver: bool = False
 
 
 class PeerApi:

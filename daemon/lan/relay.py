@@ -16,19 +16,21 @@ from ..errors import ChunkDamaged, PeerError, TransferFailed
 from ..ratelimit import PeerUploadCap
 from ..registry import Transfers
 from ..store import BlobId
-from .peers import Peer, PeerApi, PeerSet
+from .peers import Peer, PeerRoute, PeerSet
 
 log = logging.getLogger(__name__)
 
 
 class Relay:
-    def __init__(self, peers: PeerSet, api: PeerApi, upload: PeerUploadCap,
+    def __init__(self, peers: PeerSet, upload: PeerUploadCap,
                  transfers: Transfers, may_share: Callable[[str], bool]) -> None:
         self.peers = peers
         self.upload = upload  # peer_upload_rate
         self.transfers = transfers
         self.may_share = may_share  # signatures.py's policy
-        api.route("GET", "/relay/{digest}", self._serve)
+
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("GET", "/relay/{digest}", self._serve)]
 
     async def stream(self, peer: Peer, blob: BlobId, start: int,
                      end: int) -> AsyncGenerator[bytes, None]:

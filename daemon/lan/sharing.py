@@ -26,7 +26,7 @@ from ..ratelimit import PeerUploadCap
 from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
-from .peers import BAN_SECONDS, Peer, PeerApi, PeerSet
+from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
 from .plan import blob_transfers, peer_view
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
@@ -48,7 +48,7 @@ class Holders:
 
 
 class Sharing:
-    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi,
+    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet,
                  upload: PeerUploadCap, transfers: Transfers, upstream: UpstreamFetch,
                  may_share: Callable[[str], bool], *, node_name: str, version: str,
                  bt_port: int) -> None:
@@ -56,7 +56,6 @@ class Sharing:
         self.upload = upload  # peer_upload_rate: small blobs are sent within it
         self.swarm = swarm
         self.peers = peers
-        self.api = api
         self.node_name = node_name
         self.version = version
         self.bt_port = bt_port
@@ -69,10 +68,6 @@ class Sharing:
         self.may_share = may_share  # signatures.py's policy
         swarm.bad_peer.connect(self._bad_peer)
         peers.changed.connect(self._peers_changed)
-        api.route("GET", "/status", self._status, any_receiver=True)
-        api.route("GET", "/chunks/{digest}", self._chunk_map)
-        api.route("GET", "/torrent/{digest}/{idx}", self._torrent)
-        api.route("GET", "/blob/{digest}", self._blob)
 
     # --- seeding: a chunk's torrent is made the first time a peer asks for it ---------------
     async def seed_all(self) -> None:
@@ -136,6 +131,12 @@ class Sharing:
             (self.torrents_dir / f"{key[0]}.{key[1]}.torrent").unlink(missing_ok=True)
 
     # --- the peer API -------------------------------------------------------------------
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("GET", "/status", self._status, any_receiver=True),
+                PeerRoute("GET", "/chunks/{digest}", self._chunk_map),
+                PeerRoute("GET", "/torrent/{digest}/{idx}", self._torrent),
+                PeerRoute("GET", "/blob/{digest}", self._blob)]
+
     async def _status(self, request: web.Request, sender: str) -> web.Response:
         transfers = [t.to_json() for t in blob_transfers(self.transfers)
                      if self.may_share(t.digest)]
