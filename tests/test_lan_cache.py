@@ -130,8 +130,9 @@ def test_a_capped_node_relays_a_blob_it_is_still_downloading_within_its_cap(
     path, want = f"/{repo}/resolve/main/w.bin", file_sha256(repo, "w.bin")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(timed_get, cluster, "h1", path)
-        cluster.lab.wait_for("h1 fetches from the upstream",
-                             lambda: cluster.nodes["h1"].status()["transfers"], timeout=10)
+        cluster.lab.wait_for("h1 fetches from the upstream", lambda: any(
+            t["source"] == "upstream" for t in cluster.nodes["h1"].status()["transfers"]),
+                             timeout=10)
         peer_seconds, peer_digest = timed_get(cluster, "h2", path)
         assert first.result()[1] == want
     assert peer_digest == want
