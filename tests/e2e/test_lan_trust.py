@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.harness import ROOT
 from tests.netlab import Cluster, netlab_available, read_pcap
 
 pytestmark = [pytest.mark.netlab,
@@ -34,7 +35,7 @@ def start_impostor(cluster: Cluster, log: Path) -> subprocess.Popen[bytes]:
     real = cluster.nodes["h1"].status()["peers"]
     proc = subprocess.Popen([*cluster.lab.ns("h4"), sys.executable, "-m", "tests.impostor",
                              cluster.lab.ip("h4"), real["cluster_id"], real["node_id"],
-                             str(log)], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+                             str(log)], stdout=subprocess.PIPE, cwd=ROOT)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"announced"
     return proc
 
