@@ -122,6 +122,11 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
     raise TimeoutError(f"{what}: not true after {timeout}s (last: {last!r:.300})")
 
 
+def transferring(d: Modelpeerd, at_least: int = 1) -> bool:
+    """Whether `d` is making a blob available and has at least `at_least` bytes of it in."""
+    return any(t["available"] >= at_least for t in d.status()["transfers"])
+
+
 class Modelpeerd:
     """A modelpeerd process with its own cache dir and port."""
 
@@ -183,6 +188,16 @@ class Modelpeerd:
             return self.log_path.read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+    def log_size(self) -> int:
+        """Where the log stands now: `logged(since=...)` gives what comes after."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def logged(self, since: int = 0) -> str:
+        """The whole log from byte `since` on (`log()` is only its tail, for failure messages)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
 
     def status(self) -> dict[str, Any]:
         return self.get(self.url + "/_modelpeer/v1/status")

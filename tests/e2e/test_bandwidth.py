@@ -10,7 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, fetch
+from tests.harness import Modelpeerd, fetch, wait_for
 
 MiB = 1024 * 1024
 
@@ -43,9 +43,7 @@ def test_upstream_rate_paces_downloads_and_reloads(tmp_path: Path, hub: FakeHub)
         config.write_text("upstream_rate = 0\n")
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "upstream_rate)" not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: "upstream_rate)" in d.log(), "the rate reloaded")
         assert timed_download(d, "rate/free") < 4
 
 

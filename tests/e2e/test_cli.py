@@ -9,13 +9,12 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 
 from modelpeer.client.cli import human_size
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, cli, free_port, wait_for
+from tests.harness import ROOT, Modelpeerd, cli, free_port, transferring, wait_for
 
 StartDaemon = Callable[..., Modelpeerd]
 MODEL = "acme/tiny-tts"
@@ -121,16 +120,16 @@ def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: Fak
     started = cli(d, "warm", MODEL, "--nodes", "local", "--json")
     assert started.returncode == 0, started.stderr
     job = json.loads(started.stdout)["job"]
-    time.sleep(1.5)
+    wait_for(lambda: transferring(d), "the warm job fetching")
     assert d.stop() == 0
     hub.reset()
     d2 = start_daemon(cache_dir=d.cache_dir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def ended_jobs() -> list[dict[str, str]]:
         jobs = json.loads(cli(d2, "jobs", "--json").stdout)
-        if jobs and jobs[0]["state"] != "running":
-            break
-        time.sleep(0.5)
+        return jobs if jobs and jobs[0]["state"] != "running" else []
+
+    jobs = wait_for(ended_jobs, "the resumed warm job ends", timeout=60)
     assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")]
     assert "resuming warm job" in d2.log()
     # the warm job taught the catalog the files: they resolve with the upstream gone

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import expected_files
-from tests.harness import hf_client
+from tests.harness import hf_client, transferring, wait_for
 from tests.netlab import Cluster, Lab, netlab_available, write_key
 
 pytestmark = [pytest.mark.netlab,
@@ -34,7 +34,9 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
         cluster.lab.wait_for(f"{h} sees {others}", lambda h=h, o=others: cluster.live_names(h) >= o,
                              timeout=10)
     assert time.monotonic() - started < 10
-    time.sleep(2)
+    for h in ("h1", "h2", "h3", "h4"):  # each has seen the other cluster's mDNS records
+        wait_for(lambda h=h: "of another cluster" in cluster.nodes[h].logged(),
+                 f"{h} ignores the other cluster's record")
     for h in ("h1", "h2", "h3"):
         assert "h4" not in cluster.live_names(h)
     assert cluster.live_names("h4") == set()
@@ -124,7 +126,8 @@ def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
     wait_seeding(cluster, "h3", "h4")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(cluster.snapshot, "h4")
-        time.sleep(0.5)
+        wait_for(lambda: pending.done() or transferring(cluster.nodes["h4"]),
+                 "h4 starts downloading")
         cluster.nodes["h3"].kill()
         assert pending.result() == want
 
@@ -228,7 +231,7 @@ def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
         cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(cluster.cli, "h1", "warm", MODEL, "--wait", "--json")
-        time.sleep(2)
+        wait_for(lambda: transferring(cluster.nodes["h3"]), "h3 fetching for the warm job")
         cluster.nodes["h3"].kill()
         out = pending.result()
     assert out.returncode == 1, out.stdout + out.stderr
@@ -249,7 +252,7 @@ def test_a_restarted_node_resumes_a_gated_warm_with_the_coordinators_token(
                "hf_good_token", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     job = json.loads(out.stdout)["job"]
-    time.sleep(1.5)
+    wait_for(lambda: transferring(cluster.nodes["h2"]), "h2 fetching for the warm job")
     assert cluster.nodes["h2"].stop() == 0
     cluster.hub.reset()
     h2 = cluster.start("h2")

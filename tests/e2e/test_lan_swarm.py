@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import file_sha256
-from tests.harness import hf_client
+from tests.harness import hf_client, transferring, wait_for
 from tests.netlab import Cluster, netlab_available
 
 pytestmark = [pytest.mark.netlab,
@@ -70,7 +70,8 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
     slow, fast = HOSTS[0], HOSTS[1:]
     cluster.lab.shape(slow, "50mbit")
     slow_pull = pull_everywhere(cluster, repo, (slow,))[slow]
-    time.sleep(1.5)  # it is the one fetching from the upstream when the others ask
+    # it is the one fetching from the upstream when the others ask
+    wait_for(lambda: transferring(cluster.nodes[slow]), f"{slow} fetching from the upstream")
     got = {h: f.result() for h, f in pull_everywhere(cluster, repo, fast).items()}
     assert set(got.values()) == {digest}
     assert not slow_pull.done(), "the fast nodes waited for the slow one"
@@ -89,7 +90,8 @@ def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Clust
     repo, digest = new_repo(cluster, "acme/frozen-case", 96 * MiB)
     frozen = in_plan_order(ids, digest)[0]  # the one the others first get the bytes from
     pulls = pull_everywhere(cluster, repo)
-    time.sleep(2)
+    wait_for(lambda: all(transferring(cluster.nodes[h]) for h in HOSTS),
+             "every node has bytes of the blob")
     proc = cluster.nodes[frozen].proc
     assert proc is not None
     proc.send_signal(signal.SIGSTOP)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -26,14 +25,17 @@ URL = "/acme/tiny-tts/resolve/main/model.safetensors"
 SIZE = len(expected_files("acme/tiny-tts")["model.safetensors"])
 
 
-def scrape(d: Modelpeerd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(d: Modelpeerd) -> Metrics:
     with urllib.request.urlopen(d.url + "/metrics", timeout=10) as resp:
         text = resp.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def served(m: dict, source: str) -> float:  # type: ignore[type-arg]
+def served(m: Metrics, source: str) -> float:
     return m[("modelpeer_served_bytes_total", (("source", source),))]
 
 
@@ -55,9 +57,13 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert served(before, "upstream") == 0
     hub.faults(cdn_rate=4 * MiB)
     reader = read_in_background(d.url + URL)
-    time.sleep(1.5)
-    during = scrape(d)
-    assert 0 < served(during, "upstream") < SIZE
+
+    def once_upstream_bytes_served() -> Metrics | None:
+        metrics = scrape(d)
+        return metrics if served(metrics, "upstream") else None
+
+    during = wait_for(once_upstream_bytes_served, "the first bytes served from the upstream")
+    assert served(during, "upstream") < SIZE
     assert during[("modelpeer_active_transfers", ())] == 1
     reader.join(60)
     after = scrape(d)
@@ -88,9 +94,8 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
     read_in_background(d.url + URL)
     browser.get(d.url + "/_modelpeer/")
     first = _progress(browser, By)
-    time.sleep(2.5)
-    second = _progress(browser, By)
-    assert second > first, (first, second)
+    wait_for(lambda: _progress(browser, By) > first, f"the page's progress past {first}%",
+             timeout=15)
     assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
     assert browser.find_element(By.ID, "conn").text == "live"
     assert browser.find_element(By.ID, "caps").text == "no limit"  # upstream_rate
@@ -104,13 +109,9 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
 
 
 def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pcts = driver.find_elements(by.CSS_SELECTOR, "#transfers .pct")
-        if pcts:
-            return float(pcts[0].text.rstrip("%"))
-        time.sleep(0.2)
-    raise AssertionError("no transfer shown on the status page")
+    pcts = wait_for(lambda: driver.find_elements(by.CSS_SELECTOR, "#transfers .pct"),
+                    "a transfer shown on the status page")
+    return float(pcts[0].text.rstrip("%"))
 
 
 def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> None:

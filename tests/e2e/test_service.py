@@ -28,7 +28,7 @@ from modelpeer.daemon.config import OPTIONS, read_config_file
 from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, free_port, get_json
+from tests.harness import ROOT, Modelpeerd, free_port, get_json, transferring, wait_for
 from tests.netlab import write_key
 
 SYSTEMD = ROOT / "systemd"
@@ -149,13 +149,8 @@ class NotifySocket:
                     healthy = False
             self.messages.extend((line, healthy) for line in data.splitlines())
 
-    def wait_for(self, line: str, timeout: float = 15) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(m == line for m, _ in self.messages):
-                return True
-            time.sleep(0.05)
-        return False
+    def said(self, line: str) -> bool:
+        return any(m == line for m, _ in self.messages)
 
     def close(self) -> None:
         self._stop = True
@@ -171,21 +166,18 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
     ns.health_url = d.url + "/_modelpeer/v1/health"
     try:
         d.start()
-        assert ns.wait_for("READY=1")
+        wait_for(lambda: ns.said("READY=1"), "READY=1 on the notify socket", timeout=15)
         assert [h for m, h in ns.messages if m == "READY=1"] == [True], \
             "READY=1 came before the API answered"
         hub.faults(cdn_rate=2 * MiB)  # 48 MiB at 4 x 2 MiB/s: in flight for several seconds
         url = f"{d.url}/acme/tiny-tts/resolve/main/model.safetensors"
         reader = threading.Thread(target=_read_quietly, args=(url,), daemon=True)
         reader.start()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not d.status()["transfers"]:
-            time.sleep(0.1)
-        time.sleep(2)
+        wait_for(lambda: transferring(d, 4 * MiB), "4 MiB of the download in", timeout=15)
         started = time.monotonic()
         assert d.stop(signal.SIGTERM, timeout=10) == 0
         assert time.monotonic() - started < 10
-        assert ns.wait_for("STOPPING=1", timeout=1)
+        wait_for(lambda: ns.said("STOPPING=1"), "STOPPING=1 on the notify socket", timeout=1)
         assert any(m.startswith("STATUS=") for m, _ in ns.messages)
     finally:
         d.stop()
@@ -318,16 +310,11 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
         config.write_text('log_level = "info"\nref_ttl = "5s"\nchunk_size = "8MiB"\n')
         assert d.proc is not None
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reloaded settings" not in d.log():
-            time.sleep(0.1)
-        assert "reloaded settings" in d.log()
+        wait_for(lambda: "reloaded settings" in d.log(), "the settings reloaded")
         assert "chunk_size changed; restart the daemon to apply" in d.log()
         config.write_text("log_level = 3\n")
         d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reload refused" not in d.log():
-            time.sleep(0.1)
+        wait_for(lambda: "reload refused" in d.log(), "the reload refused")
         assert f"reload refused, keeping the running settings: {config}:1" in d.log()
         assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
     finally:

@@ -18,7 +18,7 @@ from modelpeer.daemon.keyfile import read_key_file
 from modelpeer.daemon.peers import API
 from tests.fakehub import FakeHub, expected_files, file_sha256
 from tests.fakehub.repos import find_repo
-from tests.harness import Modelpeerd, free_port, get_json, hf_client
+from tests.harness import Modelpeerd, free_port, get_json, hf_client, wait_for
 from tests.netlab import write_key
 
 REPO = "gpt2"
@@ -72,14 +72,11 @@ def jobs(daemon: Modelpeerd) -> dict[str, dict[str, Any]]:
 
 
 def ended(daemon: Modelpeerd, job_id: str) -> dict[str, Any]:
-    import time
-
-    for _ in range(300):
+    def if_ended() -> dict[str, Any] | None:
         j = jobs(daemon).get(job_id)
-        if j is not None and j["state"] != "running":
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still running: {jobs(daemon)}")
+        return j if j is not None and j["state"] != "running" else None
+
+    return wait_for(if_ended, f"job {job_id} ends", timeout=30)
 
 
 @pytest.mark.parametrize("bad", [
