@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
+KiB = 1024
+MiB = 1024 * 1024
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.fakehub import FakeHub, http_json
+from tests.fakehub import MODEL, FakeHub, http_json
 from tests.harness import ROOT, Modelpeerd, hf_client, tree_bytes
 
 SUBNET = "198.18.0"
@@ -265,7 +265,7 @@ class Cluster:
     def live_names(self, host: str) -> set[str]:
         return {str(p["name"]) for p in self.peers(host) if p["alive"]}
 
-    def snapshot(self, host: str, repo: str = "acme/tiny-tts") -> dict[str, bytes]:
+    def snapshot(self, host: str, repo: str = MODEL) -> dict[str, bytes]:
         home = self.tmp / f"hf-{host}-{time.monotonic_ns()}"
         home.mkdir()
         out = hf_client(self.nodes[host].url, home, "snapshot_download", repo,

@@ -10,9 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, fetch, wait_for
-
-MiB = 1024 * 1024
+from tests.harness import MiB, Modelpeerd, fetch, wait_for
 
 
 def raw_head(base: str, path: str) -> tuple[int, dict[str, str], bytes]:

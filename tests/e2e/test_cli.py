@@ -10,14 +10,10 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
 
 from modelpeer.client.cli import human_size
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, cli, free_port, transferring, wait_for
-
-StartDaemon = Callable[..., Modelpeerd]
-MODEL = "acme/tiny-tts"
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import ROOT, Modelpeerd, StartDaemon, cli, free_port, transferring, wait_for
 
 
 def fetch(d: Modelpeerd, path: str) -> bytes:

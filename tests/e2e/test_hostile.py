@@ -6,16 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, get_json, raw
-
-StartDaemon = Callable[..., Modelpeerd]
-MODEL = "acme/tiny-tts"
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import StartDaemon, get_json, raw
 
 
 @pytest.mark.parametrize("path", [

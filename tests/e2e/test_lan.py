@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import expected_files
-from tests.harness import hf_client, transferring, wait_for
+from tests.fakehub import MODEL, expected_files
+from tests.harness import MiB, hf_client, transferring, wait_for
 from tests.netlab import Cluster, Lab, netlab_available, write_key
 
 pytestmark = [pytest.mark.netlab,
               pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
 
-MODEL = "acme/tiny-tts"
-MiB = 1024 * 1024
 
 
 def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,

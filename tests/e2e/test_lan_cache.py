@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import GOOD_TOKEN, expected_files, file_sha256
-from tests.harness import hf_client
+from tests.harness import MiB, hf_client
 from tests.netlab import Cluster, netlab_available
 
 pytestmark = [pytest.mark.netlab,
               pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
 
-MiB = 1024 * 1024
 GATED = "acme/gated-model"
 TIMED_GET = """
 import hashlib, sys, time, urllib.request

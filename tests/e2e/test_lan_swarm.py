@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import file_sha256
-from tests.harness import hf_client, transferring, wait_for
+from tests.harness import MiB, hf_client, transferring, wait_for
 from tests.netlab import Cluster, netlab_available
 
 pytestmark = [pytest.mark.netlab,
               pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
 
-MiB = 1024 * 1024
 HOSTS = ("h1", "h2", "h3", "h4")
 
 

@@ -17,14 +17,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, get_json, hf_client, raw, wait_for
+from tests.fakehub import GOOD_TOKEN, MODEL, FakeHub, expected_files
+from tests.harness import Modelpeerd, StartDaemon, cli, get_json, hf_client, raw, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
-StartDaemon = Callable[..., Modelpeerd]
-MODEL = "acme/tiny-tts"
 CACHED = f"/{MODEL}/resolve/main/config.json"
 UNCACHED = f"/{MODEL}/resolve/main/sub/folder/weights.bin"
 WARM_BODY = json.dumps({"repo": MODEL}).encode()

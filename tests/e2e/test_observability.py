@@ -7,20 +7,17 @@ import http.client
 import json
 import threading
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, wait_for
+from tests.harness import ROOT, MiB, Modelpeerd, StartDaemon, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
-StartDaemon = Callable[..., Modelpeerd]
-MiB = 1024 * 1024
 URL = "/acme/tiny-tts/resolve/main/model.safetensors"
 SIZE = len(expected_files("acme/tiny-tts")["model.safetensors"])
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
+from tests.fakehub import GOOD_TOKEN, MODEL, OTHER_TOKEN, FakeHub, expected_files
 from tests.harness import (
     HfHome,
+    MiB,
     StartDaemon,
     assert_no_leaks,
     download,
@@ -24,8 +25,6 @@ from tests.harness import (
     wait_for,
 )
 
-MiB = 1024 * 1024
-MODEL = "acme/tiny-tts"
 BIG_FILE = "model.safetensors"
 
 def test_snapshot_of_a_xet_model_is_byte_identical_and_stays_on_the_proxy(

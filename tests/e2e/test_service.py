@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +28,18 @@ from modelpeer.daemon.config import OPTIONS, read_config_file
 from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, free_port, get_json, transferring, wait_for
+from tests.harness import (
+    ROOT,
+    MiB,
+    Modelpeerd,
+    free_port,
+    get_json,
+    transferring,
+    wait_for,
+)
 from tests.netlab import write_key
 
 SYSTEMD = ROOT / "systemd"
-StartDaemon = Callable[..., Modelpeerd]
-MiB = 1024 * 1024
 
 
 needs_systemd_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"),

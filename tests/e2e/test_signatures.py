@@ -18,6 +18,7 @@ from tests.fakehub import FakeHub, expected_files
 from tests.fakehub.repos import added_repo
 from tests.harness import (
     HfHome,
+    MiB,
     Modelpeerd,
     StartDaemon,
     cli,
@@ -30,7 +31,6 @@ from tests.harness import (
 from tests.netlab import Cluster, netlab_available
 from tests.signing import new_key, signed_files
 
-MiB = 1024 * 1024
 FILES: dict[str, dict[str, Any]] = {
     ".gitattributes": {"size": 120, "lfs": False},
     "config.json": {"size": 400, "lfs": False},

@@ -16,16 +16,17 @@ from typing import Any
 from tests.fakehub.repos import (
     ADDED,
     GOOD_TOKEN,
+    MODEL,
     OTHER_TOKEN,
     added_repo,
     catalogue,
     expected_files,
     file_sha256,
 )
+from tests.harness import ROOT
 
 log = logging.getLogger("fakehub.handle")
 
-ROOT = Path(__file__).resolve().parent.parent.parent
 _HTTP_JSON = """
 import json, sys, urllib.request
 method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -54,8 +55,8 @@ def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | N
     return json.loads(out.stdout)
 
 
-__all__ = ["GOOD_TOKEN", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files", "file_sha256",
-           "http_json"]
+__all__ = ["GOOD_TOKEN", "MODEL", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files",
+           "file_sha256", "http_json"]
 
 
 def _read_ready(stdout: Any, found: queue.Queue[str | None]) -> None:

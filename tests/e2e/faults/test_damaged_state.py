@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, free_port, wait_for
+from tests.harness import HfHome, MiB, Modelpeerd, StartDaemon, cli, download, free_port, wait_for
 from tests.netlab import write_key
 
-MiB = 1024 * 1024
 CHUNK = 8 * MiB  # the start_daemon fixture's --chunk-size
 VICTIM, KEEPER = "faults/damaged", "faults/kept-whole"
 Damage = Callable[[Path, str], str]  # (cache dir, victim digest) -> what the log must name

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256, http_json
-from tests.harness import ROOT, HfHome, Modelpeerd, free_port, hf_client, wait_for
+from tests.harness import ROOT, HfHome, KiB, Modelpeerd, free_port, hf_client, wait_for
 from tests.hostilepeer import BLOB, MODES, STATUS, WARM, WARM_JOB
 from tests.netlab import write_key
 
 REPO = "faults/malformed-peer"
-KiB = 1024
 SMALL_SIZE = 700 * KiB  # travels over the peer API as one answer
 SHARED_SIZE = 3 * 1024 * KiB  # relayed, or shared chunk by chunk
 # wrong bytes relayed: more than the client writes at a time (huggingface_hub: 10 MiB), so it

@@ -9,19 +9,24 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, download, hf_client, raw, wait_for
-
-MiB = 1024 * 1024
-MODEL = "acme/tiny-tts"
-StartDaemon = Callable[..., Modelpeerd]
-HfHome = Callable[[], Path]
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    HfHome,
+    MiB,
+    Modelpeerd,
+    StartDaemon,
+    cli,
+    download,
+    hf_client,
+    raw,
+    wait_for,
+)
 
 
 def open_get(d: Modelpeerd, path: str) -> socket.socket:
