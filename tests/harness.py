@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,20 +37,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def get_json(url: str, method: str = "GET", timeout: float = 10) -> Any:
-    req = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+_HTTP_JSON = """
+import json, sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, data=body.encode() if body else None, method=method,
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as resp:
+    sys.stdout.write(resp.read().decode())
+"""
 
 
-def raw(d: Modelpeerd, method: str, path: str, headers: Mapping[str, str | None] | None = None,
+def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | None = None,
+              timeout: float = 30) -> Any:
+    """A JSON request, run inside a network namespace when prefix_cmd enters one."""
+    payload = json.dumps(body) if body is not None else ""
+    if not prefix_cmd:
+        req = urllib.request.Request(url, data=payload.encode() if payload else None,
+                                     method=method, headers={"Content-Type": "application/json"})
+        with DIRECT.open(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    out = subprocess.run([*(prefix_cmd or []), sys.executable, "-c", _HTTP_JSON, method, url,
+                          payload, str(timeout)], capture_output=True, timeout=timeout + 10)
+    if out.returncode != 0:
+        raise OSError(f"{method} {url} failed: {out.stderr.decode()[-800:]}")
+    return json.loads(out.stdout)
+
+
+def raw(d: Modelpeerd | str, method: str, path: str,
+        headers: Mapping[str, str | None] | None = None,
         body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request with exactly these headers (a browser's, a hostile client's): Host defaults
-    to the daemon's address, and a header given as None is not sent at all."""
-    headers = {"Host": f"{d.host}:{d.port}", **(headers or {})}
+    """One request to the daemon `d` (or the server at a base URL) with exactly these headers
+    (a browser's, a hostile client's): Host defaults to the server's address, and a header
+    given as None is not sent at all."""
+    if isinstance(d, str):
+        split = urllib.parse.urlsplit(d)
+        host, port = split.hostname or "", split.port or 80
+    else:
+        host, port = d.host, d.port
+    headers = {"Host": f"{host}:{port}", **(headers or {})}
     if body is not None:
         headers["Content-Length"] = str(len(body))
-    conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         for name, value in headers.items():
@@ -79,6 +107,21 @@ def fetch(url: str, headers: dict[str, str] | None = None,
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def read_in_background(url: str) -> threading.Thread:
+    """A client reading the whole body in a thread of its own; the test may stop the server
+    under it, so a failed read is not an error."""
+    def read() -> None:
+        try:
+            with DIRECT.open(url, timeout=120) as resp:
+                resp.read()
+        except (OSError, http.client.HTTPException):
+            pass
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
 
 
 def proc_status_kib(pid: int, field: str) -> int:
@@ -113,13 +156,18 @@ class PeakRss:
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
-    """Poll `check` until it returns something true; fail naming `what` after `timeout`."""
+    """Poll `check` until it returns something true; fail naming `what` after `timeout`.
+    A check that raises OSError (a daemon or a lab host not answering yet) is not true yet."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except OSError as e:
+            last = e
+        else:
+            if last:
+                return last
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not true after {timeout}s (last: {last!r:.300})")
 
@@ -143,7 +191,7 @@ class Modelpeerd:
         self.extra = extra or []
         self.prefix_cmd = prefix_cmd or []
         self.env = env or {}
-        self.get = getter or get_json
+        self.get = getter or (lambda url: http_json("GET", url, timeout=10))
         self.peers = peers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = cache_dir.parent / f"{cache_dir.name}.log"

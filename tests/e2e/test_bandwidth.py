@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
 import signal
 import time
 import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import MiB, Modelpeerd, fetch, wait_for
-
-
-def raw_head(base: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("HEAD", path)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+from tests.harness import MiB, Modelpeerd, fetch, raw, wait_for
 
 
 def timed_download(d: Modelpeerd, repo: str) -> float:
@@ -50,7 +38,7 @@ def test_a_large_download_keeps_to_the_cap(tmp_path: Path, hub: FakeHub) -> None
     small beside 21 s), and byte-exact."""
     size = 256 * MiB
     hub.add_repo("rate/large", {"w.bin": {"size": size, "big": True}}, timeout=120)
-    status, headers, _ = raw_head(hub.url, "/rate/large/resolve/main/w.bin")
+    status, headers, _ = raw(hub.url, "HEAD", "/rate/large/resolve/main/w.bin")
     sha256 = headers["X-Linked-Etag"].strip('"')  # the Hub's answer, before its redirect
     with Modelpeerd(tmp_path / "cache", hub.url, extra=["--upstream-rate", "100mbit"]) as d:
         started = time.monotonic()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import MODEL, FakeHub, expected_files
-from tests.harness import StartDaemon, get_json, raw
+from tests.harness import StartDaemon, http_json, raw
 
 
 @pytest.mark.parametrize("path", [
@@ -30,7 +30,7 @@ def test_hostile_paths_get_400(start_daemon: StartDaemon, hub: FakeHub, path: st
     assert status in (400, 404), (status, body)
     assert "error" in json.loads(body)
     assert hub.stats()["hub_requests"] == 0
-    assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+    assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
 
 
 @pytest.mark.parametrize(("range_header", "status"), [
@@ -66,7 +66,7 @@ def test_oversized_headers_and_unknown_routes(start_daemon: StartDaemon, hub: Fa
     assert status == 404 and "error" in json.loads(body)
     status, _, _ = raw(d, "DELETE", f"/{MODEL}/resolve/main/config.json")
     assert status == 405
-    assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+    assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"),
@@ -84,7 +84,7 @@ def test_full_disk_gives_a_clear_5xx_and_a_consistent_store(
         status, headers, body = raw(d, "GET", path)
         assert status == 507, (status, body[:200], d.log()[-2500:])
         assert "disk is full" in json.loads(body)["error"]
-        assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+        assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
         # space comes back: the same request works, and a restart finds a consistent store
         filler.unlink()
         status, _, body = raw(d, "GET", path)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import signal
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.fakehub import file_sha256
-from tests.harness import MiB, hf_client, transferring, wait_for
+from tests.harness import MiB, transferring, wait_for
 from tests.netlab import Cluster, netlab_available
 
 pytestmark = [pytest.mark.netlab,
@@ -24,10 +22,7 @@ HOSTS = ("h1", "h2", "h3", "h4")
 
 def start_all(cluster: Cluster) -> dict[str, str]:
     """The node id of each host, once every node sees the others."""
-    for h in HOSTS:
-        cluster.start(h)
-    for h in HOSTS:
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
+    cluster.start_all(*HOSTS)
     return {h: cluster.nodes[h].status()["peers"]["node_id"] for h in HOSTS}
 
 
@@ -43,12 +38,7 @@ def new_repo(cluster: Cluster, name: str, size: int) -> tuple[str, str]:
 
 def pull(cluster: Cluster, host: str, repo: str) -> str:
     """The sha256 of the file the real client got through `host`'s daemon."""
-    home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
-    home.mkdir()
-    out = hf_client(cluster.nodes[host].url, home, "hf_hub_download", repo, "weights.bin",
-                    prefix_cmd=cluster.lab.ns(host), timeout=300)
-    assert "result" in out, out
-    return hashlib.sha256(Path(out["result"]).read_bytes()).hexdigest()
+    return hashlib.sha256(cluster.download(host, repo, "weights.bin", timeout=300)).hexdigest()
 
 
 def pull_everywhere(cluster: Cluster, repo: str, hosts: tuple[str, ...] = HOSTS
@@ -131,7 +121,7 @@ def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) ->
         blob = next((b for b in plan if b["digest"] == digest), None)
         return blob if blob and len(blob["nodes"]) == len(HOSTS) else None
 
-    blob = cluster.lab.wait_for("h1 shows every node's part in the transfer", whole_plan)
+    blob = wait_for(whole_plan, "h1 shows every node's part in the transfer", timeout=30)
     text = cluster.cli("h1", "status").stdout
     assert {f.result() for f in pulls.values()} == {digest}
     assert blob["file"] == f"{repo}/weights.bin" and blob["size"] == 96 * MiB

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, wait_for
 from tests.netlab import Cluster, netlab_available, read_pcap
 
 pytestmark = [pytest.mark.netlab,
@@ -42,16 +42,12 @@ def start_impostor(cluster: Cluster, log: Path) -> subprocess.Popen[bytes]:
 
 def test_a_keyless_impostor_gets_nothing_and_the_token_never_crosses_the_lan(
         cluster: Cluster, tmp_path: Path) -> None:
-    for h in REAL:
-        cluster.start(h)
-    for h in REAL:
-        cluster.lab.wait_for(f"{h} sees the others",
-                             lambda h=h: cluster.live_names(h) == set(REAL) - {h})
+    cluster.start_all(*REAL)
     log = tmp_path / "impostor.jsonl"
     impostor = start_impostor(cluster, log)
     try:
-        cluster.lab.wait_for("the nodes try the impostor",
-                             lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
+                 "the nodes try the impostor", timeout=30)
         pcap = tmp_path / "warm.pcap"
         with cluster.lab.capture(pcap) as cap:
             out = cluster.cli("h1", "warm", "acme/gated-model", "--nodes", "all", "--wait",

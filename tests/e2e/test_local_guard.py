@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import pytest
 
 from tests.fakehub import GOOD_TOKEN, MODEL, FakeHub, expected_files
-from tests.harness import Modelpeerd, StartDaemon, cli, get_json, hf_client, raw, wait_for
+from tests.harness import Modelpeerd, StartDaemon, cli, hf_client, http_json, raw, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -110,11 +110,11 @@ def assert_nothing_happened(d: Modelpeerd, hub: FakeHub, what: str) -> None:
     stats = hub.stats()
     assert (stats["hub_requests"], stats["cdn_requests"], stats["xet_requests"]) == (0, 0, 0), (
         what, stats["requests"])
-    assert get_json(d.url + f"{API}/jobs") == [], what
+    assert http_json("GET", d.url + f"{API}/jobs") == [], what
     status = d.status()
     assert status["transfers"] == [], what
     assert status["store"]["complete_blobs"] == 1, what
-    assert [r["repo_id"] for r in get_json(d.url + f"{API}/repos")] == [MODEL], what
+    assert [r["repo_id"] for r in http_json("GET", d.url + f"{API}/repos")] == [MODEL], what
     assert read(d, CACHED) == expected_files(MODEL)["config.json"], what
 
 

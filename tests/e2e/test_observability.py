@@ -3,9 +3,7 @@ shows a transfer growing in a real browser with no console errors."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +11,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, MiB, Modelpeerd, StartDaemon, wait_for
+from tests.harness import ROOT, MiB, Modelpeerd, StartDaemon, read_in_background, wait_for
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -34,18 +32,6 @@ def scrape(d: Modelpeerd) -> Metrics:
 
 def served(m: Metrics, source: str) -> float:
     return m[("modelpeer_served_bytes_total", (("source", source),))]
-
-
-def read_in_background(url: str) -> threading.Thread:
-    def run() -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=120) as resp:
-                resp.read()
-        except (OSError, http.client.HTTPException):
-            pass  # the test may stop the daemon under it
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeHub) -> None:

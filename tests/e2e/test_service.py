@@ -5,7 +5,6 @@ comes as a systemd credential and an unusable one stops the daemon."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
 import shutil
@@ -33,7 +32,8 @@ from tests.harness import (
     MiB,
     Modelpeerd,
     free_port,
-    get_json,
+    http_json,
+    read_in_background,
     transferring,
     wait_for,
 )
@@ -150,7 +150,7 @@ class NotifySocket:
             healthy = False
             if self.health_url:
                 try:
-                    healthy = get_json(self.health_url, timeout=2)["status"] == "ok"
+                    healthy = http_json("GET", self.health_url, timeout=2)["status"] == "ok"
                 except OSError:
                     healthy = False
             self.messages.extend((line, healthy) for line in data.splitlines())
@@ -177,8 +177,7 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
             "READY=1 came before the API answered"
         hub.faults(cdn_rate=2 * MiB)  # 48 MiB at 4 x 2 MiB/s: in flight for several seconds
         url = f"{d.url}/acme/tiny-tts/resolve/main/model.safetensors"
-        reader = threading.Thread(target=_read_quietly, args=(url,), daemon=True)
-        reader.start()
+        read_in_background(url)
         wait_for(lambda: transferring(d, 4 * MiB), "4 MiB of the download in", timeout=15)
         started = time.monotonic()
         assert d.stop(signal.SIGTERM, timeout=10) == 0
@@ -208,14 +207,6 @@ def _durable_bytes(cache: Path) -> int:
         return db.execute("SELECT COALESCE(SUM(durable), 0) FROM chunks").fetchone()[0]
     finally:
         db.close()
-
-
-def _read_quietly(url: str) -> None:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            resp.read()
-    except (OSError, http.client.HTTPException):
-        pass  # the daemon stops under it
 
 
 def test_profile_snippet_and_modelpeer_env_agree() -> None:
@@ -322,7 +313,7 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
         d.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload refused" in d.log(), "the reload refused")
         assert f"reload refused, keeping the running settings: {config}:1" in d.log()
-        assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+        assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
     finally:
         d.stop()
 

@@ -182,13 +182,12 @@ def test_no_node_of_a_cluster_serves_or_relays_what_its_rule_refuses(
     h1 = cluster.start("h1", None, "--config", str(config))
     h2 = cluster.start("h2")
     h3 = cluster.start("h3", None, "--require-signature", rule)
-    for h in ("h1", "h2", "h3"):
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
+    cluster.wait_connected("h1", "h2", "h3")
     assert cluster.snapshot("h1", "acme/evil") == expected_files("acme/evil")
     config.write_text(f'require_signature = ["{rule}"]\n')
     assert h1.proc is not None
     h1.proc.send_signal(signal.SIGHUP)
-    cluster.lab.wait_for("h1 reloads", lambda: "require_signature is now" in h1.log())
+    wait_for(lambda: "require_signature is now" in h1.log(), "h1 reloads", timeout=30)
     assert cluster.snapshot("h1", "acme/good") == expected_files("acme/good")
     cluster.hub.reset()
     assert cluster.snapshot("h2", "acme/evil") == expected_files("acme/evil")

@@ -18,7 +18,7 @@ from modelpeer.daemon.keyfile import read_key_file
 from modelpeer.daemon.peers import API
 from tests.fakehub import FakeHub, expected_files, file_sha256
 from tests.fakehub.repos import find_repo
-from tests.harness import Modelpeerd, free_port, get_json, hf_client, wait_for
+from tests.harness import Modelpeerd, free_port, hf_client, http_json, wait_for
 from tests.netlab import write_key
 
 REPO = "gpt2"
@@ -68,7 +68,7 @@ def job(job_id: str, files: list[dict[str, Any]], **change: Any) -> dict[str, An
 
 
 def jobs(daemon: Modelpeerd) -> dict[str, dict[str, Any]]:
-    return {j["job"]: j for j in get_json(daemon.url + "/_modelpeer/v1/jobs")}
+    return {j["job"]: j for j in http_json("GET", daemon.url + "/_modelpeer/v1/jobs")}
 
 
 def ended(daemon: Modelpeerd, job_id: str) -> dict[str, Any]:
@@ -94,7 +94,7 @@ def test_malformed_jobs_are_refused_before_anything_is_kept(coordinator: Coordin
     assert coordinator.send(bad) == 400
     daemon = coordinator.daemon
     assert jobs(daemon) == {}
-    assert get_json(daemon.url + "/_modelpeer/v1/repos") == []
+    assert http_json("GET", daemon.url + "/_modelpeer/v1/repos") == []
     assert hub.stats()["cdn_bytes"] == 0
     daemon.stop()
     daemon.start()  # nothing was saved that could stop a restart

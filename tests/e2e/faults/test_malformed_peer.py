@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files, file_sha256, http_json
-from tests.harness import ROOT, HfHome, KiB, Modelpeerd, free_port, hf_client, wait_for
+from tests.fakehub import FakeHub, expected_files, file_sha256
+from tests.harness import ROOT, HfHome, KiB, Modelpeerd, free_port, hf_client, http_json, wait_for
 from tests.hostilepeer import BLOB, MODES, STATUS, WARM, WARM_JOB
 from tests.netlab import write_key
 
