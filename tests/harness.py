@@ -98,15 +98,22 @@ def cli(d: Modelpeerd | str, *args: str,
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
 
-def fetch(url: str, headers: dict[str, str] | None = None,
-          method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def fetch(url: str, headers: dict[str, str] | None = None, method: str = "GET",
+          body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one request, also when the status is an error."""
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    req = urllib.request.Request(url, headers=headers or {}, method=method, data=body)
     try:
         with DIRECT.open(req, timeout=10) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def get_body(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> bytes:
+    """The body of a GET answered 200; an error status raises urllib's HTTPError, a cut
+    connection http.client's IncompleteRead."""
+    with DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+        return r.read()
 
 
 def read_in_background(url: str) -> threading.Thread:
@@ -270,6 +277,16 @@ class Modelpeerd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def keyed_daemon(cache_dir: Path, upstream: str, key: Path, *extra: str,
+                 peer_port: int = 0) -> Modelpeerd:
+    """A modelpeerd (not started) holding the cluster key `key`, its peer API (on `peer_port`
+    if given) and BitTorrent on free local ports."""
+    return Modelpeerd(cache_dir, upstream, peers=True, extra=[
+        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
+        "--peer-listen", f"127.0.0.1:{peer_port or free_port()}",
+        "--bt-listen", f"127.0.0.1:{free_port()}", *extra])
 
 
 def hf_client(endpoint: str, hf_home: Path, call: str, *args: Any, token: str | None = None,

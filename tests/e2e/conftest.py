@@ -6,14 +6,15 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.fakehub import FakeHub
-from tests.harness import Modelpeerd
+from tests.harness import HfHome, Modelpeerd, StartDaemon
 from tests.netlab import Cluster, Lab
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def hub(fakehub: FakeHub) -> FakeHub:
 
 
 @pytest.fixture
-def start_daemon(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., Modelpeerd]]:
+def start_daemon(tmp_path: Path, hub: FakeHub) -> Iterator[StartDaemon]:
     """Start modelpeerd processes against the fake hub; all are stopped at the end."""
     started: list[Modelpeerd] = []
     counter = itertools.count()
@@ -55,7 +56,7 @@ def start_daemon(tmp_path: Path, hub: FakeHub) -> Iterator[Callable[..., Modelpe
 
 
 @pytest.fixture
-def hf_home(tmp_path: Path) -> Callable[[], Path]:
+def hf_home(tmp_path: Path) -> HfHome:
     """A fresh, empty HF cache directory per call: a new client on a new machine."""
     counter = itertools.count()
 
@@ -65,6 +66,20 @@ def hf_home(tmp_path: Path) -> Callable[[], Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs, for a disk that fills up; skips without root."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root to mount a small tmpfs")
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        yield small
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 @pytest.fixture

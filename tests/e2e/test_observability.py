@@ -4,14 +4,21 @@ shows a transfer growing in a real browser with no console errors."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, MiB, Modelpeerd, StartDaemon, read_in_background, wait_for
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    ROOT,
+    MiB,
+    Modelpeerd,
+    StartDaemon,
+    get_body,
+    read_in_background,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -24,8 +31,7 @@ Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def scrape(d: Modelpeerd) -> Metrics:
-    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+    text = get_body(d.url + "/metrics", timeout=10).decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -55,8 +61,7 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert after[("modelpeer_cache_misses_total", ())] == 1
     wait_for(lambda: d.status()["transfers"] == [], "the download is stored")
     hub.reset()
-    with urllib.request.urlopen(d.url + URL, timeout=60) as resp:
-        assert len(resp.read()) == SIZE
+    assert len(get_body(d.url + URL)) == SIZE
     again = scrape(d)
     assert served(again, "store") == SIZE
     assert served(again, "upstream") == SIZE
@@ -101,8 +106,7 @@ def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> Non
     d = Modelpeerd(tmp_path / "cache", hub.url, extra=["--log-format", "json"])
     d.start()
     try:
-        with urllib.request.urlopen(d.url + "/acme/tiny-tts/resolve/main/config.json") as r:
-            r.read()
+        get_body(d.url + f"/{MODEL}/resolve/main/config.json")
     finally:
         d.stop()
     lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]

@@ -19,6 +19,7 @@ from tests.harness import (
     StartDaemon,
     assert_no_leaks,
     download,
+    get_body,
     hf_client,
     snapshot,
     transferring,
@@ -128,12 +129,6 @@ def test_four_cold_clients_share_one_upstream_download_despite_drops(
     assert len(want) <= cdn <= 1.3 * len(want), f"{cdn} CDN bytes for a {len(want)}-byte file"
 
 
-def _raw_get(url: str, headers: dict[str, str] | None = None) -> bytes:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
-                                timeout=60) as resp:
-        return resp.read()
-
-
 def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
         start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
@@ -153,7 +148,7 @@ def test_sigkill_mid_download_resumes_without_refetching(
     hub.faults(cdn_rate=16 * MiB)
     url = f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_raw_get, url)
+        pending = pool.submit(get_body, url)
         wait_for(lambda: transferring(d, 30 * MiB), "30 MiB of the download in", timeout=20)
         d.kill()
         with pytest.raises(Exception):  # noqa: B017 - the connection just dies
@@ -161,7 +156,7 @@ def test_sigkill_mid_download_resumes_without_refetching(
     fetched_before = hub.stats()["cdn_bytes"]
     hub.reset()
     d2 = start_daemon(cache_dir=d.cache_dir)
-    body = _raw_get(url.replace(d.url, d2.url))
+    body = get_body(url.replace(d.url, d2.url))
     want = expected_files(MODEL)[BIG_FILE]
     assert body == want
     refetched = hub.stats()["cdn_bytes"]
@@ -199,10 +194,10 @@ def test_lying_upstream_bytes_are_never_served(start_daemon: StartDaemon,
         hub.reset()
         hub.faults(**fault)
         with pytest.raises(Exception):  # noqa: B017 - 502 or a cut connection
-            _raw_get(url, auth)
+            get_body(url, auth)
         assert d.status()["store"]["complete_blobs"] == 0, fault
     hub.reset()
-    body = _raw_get(url, auth)
+    body = get_body(url, auth)
     assert hashlib.sha256(body).digest() == hashlib.sha256(
         expected_files("acme/gated-model")["model.safetensors"]).digest()
 
@@ -215,11 +210,11 @@ def test_a_wrong_byte_in_a_segment_read_ahead_is_never_served(start_daemon: Star
     # in the last 8 MiB segment: put into the files while the first ones are still committed
     hub.faults(cdn_corrupt_at=len(want) - 3 * MiB)
     with pytest.raises(Exception):  # noqa: B017 - 502 or a cut connection
-        _raw_get(url)
+        get_body(url)
     assert "discarded, never served" in d.log()
     assert d.status()["store"]["complete_blobs"] == 0
     hub.reset()
-    body = _raw_get(url)
+    body = get_body(url)
     assert body == want
 
 
@@ -228,7 +223,7 @@ def test_sigterm_during_a_download_exits_cleanly(start_daemon: StartDaemon,
     d = start_daemon()
     hub.faults(cdn_rate=8 * MiB)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_raw_get, f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}")
+        pending = pool.submit(get_body, f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}")
         wait_for(lambda: transferring(d), "the download starts")
         started = time.monotonic()
         assert d.stop(signal.SIGTERM) == 0

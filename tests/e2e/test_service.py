@@ -17,7 +17,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,13 +25,15 @@ import pytest
 from modelpeer.daemon.config import OPTIONS, read_config_file
 from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
-from tests.fakehub import FakeHub, expected_files
+from tests.fakehub import MODEL, FakeHub, expected_files
 from tests.harness import (
     ROOT,
     MiB,
     Modelpeerd,
     free_port,
+    get_body,
     http_json,
+    keyed_daemon,
     read_in_background,
     transferring,
     wait_for,
@@ -115,9 +116,7 @@ def test_an_unusable_cluster_key_stops_the_daemon_saying_what_to_do(
     if content is not None:
         key.write_text(content)
         key.chmod(mode)
-    d = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
-        "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}"])
+    d = keyed_daemon(tmp_path / "cache", hub.url, key)
     started = time.monotonic()
     out = subprocess.run(d.command(), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert time.monotonic() - started < 10
@@ -192,9 +191,8 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
     hub.reset()
     d2 = Modelpeerd(tmp_path / "cache", hub.url, extra=["--chunk-size", "8MiB"]).start()
     try:
-        with urllib.request.urlopen(f"{d2.url}/acme/tiny-tts/resolve/main/model.safetensors",
-                                    timeout=60) as resp:
-            assert resp.read() == expected_files("acme/tiny-tts")["model.safetensors"]
+        assert get_body(f"{d2.url}/{MODEL}/resolve/main/model.safetensors") == \
+            expected_files(MODEL)["model.safetensors"]
         refetched = hub.stats()["cdn_bytes"]
         assert refetched == 48 * MiB - durable, (durable, refetched)
     finally:
@@ -342,9 +340,8 @@ def test_runs_as_an_unprivileged_user(hub: FakeHub, nobody_cache: Path) -> None:
     d = Modelpeerd(nobody_cache, hub.url, prefix_cmd=AS_NOBODY)
     d.start()
     try:
-        path = "/acme/tiny-tts/resolve/main/sub/folder/weights.bin"
-        with urllib.request.urlopen(d.url + path, timeout=60) as resp:
-            assert resp.read() == expected_files("acme/tiny-tts")["sub/folder/weights.bin"]
+        path = f"/{MODEL}/resolve/main/sub/folder/weights.bin"
+        assert get_body(d.url + path) == expected_files(MODEL)["sub/folder/weights.bin"]
         owners = {p.stat().st_uid for p in nobody_cache.rglob("*")}
         assert owners == {NOBODY}, owners
     finally:

@@ -5,8 +5,6 @@ the upstream before they reach the catalog. Driven over the signed peer API on l
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,15 @@ from modelpeer.daemon.keyfile import read_key_file
 from modelpeer.daemon.peers import API
 from tests.fakehub import FakeHub, expected_files, file_sha256
 from tests.fakehub.repos import find_repo
-from tests.harness import Modelpeerd, free_port, hf_client, http_json, wait_for
+from tests.harness import (
+    Modelpeerd,
+    fetch,
+    free_port,
+    hf_client,
+    http_json,
+    keyed_daemon,
+    wait_for,
+)
 from tests.netlab import write_key
 
 REPO = "gpt2"
@@ -41,23 +47,15 @@ class Coordinator:
     def send(self, job: dict[str, Any]) -> int:
         body = json.dumps(job).encode()
         signed = self.credentials.sign_request("POST", API + "/warm", body, self.node_id)
-        request = urllib.request.Request(self.base + API + "/warm", data=body, method="POST",
-                                         headers={**signed.headers,
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                return resp.status
-        except urllib.error.HTTPError as e:
-            return e.code
+        headers = {**signed.headers, "Content-Type": "application/json"}
+        return fetch(self.base + API + "/warm", headers, "POST", body)[0]
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path, hub: FakeHub) -> Iterator[Coordinator]:
     key = write_key(tmp_path / "cluster.key")
-    peer_port, bt_port = free_port(), free_port()
-    daemon = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
-        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{peer_port}", "--bt-listen", f"127.0.0.1:{bt_port}"])
+    peer_port = free_port()
+    daemon = keyed_daemon(tmp_path / "cache", hub.url, key, peer_port=peer_port)
     with daemon:
         yield Coordinator(key, tmp_path, daemon, peer_port)
 
