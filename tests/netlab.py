@@ -32,11 +32,11 @@ from typing import Any
 
 from tests.fakehub import MODEL, FakeHub
 from tests.harness import ROOT, Modelpeerd, download, http_json, snapshot, wait_for
+from tests.netlab_capture import BRIDGE
 
 SUBNET = "198.18.0"
 UPSTREAM = "up"
 SWITCH = "sw"
-BRIDGE = "br0"
 MAX_HOSTS = 253  # .254 is the upstream host
 PCAP_HEADER = struct.Struct("<IHHiIII")
 PCAP_RECORD = struct.Struct("<IIII")

@@ -15,10 +15,16 @@ import pytest
 
 from tests.fakehub import FakeHub
 from tests.harness import HfHome, Modelpeerd, StartDaemon
-from tests.netlab import Cluster, Lab
+from tests.netlab import Cluster, Lab, netlab_available
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked `netlab` is skipped, saying why, where the network lab cannot run."""
+    if item.get_closest_marker("netlab") and (reason := netlab_available()):
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -13,10 +13,9 @@ import pytest
 
 from tests.fakehub import MODEL, expected_files
 from tests.harness import MiB, transferring, wait_for
-from tests.netlab import Cluster, Lab, netlab_available, write_key
+from tests.netlab import Cluster, Lab, write_key
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 
 def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
@@ -113,8 +112,8 @@ def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
     wait_seeding(cluster, "h3", "h4")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(cluster.snapshot, "h4")
-        wait_for(lambda: pending.done() or transferring(cluster.nodes["h4"]),
-                 "h4 starts downloading")
+        wait_for(lambda: pending.done() or transferring(cluster.nodes["h4"], at_least=0),
+                 "h4 starts fetching a blob", timeout=30)
         cluster.nodes["h3"].kill()
         assert pending.result() == want
 

@@ -13,10 +13,9 @@ import pytest
 
 from tests.fakehub import GOOD_TOKEN, expected_files, file_sha256
 from tests.harness import MiB, hf_client, transferring, wait_for
-from tests.netlab import Cluster, netlab_available
+from tests.netlab import Cluster
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 GATED = "acme/gated-model"
 def timed_get(cluster: Cluster, host: str, path: str) -> tuple[float, str]:

@@ -12,15 +12,14 @@ import pytest
 
 from tests.fakehub import file_sha256
 from tests.harness import MiB, transferring, wait_for
-from tests.netlab import Cluster, netlab_available
+from tests.netlab import Cluster
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 HOSTS = ("h1", "h2", "h3", "h4")
 
 
-def start_all(cluster: Cluster) -> dict[str, str]:
+def start_every_host(cluster: Cluster) -> dict[str, str]:
     """The node id of each host, once every node sees the others."""
     cluster.start_all(*HOSTS)
     return {h: cluster.nodes[h].status()["peers"]["node_id"] for h in HOSTS}
@@ -53,7 +52,7 @@ def sent_to_peers(cluster: Cluster, host: str) -> int:
 
 @pytest.mark.parametrize("cluster", ["400mbit"], indirect=True)
 def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: Cluster) -> None:
-    start_all(cluster)
+    start_every_host(cluster)
     size = 96 * MiB
     repo, digest = new_repo(cluster, "acme/slow-case", size)
     slow, fast = HOSTS[0], HOSTS[1:]
@@ -75,7 +74,7 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Cluster) -> None:
-    ids = start_all(cluster)
+    ids = start_every_host(cluster)
     repo, digest = new_repo(cluster, "acme/frozen-case", 96 * MiB)
     frozen = in_plan_order(ids, digest)[0]  # the one the others first get the bytes from
     pulls = pull_everywhere(cluster, repo)
@@ -98,7 +97,7 @@ def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Clust
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: Cluster) -> None:
-    start_all(cluster)
+    start_every_host(cluster)
     for n in range(2):
         cluster.hub.reset()
         repo, digest = new_repo(cluster, f"acme/together-{n}", 48 * MiB)
@@ -110,7 +109,7 @@ def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: C
 
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
 def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) -> None:
-    ids = start_all(cluster)
+    ids = start_every_host(cluster)
     names = {node_id: host for host, node_id in ids.items()}
     repo, digest = new_repo(cluster, "acme/plan-view", 96 * MiB)
     pulls = pull_everywhere(cluster, repo)

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT, wait_for
-from tests.netlab import Cluster, netlab_available, read_pcap
+from tests.netlab import Cluster, read_pcap
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 TOKEN = "hf_good_token"
 REAL = ("h1", "h2", "h3")

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import KiB
-from tests.netlab import Lab, LabError, lab_namespaces, netlab_available
+from tests.netlab import Lab, LabError, lab_namespaces
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 PORT = "7000"
 RECEIVE = """

@@ -28,7 +28,7 @@ from tests.harness import (
     snapshot,
     wait_for,
 )
-from tests.netlab import Cluster, netlab_available
+from tests.netlab import Cluster
 from tests.signing import new_key, signed_files
 
 FILES: dict[str, dict[str, Any]] = {
@@ -165,7 +165,6 @@ def test_a_policy_set_by_reload_stops_serving_cached_bytes_that_do_not_match(
 
 
 @pytest.mark.netlab
-@pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")
 def test_no_node_of_a_cluster_serves_or_relays_what_its_rule_refuses(
         cluster: Cluster, tmp_path: Path) -> None:
     """h1 cached a tampered repo before its rule came (SIGHUP); h2 has no rule and must get
