@@ -256,6 +256,14 @@ class Modelpeerd:
             f.seek(since)
             return f.read().decode(errors="replace")
 
+    def reload(self, until_logged: str, timeout: float = 10) -> None:
+        """SIGHUP, then wait until the log says `until_logged` (the reload's outcome)."""
+        assert self.proc is not None, "reload of a daemon never started"
+        since = self.log_size()
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: until_logged in self.logged(since), f"the log says {until_logged!r}",
+                 timeout=timeout)
+
     def status(self) -> dict[str, Any]:
         return self.get(self.url + "/_modelpeer/v1/status")
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import signal
 import time
 import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import MiB, Modelpeerd, fetch, raw, wait_for
+from tests.harness import MiB, Modelpeerd, fetch, raw
 
 
 def timed_download(d: Modelpeerd, repo: str) -> float:
@@ -27,9 +26,7 @@ def test_upstream_rate_paces_downloads_and_reloads(tmp_path: Path, hub: FakeHub)
     with Modelpeerd(tmp_path / "cache", hub.url, extra=["--config", str(config)]) as d:
         assert timed_download(d, "rate/capped") >= (12 - 1) / 2  # a 0.5 MiB burst at most
         config.write_text("upstream_rate = 0\n")
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "upstream_rate)" in d.log(), "the rate reloaded")
+        d.reload("upstream_rate)")
         assert timed_download(d, "rate/free") < 4
 
 

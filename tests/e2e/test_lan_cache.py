@@ -76,9 +76,8 @@ def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster
     config.write_text('peer_upload_rate = "200mbit"\n')
     assert capped.proc is not None
     capped.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: (
-        (s := capped.status())["peer_upload_rate"] == 25_000_000
-        and s["peers"]["upload_split"]["bittorrent"] == 25_000_000),
+    wait_for(lambda: ((s := capped.status())["peer_upload_rate"] == 25_000_000
+                      and s["peers"]["upload_split"]["bittorrent"] == 25_000_000),
              "h1 applies the new cap", timeout=30)
 
 

@@ -303,13 +303,10 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
     d.start()
     try:
         config.write_text('log_level = "info"\nref_ttl = "5s"\nchunk_size = "8MiB"\n')
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reloaded settings" in d.log(), "the settings reloaded")
+        d.reload("reloaded settings")
         assert "chunk_size changed; restart the daemon to apply" in d.log()
         config.write_text("log_level = 3\n")
-        d.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reload refused" in d.log(), "the reload refused")
+        d.reload("reload refused")
         assert f"reload refused, keeping the running settings: {config}:1" in d.log()
         assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
     finally:

@@ -4,7 +4,6 @@ signed in the set-up with the model_signing library) lists them."""
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from tests.harness import (
     fetch,
     hf_client,
     snapshot,
-    wait_for,
 )
 from tests.netlab import Cluster
 from tests.signing import new_key, signed_files
@@ -149,9 +147,7 @@ def test_a_policy_set_by_reload_stops_serving_cached_bytes_that_do_not_match(
     d = start_daemon("--config", str(config))
     assert snapshot(d, hf_home(), "acme/late") == expected_files("acme/late")
     config.write_text(f'require_signature = ["acme/late={public}"]\n')
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "require_signature is now" in d.log(), "the rule reloaded")
+    d.reload("require_signature is now")
     assert_refused(hf_client(d.url, hf_home(), "hf_hub_download", "acme/late", "config.json"),
                    "config.json")
     assert download(d, hf_home(), "acme/late", "model.safetensors") == \
@@ -184,9 +180,7 @@ def test_no_node_of_a_cluster_serves_or_relays_what_its_rule_refuses(
     cluster.wait_connected("h1", "h2", "h3")
     assert cluster.snapshot("h1", "acme/evil") == expected_files("acme/evil")
     config.write_text(f'require_signature = ["{rule}"]\n')
-    assert h1.proc is not None
-    h1.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "require_signature is now" in h1.log(), "h1 reloads", timeout=30)
+    h1.reload("require_signature is now", timeout=30)
     assert cluster.snapshot("h1", "acme/good") == expected_files("acme/good")
     cluster.hub.reset()
     assert cluster.snapshot("h2", "acme/evil") == expected_files("acme/evil")
