@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, expected_files, file_sha256
+from tests.fakehub import GATED, GOOD_TOKEN, expected_files, file_sha256
 from tests.harness import MiB, hf_client, transferring, wait_for
 from tests.netlab import Cluster
 
 pytestmark = pytest.mark.netlab
 
-GATED = "acme/gated-model"
 def timed_get(cluster: Cluster, host: str, path: str) -> tuple[float, str]:
     """(seconds, sha256) of a GET of `path` from `host`'s daemon, timed inside the host."""
     return cluster.lab.timed_get(host, cluster.nodes[host].url + path, timeout=120)

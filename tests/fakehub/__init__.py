@@ -14,6 +14,7 @@ from typing import Any
 
 from tests.fakehub.repos import (
     ADDED,
+    GATED,
     GOOD_TOKEN,
     MODEL,
     OTHER_TOKEN,
@@ -26,7 +27,7 @@ from tests.harness import ROOT, http_json
 
 log = logging.getLogger("fakehub.handle")
 
-__all__ = ["GOOD_TOKEN", "MODEL", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files",
+__all__ = ["GATED", "GOOD_TOKEN", "MODEL", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files",
            "file_sha256"]
 
 

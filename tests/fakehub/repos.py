@@ -15,6 +15,7 @@ from typing import Any
 from tests.harness import MiB
 
 MODEL = "acme/tiny-tts"  # the repo most tests use: small and LFS files, four revisions, Xet
+GATED = "acme/gated-model"  # a gated repo: GOOD_TOKEN's account has access, OTHER_TOKEN's not
 GOOD_TOKEN = "hf_good_token"  # an account with access to every gated and private repo
 OTHER_TOKEN = "hf_other_token"  # another valid account, with access to none of them
 
@@ -175,9 +176,9 @@ def catalogue(big_size: int = 0) -> dict[tuple[str, str], Repo]:
         tiny_tts(),
         _repo("model", "gpt2", {"main": _files("gpt2", {"config.json": (0, False),
                                                          "model.safetensors": (2 * MiB, True)})}),
-        _repo("model", "acme/gated-model",
-              {"main": _files("acme/gated-model", {"config.json": (0, False),
-                                                   "model.safetensors": (4 * MiB, True)})},
+        _repo("model", GATED,
+              {"main": _files(GATED, {"config.json": (0, False),
+                                      "model.safetensors": (4 * MiB, True)})},
               gated=True),
         _repo("model", "acme/private-model",
               {"main": _files("acme/private-model", {"config.json": (0, False)})}, private=True),
