@@ -227,18 +227,20 @@ class Modelpeerd:
         return self
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"modelpeerd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.get(self.url + "/_modelpeer/v1/health")["status"] == "ok":
-                    return
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"modelpeerd not healthy after {timeout}s:\n{self.log()}")
+        try:
+            wait_for(self._healthy, "modelpeerd healthy", timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log()}") from None
+
+    def _healthy(self) -> bool:
+        """Whether the health check answers ok; raises if the process has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"modelpeerd exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return bool(self.get(self.url + "/_modelpeer/v1/health")["status"] == "ok")
+        except ValueError:  # a half-started server's answer; OSError is wait_for's to retry
+            return False
 
     def log(self) -> str:
         try:
