@@ -14,7 +14,7 @@ Cases (each run builds its own lab, fake Hub and daemons, and tears them down):
 - together: no fault; slowest node / T1 and upstream bytes / repo size.
 - warm: `modelpeer warm REPO --nodes all --wait` from h1; time / T1 and upstream bytes.
 
-Roles are forced through the chain order of the current code (daemon/fetch.py `_Chain`): the
+Roles are forced through the chain order of the current code (daemon/lan/plan.py): the
 nodes transferring a blob at once relay it in rendezvous order of sha256(f"{node_id}:{digest}"),
 upstream fetchers first. Knowing the node ids, the bench names each file of the new repo so
 that the chosen node falls at the chosen position for every file's blob. The nodes that
@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_lan import rate_bits, shutdown  # noqa: E402
 from bench.bench_warm import start_nodes, warm_all  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
-from modelpeer.daemon.plan import Plan  # noqa: E402
+from modelpeer.daemon.lan.plan import Plan  # noqa: E402
 from tests.fakehub import FakeHub, file_sha256  # noqa: E402
 from tests.fakehub.repos import ADDED, added_repo  # noqa: E402
 from tests.harness import ROOT  # noqa: E402
@@ -151,7 +151,7 @@ class SwarmLab:
 
 # --- the repo, named so that a node falls where asked in every blob's chain -----------------
 def chain_position(ids: dict[str, str], host: str, digest: str) -> int:
-    """Where `host` falls in the relay chain of a blob all nodes start at once (daemon/plan.py:
+    """Where `host` falls in the relay chain of a blob all nodes start at once (daemon/lan/plan.py:
     rendezvous order of the nodes wanting the blob)."""
     plan = Plan("", digest)
     return sorted(ids, key=lambda h: plan.rank(ids[h])).index(host)

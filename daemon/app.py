@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -18,16 +19,18 @@ from .control import Control, RecentErrors
 from .errors import ConfigError
 from .fetch import Fetcher
 from .guard import local_only
+from .httperrors import errors_as_answers
 from .index import open_index
-from .lan import start_lan
+from .lan.node import start_lan
 from .logs import set_level
 from .metrics import Metrics
-from .peercatalog import PeerCatalog
 from .pins import Pins
 from .proxy import Proxy
-from .signatures import Signatures
+from .registry import Transfers
+from .signatures import SignaturePolicy, Signatures
 from .store import Store
 from .upstream import Upstream
+from .upstreamfetch import UpstreamFetch
 from .warmup import Warmup
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,7 @@ class Daemon:
         self.startup_problems = RecentErrors()  # what start() found wrong, for the status
         self.recovered: dict[str, int] = {}
         self._checker: asyncio.Task[int] | None = None
+        self._stack = contextlib.AsyncExitStack()  # what start() opened, closed in reverse
 
     async def start(self) -> None:
         """Start serving; the store's chunks are hashed behind it. What the start and that
@@ -61,15 +65,18 @@ class Daemon:
             await self._start()
         except BaseException:
             logging.getLogger().removeHandler(self.startup_problems)
+            await self._stack.aclose()
             raise
         self._checker = asyncio.create_task(self.store.check_unchecked(), name="store check")
         self._checker.add_done_callback(
             lambda _: logging.getLogger().removeHandler(self.startup_problems))
 
     async def _start(self) -> None:
-        cfg = self.cfg
+        cfg, stack = self.cfg, self._stack
         self.db = open_index(cfg.cache_dir / "index.sqlite3")
+        stack.callback(self.db.close)
         self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size)
+        self.store.max_bytes = cfg.max_cache_size
         self.recovered = await self.store.recover()
         log.info("store %s: %d complete chunks good, %d partial kept, %d dropped, %d blobs "
                  "kept from files the index had lost", cfg.cache_dir, self.recovered["good"],
@@ -77,41 +84,39 @@ class Daemon:
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
         self.upstream.rate.rate = cfg.upstream_rate
+        stack.push_async_callback(self.upstream.close)
         await self.upstream.start()
+        # the listener closes after the transfers: a response in flight ends with its transfer
+        stack.push_async_callback(self._close_listener)
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
-        self.fetcher = Fetcher(self.store, self.upstream, connections=cfg.upstream_connections,
-                               max_cache_size=cfg.max_cache_size, offline=cfg.offline,
-                               max_transfers=cfg.max_transfers)
-        self.fetcher.on_upstream_bytes = self.metrics.upstream_read
-        self.fetcher.on_upstream_error = self.metrics.upstream_failed
-        self.signatures = Signatures(cfg.require_signature, self.catalog, self.fetcher,
-                                     self.metrics)
-        self.lan = await start_lan(cfg, self.store, self.node_name, VERSION)
-        self.fetcher.sharing = self.lan.sharing
-        self.fetcher.relay = self.lan.relay
-        if self.lan.relay is not None:
-            self.lan.relay.fetcher = self.fetcher
-            self.lan.relay.may_share = self.signatures.may_share
-        if self.lan.sharing is not None:
-            self.lan.sharing.transfer_state = self.fetcher.transfer_state
-            self.lan.sharing.blob_transfers = self.fetcher.blob_transfers
-            self.lan.sharing.upstream_rate = self.fetcher.upstream_rate
-            self.lan.sharing.may_share = self.signatures.may_share
+        self.transfers = Transfers(self.store)
+        self.upstream_fetch = UpstreamFetch(
+            self.upstream, connections=cfg.upstream_connections, offline=cfg.offline,
+            max_transfers=cfg.max_transfers, on_bytes=self.metrics.upstream_read,
+            on_error=self.metrics.upstream_failed)
+        self.policy = SignaturePolicy(cfg.require_signature, self.catalog)
+        self.lan = await start_lan(cfg, self.store, self.transfers, self.upstream_fetch,
+                                   self.policy.may_share, self.node_name, VERSION)
+        stack.push_async_callback(self.lan.close)
+        self.fetcher = Fetcher(self.store, self.transfers, self.upstream_fetch,
+                               self.lan.peer_source)
+        stack.push_async_callback(self.fetcher.close)
+        self.signatures = Signatures(self.policy, self.catalog, self.fetcher, self.metrics)
         self.pins = Pins(self.db, self.catalog)
         self.store.kept = self.pins.digests
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
-                             self.node_name, self.lan.peers, self.lan.api,
+                             self.node_name, self.lan.peers,
                              self.lan.credentials.key if self.lan.credentials else None,
-                             self.pins)
-        self.warmup.check_signature = self.signatures.check
-        if self.lan.peers is not None and self.lan.api is not None:
-            self.catalog.ask_peers = PeerCatalog(self.catalog, self.lan.peers, self.lan.api).learn
-        await self.lan.open()
+                             self.pins, self.signatures.check)
+        stack.push_async_callback(self.warmup.close)
+        self.lan.ask_peers_for_repos(self.catalog)
+        await self.lan.open(self.warmup.peer_routes())
         self.warmup.resume()
         self.control = Control(self.store, self.catalog, self.fetcher, self.metrics,
                                self.describe, self.lan, self.warmup, self.signatures)
         self.proxy = Proxy(self.catalog, self.fetcher, self.metrics, self.signatures)
-        app = web.Application(client_max_size=1024**2, middlewares=[local_only(cfg.listen)],
+        app = web.Application(client_max_size=1024**2,
+                              middlewares=[local_only(cfg.listen), errors_as_answers],
                               handler_args={"max_field_size": MAX_HEADER_BYTES,
                                             "max_line_size": MAX_HEADER_BYTES})
         app.on_response_prepare.append(_server_header)
@@ -144,7 +149,11 @@ class Daemon:
     def status_line(self) -> str:
         usage = self.store.usage()
         return (f"serving on {self.cfg.local_url}; cache {usage.bytes / 1e9:.2f} GB in "
-                f"{usage.complete_blobs} files; {len(self.fetcher.transfers)} transfers")
+                f"{usage.complete_blobs} files; {len(self.transfers.running)} transfers")
+
+    async def _close_listener(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     async def stop(self) -> None:
         notify.stopping()
@@ -155,14 +164,7 @@ class Daemon:
         if self._checker is not None:
             self._checker.cancel()
             await asyncio.gather(self._checker, return_exceptions=True)
-        await self.warmup.close()
-        await self.fetcher.close()
-        await self.lan.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        await self.upstream.close()
-        if self.db is not None:
-            self.db.close()
+        await self._stack.aclose()
         log.info("stopped")
 
     def reload(self) -> None:
@@ -175,8 +177,8 @@ class Daemon:
         notify.reloading()
         set_level(new.log_level)
         self.cfg.log_level = new.log_level
-        self.fetcher.max_cache_size = self.cfg.max_cache_size = new.max_cache_size
-        self.fetcher.connections = self.cfg.upstream_connections = new.upstream_connections
+        self.store.max_bytes = self.cfg.max_cache_size = new.max_cache_size
+        self.upstream_fetch.connections = self.cfg.upstream_connections = new.upstream_connections
         self.catalog.ref_ttl = self.cfg.ref_ttl = new.ref_ttl
         # applied even when unchanged: a key file replaced in place must be verified again
         self.signatures.set_rules(new.require_signature)

@@ -16,9 +16,10 @@ from aiohttp import web
 from . import hfcache, hubnames
 from .bundle import CONTENT_TYPE, MAX_MANIFEST, Reader, manifest_from_json
 from .catalog import Catalog, Repo
-from .control import PREFIX
-from .errors import BundleError, HubError, InvalidName, NoReflink, NotCached
-from .fetch import Fetcher, is_disk_full
+from .errors import BundleError, HubError, InvalidName, NoReflink, is_disk_full
+from .fetch import Fetcher
+from .guard import PREFIX
+from .httperrors import DISK_FULL
 from .ingest import READ_BLOCK, Ingest
 from .pins import Pins
 from .store import BlobId, Store
@@ -73,30 +74,20 @@ class CacheApi:
                                                                    or "main")))
         except ValueError as e:
             return _error(400, f"bad pin request: {e}")
-        except HubError as e:
-            return _error(e.status, e.message)
-        except NotCached as e:
-            return _error(404, str(e))
 
     async def unpin(self, request: web.Request) -> web.Response:
-        try:
-            repo = _repo(request.match_info["repo_type"], request.match_info["repo_id"])
-            revision = request.query.get("revision")
-            removed = self.pins.unpin(repo, _revision(revision) if revision else None)
-        except HubError as e:
-            return _error(e.status, e.message)
+        repo = _repo(request.match_info["repo_type"], request.match_info["repo_id"])
+        revision = request.query.get("revision")
+        removed = self.pins.unpin(repo, _revision(revision) if revision else None)
         if not removed:
             return _error(404, f"{repo}{'@' + revision if revision else ''} is not pinned")
         return web.json_response({"repo": str(repo), "unpinned": removed})
 
     async def export(self, request: web.Request) -> web.StreamResponse:
-        try:
-            repo = _repo(request.match_info["repo_type"], request.match_info["repo_id"])
-            token = request.headers.get("Authorization") or None
-            manifest = await self.ingest.export_manifest(
-                repo, _revision(request.query.get("revision") or "main"), token)
-        except HubError as e:
-            return _error(e.status, e.message)
+        repo = _repo(request.match_info["repo_type"], request.match_info["repo_id"])
+        token = request.headers.get("Authorization") or None
+        manifest = await self.ingest.export_manifest(
+            repo, _revision(request.query.get("revision") or "main"), token)
         resp = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE})
         resp.content_length = manifest.archive_size()
         await resp.prepare(request)
@@ -130,8 +121,7 @@ class CacheApi:
         except (OSError, sqlite3.Error) as e:
             if not is_disk_full(e):
                 raise
-            refusal = _error(507, "the cache disk is full; nothing of the archive is kept: "
-                                  "free space, lower max_cache_size or unpin, then retry")
+            refusal = _error(507, f"nothing of the archive is kept: {DISK_FULL}")
         # the client sends the whole archive before it reads an answer
         while await request.content.read(READ_BLOCK):
             pass
@@ -156,8 +146,7 @@ class CacheApi:
             return _error(e.status, f"the import is refused: {e.message}")
         except OSError as e:
             if is_disk_full(e):
-                return _error(507, "the cache disk is full; free space, lower max_cache_size "
-                                   "or unpin, then retry")
+                return _error(507, DISK_FULL)
             reason = e.strerror if isinstance(e, NoReflink) else f"no reflink: {e}"
             log.info("import by reflink not possible, the client copies instead: %s", reason)
             return web.json_response({"reflink": False, "reason": reason})

@@ -15,15 +15,15 @@ from aiohttp import web
 from .catalog import Catalog, Repo
 from .errors import HubError
 from .fetch import Fetcher
+from .guard import PREFIX
 from .hubnames import REPO_TYPES
-from .lan import Lan
+from .lan.node import Lan
+from .lan.plan import PlanBlob, blob_transfers, cluster_plan
 from .metrics import Metrics
-from .plan import PlanBlob, cluster_plan
 from .signatures import Signatures
 from .store import Store
 from .warmup import Warmup
 
-PREFIX = "/_modelpeer/v1"
 STATIC = Path(__file__).parent / "static"
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Control:
         usage = self.store.usage()
         self.metrics.store_bytes.set(usage.bytes)
         self.metrics.store_chunks.set(usage.chunks)
-        self.metrics.active_transfers.set(len(self.fetcher.transfers))
+        self.metrics.active_transfers.set(len(self.fetcher.transfers.running))
         for state in ("running", "done", "failed"):
             self.metrics.warm_jobs.labels(state).set(
                 sum(1 for j in self.warmup.jobs.values() if j.state == state))
@@ -104,7 +104,7 @@ class Control:
             "store": self._refresh_gauges(),
             "served_bytes": dict(self.metrics.served_totals),
             "upstream_bytes": self.metrics.upstream_total,
-            "transfers": [t.snapshot() for t in self.fetcher.transfers.values()],
+            "transfers": [t.snapshot() for t in self.fetcher.transfers.running.values()],
             "plan": [dataclasses.asdict(b) for b in self._cluster_plan()],
             "peer_list": self.lan.peer_list(),
             "jobs": self.warmup.summary(),
@@ -114,7 +114,7 @@ class Control:
 
     def _cluster_plan(self) -> list[PlanBlob]:
         own = (self.lan.node_id or "local", str(self.describe()["node"]),
-               self.fetcher.blob_transfers())
+               blob_transfers(self.fetcher.transfers))
         return cluster_plan([own, *self.lan.peer_transfers()])
 
     async def peers(self, request: web.Request) -> web.Response:
@@ -182,7 +182,7 @@ class Control:
                 freed += self.store.remove(row[0])
                 removed.append(row[0])
         before = self.store.usage().bytes
-        evicted = self.store.evict(self.fetcher.max_cache_size)
+        evicted = self.store.evict(self.store.max_bytes)
         freed += before - self.store.usage().bytes
         return web.json_response({"removed": removed, "evicted": evicted, "freed_bytes": freed})
 

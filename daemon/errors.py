@@ -5,7 +5,9 @@ answers."""
 
 from __future__ import annotations
 
+import errno
 import json
+import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -123,6 +125,14 @@ class BadRequest(ModelpeerError, ValueError):
     pass
 
 
+class StoreFull(ModelpeerError, OSError):
+    """The cache's disk (or the index on it) is full."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(errno.ENOSPC, f"{what}: the cache disk is full; free space, lower "
+                                       "max_cache_size or unpin, then retry")
+
+
 class NoReflink(ModelpeerError, OSError):
     """These files cannot share extents (filesystem, mount, or permission); say why."""
 
@@ -137,3 +147,10 @@ class SwarmError(ModelpeerError):
 
 class SwarmStalled(SwarmError):
     pass
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether the error (a write, an index update) failed for want of disk space."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return isinstance(error, sqlite3.Error) and "full" in str(error)

@@ -20,10 +20,11 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .proxy import hub_error_response
+from .httperrors import hub_error_response
 
 log = logging.getLogger(__name__)
 
+PREFIX = "/_modelpeer/v1"  # the daemon's own API (control.py, cacheapi.py)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # content types a page can send only after a CORS preflight (bundles are streamed as tar)
 PREFLIGHTED_TYPES = frozenset({"application/json", "application/x-tar"})

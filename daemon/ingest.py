@@ -22,9 +22,10 @@ from . import hfcache
 from .bundle import Manifest, Reader, blob_member, end, head, member_header, padding
 from .catalog import Catalog, FileEntry, Repo
 from .errors import BundleError, DigestMismatch, HubError, TransferFailed
-from .fetch import Fetcher, Transfer
+from .fetch import Fetcher
 from .peermsg import WarmFile
 from .store import BlobId, Store, blob_hasher
+from .transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Ingest:
         for revision in names or (manifest.commit,):
             self.catalog.remember(repo, revision, manifest.commit, kept)
         self.catalog.imported(repo, public=public, token=token)
-        self.store.evict(self.fetcher.max_cache_size)
+        self.store.evict(self.store.max_bytes)
         skipped = [{"path": f.path, "digest": f.digest, "error": batch.bad[f.digest]}
                    for f in manifest.files if f.digest in batch.bad]
         added = sum(b.size for b in batch.added)
@@ -222,7 +223,7 @@ class _Batch:
 
     async def claim(self, blob: BlobId, path: str) -> Transfer | None:
         """A transfer to fill, or None when the store has the blob already."""
-        while (running := self.fetcher.transfers.get(blob.digest)) is not None \
+        while (running := self.fetcher.transfers.running.get(blob.digest)) is not None \
                 and not running.verified:
             if running.done.done():  # failed: its writer is still closing, wait until it left
                 await asyncio.sleep(0.05)
@@ -231,7 +232,7 @@ class _Batch:
         if self.store.is_complete(blob.digest):
             return None
         transfer = Transfer(blob, f"{self.repo}/{path}")
-        self.fetcher.transfers[blob.digest] = transfer
+        self.fetcher.transfers.running[blob.digest] = transfer
         self._ours.append(transfer)
         return transfer
 
@@ -254,8 +255,8 @@ class _Batch:
 
     def release(self) -> None:
         for t in self._ours:
-            if self.fetcher.transfers.get(t.blob.digest) is t:
-                del self.fetcher.transfers[t.blob.digest]
+            if self.fetcher.transfers.running.get(t.blob.digest) is t:
+                del self.fetcher.transfers.running[t.blob.digest]
 
 
 async def _check_digest(blob: BlobId, data: AsyncIterator[bytes]) -> None:

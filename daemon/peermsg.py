@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from . import hubnames
 from .errors import BadMessage, InvalidName
+from .transfer import TransferSource
 
 MAX_NAME = 256
 MAX_FILES = 100_000
@@ -32,13 +33,6 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     STOPPED = "stopped"  # the daemon stopped; it resumes at the next start
-
-
-class TransferSource(enum.StrEnum):
-    NONE = ""
-    STORE = "store"
-    PEER = "peer"
-    UPSTREAM = "upstream"
 
 
 def _obj(value: object, what: str) -> dict[str, object]:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import sqlite3
 import time
 from urllib.parse import unquote
 
@@ -20,25 +19,18 @@ from aiohttp import web
 
 from . import hubnames
 from .catalog import Catalog, FileEntry, Repo
-from .errors import BadRequest, ChunkDamaged, HubError, InvalidName, TransferFailed
-from .fetch import Fetcher, Origin, Transfer, is_disk_full
+from .errors import BadRequest, ChunkDamaged, TransferFailed
+from .fetch import Fetcher
+from .httperrors import answer_for, hub_error_response
 from .metrics import Metrics
 from .signatures import Signatures
+from .transfer import Origin, Transfer
 
 log = logging.getLogger(__name__)
 
 FIRST_BYTES_WAIT = 5.0  # hold the headers back this long so early failures become a 5xx
 _API_KINDS = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_VERBS = ("revision", "tree", "paths-info")
-
-
-def hub_error_response(status: int, message: str, code: str = "",
-                       headers: dict[str, str] | None = None) -> web.Response:
-    h = dict(headers or {})
-    if code:
-        h["X-Error-Code"] = code
-    h.setdefault("X-Error-Message", message.replace("\n", " ")[:500])
-    return web.json_response({"error": message}, status=status, headers=h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +119,6 @@ class Proxy:
                                           f"{request.path} (modelpeer serves the Hub API)")
             route_kind = route.kind
             return await self._dispatch(request, route)
-        except (BadRequest, InvalidName) as e:
-            return hub_error_response(400, str(e))
-        except HubError as e:
-            return hub_error_response(e.status, e.message, e.code, e.headers)
-        except (OSError, sqlite3.Error) as e:
-            if is_disk_full(e):
-                log.error("cache disk full while answering %s %s", request.method, request.path)
-                return hub_error_response(507, "the cache disk is full; free space or lower "
-                                          "max_cache_size")
-            raise
         finally:
             self.metrics.observe_request(route_kind, time.monotonic() - started)
 
@@ -183,7 +165,7 @@ class Proxy:
         except _Unsatisfiable as e:
             return hub_error_response(416, f"range not satisfiable for a {e.size}-byte file",
                                       headers={"Content-Range": f"bytes */{e.size}"})
-        if span and span[0] > 0 and self.fetcher.failed_digest_lately(blob.digest):
+        if span and span[0] > 0 and self.fetcher.transfers.failed_digest_lately(blob.digest):
             log.warning("%s/%s: a Range is answered with the whole file: a transfer of it "
                         "failed its digest lately, so a client resuming it holds wrong bytes",
                         entry.repo, entry.path)
@@ -200,7 +182,7 @@ class Proxy:
             await self.fetcher.store.check_span(blob.digest, start, min(end, start + 1))
         transfer = self.fetcher.open(blob, Origin(entry.resolve_path, token,
                                                   f"{entry.repo}/{entry.path}"))
-        with self.fetcher.reading(transfer):
+        with self.fetcher.transfers.reading(transfer):
             self.metrics.file_request(hit=transfer.verified)
             failure = await self._first_bytes(transfer, start, end)
             if failure is not None:
@@ -219,17 +201,15 @@ class Proxy:
         except TimeoutError:
             return None
         except TransferFailed as e:
-            if is_disk_full(e.__cause__):
-                return hub_error_response(507, f"{transfer.label}: the cache disk is full; "
-                                          "free space or lower max_cache_size")
-            return hub_error_response(502, f"{transfer.label}: could not fetch: {e}")
+            return answer_for(e, transfer.label)
         return None
 
     async def _stream(self, request: web.Request, resp: web.StreamResponse, transfer: Transfer,
                       start: int, end: int) -> None:
         sent = start
         try:
-            async for pos, n in self.fetcher.send(request.transport, transfer, start, end):
+            sending = self.fetcher.transfers.send(request.transport, transfer, start, end)
+            async for pos, n in sending:
                 self.metrics.served(transfer.source_at(pos), n)
                 sent = pos + n
             await resp.write_eof()

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from .catalog import Catalog, FileEntry, Repo
 from .errors import HubError, SignatureRefused
-from .fetch import Fetcher, Origin
+from .fetch import Fetcher
 from .metrics import Metrics
+from .transfer import Origin
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,14 @@ def _sha256_of_blob(fetcher: Fetcher, entry: FileEntry) -> str:
     return h.hexdigest()
 
 
-class Signatures:
-    """The `require_signature` policy: which files may be served and shared."""
+class SignaturePolicy:
+    """The `require_signature` rules and what passed them since the start or the last reload:
+    which blobs peers may get. Known before the fetcher exists (the LAN is built with it)."""
 
-    def __init__(self, rules: list[SignatureRule], catalog: Catalog, fetcher: Fetcher,
-                 metrics: Metrics) -> None:
+    def __init__(self, rules: list[SignatureRule], catalog: Catalog) -> None:
         self.catalog = catalog
-        self.fetcher = fetcher
-        self.metrics = metrics
-        self._manifests: dict[tuple[Repo, str], asyncio.Task[Manifest]] = {}
-        self._passed: set[tuple[Repo, str, str, str]] = set()  # (repo, commit, path, digest)
+        self.passed: set[tuple[Repo, str, str, str]] = set()  # (repo, commit, path, digest)
+        self.rules: list[SignatureRule] = []
         self.set_rules(rules)
 
     def set_rules(self, rules: list[SignatureRule]) -> None:
@@ -140,15 +139,39 @@ class Signatures:
         if rules:
             model_signing()
         self.rules = rules
-        self._manifests.clear()
-        self._passed.clear()
+        self.passed.clear()
 
     def rule_for(self, repo: Repo) -> SignatureRule | None:
         return next((r for r in self.rules if r.matches(repo)), None)
 
+    def may_share(self, digest: str) -> bool:
+        """Whether peers may get this blob: not while a file of a repo under a rule has these
+        bytes and has not passed its check on this node (since the start or the last reload)."""
+        if not self.rules:
+            return True
+        return all((e.repo, e.commit, e.path, digest) in self.passed
+                   for e in self.catalog.cached_entries(digest) if self.rule_for(e.repo))
+
+
+class Signatures:
+    """Enforces the policy: which files may be served (checking each against its repo's signed
+    manifest, fetched through the fetcher like any file)."""
+
+    def __init__(self, policy: SignaturePolicy, catalog: Catalog, fetcher: Fetcher,
+                 metrics: Metrics) -> None:
+        self.policy = policy
+        self.catalog = catalog
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self._manifests: dict[tuple[Repo, str], asyncio.Task[Manifest]] = {}
+
+    def set_rules(self, rules: list[SignatureRule]) -> None:
+        self.policy.set_rules(rules)
+        self._manifests.clear()
+
     async def check(self, entry: FileEntry, token: str | None) -> None:
         """Raise SignatureRefused unless the policy lets this file be served."""
-        rule = self.rule_for(entry.repo)
+        rule = self.policy.rule_for(entry.repo)
         if rule is None:
             return
         try:
@@ -159,15 +182,7 @@ class Signatures:
             log.warning("refused %s/%s@%s: %s", entry.repo, entry.path, entry.commit[:12],
                         e.reason)
             raise
-        self._passed.add((entry.repo, entry.commit, entry.path, entry.blob.digest))
-
-    def may_share(self, digest: str) -> bool:
-        """Whether peers may get this blob: not while a file of a repo under a rule has these
-        bytes and has not passed its check on this node (since the start or the last reload)."""
-        if not self.rules:
-            return True
-        return all((e.repo, e.commit, e.path, digest) in self._passed
-                   for e in self.catalog.cached_entries(digest) if self.rule_for(e.repo))
+        self.policy.passed.add((entry.repo, entry.commit, entry.path, entry.blob.digest))
 
     async def _manifest(self, repo: Repo, commit: str, rule: SignatureRule,
                         token: str | None) -> Manifest:
@@ -211,7 +226,7 @@ class Signatures:
             self._count_signature(False, what, str(e))
             raise SignatureRefused(what, str(e)) from e
         self._count_signature(True, what, f"{len(sha256)} files signed by {rule.key_file}")
-        self._passed.add((repo, commit, SIGNATURE_FILE, sig.blob.digest))
+        self.policy.passed.add((repo, commit, SIGNATURE_FILE, sig.blob.digest))
         return Manifest(rule, sig.blob.digest, sha256)
 
     def _count_signature(self, verified: bool, what: str, detail: str) -> None:
@@ -267,10 +282,10 @@ class Signatures:
         """`modelpeer verify --signatures`: every cached commit of a repo under a rule is
         verified again (the signature, then each file whose bytes are here); the problems."""
         self._manifests.clear()
-        self._passed.clear()
+        self.policy.passed.clear()
         problems = []
         for entry in self.catalog.cached_entries():
-            if self.rule_for(entry.repo) is None or not self.fetcher.store.is_complete(
+            if self.policy.rule_for(entry.repo) is None or not self.fetcher.store.is_complete(
                     entry.blob.digest):
                 continue
             try:
@@ -282,7 +297,7 @@ class Signatures:
 
     async def revisions(self, repo: Repo) -> list[dict[str, object]]:
         """Each cached commit of the repo, its revisions, and who signed it (for `ls`)."""
-        rule = self.rule_for(repo)
+        rule = self.policy.rule_for(repo)
         out: list[dict[str, object]] = []
         for commit, names in self.catalog.cached_commits(repo).items():
             signed_by = error = ""

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import io
 import logging
@@ -22,15 +23,18 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
 import xxhash
 
-from .errors import ChunkDamaged, DigestMismatch
+from .errors import ChunkDamaged, DigestMismatch, StoreFull, is_disk_full
+from .events import Signal
 
 log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 CHECKPOINT = 16 * 1024 * 1024
 READ_BLOCK = 1024 * 1024
@@ -103,7 +107,7 @@ class Store:
         self.db = db
         self.chunk_size = chunk_size
         self.max_bytes = 0  # max_cache_size; 0 = no limit
-        self.on_removed: Callable[[str], None] = lambda digest: None
+        self.removed: Signal[[str]] = Signal("blob removed")  # digest
         self._pins: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
         self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
@@ -311,7 +315,7 @@ class Store:
 
     def remove(self, digest: str) -> int:
         """Delete a blob's chunks and rows; returns the bytes freed."""
-        self.on_removed(digest)
+        self.removed.emit(digest)
         freed = 0
         rows = self.db.execute("SELECT idx, durable FROM chunks WHERE digest=?",
                                (digest,)).fetchall()
@@ -584,7 +588,7 @@ class Store:
         return damaged
 
     def _reset_chunk(self, digest: str, idx: int) -> None:
-        self.on_removed(digest)
+        self.removed.emit(digest)
         self.unchecked.pop((digest, idx), None)
         for partial in (False, True):
             with _ignore_missing():
@@ -634,6 +638,22 @@ class Store:
         for pos in range(0, blob.size, READ_BLOCK):
             h.update(self.read(blob, pos, min(READ_BLOCK, blob.size - pos)))
         return h.hexdigest() == blob.digest
+
+
+def _full_disk_is_store_full(
+        method: Callable[Concatenate[BlobWriter, P], Awaitable[R]]
+) -> Callable[Concatenate[BlobWriter, P], Coroutine[Any, Any, R]]:
+    """A write or index update of the writer that fails for want of disk space raises
+    StoreFull, naming the blob."""
+    @functools.wraps(method)
+    async def checked(self: BlobWriter, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except (OSError, sqlite3.Error) as e:
+            if is_disk_full(e) and not isinstance(e, StoreFull):
+                raise StoreFull(f"writing blob {self.blob.digest[:12]}") from e
+            raise
+    return checked
 
 
 class BlobWriter:
@@ -714,12 +734,14 @@ class BlobWriter:
             self._chunk_hash.update(self.store.read(self.blob, chunk.offset, within))
         self._fd, self._chunk = fd, chunk
 
+    @_full_disk_is_store_full
     async def write(self, data: bytes | memoryview) -> None:
         """Bytes in order, at `offset`."""
         view = memoryview(data)
         await self._in_order(len(view), lambda fd, at, done, n: self._append(
             fd, at, view[done:done + n]))
 
+    @_full_disk_is_store_full
     async def put(self, offset: int, pieces: list[bytes]) -> None:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
         (while they are in the CPU cache); commit() takes them in order later."""
@@ -740,6 +762,7 @@ class BlobWriter:
                 view, offset = view[n:], offset + n
         await self._in_thread(_pwrite_all, writes)
 
+    @_full_disk_is_store_full
     async def commit(self, n: int) -> None:
         """The next n bytes in order, put() before: hash them and count them as written."""
         await self._in_order(n, self._hash_back)
@@ -822,6 +845,7 @@ class BlobWriter:
             if error is not None:
                 raise error
 
+    @_full_disk_is_store_full
     async def settle(self) -> None:
         """Wait for the durability steps; raise the first that failed."""
         if self._durable is not None:
@@ -858,6 +882,7 @@ class BlobWriter:
         self._then(step)
         self._since_checkpoint = 0
 
+    @_full_disk_is_store_full
     async def verify(self) -> None:
         """All bytes written: check them against the digest; discard the blob and raise if
         they do not match. Once this passes, the bytes may be served whole."""
@@ -875,6 +900,7 @@ class BlobWriter:
             raise DigestMismatch(
                 f"blob {self.blob.digest}: content hashes to {got}; discarded, never served")
 
+    @_full_disk_is_store_full
     async def finish(self) -> None:
         """After verify(): once every chunk is durable, mark the blob complete."""
         await self.settle()

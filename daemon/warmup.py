@@ -29,7 +29,6 @@ from aiohttp import web
 
 from . import hubnames
 from .catalog import Catalog, FileEntry, Repo
-from .cluster import ClusterKey
 from .errors import (
     DigestMismatch,
     HubError,
@@ -38,7 +37,9 @@ from .errors import (
     SignatureError,
     UpstreamRefused,
 )
-from .fetch import Fetcher, Origin
+from .fetch import Fetcher
+from .lan.cluster import ClusterKey
+from .lan.peers import Peer, PeerRoute, PeerSet
 from .peermsg import (
     JobState,
     JobStatus,
@@ -50,9 +51,9 @@ from .peermsg import (
     parse_warm_file,
     parse_warm_spec,
 )
-from .peers import Peer, PeerApi, PeerSet
 from .pins import Pins
 from .store import BlobId
+from .transfer import Origin
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,10 @@ class Job:
 
 class Warmup:
     def __init__(self, catalog: Catalog, fetcher: Fetcher, node_id: str, node_name: str,
-                 peers: PeerSet | None, api: PeerApi | None,
-                 cluster_key: ClusterKey | None, pins: Pins | None = None) -> None:
+                 peers: PeerSet | None,
+                 cluster_key: ClusterKey | None, pins: Pins | None = None,
+                 check_signature: Callable[[FileEntry, str | None], Awaitable[None]] | None = None
+                 ) -> None:
         self.catalog = catalog
         self.pins = pins
         self.fetcher = fetcher
@@ -114,12 +117,13 @@ class Warmup:
         self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
         self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
         # signatures.py's policy: raises HubError when the file may not be served
-        self.check_signature: Callable[[FileEntry, str | None], Awaitable[None]] = _no_policy
-        if api is not None:
-            api.route("POST", "/warm", self._peer_start)
-            api.route("GET", "/warm/{job}", self._peer_status)
-            api.route("GET", "/warm/{job}/token", self._peer_token)
-            api.route("POST", "/warm/{job}/cancel", self._peer_cancel)
+        self.check_signature = check_signature or _no_policy
+
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("POST", "/warm", self._peer_start),
+                PeerRoute("GET", "/warm/{job}", self._peer_status),
+                PeerRoute("GET", "/warm/{job}/token", self._peer_token),
+                PeerRoute("POST", "/warm/{job}/cancel", self._peer_cancel)]
 
     # --- the coordinator ------------------------------------------------------------------
     async def create(self, body: dict[str, object], token: str | None) -> dict[str, object]:
@@ -433,7 +437,7 @@ class Warmup:
     def local_status(self, job: Job) -> JobStatus:
         have = 0
         for f in job.files:
-            t = self.fetcher.transfers.get(f.digest)
+            t = self.fetcher.transfers.running.get(f.digest)
             if t is not None:
                 have += t.available
             elif self.fetcher.store.is_complete(f.digest):

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from modelpeer.daemon.cluster import (
+from modelpeer.daemon.keyfile import read_key_file
+from modelpeer.daemon.lan.cluster import (
     H_MAC,
     H_NONCE,
     UNHASHED_BODY,
@@ -33,9 +34,8 @@ from modelpeer.daemon.cluster import (
     NodeIdentity,
     body_digest,
 )
-from modelpeer.daemon.keyfile import read_key_file
-from modelpeer.daemon.peers import API, MAX_ANSWER
-from modelpeer.daemon.swarm import chunk_torrent
+from modelpeer.daemon.lan.peers import API, MAX_ANSWER
+from modelpeer.daemon.lan.swarm import chunk_torrent
 
 CHUNK_SIZE = 8 * 1024 * 1024  # the suite's daemons use 8 MiB chunks
 DRIP_BYTES = 600  # a drip-fed answer lasts this many seconds: far past any deadline

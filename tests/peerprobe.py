@@ -9,13 +9,13 @@ import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from modelpeer.daemon.cluster import (
+from modelpeer.daemon.keyfile import read_key_file
+from modelpeer.daemon.lan.cluster import (
     ANY_RECEIVER,
     ClusterKey,
     Credentials,
     NodeIdentity,
 )
-from modelpeer.daemon.keyfile import read_key_file
 from tests.harness import fetch
 
 

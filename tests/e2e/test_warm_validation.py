@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from modelpeer.daemon.cluster import ClusterKey, Credentials, NodeIdentity
 from modelpeer.daemon.keyfile import read_key_file
-from modelpeer.daemon.peers import API
+from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
+from modelpeer.daemon.lan.peers import API
 from tests.fakehub import FakeHub, expected_files, file_sha256
 from tests.fakehub.repos import find_repo
 from tests.harness import (

@@ -26,8 +26,9 @@ IDS = {f"h{i}": hashlib.sha256(f"node{i}".encode()).hexdigest()[:32] for i in ra
 def test_chain_position_is_the_daemons_chain() -> None:
     """If this fails, the daemon orders its relay chain differently now: bench_swarm's --roles
     no longer put the slow or frozen node where they say (chain_position must follow)."""
-    from modelpeer.daemon.peermsg import PeerTransfer, TransferSource
-    from modelpeer.daemon.plan import GoUpstream, Plan, Relay
+    from modelpeer.daemon.lan.plan import GoUpstream, Plan, Relay
+    from modelpeer.daemon.peermsg import PeerTransfer
+    from modelpeer.daemon.transfer import TransferSource
 
     digest = hashlib.sha256(b"blob").hexdigest()
     order = sorted(IDS, key=lambda h: chain_position(IDS, h, digest))

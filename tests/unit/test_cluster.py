@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modelpeer.daemon.cluster import (
+from modelpeer.daemon.errors import SignatureError
+from modelpeer.daemon.lan.cluster import (
     ANY_RECEIVER,
     H_BODY,
     H_NODE,
@@ -20,7 +21,6 @@ from modelpeer.daemon.cluster import (
     NodeIdentity,
     body_digest,
 )
-from modelpeer.daemon.errors import SignatureError
 
 KEY = bytes(range(32))
 

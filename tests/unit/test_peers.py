@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from modelpeer.daemon.cluster import ClusterKey, Credentials, NodeIdentity
 from modelpeer.daemon.errors import PeerError
+from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
+from modelpeer.daemon.lan.peers import API, Peer, PeerApi, PeerSet
 from modelpeer.daemon.peermsg import parse_status
-from modelpeer.daemon.peers import API, Peer, PeerApi, PeerSet
 from tests.harness import free_port
 
 KEY = b"k" * 32

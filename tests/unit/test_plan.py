@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from modelpeer.daemon.peermsg import BlobTransfer, PeerTransfer, TransferSource
-from modelpeer.daemon.plan import (
+from modelpeer.daemon.lan.plan import (
     DROP_FOR,
     OVERTAKE_SPREAD,
     GoUpstream,
     Plan,
-    RateMeter,
     Relay,
     cluster_plan,
 )
+from modelpeer.daemon.peermsg import BlobTransfer, PeerTransfer
+from modelpeer.daemon.transfer import RateMeter, TransferSource
 
 UP, PEER = TransferSource.UPSTREAM, TransferSource.PEER
 MB = 1_000_000

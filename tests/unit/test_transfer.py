@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 
 from modelpeer.daemon.errors import TransferFailed
-from modelpeer.daemon.fetch import Fetcher, Origin, Transfer
+from modelpeer.daemon.fetch import Fetcher, NoPeers
 from modelpeer.daemon.index import open_index
+from modelpeer.daemon.registry import Transfers
 from modelpeer.daemon.store import BlobId, Store
+from modelpeer.daemon.transfer import Origin, Transfer
 from modelpeer.daemon.upstream import Answer, Upstream
+from modelpeer.daemon.upstreamfetch import UpstreamFetch
 
 MiB = 1024 * 1024
 DATA = bytes(range(10))
@@ -69,13 +72,13 @@ class BrokenUpstream(Upstream):
 async def test_an_unexpected_exception_fails_the_transfer_and_its_readers(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=MiB)
-    fetcher = Fetcher(store, BrokenUpstream([]))
+    fetcher = Fetcher(store, Transfers(store), UpstreamFetch(BrokenUpstream([])), NoPeers())
     try:
         transfer = fetcher.open(BLOB, Origin("/t/f/resolve/main/f", None, "t/f"))
         with pytest.raises(TransferFailed, match="a bug nobody expected"):
             await asyncio.wait_for(transfer.readable(0, BLOB.size), 1)
         await asyncio.sleep(0)
-        assert fetcher.transfers == {}
+        assert fetcher.transfers.running == {}
         assert not store.is_pinned(BLOB.digest)
         failures = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
         assert len(failures) == 1 and failures[0].exc_info is not None

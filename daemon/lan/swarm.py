@@ -16,13 +16,14 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
 import libtorrent as lt
 
-from .errors import SwarmError, SwarmStalled
+from ..errors import SwarmError, SwarmStalled
+from ..events import Signal
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class Swarm:
         self.listen = listen
         self.state_dir = state_dir
         self.interface = interface
-        self.on_bad_peer: Callable[[str, str], None] | None = None
+        self.bad_peer: Signal[[str, str]] = Signal("bad piece")  # ip, info-hash
         self._ses: lt.session | None = None
         self._handles: dict[str, lt.torrent_handle] = {}
         self._seeding: set[str] = set()
@@ -329,8 +330,7 @@ class Swarm:
             self._report(senders[0], ih)
 
     def _report(self, ip: str, ih: str) -> None:
-        if self.on_bad_peer is not None:
-            self.on_bad_peer(ip, ih)
+        self.bad_peer.emit(ip, ih)
 
     # --- stats ----------------------------------------------------------------------------------
     async def _tick(self) -> None:

@@ -22,50 +22,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
-from .peermsg import BlobTransfer, PeerTransfer, TransferSource
+from ..peermsg import BlobTransfer, PeerTransfer
+from ..registry import Transfers
+from ..transfer import Transfer, TransferSource
 
 SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not used
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once confirm it
-RATE_WINDOW = 2.0
 RATE_SAMPLE_BYTES = 2 * 1024 * 1024  # a transfer younger than this says little by its rate
-
-
-class RateMeter:
-    """Bytes per second over the last RATE_WINDOW seconds."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._samples: deque[tuple[float, int]] = deque()
-        self._started = clock()
-
-    def add(self, n: int) -> None:
-        now = self._clock()
-        self._samples.append((now, n))
-        while self._samples and self._samples[0][0] < now - RATE_WINDOW:
-            self._samples.popleft()
-
-    @property
-    def rate(self) -> float:
-        now = self._clock()
-        while self._samples and self._samples[0][0] < now - RATE_WINDOW:
-            self._samples.popleft()
-        span = min(RATE_WINDOW, max(now - self._started, 0.25))
-        return sum(n for _, n in self._samples) / span
-
-    @property
-    def age(self) -> float:
-        return self._clock() - self._started
-
-    @property
-    def settled_rate(self) -> float:
-        """The rate once a whole window was seen (0 before: a ramp-up says little)."""
-        return self.rate if self.age >= RATE_WINDOW else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,3 +188,16 @@ def cluster_plan(members: Sequence[tuple[str, str, Sequence[BlobTransfer]]]) -> 
                                        names.get(feeder, feeder[:12]), t.state.available,
                                        round(t.state.rate)))
     return sorted(blobs.values(), key=lambda b: (b.file, b.digest))
+
+
+def peer_view(t: Transfer) -> PeerTransfer:
+    """This node's transfer of a blob as its peers see it: a node probing the upstream is not
+    an upstream fetcher to them."""
+    source = TransferSource.PEER if t.probing else t.source
+    return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+
+
+def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:
+    """Every running transfer as the cluster sees it, for the plan view."""
+    return [BlobTransfer(t.blob.digest, t.label, t.blob.size, peer_view(t))
+            for t in transfers.running.values()]

@@ -5,16 +5,22 @@ says why."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..catalog import Catalog
+from ..config import Config
+from ..fetch import NoPeers, PeerSource
+from ..peermsg import BlobTransfer
+from ..ratelimit import PeerUploadCap
+from ..registry import Transfers
+from ..store import Store
+from ..upstreamfetch import UpstreamFetch
 from .cluster import ClusterKey, Credentials, NodeIdentity
-from .config import Config
-from .peermsg import BlobTransfer
-from .peers import PeerApi, PeerSet
-from .ratelimit import PeerUploadCap
-from .store import Store
+from .peercatalog import PeerCatalog
+from .peers import PeerApi, PeerRoute, PeerSet
 
 if TYPE_CHECKING:
     from .discovery import Discovery
@@ -25,15 +31,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class _Part(Protocol):
-    """What the LAN is made of (swarm, peer API, peer set, discovery): closed in turn."""
-
-    async def close(self) -> None: ...
-
-
 class Lan:
+    """The node's LAN parts, or none of them (`reason` says why). What was started is closed
+    in reverse order, whatever failed; the peer API first, so that peers that hear the mDNS
+    goodbye and check it find it gone."""
+
     def __init__(self, reason: str = "") -> None:
         self.reason = reason
+        self.peer_source: PeerSource = NoPeers()
         self.sharing: Sharing | None = None
         self.relay: Relay | None = None
         self.peers: PeerSet | None = None
@@ -42,9 +47,10 @@ class Lan:
         self.credentials: Credentials | None = None
         self.upload: PeerUploadCap | None = None  # peer_upload_rate
         self.node_id = ""
-        self._opening: list[Callable[[], Awaitable[None]]] = []
         self.cluster_id = ""
-        self._parts: list[_Part] = []
+        self._opening: list[Callable[[], Awaitable[None]]] = []
+        self._catalog: PeerCatalog | None = None
+        self._stack = contextlib.AsyncExitStack()
 
     def summary(self) -> dict[str, object]:
         if self.peers is None:
@@ -84,22 +90,40 @@ class Lan:
             return []
         return [(p.node_id, p.name, p.transfers) for p in self.peers.peers.values() if p.alive]
 
-    async def open(self) -> None:
-        """Start answering peers and announce this node (after every peer route is added)."""
+    def ask_peers_for_repos(self, catalog: Catalog) -> None:
+        """With the upstream down, the catalog asks peers for a repo's file list."""
+        if self.peers is not None:
+            self._catalog = PeerCatalog(catalog, self.peers)
+            catalog.ask_peers = self._catalog.learn
+
+    async def open(self, routes: Sequence[PeerRoute] = ()) -> None:
+        """Start answering peers and announce this node: the one place the peer API's routes
+        are added (the LAN's own parts', and `routes` of the core: warm jobs)."""
+        if self.api is None:
+            return
+        parts: list[Sequence[PeerRoute]] = [routes]
+        for part in (self.sharing, self.relay, self._catalog):
+            if part is not None:
+                parts.append(part.peer_routes())
+        for route in (r for rs in parts for r in rs):
+            self.api.route(route.method, route.path, route.handler,
+                           any_receiver=route.any_receiver)
         for start in self._opening:
             await start()
 
     async def close(self) -> None:
-        # the peer API goes first: peers that hear the mDNS goodbye check it, and must fail
-        parts = sorted(reversed(self._parts), key=lambda part: part is not self.api)
-        for part in parts:
+        try:
+            if self.api is not None:
+                await self.api.close()
+        finally:
             try:
-                await part.close()
-            except Exception:  # noqa: BLE001 - close everything even if one part fails
-                log.exception("closing %s failed", type(part).__name__)
+                await self._stack.aclose()
+            except Exception:  # noqa: BLE001 - the rest closed; stopping goes on
+                log.exception("closing the LAN parts failed")
 
 
-async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> Lan:
+async def start_lan(cfg: Config, store: Store, transfers: Transfers, upstream: UpstreamFetch,
+                    may_share: Callable[[str], bool], node_name: str, version: str) -> Lan:
     if cfg.no_peers:
         return Lan("disabled by --no-peers")
     if cfg.cluster_key is None:
@@ -111,17 +135,27 @@ async def start_lan(cfg: Config, store: Store, node_name: str, version: str) -> 
     lan.node_id, lan.cluster_id = identity.node_id, key.cluster_id
     lan.credentials = Credentials(key, identity)
     try:
-        await _start_parts(lan, cfg, store, lan.credentials, node_name, version)
+        await _start_parts(lan, cfg, store, _Shared(transfers, upstream, may_share),
+                           node_name, version)
     except BaseException:
         await lan.close()
         raise
     return lan
 
 
-async def _start_parts(lan: Lan, cfg: Config, store: Store, credentials: Credentials,
-                       node_name: str, version: str) -> None:
+class _Shared(NamedTuple):
+    """What the LAN gets from the core: the running transfers, the upstream (for its rate
+    and probes), and which blobs peers may get (signatures.py's policy)."""
+    transfers: Transfers
+    upstream: UpstreamFetch
+    may_share: Callable[[str], bool]
+
+
+async def _start_parts(lan: Lan, cfg: Config, store: Store, shared: _Shared, node_name: str,
+                       version: str) -> None:
     # libtorrent and zeroconf are loaded only when the node joins a LAN
     from .discovery import Discovery
+    from .peerfetch import PeerFetch
     from .relay import Relay
     from .sharing import Sharing
     from .swarm import Swarm
@@ -130,33 +164,36 @@ async def _start_parts(lan: Lan, cfg: Config, store: Store, credentials: Credent
     bt_host, bt_port = cfg.bt_listen
     if cfg.interface:
         peer_host = bt_host = cfg.interface
-    api = PeerApi(credentials)
+    assert lan.credentials is not None  # start_lan made them
+    api = PeerApi(lan.credentials)
     swarm = Swarm((bt_host, bt_port), cfg.cache_dir / "swarm", interface=cfg.interface)
     await swarm.start()
-    lan._parts.append(swarm)
+    lan._stack.push_async_callback(swarm.close)
     lan.swarm = swarm
-    peers = PeerSet(credentials, cfg.peer)
+    peers = PeerSet(lan.credentials, cfg.peer)
     lan.upload = PeerUploadCap(swarm.limit_upload)
     lan.upload.set_rate(cfg.peer_upload_rate)
-    lan.sharing = Sharing(store, swarm, peers, api, lan.upload, node_name=node_name,
+    lan.sharing = Sharing(store, swarm, peers, lan.upload, shared.transfers,
+                          shared.upstream, shared.may_share, node_name=node_name,
                           version=version, bt_port=bt_port)
-    store.on_removed = lan.sharing.forget_blob
-    lan.relay = Relay(peers, api, lan.upload)
+    store.removed.connect(lan.sharing.forget_blob)
+    lan.relay = Relay(peers, lan.upload, shared.transfers, shared.may_share)
     lan.api, lan.peers = api, peers
+    lan.peer_source = PeerFetch(store, lan.sharing, lan.relay, shared.upstream)
     await lan.sharing.seed_all()
     discovery = Discovery(lan.node_id, lan.cluster_id, peer_port, bt_port, version,
                           interface=cfg.interface)
-    discovery.on_change = lambda: _sync_discovered(discovery, peers)
+    discovery.changed.connect(lambda: _sync_discovered(discovery, peers))
 
     async def serve_api() -> None:
+        lan._stack.push_async_callback(api.close)
         await api.start(peer_host, peer_port)
-        lan._parts.append(api)
 
     async def join() -> None:
+        lan._stack.push_async_callback(peers.close)
         await peers.start()
-        lan._parts.append(peers)
+        lan._stack.push_async_callback(discovery.close)
         await discovery.start()
-        lan._parts.append(discovery)
 
     lan._opening = [serve_api, join]
     log.info("peers on: node %s in cluster %s, peer API %s:%d, BitTorrent %s:%d", lan.node_id,

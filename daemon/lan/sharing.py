@@ -13,19 +13,21 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import hubnames
-from .errors import InvalidName, PeerError, SwarmError, SwarmStalled
-from .peermsg import (
+from .. import hubnames
+from ..errors import InvalidName, PeerError, SwarmError, SwarmStalled
+from ..peermsg import (
     MAX_STATUS_TRANSFERS,
-    BlobTransfer,
     ChunkMap,
     PeerTransfer,
     parse_chunk_map,
     transfer_fields,
 )
-from .peers import BAN_SECONDS, Peer, PeerApi, PeerSet
-from .ratelimit import PeerUploadCap
-from .store import BlobId, Store, blob_hasher, xxh3_of_file
+from ..ratelimit import PeerUploadCap
+from ..registry import Transfers
+from ..store import BlobId, Store, blob_hasher, xxh3_of_file
+from ..upstreamfetch import UpstreamFetch
+from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
+from .plan import blob_transfers, peer_view
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,14 @@ class Holders:
 
 
 class Sharing:
-    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet, api: PeerApi,
-                 upload: PeerUploadCap, *, node_name: str, version: str, bt_port: int) -> None:
+    def __init__(self, store: Store, swarm: Swarm, peers: PeerSet,
+                 upload: PeerUploadCap, transfers: Transfers, upstream: UpstreamFetch,
+                 may_share: Callable[[str], bool], *, node_name: str, version: str,
+                 bt_port: int) -> None:
         self.store = store
         self.upload = upload  # peer_upload_rate: small blobs are sent within it
         self.swarm = swarm
         self.peers = peers
-        self.api = api
         self.node_name = node_name
         self.version = version
         self.bt_port = bt_port
@@ -60,16 +63,11 @@ class Sharing:
         self.torrents_dir.mkdir(exist_ok=True)
         self._seeded: dict[tuple[str, int], str] = {}  # (digest, index) -> info-hash
         self._making: dict[tuple[str, int], asyncio.Future[bytes | None]] = {}
-        self.transfer_state: Callable[[str], PeerTransfer | None] = lambda digest: None
-        self.blob_transfers: Callable[[], list[BlobTransfer]] = list
-        self.upstream_rate: Callable[[], float] = lambda: 0.0
-        self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
-        swarm.on_bad_peer = self._bad_peer
-        peers.on_change = self._peers_changed
-        api.route("GET", "/status", self._status, any_receiver=True)
-        api.route("GET", "/chunks/{digest}", self._chunk_map)
-        api.route("GET", "/torrent/{digest}/{idx}", self._torrent)
-        api.route("GET", "/blob/{digest}", self._blob)
+        self.transfers = transfers
+        self.upstream = upstream  # what the upstream gives this node, for the chunk maps
+        self.may_share = may_share  # signatures.py's policy
+        swarm.bad_peer.connect(self._bad_peer)
+        peers.changed.connect(self._peers_changed)
 
     # --- seeding: a chunk's torrent is made the first time a peer asks for it ---------------
     async def seed_all(self) -> None:
@@ -133,8 +131,15 @@ class Sharing:
             (self.torrents_dir / f"{key[0]}.{key[1]}.torrent").unlink(missing_ok=True)
 
     # --- the peer API -------------------------------------------------------------------
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("GET", "/status", self._status, any_receiver=True),
+                PeerRoute("GET", "/chunks/{digest}", self._chunk_map),
+                PeerRoute("GET", "/torrent/{digest}/{idx}", self._torrent),
+                PeerRoute("GET", "/blob/{digest}", self._blob)]
+
     async def _status(self, request: web.Request, sender: str) -> web.Response:
-        transfers = [t.to_json() for t in self.blob_transfers() if self.may_share(t.digest)]
+        transfers = [t.to_json() for t in blob_transfers(self.transfers)
+                     if self.may_share(t.digest)]
         return web.json_response({"node_id": self.peers.node_id, "name": self.node_name,
                                   "version": self.version, "bt_port": self.bt_port,
                                   "chunks": self.store.count_complete_chunks(SHARED_BLOB),
@@ -150,10 +155,10 @@ class Sharing:
         chunks = [{"index": c.idx, "info_hash": self._seeded.get((digest, c.idx), "")}
                   for c in self.store.complete_chunks(digest=digest, min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
-        state = self.transfer_state(digest)
-        transfer = {} if state is None else transfer_fields(state)
+        running = self.transfers.running.get(digest)
+        transfer = {} if running is None else transfer_fields(peer_view(running))
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  "upstream_rate": round(self.upstream_rate()), **transfer})
+                                  "upstream_rate": round(self.upstream.rate()), **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
@@ -332,3 +337,4 @@ def _checked_torrent(path: Path, length: int, xxh3: str) -> ChunkTorrent | None:
     if xxh3_of_file(path, length) != xxh3:
         return None
     return chunk_torrent(path)
+

@@ -17,11 +17,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from aiohttp import web
 
+from ..errors import BadMessage, PeerError, SignatureError
+from ..events import Signal
+from ..peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 from .cluster import (
     ANY_RECEIVER,
     EMPTY_BODY,
@@ -31,8 +34,6 @@ from .cluster import (
     Credentials,
     body_digest,
 )
-from .errors import BadMessage, PeerError, SignatureError
-from .peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,15 @@ class Peer:
 
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
+
+
+class PeerRoute(NamedTuple):
+    """A route of the peer API: handler(request, sender node id). `any_receiver`: it answers
+    a signed first contact that does not name this node (only GET /status does)."""
+    method: str
+    path: str
+    handler: Handler
+    any_receiver: bool = False
 
 
 class PeerApi:
@@ -146,8 +156,9 @@ class PeerApi:
         await web.TCPSite(self._runner, host, port, backlog=256).start()
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
 
 @dataclasses.dataclass
@@ -171,7 +182,7 @@ class PeerSet:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
-        self.on_change: Callable[[], None] = lambda: None
+        self.changed: Signal[[]] = Signal("peer set changed")
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -228,7 +239,7 @@ class PeerSet:
             self._banned_addresses[peer.address] = peer.banned_until
             log.warning("peer %s at %s banned for %.0fs: %s", node_id, peer.address, seconds,
                         reason)
-            self.on_change()
+            self.changed.emit()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:  # Any: as create_task takes
         task = asyncio.get_running_loop().create_task(coro)
@@ -265,7 +276,7 @@ class PeerSet:
             log.info("peer %s moved from %s:%d to %s:%d (proved by its key)", status.node_id,
                      peer.address, peer.peer_port, address, port)
             peer.address, peer.peer_port = address, port
-            self.on_change()
+            self.changed.emit()
         self._update(peer, status)
 
     async def _hello(self, address: str, port: int, expected: str) -> NodeStatus:
@@ -285,7 +296,7 @@ class PeerSet:
         except PeerError:
             if self.peers.pop(peer.node_id, None) is not None:
                 log.info("peer %s at %s left", peer.node_id, peer.address)
-                self.on_change()
+                self.changed.emit()
 
     # --- liveness -------------------------------------------------------------------------
     async def _liveness_loop(self) -> None:
@@ -310,7 +321,7 @@ class PeerSet:
             if peer.alive and time.time() - peer.last_seen > DEAD_AFTER:
                 peer.alive = False
                 log.warning("peer %s at %s stopped answering: %s", peer.node_id, peer.address, e)
-                self.on_change()
+                self.changed.emit()
             return
         self._update(peer, status)
 
@@ -323,7 +334,7 @@ class PeerSet:
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)
-            self.on_change()
+            self.changed.emit()
 
     # --- the client side of the peer API ----------------------------------------------------
     @contextlib.asynccontextmanager

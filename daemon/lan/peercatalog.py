@@ -18,12 +18,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from . import hubnames
-from .catalog import Catalog, FileEntry, Repo
-from .errors import InvalidName, PeerError
-from .peermsg import RepoListing, WarmFile, parse_repo_listing
-from .peers import Peer, PeerApi, PeerSet
-from .store import BlobId
+from .. import hubnames
+from ..catalog import Catalog, FileEntry, Repo
+from ..errors import InvalidName, PeerError
+from ..peermsg import RepoListing, WarmFile, parse_repo_listing
+from ..store import BlobId
+from .peers import Peer, PeerRoute, PeerSet
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,12 @@ ASK_TIMEOUT = 2.0  # a peer slower than this to list a repo is left out of the a
 
 
 class PeerCatalog:
-    def __init__(self, catalog: Catalog, peers: PeerSet, api: PeerApi) -> None:
+    def __init__(self, catalog: Catalog, peers: PeerSet) -> None:
         self.catalog = catalog
         self.peers = peers
-        api.route("GET", "/repo/{repo_type}/{repo_id:.+}", self._serve)
+
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("GET", "/repo/{repo_type}/{repo_id:.+}", self._serve)]
 
     async def _serve(self, request: web.Request, sender: str) -> web.Response:
         try:

@@ -12,22 +12,25 @@ from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
-from .errors import ChunkDamaged, PeerError, TransferFailed
-from .fetch import Fetcher
-from .peers import Peer, PeerApi, PeerSet
-from .ratelimit import PeerUploadCap
-from .store import BlobId
+from ..errors import ChunkDamaged, PeerError, TransferFailed
+from ..ratelimit import PeerUploadCap
+from ..registry import Transfers
+from ..store import BlobId
+from .peers import Peer, PeerRoute, PeerSet
 
 log = logging.getLogger(__name__)
 
 
 class Relay:
-    def __init__(self, peers: PeerSet, api: PeerApi, upload: PeerUploadCap) -> None:
+    def __init__(self, peers: PeerSet, upload: PeerUploadCap,
+                 transfers: Transfers, may_share: Callable[[str], bool]) -> None:
         self.peers = peers
         self.upload = upload  # peer_upload_rate
-        self.fetcher: Fetcher | None = None  # set once the daemon has one
-        self.may_share: Callable[[str], bool] = lambda digest: True  # signatures.py's policy
-        api.route("GET", "/relay/{digest}", self._serve)
+        self.transfers = transfers
+        self.may_share = may_share  # signatures.py's policy
+
+    def peer_routes(self) -> list[PeerRoute]:
+        return [PeerRoute("GET", "/relay/{digest}", self._serve)]
 
     async def stream(self, peer: Peer, blob: BlobId, start: int,
                      end: int) -> AsyncGenerator[bytes, None]:
@@ -48,8 +51,7 @@ class Relay:
 
     async def _serve(self, request: web.Request, sender: str) -> web.StreamResponse:
         digest = request.match_info["digest"]
-        if (self.fetcher is None or not self.may_share(digest)
-                or (transfer := self.fetcher.joinable(digest)) is None):
+        if not self.may_share(digest) or (transfer := self.transfers.joinable(digest)) is None:
             return web.json_response({"error": "not transferring this blob"}, status=404)
         try:
             start = int(request.query.get("start", "0"))
@@ -64,8 +66,8 @@ class Relay:
         peer = self.peers.peers.get(sender)
         try:
             with self.upload.stream() as pace:
-                async for _, n in self.fetcher.send(request.transport, transfer, start, end,
-                                                    to_peer=True, pace=pace):
+                async for _, n in self.transfers.send(request.transport, transfer, start, end,
+                                                      to_peer=True, pace=pace):
                     if peer is not None:
                         peer.bytes_to += n
         except ConnectionResetError:

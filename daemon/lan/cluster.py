@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .errors import SignatureError
-from .keyfile import cluster_id_of
+from ..errors import SignatureError
+from ..keyfile import cluster_id_of
 
 REPLAY_WINDOW = 30.0
 MAX_REMEMBERED_NONCES = 200_000

@@ -11,10 +11,11 @@ import contextlib
 import dataclasses
 import logging
 import socket
-from collections.abc import Callable
 
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from ..events import Signal
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Discovery:
         self.bt_port = bt_port
         self.version = version
         self.interface = interface
-        self.on_change: Callable[[], None] = lambda: None
+        self.changed: Signal[[]] = Signal("peers discovered or gone")
         self._peers: dict[str, PeerInfo] = {}  # by service name
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
@@ -91,7 +92,7 @@ class Discovery:
         if state_change is ServiceStateChange.Removed:
             if self._peers.pop(name, None) is not None:
                 log.info("mDNS: %s left", name)
-                self.on_change()
+                self.changed.emit()
             return
         task = asyncio.get_running_loop().create_task(self._resolve(name))
         self._tasks.add(task)
@@ -122,4 +123,4 @@ class Discovery:
         self._peers[name] = peer
         if known is None or (known.address, known.peer_port) != (peer.address, peer.peer_port):
             log.info("mDNS: found node %s at %s:%d", peer.node_id, peer.address, peer.peer_port)
-            self.on_change()
+            self.changed.emit()

@@ -1,0 +1,244 @@
+"""Where a node's next bytes of a blob come from while the LAN has them: relayed from the node
+the transfer plan picks (plan.py), complete chunks over BitTorrent from their holders, or a
+few MiB from the upstream to measure it; returns when the upstream should take over. The
+fetcher calls it through its PeerSource seam; with no LAN, NoPeers stands in for it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ..errors import PeerError
+from ..peermsg import PeerTransfer
+from ..store import BlobId, BlobWriter, Store
+from ..transfer import Origin, RateMeter, Transfer, TransferSource
+from ..upstreamfetch import UpstreamFetch
+from .peers import BAN_SECONDS, Peer
+from .plan import STALL_WINDOW, GoUpstream, Plan, Relay
+from .relay import Relay as RelayApi
+from .sharing import Holders, Sharing
+
+log = logging.getLogger(__name__)
+
+COMMIT_BATCH = 1024 * 1024  # fewer, larger writes: socket reads are small
+SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
+RACED_BLOB = 8 * 1024 * 1024  # smaller blobs go at once: fetching one twice costs little
+CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
+MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
+REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
+PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
+
+
+class PeerFetch:
+    def __init__(self, store: Store, sharing: Sharing, relay: RelayApi,
+                 upstream: UpstreamFetch) -> None:
+        self.store = store
+        self.sharing = sharing
+        self.relay = relay
+        self.upstream = upstream
+
+    async def fill(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
+        """As much of the blob, in order from the writer's offset, as LAN peers have or are
+        getting: relayed from other nodes transferring it (plan.py says which), over
+        BitTorrent where peers hold its chunks. Returns when the upstream should take over."""
+        blob = transfer.blob
+        transfer.mark_source(writer.offset, TransferSource.PEER)
+        plan = Plan(self.sharing.peers.node_id, blob.digest)
+        held_failed_at = -1  # where getting complete chunks from their holders broke last
+        looked_again = False  # before going to the upstream, the holders are asked twice
+        while writer.offset < blob.size:
+            held = await self.sharing.holders(blob)
+            if held.small:
+                data = await self.sharing.small_blob(blob, held.small)
+                if data is not None:
+                    await _write(transfer, writer, memoryview(data)[writer.offset:])
+                break
+            decision = plan.decide(held.transfers, writer.offset)
+            overtake = isinstance(decision, Relay) and plan.overtakes(
+                held.transfers, decision.node, held.upstream_rates, self.upstream.rate())
+            log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
+                      ", overtaking it" if overtake else "", held.transfers)
+            chunks = (_without(held.chunks, decision.node)
+                      if overtake and isinstance(decision, Relay) else held.chunks)
+            run = self._held_run(blob, writer.offset, chunks)
+            relay = decision.node if isinstance(decision, Relay) and not overtake else ""
+            if relay and not (run and writer.offset != held_failed_at
+                              and _has_nothing_past(held, relay, writer.offset)):
+                await self._relay_decided(transfer, writer, plan, held, relay, origin)
+            elif run:
+                # complete chunks somewhere beat the upstream, and a feeder that waits for its
+                # own bytes: BitTorrent from their holders (if that breaks, the feeder again)
+                if not await self._chunks_held(transfer, writer, chunks, held):
+                    if not relay:
+                        break
+                    held_failed_at = writer.offset
+            elif isinstance(decision, GoUpstream) or (
+                    decision is None and blob.size >= RACED_BLOB and self.sharing.peers.usable()):
+                # nobody fetches it yet, or no peer knew of it: a node that started it at the
+                # same instant may be first, or may not have asked for it yet when asked; look
+                # once more, after SETTLE, before going to the upstream
+                if looked_again:
+                    break
+                looked_again = True
+                await asyncio.sleep(max(0.0, SETTLE - (time.monotonic() - transfer.started)))
+            else:
+                if overtake and isinstance(decision, Relay):
+                    if not await self._still_overtakes(plan, transfer, decision.node):
+                        continue
+                    log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
+                             "gives more; fetching the rest from there", transfer.label,
+                             decision.node,
+                             (plan.delivered(decision.node, held.transfers) or 0) / 1e6)
+                break
+        transfer.feeder = ""
+        transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
+
+    def blame(self, transfer: Transfer) -> None:
+        """The blob failed its digest: the peers that sent parts of it are not trusted again
+        for a while (the upstream alone cannot produce a wrong blob twice)."""
+        for node_id in transfer.peers_used:
+            self.sharing.peers.ban(node_id, BAN_SECONDS, f"{transfer.label} built with its "
+                                   "bytes failed the blob digest")
+
+    async def _still_overtakes(self, plan: Plan, transfer: Transfer,
+                               node: str) -> bool:
+        """Whether overtaking `node` still stands after a pause of this node's own and fresh
+        chunk maps: two nodes that each took themselves for the first behind it (their news
+        a round apart) do not both go to the upstream; the later one sees the earlier one
+        fetching and relays from it."""
+        await asyncio.sleep(plan.overtake_pause())
+        held = await self.sharing.holders(transfer.blob)
+        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate())
+
+    async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
+                             held: Holders, node: str, origin: Origin) -> None:
+        """Relay from the node the plan chose for a while, or first measure the upstream
+        when only that node knows what it gives."""
+        peer = self.sharing.peers.peers.get(node)
+        if peer is None:
+            plan.drop(node)
+        elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self.upstream.rate())
+                and not plan.probed and not self.upstream.probing
+                and transfer.blob.size >= PROBED_BLOB):
+            plan.probed = True
+            await self.upstream.probe(transfer, writer, origin)
+        else:
+            await self._relay_from(transfer, writer, plan, held.transfers, peer)
+
+    async def _chunks_held(self, transfer: Transfer, writer: BlobWriter,
+                           chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
+        """The complete chunks peers hold from the writer's offset on, over BitTorrent; False
+        when there are none or the transfer broke."""
+        run = self._held_run(transfer.blob, writer.offset, chunks)
+        known = self.sharing.peers.peers
+        co = [known[n] for n in held.transfers if n in known]
+        return bool(run) and await self._stream_chunks(transfer, writer, run, chunks, co)
+
+    async def _relay_from(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
+                          transfers: dict[str, PeerTransfer], peer: Peer) -> None:
+        """Bytes of the blob from `peer`'s copy as they land there, for REPLAN_EVERY seconds
+        at most (then the plan is made again with fresh news), to the end of the current
+        chunk, or until the peer is silent for the stall window."""
+        before = writer.offset
+        end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
+        transfer.peers_used.add(peer.node_id)
+        transfer.feeder = peer.node_id
+        meter = RateMeter()
+        batch: list[bytes] = []  # socket reads are small: fewer, larger writes cost less CPU
+        pos = before  # the blob offset after the bytes received
+        stream = self.relay.stream(peer, transfer.blob, before, end)
+        try:
+            async with contextlib.aclosing(stream):
+                while meter.age < REPLAN_EVERY:
+                    try:
+                        data = await asyncio.wait_for(anext(stream), STALL_WINDOW)
+                    except StopAsyncIteration:
+                        break
+                    batch.append(data)
+                    meter.add(len(data))
+                    pos += len(data)
+                    if pos - writer.offset >= COMMIT_BATCH:
+                        await self._write_batch(transfer, writer, batch)
+                        batch = []
+        except TimeoutError:
+            dropped = plan.stalled(peer.node_id, transfers, pos)
+            log.warning("relaying %s from peer %s: no byte for %.0fs at byte %d; %s",
+                        transfer.label, peer.node_id, STALL_WINDOW, pos,
+                        "trying another source" if dropped else "looking again")
+        except PeerError as e:
+            plan.drop(peer.node_id)
+            log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
+                     peer.node_id, pos, e)
+        if meter.age >= CHECK_EVERY:
+            plan.measured[peer.node_id] = meter.rate
+            if (meter.rate < MIN_RELAY_RATE
+                    and plan.stalled(peer.node_id, transfers, pos)):
+                log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
+                            transfer.label, peer.node_id, meter.rate)
+        await self._write_batch(transfer, writer, batch)
+
+    async def _write_batch(self, transfer: Transfer, writer: BlobWriter,
+                           pieces: list[bytes]) -> None:
+        """Pieces from a peer, in order: into the files while they are in the CPU cache, then
+        hashed as read back (no joining of the pieces, a copy)."""
+        n = sum(len(p) for p in pieces)
+        if n:
+            await writer.put(writer.offset, pieces)
+            await writer.commit(n)
+            transfer.bytes_peers += n
+            transfer.advance(writer.offset)
+
+    def _held_run(self, blob: BlobId, offset: int,
+                  chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:
+        """The chunks from the one holding `offset` on that some peer holds, in a row."""
+        run = []
+        for chunk in self.store.chunks(blob):
+            if chunk.offset + chunk.length <= offset:
+                continue
+            if chunk.idx not in chunks:
+                break
+            run.append(chunk.idx)
+        return run
+
+    async def _stream_chunks(self, transfer: Transfer, writer: BlobWriter, run: list[int],
+                             chunks: dict[int, list[tuple[Peer, str]]],
+                             co_downloaders: list[Peer]) -> bool:
+        blob = transfer.blob
+        pos = run[0] * self.store.chunk_size  # the blob offset of the bytes coming next
+        try:
+            async for data in self.sharing.chunks_in_order(blob, run, chunks, co_downloaders):
+                skip = max(0, writer.offset - pos)
+                pos += len(data)
+                await _write(transfer, writer, memoryview(data)[skip:])
+        except PeerError as e:
+            log.warning("getting %s from peers stopped at byte %d (%s); the upstream takes "
+                        "over", transfer.label, writer.offset, e)
+            return False
+        finally:
+            transfer.peers_used.update(chunks[i][0][0].node_id for i in run if chunks.get(i))
+        return True
+
+
+async def _write(transfer: Transfer, writer: BlobWriter, data: memoryview) -> None:
+    """Bytes from peers, in order."""
+    if data:
+        await writer.write(data)
+        transfer.bytes_peers += len(data)
+        transfer.advance(writer.offset)
+
+
+def _has_nothing_past(held: Holders, node: str, offset: int) -> bool:
+    """Whether `node` has no byte of the blob past `offset` yet: waiting for it loses to
+    complete chunks that other peers hold (a slow upstream fetcher can be minutes away)."""
+    t = held.transfers.get(node)
+    return t is None or t.available <= offset
+
+
+def _without(chunks: dict[int, list[tuple[Peer, str]]],
+             node: str) -> dict[int, list[tuple[Peer, str]]]:
+    """Who holds which chunk, leaving out one node (an upstream fetcher being overtaken)."""
+    left = {i: [(p, ih) for p, ih in holders if p.node_id != node]
+            for i, holders in chunks.items()}
+    return {i: holders for i, holders in left.items() if holders}

@@ -1,0 +1,255 @@
+"""The upstream side of a transfer: a blob's bytes from the Hub (or the CDN it redirects to),
+over several Range requests at once (segments) put into the store's files as they arrive and
+committed in order, or as one stream from an origin that ignores Range; a break resumes at
+the exact byte. Also what the upstream gives this node lately, measured from whole transfers
+and short probes (the LAN's transfer plan compares it with what peers deliver)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import aiohttp
+from yarl import URL
+
+from .errors import RangeIgnored, TransferFailed, UpstreamError, UpstreamRefused
+from .store import BlobWriter
+from .transfer import Origin, Transfer, TransferSource
+from .upstream import Upstream, backoff
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 8 * 1024 * 1024
+MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
+COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
+PROBE_BYTES = 4 * 1024 * 1024
+UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
+READ_ERRORS = (UpstreamError, OSError, TimeoutError, aiohttp.ClientError)
+
+
+class _Segment:
+    """Bytes [start, end) of the blob, read over one connection and put into the store's
+    files as they arrive (no buffer holds the segment); committed in order later."""
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.filled = 0  # bytes from start on that are in the store's files
+        self.finished = False
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+        self.pending: list[bytes] = []  # received, not yet put: at most COMMIT_BATCH bytes
+        self.pending_bytes = 0
+
+    async def put_pending(self, writer: BlobWriter) -> None:
+        if not self.pending:
+            return
+        try:
+            await writer.put(self.start + self.filled, self.pending)
+        except OSError as e:
+            raise _StoreFailed(f"writing {writer.blob.digest}: {e}") from e
+        self.filled += self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        self.changed.set()
+
+
+class _StoreFailed(Exception):
+    """Putting received bytes into the store failed: the disk, not the upstream."""
+
+
+class UpstreamFetch:
+    def __init__(self, upstream: Upstream, *, connections: int = 4, offline: bool = False,
+                 max_transfers: int = 8, on_bytes: Callable[[int], None] = lambda n: None,
+                 on_error: Callable[[str], None] = lambda kind: None) -> None:
+        self.upstream = upstream
+        self.connections = connections
+        self.offline = offline
+        # a memory bound: blobs read from the upstream at once
+        self._slots = asyncio.Semaphore(max_transfers)
+        self._on_bytes = on_bytes  # metrics: file bytes read from the upstream
+        self._on_error = on_error  # metrics: a read that broke, by the error's kind
+        self._rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
+        self.probing = False  # one probe at a time: its rate serves every transfer
+
+    async def fetch_rest(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
+        """The blob from the writer's offset to its end."""
+        blob = transfer.blob
+        if self.offline:
+            raise UpstreamError("offline mode: the blob is not fully cached")
+        async with self._slots:
+            log.info("fetching %s (%s) from upstream at byte %d of %d",
+                     origin.label, blob.digest[:12], writer.offset, blob.size)
+            started, before = time.monotonic(), writer.offset
+            await self._from_upstream(transfer, writer, origin)
+            self._note_rate(writer.offset - before, time.monotonic() - started)
+
+    def rate(self) -> float:
+        """What the upstream gave this node lately (0: not known), from whole transfers and
+        probes: a running transfer's rate swings as its segments land in bursts."""
+        rate, when = self._rate
+        return rate if time.monotonic() - when < UPSTREAM_RATE_KEPT else 0.0
+
+    def _note_rate(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= PROBE_BYTES and seconds > 0:  # a smaller read says little of the rate
+            self._rate = (nbytes / seconds, time.monotonic())
+
+    async def probe(self, transfer: Transfer, writer: BlobWriter,
+                              origin: Origin) -> None:
+        """The next PROBE_BYTES from the upstream, to learn what it gives this node."""
+        start, end = writer.offset, min(transfer.blob.size, writer.offset + PROBE_BYTES)
+        transfer.mark_source(start, TransferSource.UPSTREAM)
+        transfer.probing = True  # peers must not take this node for an upstream fetcher
+        self.probing = True
+        try:
+            url = await self._locate(origin)
+            transfer.upstream_origin = origin
+            began = time.monotonic()
+            async for data in self.upstream.read_range(url, start, end, token=origin.token):
+                await writer.write(data)
+                transfer.bytes_upstream += len(data)
+                self._on_bytes(len(data))
+                transfer.advance(writer.offset)
+        except READ_ERRORS as e:
+            log.info("probing the upstream for %s failed: %s", transfer.label, e)
+            return
+        finally:
+            transfer.probing = self.probing = False
+            transfer.mark_source(writer.offset, TransferSource.PEER)
+        self._note_rate(writer.offset - start, time.monotonic() - began)
+        log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
+                 self.rate() / 1e6, writer.offset - start)
+
+    async def _locate(self, origin: Origin) -> URL:
+        """The URL the upstream serves the bytes at (a CDN after a redirect, or the Hub)."""
+        answer = await self.upstream.hub("HEAD", origin.resolve_path, token=origin.token,
+                                         headers={"Accept-Encoding": "identity"})
+        if answer.status in (301, 302, 303, 307, 308) and answer.location is not None:
+            return answer.location
+        if answer.status == 200:
+            return answer.url
+        if answer.status in (401, 403):
+            raise UpstreamRefused(f"upstream answered HTTP {answer.status} for {origin.label}: "
+                                  "a token with access to the repo is needed")
+        raise UpstreamError(f"upstream answered HTTP {answer.status} for {origin.label}")
+
+    async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
+        url = await self._locate(origin)
+        transfer.upstream_origin = origin
+        transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
+        if self.upstream.serves_ranges(url):
+            try:
+                await self._read_segments(transfer, writer, origin, url)
+                return
+            except RangeIgnored as e:
+                log.warning("fetching %s: %s; reading it as one stream", origin.label, e)
+        await self._read_sequentially(transfer, writer, origin, url)
+
+    async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                             url: URL) -> None:
+        """The rest of the blob over several connections at once, one Range each."""
+        size = transfer.blob.size
+        starts = range(writer.offset, size, SEGMENT)
+        segments: list[_Segment] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i in range(len(starts)):
+                while len(segments) < min(len(starts), i + self.connections):
+                    start = starts[len(segments)]
+                    segments.append(_Segment(start, min(start + SEGMENT, size)))
+                    tasks.append(asyncio.create_task(
+                        self._fill(segments[-1], url, origin, transfer, writer)))
+                await self._commit(segments[i], writer, transfer)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _read_sequentially(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                                 url: URL) -> None:
+        """The rest of the blob over one connection, for an origin that ignores Range; after
+        a break it is asked again from where it stopped (skipping what is already here)."""
+        log.info("fetching %s from %s as one stream at byte %d (it ignores Range)",
+                 origin.label, url.host, writer.offset)
+        failures = 0
+        while writer.offset < transfer.blob.size:
+            before = writer.offset
+            try:
+                async for data in self.upstream.read_from(url, writer.offset, transfer.blob.size,
+                                                           token=origin.token):
+                    await self._write(transfer, writer, data)
+            except READ_ERRORS as e:
+                failures = 0 if writer.offset > before else failures + 1
+                url = await self._after_break(origin, url, failures, writer.offset, e)
+
+    async def _write(self, transfer: Transfer, writer: BlobWriter, data: bytes) -> None:
+        """Bytes of a stream read in order."""
+        if data:
+            await writer.write(data)
+            transfer.bytes_upstream += len(data)
+            self._on_bytes(len(data))
+            transfer.advance(writer.offset)
+
+    async def _after_break(self, origin: Origin, url: URL, failures: int, pos: int,
+                           error: Exception) -> URL:
+        """An upstream read broke at `pos`, the `failures`th time in a row without progress:
+        give up, or wait and return the URL to resume at."""
+        self._on_error(type(error).__name__)
+        if failures >= MAX_ATTEMPTS_WITHOUT_PROGRESS:
+            raise UpstreamError(f"{origin.label}: byte {pos} failed {failures} times: "
+                                f"{error}") from error
+        log.warning("upstream read of %s at byte %d broke (%s); resuming", origin.label, pos,
+                    error)
+        await backoff(failures)
+        return await self._locate(origin) if failures >= 2 else url  # a signed URL may expire
+
+    async def _commit(self, seg: _Segment, writer: BlobWriter,
+                      transfer: Transfer) -> None:
+        written = 0
+        while True:
+            pending = seg.filled - written
+            if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
+                                                         or written == 0)):
+                await writer.commit(pending)
+                written += pending
+                transfer.advance(writer.offset)
+                continue
+            if seg.error is not None:
+                raise seg.error
+            if seg.finished:
+                return
+            seg.changed.clear()
+            await seg.changed.wait()
+
+    async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
+                    writer: BlobWriter) -> None:
+        failures = 0
+        try:
+            while seg.start + seg.filled < seg.end:
+                before = seg.filled
+                try:
+                    async for data in self.upstream.read_range(
+                            url, seg.start + seg.filled, seg.end, token=origin.token):
+                        seg.pending.append(data)
+                        seg.pending_bytes += len(data)
+                        transfer.bytes_upstream += len(data)
+                        self._on_bytes(len(data))
+                        # the first bytes at once: the committer may be waiting for them
+                        if seg.pending_bytes >= COMMIT_BATCH or seg.filled == 0:
+                            await seg.put_pending(writer)
+                    await seg.put_pending(writer)
+                except (RangeIgnored, _StoreFailed):
+                    raise
+                except READ_ERRORS as e:
+                    await seg.put_pending(writer)  # what arrived before the break is good
+                    failures = 0 if seg.filled > before else failures + 1
+                    url = await self._after_break(origin, url, failures,
+                                                  seg.start + seg.filled, e)
+            seg.finished = True
+        except BaseException as e:
+            cause = e.__cause__ if isinstance(e, _StoreFailed) else e
+            seg.error = cause if isinstance(cause, Exception) else TransferFailed("cancelled")
+            raise
+        finally:
+            seg.changed.set()
