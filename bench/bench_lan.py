@@ -23,24 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_proxy import cpu_seconds, nginx_serving  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
+from tests.harness import wait_for  # noqa: E402
 from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
-
-TIMED_GET = """
-import hashlib, sys, time, urllib.request
-h = hashlib.sha256(); t = time.perf_counter()
-with urllib.request.urlopen(sys.argv[1], timeout=600) as r:
-    while data := r.read(1 << 20):
-        h.update(data)
-print(time.perf_counter() - t, h.hexdigest())
-"""
-
-
-def timed_get(lab: Lab, host: str, url: str) -> tuple[float, str]:
-    out = lab.run(host, sys.executable, "-c", TIMED_GET, url, timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-2000:])
-    seconds, digest = out.stdout.split()
-    return float(seconds), digest
 
 
 def shutdown(nginx: subprocess.Popen[bytes] | None, cluster: Cluster, hub: FakeHub,
@@ -83,18 +67,18 @@ def main() -> None:
         hub.start(timeout=600)
         for h in ("h1", "h2"):
             cluster.start(h, None, "--chunk-size", "64MiB", "--log-level", "info")
-        lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+        cluster.wait_connected("h1", "h2")
         url = "/acme/big/resolve/main/big.bin"
         pids = {h: d.proc.pid for h, d in cluster.nodes.items() if d.proc is not None}
         cpu_before = cpu_seconds(pids["h1"])
-        t_up, digest = timed_get(lab, "h1", cluster.nodes["h1"].url + url)
+        t_up, digest = lab.timed_get("h1", cluster.nodes["h1"].url + url)
         cpu_up = cpu_seconds(pids["h1"]) - cpu_before
         chunks = -(-size // (64 * 1024 * 1024))
-        lab.wait_for("h1 seeds every chunk", lambda: any(
+        wait_for(lambda: any(
             p["name"] == "h1" and p["chunks_held"] >= chunks for p in cluster.peers("h2")),
-            timeout=120)
+                 "h1 seeds every chunk", timeout=120)
         cpu_before = cpu_seconds(pids["h2"])
-        t_p2p, got = timed_get(lab, "h2", cluster.nodes["h2"].url + url)
+        t_p2p, got = lab.timed_get("h2", cluster.nodes["h2"].url + url)
         cpu_p2p = cpu_seconds(pids["h2"]) - cpu_before
         assert got == digest, "h2 got different bytes"
         served = cluster.nodes["h2"].status()["served_bytes"]
@@ -103,7 +87,7 @@ def main() -> None:
         www.mkdir()
         os.link(blob, www / "big.bin")
         nginx, base = nginx_serving(www, work, lab.ns("h1"), lab.ip("h1"))
-        t_http, got = timed_get(lab, "h2", base + "/big.bin")
+        t_http, got = lab.timed_get("h2", base + "/big.bin")
         assert got == digest
     finally:
         shutdown(nginx, cluster, hub, lab)

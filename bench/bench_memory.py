@@ -25,11 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
-from tests.harness import Modelpeerd, PeakRss, proc_status_kib  # noqa: E402
+from tests.harness import MiB, Modelpeerd, PeakRss, proc_status_kib  # noqa: E402
 from tests.loadclient import many_readers  # noqa: E402
 
 REPO, FILE = "acme/big", "big.bin"
-MiB = 1024 * 1024
 
 
 @dataclasses.dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bench_proxy import cpu_seconds  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from modelpeer.daemon.signatures import parse_rule, verified_manifest  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
@@ -64,12 +65,6 @@ def timed_get(url: str) -> tuple[float, float, str]:
             h.update(data)
             data = resp.read(1024**2)
     return first, time.perf_counter() - started, h.hexdigest()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cold_download(hub: FakeHub, cache: Path, extra: list[str],

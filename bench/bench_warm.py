@@ -26,9 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_lan import shutdown, timed_get  # noqa: E402
+from bench.bench_lan import shutdown  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
-from tests.fakehub import FakeHub, http_json  # noqa: E402
+from tests.fakehub import FakeHub  # noqa: E402
+from tests.harness import http_json  # noqa: E402
 from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
 
 FILE = "/acme/big/resolve/main/big.bin"
@@ -76,7 +77,7 @@ http {{
 def all_at_once(lab: Lab, hosts: list[str], urls: list[str]) -> float:
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
-        list(pool.map(lambda hu: timed_get(lab, hu[0], hu[1]), zip(hosts, urls, strict=True)))
+        list(pool.map(lambda hu: lab.timed_get(hu[0], hu[1]), zip(hosts, urls, strict=True)))
     return time.perf_counter() - started
 
 
@@ -84,10 +85,7 @@ def start_nodes(cluster: Cluster, hosts: list[str], timeout: float = 30) -> None
     """A daemon on each host (info logs), then wait until each sees all the others."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda h: cluster.start(h, None, "--log-level", "info"), hosts))
-    for h in hosts:
-        cluster.lab.wait_for(f"{h} sees the others",
-                             lambda h=h: len(cluster.live_names(h)) == len(hosts) - 1,
-                             timeout=timeout)
+    cluster.wait_connected(*hosts, timeout=timeout)
 
 
 def warm_all(cluster: Cluster, host: str, repo: str, timeout: float = 1200) -> float:
@@ -116,7 +114,7 @@ def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, flo
         hub.start(timeout=600)
         cdn = f"http://{lab.ip('up')}:8081"
         path = cdn_path(lab, hub)
-        result["lower_bound"], _ = timed_get(lab, "h1", cdn + path)
+        result["lower_bound"], _ = lab.timed_get("h1", cdn + path)
         result["direct"] = all_at_once(lab, hosts, [cdn + path] * n)
         nginx = nginx_cache(lab, f"h{n + 1}", work, cdn)
         result["nginx"] = all_at_once(lab, hosts, [f"http://{lab.ip(f'h{n + 1}')}:8090{path}"] * n)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from tests.fakehub import FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
+KiB = 1024
+MiB = 1024 * 1024
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
 
 
@@ -34,20 +37,47 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def get_json(url: str, method: str = "GET", timeout: float = 10) -> Any:
-    req = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
+_HTTP_JSON = """
+import json, sys, urllib.request
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, data=body.encode() if body else None, method=method,
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as resp:
+    sys.stdout.write(resp.read().decode())
+"""
 
 
-def raw(d: Modelpeerd, method: str, path: str, headers: Mapping[str, str | None] | None = None,
+def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | None = None,
+              timeout: float = 30) -> Any:
+    """A JSON request, run inside a network namespace when prefix_cmd enters one."""
+    payload = json.dumps(body) if body is not None else ""
+    if not prefix_cmd:
+        req = urllib.request.Request(url, data=payload.encode() if payload else None,
+                                     method=method, headers={"Content-Type": "application/json"})
+        with DIRECT.open(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    out = subprocess.run([*(prefix_cmd or []), sys.executable, "-c", _HTTP_JSON, method, url,
+                          payload, str(timeout)], capture_output=True, timeout=timeout + 10)
+    if out.returncode != 0:
+        raise OSError(f"{method} {url} failed: {out.stderr.decode()[-800:]}")
+    return json.loads(out.stdout)
+
+
+def raw(d: Modelpeerd | str, method: str, path: str,
+        headers: Mapping[str, str | None] | None = None,
         body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One request with exactly these headers (a browser's, a hostile client's): Host defaults
-    to the daemon's address, and a header given as None is not sent at all."""
-    headers = {"Host": f"{d.host}:{d.port}", **(headers or {})}
+    """One request to the daemon `d` (or the server at a base URL) with exactly these headers
+    (a browser's, a hostile client's): Host defaults to the server's address, and a header
+    given as None is not sent at all."""
+    if isinstance(d, str):
+        split = urllib.parse.urlsplit(d)
+        host, port = split.hostname or "", split.port or 80
+    else:
+        host, port = d.host, d.port
+    headers = {"Host": f"{host}:{port}", **(headers or {})}
     if body is not None:
         headers["Content-Length"] = str(len(body))
-    conn = http.client.HTTPConnection(d.host, d.port, timeout=30)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
         for name, value in headers.items():
@@ -68,15 +98,37 @@ def cli(d: Modelpeerd | str, *args: str,
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
 
 
-def fetch(url: str, headers: dict[str, str] | None = None,
-          method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+def fetch(url: str, headers: dict[str, str] | None = None, method: str = "GET",
+          body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) of one request, also when the status is an error."""
-    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    req = urllib.request.Request(url, headers=headers or {}, method=method, data=body)
     try:
         with DIRECT.open(req, timeout=10) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def get_body(url: str, headers: dict[str, str] | None = None, timeout: float = 60) -> bytes:
+    """The body of a GET answered 200; an error status raises urllib's HTTPError, a cut
+    connection http.client's IncompleteRead."""
+    with DIRECT.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
+        return r.read()
+
+
+def read_in_background(url: str) -> threading.Thread:
+    """A client reading the whole body in a thread of its own; the test may stop the server
+    under it, so a failed read is not an error."""
+    def read() -> None:
+        try:
+            with DIRECT.open(url, timeout=120) as resp:
+                resp.read()
+        except (OSError, http.client.HTTPException):
+            pass
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
 
 
 def proc_status_kib(pid: int, field: str) -> int:
@@ -111,15 +163,25 @@ class PeakRss:
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
-    """Poll `check` until it returns something true; fail naming `what` after `timeout`."""
+    """Poll `check` until it returns something true; fail naming `what` after `timeout`.
+    A check that raises OSError (a daemon or a lab host not answering yet) is not true yet."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
+        try:
+            last = check()
+        except OSError as e:
+            last = e
+        else:
+            if last:
+                return last
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not true after {timeout}s (last: {last!r:.300})")
+
+
+def transferring(d: Modelpeerd, at_least: int = 1) -> bool:
+    """Whether `d` is making a blob available and has at least `at_least` bytes of it in."""
+    return any(t["available"] >= at_least for t in d.status()["transfers"])
 
 
 class Modelpeerd:
@@ -136,7 +198,7 @@ class Modelpeerd:
         self.extra = extra or []
         self.prefix_cmd = prefix_cmd or []
         self.env = env or {}
-        self.get = getter or get_json
+        self.get = getter or (lambda url: http_json("GET", url, timeout=10))
         self.peers = peers
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = cache_dir.parent / f"{cache_dir.name}.log"
@@ -165,24 +227,44 @@ class Modelpeerd:
         return self
 
     def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"modelpeerd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if self.get(self.url + "/_modelpeer/v1/health")["status"] == "ok":
-                    return
-            except (OSError, urllib.error.URLError, ValueError):
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"modelpeerd not healthy after {timeout}s:\n{self.log()}")
+        try:
+            wait_for(self._healthy, "modelpeerd healthy", timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}\n{self.log()}") from None
+
+    def _healthy(self) -> bool:
+        """Whether the health check answers ok; raises if the process has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"modelpeerd exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return bool(self.get(self.url + "/_modelpeer/v1/health")["status"] == "ok")
+        except ValueError:  # a half-started server's answer; OSError is wait_for's to retry
+            return False
 
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+    def log_size(self) -> int:
+        """Where the log stands now: `logged(since=...)` gives what comes after."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def logged(self, since: int = 0) -> str:
+        """The whole log from byte `since` on (`log()` is only its tail, for failure messages)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
+    def reload(self, until_logged: str, timeout: float = 10) -> None:
+        """SIGHUP, then wait until the log says `until_logged` (the reload's outcome)."""
+        assert self.proc is not None, "reload of a daemon never started"
+        since = self.log_size()
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: until_logged in self.logged(since), f"the log says {until_logged!r}",
+                 timeout=timeout)
 
     def status(self) -> dict[str, Any]:
         return self.get(self.url + "/_modelpeer/v1/status")
@@ -205,6 +287,16 @@ class Modelpeerd:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def keyed_daemon(cache_dir: Path, upstream: str, key: Path, *extra: str,
+                 peer_port: int = 0) -> Modelpeerd:
+    """A modelpeerd (not started) holding the cluster key `key`, its peer API (on `peer_port`
+    if given) and BitTorrent on free local ports."""
+    return Modelpeerd(cache_dir, upstream, peers=True, extra=[
+        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
+        "--peer-listen", f"127.0.0.1:{peer_port or free_port()}",
+        "--bt-listen", f"127.0.0.1:{free_port()}", *extra])
 
 
 def hf_client(endpoint: str, hf_home: Path, call: str, *args: Any, token: str | None = None,

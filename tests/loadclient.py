@@ -11,14 +11,14 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import xxhash
 
+from tests.harness import ROOT
+
 READ = 1024 * 1024
-ROOT = Path(__file__).resolve().parent.parent
 
 
 async def read_one(session: aiohttp.ClientSession, url: str) -> str:

@@ -30,16 +30,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from tests.fakehub import FakeHub, http_json
-from tests.harness import ROOT, Modelpeerd, hf_client, tree_bytes
+from tests.fakehub import MODEL, FakeHub
+from tests.harness import ROOT, Modelpeerd, download, http_json, snapshot, wait_for
+from tests.netlab_capture import BRIDGE
 
 SUBNET = "198.18.0"
 UPSTREAM = "up"
 SWITCH = "sw"
-BRIDGE = "br0"
 MAX_HOSTS = 253  # .254 is the upstream host
 PCAP_HEADER = struct.Struct("<IHHiIII")
 PCAP_RECORD = struct.Struct("<IIII")
+
+# A GET timed inside a host, the body hashed as a client would: "SECONDS SHA256" on stdout.
+TIMED_GET = """
+import hashlib, sys, time, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+started, digest = time.perf_counter(), hashlib.sha256()
+with opener.open(sys.argv[1], timeout=float(sys.argv[2])) as resp:
+    while data := resp.read(1 << 20):
+        digest.update(data)
+print(time.perf_counter() - started, digest.hexdigest())
+"""
 
 
 def netlab_available() -> str:
@@ -217,18 +228,14 @@ class Lab:
         return subprocess.run([*self.ns(host), *cmd], capture_output=True, text=True,
                               timeout=timeout, cwd=ROOT)
 
-    def wait_for(self, what: str, check: Any, timeout: float = 30) -> Any:
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                last = check()
-                if last:
-                    return last
-            except OSError as e:
-                last = e
-            time.sleep(0.3)
-        raise TimeoutError(f"{what}: not true after {timeout}s (last: {last})")
+    def timed_get(self, host: str, url: str, timeout: float = 900) -> tuple[float, str]:
+        """(seconds, sha256) of a GET of `url` from inside `host`."""
+        out = self.run(host, sys.executable, "-c", TIMED_GET, url, str(timeout),
+                       timeout=timeout + 30)
+        if out.returncode != 0:
+            raise LabError(f"GET {url} from {host} failed: {out.stderr[-2000:]}")
+        seconds, digest = out.stdout.split()
+        return float(seconds), digest
 
 
 def write_key(path: Path) -> Path:
@@ -258,6 +265,19 @@ class Cluster:
         self.nodes[host] = d
         return d.start()
 
+    def start_all(self, *hosts: str) -> None:
+        """A daemon with the defaults on each host, then wait until each sees the others."""
+        for h in hosts:
+            self.start(h)
+        self.wait_connected(*hosts)
+
+    def wait_connected(self, *hosts: str, timeout: float = 30) -> None:
+        """Until each of `hosts` sees every other one live."""
+        for h in hosts:
+            others = set(hosts) - {h}
+            wait_for(lambda h=h, o=others: self.live_names(h) >= o,
+                     f"{h} sees {', '.join(sorted(others))}", timeout=timeout)
+
     def peers(self, host: str) -> list[dict[str, object]]:
         d = self.nodes[host]
         return self.lab.get_json(host, d.url + "/_modelpeer/v1/peers")["peers"]
@@ -265,13 +285,20 @@ class Cluster:
     def live_names(self, host: str) -> set[str]:
         return {str(p["name"]) for p in self.peers(host) if p["alive"]}
 
-    def snapshot(self, host: str, repo: str = "acme/tiny-tts") -> dict[str, bytes]:
+    def snapshot(self, host: str, repo: str = MODEL) -> dict[str, bytes]:
+        """The repo as the real Hub client on `host` gets it, into a fresh HF cache."""
+        return snapshot(self.nodes[host], self._new_hf_home(host), repo,
+                        prefix_cmd=self.lab.ns(host))
+
+    def download(self, host: str, repo: str, filename: str, timeout: float = 180) -> bytes:
+        """One file as the real Hub client on `host` gets it, into a fresh HF cache."""
+        return download(self.nodes[host], self._new_hf_home(host), repo, filename,
+                        prefix_cmd=self.lab.ns(host), timeout=timeout)
+
+    def _new_hf_home(self, host: str) -> Path:
         home = self.tmp / f"hf-{host}-{time.monotonic_ns()}"
         home.mkdir()
-        out = hf_client(self.nodes[host].url, home, "snapshot_download", repo,
-                        prefix_cmd=self.lab.ns(host))
-        assert "result" in out, out
-        return tree_bytes(Path(out["result"]))
+        return home
 
     def cli(self, host: str, *args: str) -> subprocess.CompletedProcess[str]:
         """The `modelpeer` CLI on `host`, talking to that host's daemon."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,16 +16,7 @@ from modelpeer.daemon.lan.cluster import (
     Credentials,
     NodeIdentity,
 )
-
-
-def status_of(url: str, headers: dict[str, str], method: str) -> int:
-    request = urllib.request.Request(url, headers=headers, method=method,
-                                     data=b"" if method == "POST" else None)
-    try:
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as e:
-        return e.code
+from tests.harness import fetch
 
 
 def main() -> None:
@@ -46,7 +35,9 @@ def main() -> None:
         parts = urlsplit(args.url)
         path_qs = parts.path + (f"?{parts.query}" if parts.query else "")
         headers = credentials.sign_request(args.method, path_qs, b"", args.to).headers
-    codes = [status_of(args.url, headers, args.method) for _ in range(2 if args.replay else 1)]
+    body = b"" if args.method == "POST" else None
+    codes = [fetch(args.url, headers, args.method, body)[0]
+             for _ in range(2 if args.replay else 1)]
     print(" ".join(map(str, codes)))
 
 

@@ -9,53 +9,26 @@ import signal
 import subprocess
 import sys
 import threading
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from tests.fakehub.repos import (
     ADDED,
+    GATED,
     GOOD_TOKEN,
+    MODEL,
     OTHER_TOKEN,
     added_repo,
     catalogue,
     expected_files,
     file_sha256,
 )
+from tests.harness import ROOT, http_json
 
 log = logging.getLogger("fakehub.handle")
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-_HTTP_JSON = """
-import json, sys, urllib.request
-method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
-req = urllib.request.Request(url, data=body.encode() if body else None, method=method,
-                             headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(req, timeout=float(sys.argv[4])) as resp:
-    sys.stdout.write(resp.read().decode())
-"""
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via http_proxy
-
-
-def http_json(method: str, url: str, body: Any = None, prefix_cmd: list[str] | None = None,
-              timeout: float = 30) -> Any:
-    """A JSON request, run inside a network namespace when prefix_cmd enters one."""
-    payload = json.dumps(body) if body is not None else ""
-    if not prefix_cmd:
-        req = urllib.request.Request(url, data=payload.encode() if payload else None,
-                                     method=method, headers={"Content-Type": "application/json"})
-        with _DIRECT.open(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
-    out = subprocess.run([*(prefix_cmd or []), sys.executable, "-c", _HTTP_JSON, method, url,
-                          payload, str(timeout)], capture_output=True, timeout=timeout + 10)
-    if out.returncode != 0:
-        raise OSError(f"{method} {url} failed: {out.stderr.decode()[-800:]}")
-    return json.loads(out.stdout)
-
-
-__all__ = ["GOOD_TOKEN", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files", "file_sha256",
-           "http_json"]
+__all__ = ["GATED", "GOOD_TOKEN", "MODEL", "OTHER_TOKEN", "FakeHub", "catalogue", "expected_files",
+           "file_sha256"]
 
 
 def _read_ready(stdout: Any, found: queue.Queue[str | None]) -> None:

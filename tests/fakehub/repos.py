@@ -12,7 +12,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-MiB = 1024 * 1024
+from tests.harness import MiB
+
+MODEL = "acme/tiny-tts"  # the repo most tests use: small and LFS files, four revisions, Xet
+GATED = "acme/gated-model"  # a gated repo: GOOD_TOKEN's account has access, OTHER_TOKEN's not
 GOOD_TOKEN = "hf_good_token"  # an account with access to every gated and private repo
 OTHER_TOKEN = "hf_other_token"  # another valid account, with access to none of them
 
@@ -157,14 +160,14 @@ def tiny_tts() -> Repo:
             "tokenizer.json": (0, False), "model.safetensors": (48 * MiB, True),
             "sub/folder/weights.bin": (3 * MiB, True), "voices/speaker one.wav": (1 * MiB, True),
             "data/naïve file ü.txt": (333, False), "empty.txt": (0, False)}
-    main = _files("acme/tiny-tts", base, "main")
+    main = _files(MODEL, base, "main")
     main["tokenizer.json"] = FileSpec("tokenizer.json", 200_000, False, "tok")
-    dev = {**main, **_files("acme/tiny-tts", {"config.json": (0, False)}, "dev"),
+    dev = {**main, **_files(MODEL, {"config.json": (0, False)}, "dev"),
            "dev-only.txt": FileSpec("dev-only.txt", 77, False, "dev-only")}
     old = {p: f for p, f in main.items() if not p.startswith("voices/")}
-    old.update(_files("acme/tiny-tts", {"config.json": (0, False)}, "v1"))
-    pr = {**main, **_files("acme/tiny-tts", {"config.json": (0, False)}, "pr1")}
-    return _repo("model", "acme/tiny-tts",
+    old.update(_files(MODEL, {"config.json": (0, False)}, "v1"))
+    pr = {**main, **_files(MODEL, {"config.json": (0, False)}, "pr1")}
+    return _repo("model", MODEL,
                  {"main": main, "dev": dev, "v1.0": old, "refs/pr/1": pr}, xet=True)
 
 
@@ -173,9 +176,9 @@ def catalogue(big_size: int = 0) -> dict[tuple[str, str], Repo]:
         tiny_tts(),
         _repo("model", "gpt2", {"main": _files("gpt2", {"config.json": (0, False),
                                                          "model.safetensors": (2 * MiB, True)})}),
-        _repo("model", "acme/gated-model",
-              {"main": _files("acme/gated-model", {"config.json": (0, False),
-                                                   "model.safetensors": (4 * MiB, True)})},
+        _repo("model", GATED,
+              {"main": _files(GATED, {"config.json": (0, False),
+                                      "model.safetensors": (4 * MiB, True)})},
               gated=True),
         _repo("model", "acme/private-model",
               {"main": _files("acme/private-model", {"config.json": (0, False)})}, private=True),

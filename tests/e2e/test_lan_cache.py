@@ -7,37 +7,19 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, expected_files, file_sha256
-from tests.harness import hf_client
-from tests.netlab import Cluster, netlab_available
+from tests.fakehub import GATED, GOOD_TOKEN, expected_files, file_sha256
+from tests.harness import MiB, hf_client, wait_for
+from tests.netlab import Cluster
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
-
-MiB = 1024 * 1024
-GATED = "acme/gated-model"
-TIMED_GET = """
-import hashlib, sys, time, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-started, digest = time.monotonic(), hashlib.sha256()
-with opener.open(sys.argv[1], timeout=120) as resp:
-    while data := resp.read(1 << 20):
-        digest.update(data)
-print(time.monotonic() - started, digest.hexdigest())
-"""
-
+pytestmark = pytest.mark.netlab
 
 def timed_get(cluster: Cluster, host: str, path: str) -> tuple[float, str]:
     """(seconds, sha256) of a GET of `path` from `host`'s daemon, timed inside the host."""
-    out = cluster.lab.run(host, sys.executable, "-c", TIMED_GET, cluster.nodes[host].url + path)
-    assert out.returncode == 0, out.stderr
-    seconds, digest = out.stdout.split()
-    return float(seconds), digest
+    return cluster.lab.timed_get(host, cluster.nodes[host].url + path, timeout=120)
 
 
 def test_a_peer_gets_a_repo_imported_from_an_hf_cache_with_the_hub_gone(cluster: Cluster,
@@ -55,7 +37,7 @@ def test_a_peer_gets_a_repo_imported_from_an_hf_cache_with_the_hub_gone(cluster:
         assert imported.returncode == 0, imported.stderr
         public[repo] = json.loads(imported.stdout)["imports"][0]["public"]
     assert public == {"gpt2": True, GATED: False}
-    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    wait_for(lambda: "h1" in cluster.live_names("h2"), "h2 sees h1", timeout=30)
     cluster.hub.stop()
     want = expected_files("gpt2")
     assert cluster.snapshot("h1", "gpt2") == want
@@ -74,7 +56,7 @@ def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster
     config.write_text('peer_upload_rate = "64mbit"\n')
     capped = cluster.start("h1", None, "--config", str(config))
     cluster.start("h2")
-    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    cluster.wait_connected("h1", "h2")
     repo, size = "caps/weights", 32 * MiB
     cluster.hub.add_repo(repo, {"w.bin": {"size": size, "lfs": True}})
     path, want = f"/{repo}/resolve/main/w.bin", file_sha256(repo, "w.bin")
@@ -93,16 +75,14 @@ def test_peer_upload_rate_caps_what_peers_get_not_local_clients(cluster: Cluster
     config.write_text('peer_upload_rate = "200mbit"\n')
     assert capped.proc is not None
     capped.proc.send_signal(signal.SIGHUP)
-    cluster.lab.wait_for("h1 applies the new cap", lambda: (
-        (s := capped.status())["peer_upload_rate"] == 25_000_000
-        and s["peers"]["upload_split"]["bittorrent"] == 25_000_000))
+    wait_for(lambda: ((s := capped.status())["peer_upload_rate"] == 25_000_000
+                      and s["peers"]["upload_split"]["bittorrent"] == 25_000_000),
+             "h1 applies the new cap", timeout=30)
 
 
 def test_warm_pin_pins_the_revision_on_every_node_of_the_job(cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3")
-    for h in hosts:
-        cluster.start(h)
-    cluster.lab.wait_for("h1 sees the others", lambda: cluster.live_names("h1") >= {"h2", "h3"})
+    cluster.start_all(*hosts)
     repo = "pins/everywhere"
     cluster.hub.add_repo(repo, {"a.bin": {"size": 3 * MiB, "lfs": True},
                                 "config.json": {"size": 200, "lfs": False}})
@@ -124,15 +104,15 @@ def test_a_capped_node_relays_a_blob_it_is_still_downloading_within_its_cap(
     one_chunk = ("--chunk-size", "64MiB")
     cluster.start("h1", None, *one_chunk, "--peer-upload-rate", "80mbit")
     cluster.start("h2", None, *one_chunk)
-    cluster.lab.wait_for("h2 sees h1", lambda: "h1" in cluster.live_names("h2"))
+    cluster.wait_connected("h1", "h2")
     repo, size = "caps/relayed", 48 * MiB
     cluster.hub.add_repo(repo, {"w.bin": {"size": size, "lfs": True}})
     path, want = f"/{repo}/resolve/main/w.bin", file_sha256(repo, "w.bin")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(timed_get, cluster, "h1", path)
-        cluster.lab.wait_for("h1 fetches from the upstream", lambda: any(
-            t["source"] == "upstream" for t in cluster.nodes["h1"].status()["transfers"]),
-                             timeout=10)
+        wait_for(lambda: any(t["source"] == "upstream"
+                             for t in cluster.nodes["h1"].status()["transfers"]),
+                 "h1 fetches from the upstream", timeout=10)
         peer_seconds, peer_digest = timed_get(cluster, "h2", path)
         assert first.result()[1] == want
     assert peer_digest == want

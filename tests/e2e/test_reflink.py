@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import StartDaemon, cli, fetch, hf_client, tree_bytes
+from tests.harness import MiB, StartDaemon, cli, fetch, hf_client, tree_bytes
 
-MiB = 1024 * 1024
 SIZE = 40 * MiB
 
 

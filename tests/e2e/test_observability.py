@@ -3,50 +3,41 @@ shows a transfer growing in a real browser with no console errors."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
-import time
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, wait_for
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    ROOT,
+    MiB,
+    Modelpeerd,
+    StartDaemon,
+    get_body,
+    read_in_background,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
-StartDaemon = Callable[..., Modelpeerd]
-MiB = 1024 * 1024
 URL = "/acme/tiny-tts/resolve/main/model.safetensors"
 SIZE = len(expected_files("acme/tiny-tts")["model.safetensors"])
 
 
-def scrape(d: Modelpeerd) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(d.url + "/metrics", timeout=10) as resp:
-        text = resp.read().decode()
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(d: Modelpeerd) -> Metrics:
+    text = get_body(d.url + "/metrics", timeout=10).decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def served(m: dict, source: str) -> float:  # type: ignore[type-arg]
+def served(m: Metrics, source: str) -> float:
     return m[("modelpeer_served_bytes_total", (("source", source),))]
-
-
-def read_in_background(url: str) -> threading.Thread:
-    def run() -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=120) as resp:
-                resp.read()
-        except (OSError, http.client.HTTPException):
-            pass  # the test may stop the daemon under it
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeHub) -> None:
@@ -55,9 +46,13 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert served(before, "upstream") == 0
     hub.faults(cdn_rate=4 * MiB)
     reader = read_in_background(d.url + URL)
-    time.sleep(1.5)
-    during = scrape(d)
-    assert 0 < served(during, "upstream") < SIZE
+
+    def once_upstream_bytes_served() -> Metrics | None:
+        metrics = scrape(d)
+        return metrics if served(metrics, "upstream") else None
+
+    during = wait_for(once_upstream_bytes_served, "the first bytes served from the upstream")
+    assert served(during, "upstream") < SIZE
     assert during[("modelpeer_active_transfers", ())] == 1
     reader.join(60)
     after = scrape(d)
@@ -66,8 +61,7 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
     assert after[("modelpeer_cache_misses_total", ())] == 1
     wait_for(lambda: d.status()["transfers"] == [], "the download is stored")
     hub.reset()
-    with urllib.request.urlopen(d.url + URL, timeout=60) as resp:
-        assert len(resp.read()) == SIZE
+    assert len(get_body(d.url + URL)) == SIZE
     again = scrape(d)
     assert served(again, "store") == SIZE
     assert served(again, "upstream") == SIZE
@@ -88,9 +82,8 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
     read_in_background(d.url + URL)
     browser.get(d.url + "/_modelpeer/")
     first = _progress(browser, By)
-    time.sleep(2.5)
-    second = _progress(browser, By)
-    assert second > first, (first, second)
+    wait_for(lambda: _progress(browser, By) > first, f"the page's progress past {first}%",
+             timeout=15)
     assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
     assert browser.find_element(By.ID, "conn").text == "live"
     assert browser.find_element(By.ID, "caps").text == "no limit"  # upstream_rate
@@ -104,21 +97,16 @@ def test_status_page_shows_a_growing_transfer_without_console_errors(
 
 
 def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pcts = driver.find_elements(by.CSS_SELECTOR, "#transfers .pct")
-        if pcts:
-            return float(pcts[0].text.rstrip("%"))
-        time.sleep(0.2)
-    raise AssertionError("no transfer shown on the status page")
+    pcts = wait_for(lambda: driver.find_elements(by.CSS_SELECTOR, "#transfers .pct"),
+                    "a transfer shown on the status page")
+    return float(pcts[0].text.rstrip("%"))
 
 
 def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> None:
     d = Modelpeerd(tmp_path / "cache", hub.url, extra=["--log-format", "json"])
     d.start()
     try:
-        with urllib.request.urlopen(d.url + "/acme/tiny-tts/resolve/main/config.json") as r:
-            r.read()
+        get_body(d.url + f"/{MODEL}/resolve/main/config.json")
     finally:
         d.stop()
     lines = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]

@@ -17,7 +17,7 @@ from modelpeer.daemon.errors import HubError
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.store import BlobId
 from modelpeer.daemon.upstream import Answer
-from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
+from tests.fakehub import GATED, GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
 from tests.harness import (
     HfHome,
     Modelpeerd,
@@ -29,7 +29,6 @@ from tests.harness import (
     snapshot,
 )
 
-GATED = "acme/gated-model"
 WEIGHTS = "model.safetensors"
 
 

@@ -11,13 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netlab import Lab, LabError, lab_namespaces, netlab_available
+from tests.harness import KiB
+from tests.netlab import Lab, LabError, lab_namespaces
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 PORT = "7000"
-KiB = 1024
 RECEIVE = """
 import socket, sys, time
 server = socket.create_server((sys.argv[1], int(sys.argv[2])))

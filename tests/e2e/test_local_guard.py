@@ -10,21 +10,27 @@ import json
 import os
 import socket
 import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import pytest
 
-from tests.fakehub import GOOD_TOKEN, FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, get_json, hf_client, raw, wait_for
+from tests.fakehub import GOOD_TOKEN, MODEL, FakeHub, expected_files
+from tests.harness import (
+    Modelpeerd,
+    StartDaemon,
+    cli,
+    get_body,
+    hf_client,
+    http_json,
+    raw,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
 
-StartDaemon = Callable[..., Modelpeerd]
-MODEL = "acme/tiny-tts"
 CACHED = f"/{MODEL}/resolve/main/config.json"
 UNCACHED = f"/{MODEL}/resolve/main/sub/folder/weights.bin"
 WARM_BODY = json.dumps({"repo": MODEL}).encode()
@@ -97,27 +103,22 @@ def cached(start_daemon: StartDaemon, hub: FakeHub) -> Modelpeerd:
     """A daemon holding one file of MODEL, and a fake Hub that has seen no request since.
     A long ref TTL: reading the cached file again asks the Hub nothing."""
     d = start_daemon("--ref-ttl", "1h")
-    assert read(d, CACHED) == expected_files(MODEL)["config.json"]
+    assert get_body(d.url + CACHED) == expected_files(MODEL)["config.json"]
     wait_for(lambda: d.status()["transfers"] == [], "the download is stored")
     hub.reset()
     return d
-
-
-def read(d: Modelpeerd, path: str) -> bytes:
-    with urllib.request.urlopen(d.url + path, timeout=60) as resp:
-        return resp.read()
 
 
 def assert_nothing_happened(d: Modelpeerd, hub: FakeHub, what: str) -> None:
     stats = hub.stats()
     assert (stats["hub_requests"], stats["cdn_requests"], stats["xet_requests"]) == (0, 0, 0), (
         what, stats["requests"])
-    assert get_json(d.url + f"{API}/jobs") == [], what
+    assert http_json("GET", d.url + f"{API}/jobs") == [], what
     status = d.status()
     assert status["transfers"] == [], what
     assert status["store"]["complete_blobs"] == 1, what
-    assert [r["repo_id"] for r in get_json(d.url + f"{API}/repos")] == [MODEL], what
-    assert read(d, CACHED) == expected_files(MODEL)["config.json"], what
+    assert [r["repo_id"] for r in http_json("GET", d.url + f"{API}/repos")] == [MODEL], what
+    assert get_body(d.url + CACHED) == expected_files(MODEL)["config.json"], what
 
 
 def fill_port(headers: dict[str, str | None], port: int) -> dict[str, str | None]:

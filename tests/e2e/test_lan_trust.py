@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.netlab import Cluster, netlab_available, read_pcap
+from tests.harness import ROOT, wait_for
+from tests.netlab import Cluster, read_pcap
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
 TOKEN = "hf_good_token"
 REAL = ("h1", "h2", "h3")
@@ -34,23 +34,19 @@ def start_impostor(cluster: Cluster, log: Path) -> subprocess.Popen[bytes]:
     real = cluster.nodes["h1"].status()["peers"]
     proc = subprocess.Popen([*cluster.lab.ns("h4"), sys.executable, "-m", "tests.impostor",
                              cluster.lab.ip("h4"), real["cluster_id"], real["node_id"],
-                             str(log)], stdout=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+                             str(log)], stdout=subprocess.PIPE, cwd=ROOT)
     assert proc.stdout is not None and proc.stdout.readline().strip() == b"announced"
     return proc
 
 
 def test_a_keyless_impostor_gets_nothing_and_the_token_never_crosses_the_lan(
         cluster: Cluster, tmp_path: Path) -> None:
-    for h in REAL:
-        cluster.start(h)
-    for h in REAL:
-        cluster.lab.wait_for(f"{h} sees the others",
-                             lambda h=h: cluster.live_names(h) == set(REAL) - {h})
+    cluster.start_all(*REAL)
     log = tmp_path / "impostor.jsonl"
     impostor = start_impostor(cluster, log)
     try:
-        cluster.lab.wait_for("the nodes try the impostor",
-                             lambda: log.exists() and len(log.read_text().splitlines()) >= 3)
+        wait_for(lambda: log.exists() and len(log.read_text().splitlines()) >= 3,
+                 "the nodes try the impostor", timeout=30)
         pcap = tmp_path / "warm.pcap"
         with cluster.lab.capture(pcap) as cap:
             out = cluster.cli("h1", "warm", "acme/gated-model", "--nodes", "all", "--wait",

@@ -3,27 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
-import signal
 import time
 import urllib.request
 from pathlib import Path
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, fetch
-
-MiB = 1024 * 1024
-
-
-def raw_head(base: str, path: str) -> tuple[int, dict[str, str], bytes]:
-    host, port = base.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("HEAD", path)
-        resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
-    finally:
-        conn.close()
+from tests.harness import MiB, Modelpeerd, fetch, raw
 
 
 def timed_download(d: Modelpeerd, repo: str) -> float:
@@ -41,11 +26,7 @@ def test_upstream_rate_paces_downloads_and_reloads(tmp_path: Path, hub: FakeHub)
     with Modelpeerd(tmp_path / "cache", hub.url, extra=["--config", str(config)]) as d:
         assert timed_download(d, "rate/capped") >= (12 - 1) / 2  # a 0.5 MiB burst at most
         config.write_text("upstream_rate = 0\n")
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while "upstream_rate)" not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        d.reload("upstream_rate)")
         assert timed_download(d, "rate/free") < 4
 
 
@@ -54,7 +35,7 @@ def test_a_large_download_keeps_to_the_cap(tmp_path: Path, hub: FakeHub) -> None
     small beside 21 s), and byte-exact."""
     size = 256 * MiB
     hub.add_repo("rate/large", {"w.bin": {"size": size, "big": True}}, timeout=120)
-    status, headers, _ = raw_head(hub.url, "/rate/large/resolve/main/w.bin")
+    status, headers, _ = raw(hub.url, "HEAD", "/rate/large/resolve/main/w.bin")
     sha256 = headers["X-Linked-Etag"].strip('"')  # the Hub's answer, before its redirect
     with Modelpeerd(tmp_path / "cache", hub.url, extra=["--upstream-rate", "100mbit"]) as d:
         started = time.monotonic()

@@ -11,10 +11,18 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import FakeHub, expected_files, file_sha256
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, free_port, wait_for
+from tests.harness import (
+    HfHome,
+    MiB,
+    Modelpeerd,
+    StartDaemon,
+    cli,
+    download,
+    keyed_daemon,
+    wait_for,
+)
 from tests.netlab import write_key
 
-MiB = 1024 * 1024
 CHUNK = 8 * MiB  # the start_daemon fixture's --chunk-size
 VICTIM, KEEPER = "faults/damaged", "faults/kept-whole"
 Damage = Callable[[Path, str], str]  # (cache dir, victim digest) -> what the log must name
@@ -131,23 +139,16 @@ def test_damage_while_down_is_found_and_nothing_else_is_lost(
     d.stop()
     named = damage(d.cache_dir, file_sha256(VICTIM, "weights.bin"))
     hub.reset()
-    logged_before = d.log_path.stat().st_size
+    logged_before = d.log_size()
     restart(d)
     # the chunks' hashes are checked just behind the start
-    wait_for(lambda: named.encode() in logged_since(d, logged_before),
-             f"the log names {named}")
+    wait_for(lambda: named in d.logged(since=logged_before), f"the log names {named}")
     assert d.status()["startup"]["problems"], "status says nothing of the damage"
     assert "problems found in the cache at start" in cli(d, "status").stdout
 
     assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
     assert hub.stats()["cdn_bytes"] == 0, "a blob that was not damaged was fetched again"
     assert download(d, hf_home(), VICTIM, "weights.bin") == expected_files(VICTIM)["weights.bin"]
-
-
-def logged_since(d: Modelpeerd, offset: int) -> bytes:
-    with open(d.log_path, "rb") as f:
-        f.seek(offset)
-        return f.read()
 
 
 def restart(d: Modelpeerd) -> None:
@@ -159,9 +160,7 @@ def restart(d: Modelpeerd) -> None:
 def test_a_damaged_torrent_file_is_dropped_and_the_rest_is_shared(
         repos: None, hub: FakeHub, hf_home: HfHome, tmp_path: Path) -> None:
     key = write_key(tmp_path / "cluster.key")
-    d = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
-        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}"])
+    d = keyed_daemon(tmp_path / "cache", hub.url, key)
     with d:
         assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
     # a torrent made for a peer, cut short on disk while the daemon is down
@@ -170,9 +169,9 @@ def test_a_damaged_torrent_file_is_dropped_and_the_rest_is_shared(
     half_written = torrent.with_suffix(".tmp")
     half_written.write_bytes(b"d8:announce")
     hub.reset()
-    logged_before = d.log_path.stat().st_size
+    logged_before = d.log_size()
     with d:
-        assert torrent.name.encode() in logged_since(d, logged_before)
+        assert torrent.name in d.logged(since=logged_before)
         assert not half_written.exists()
         assert download(d, hf_home(), KEEPER, "kept.bin") == expected_files(KEEPER)["kept.bin"]
         assert hub.stats()["cdn_bytes"] == 0

@@ -5,7 +5,6 @@ comes as a systemd credential and an unusable one stops the daemon."""
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
 import shutil
@@ -18,8 +17,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +25,22 @@ import pytest
 from modelpeer.daemon.config import OPTIONS, read_config_file
 from modelpeer.daemon.errors import ConfigError
 from modelpeer.daemon.keyfile import cluster_id_of, read_key_file
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, free_port, get_json
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    ROOT,
+    MiB,
+    Modelpeerd,
+    free_port,
+    get_body,
+    http_json,
+    keyed_daemon,
+    read_in_background,
+    transferring,
+    wait_for,
+)
 from tests.netlab import write_key
 
 SYSTEMD = ROOT / "systemd"
-StartDaemon = Callable[..., Modelpeerd]
-MiB = 1024 * 1024
 
 
 needs_systemd_analyze = pytest.mark.skipif(not shutil.which("systemd-analyze"),
@@ -109,9 +116,7 @@ def test_an_unusable_cluster_key_stops_the_daemon_saying_what_to_do(
     if content is not None:
         key.write_text(content)
         key.chmod(mode)
-    d = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
-        "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}"])
+    d = keyed_daemon(tmp_path / "cache", hub.url, key)
     started = time.monotonic()
     out = subprocess.run(d.command(), capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert time.monotonic() - started < 10
@@ -144,18 +149,13 @@ class NotifySocket:
             healthy = False
             if self.health_url:
                 try:
-                    healthy = get_json(self.health_url, timeout=2)["status"] == "ok"
+                    healthy = http_json("GET", self.health_url, timeout=2)["status"] == "ok"
                 except OSError:
                     healthy = False
             self.messages.extend((line, healthy) for line in data.splitlines())
 
-    def wait_for(self, line: str, timeout: float = 15) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(m == line for m, _ in self.messages):
-                return True
-            time.sleep(0.05)
-        return False
+    def said(self, line: str) -> bool:
+        return any(m == line for m, _ in self.messages)
 
     def close(self) -> None:
         self._stop = True
@@ -171,21 +171,17 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
     ns.health_url = d.url + "/_modelpeer/v1/health"
     try:
         d.start()
-        assert ns.wait_for("READY=1")
+        wait_for(lambda: ns.said("READY=1"), "READY=1 on the notify socket", timeout=15)
         assert [h for m, h in ns.messages if m == "READY=1"] == [True], \
             "READY=1 came before the API answered"
         hub.faults(cdn_rate=2 * MiB)  # 48 MiB at 4 x 2 MiB/s: in flight for several seconds
         url = f"{d.url}/acme/tiny-tts/resolve/main/model.safetensors"
-        reader = threading.Thread(target=_read_quietly, args=(url,), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not d.status()["transfers"]:
-            time.sleep(0.1)
-        time.sleep(2)
+        read_in_background(url)
+        wait_for(lambda: transferring(d, 4 * MiB), "4 MiB of the download in", timeout=15)
         started = time.monotonic()
         assert d.stop(signal.SIGTERM, timeout=10) == 0
         assert time.monotonic() - started < 10
-        assert ns.wait_for("STOPPING=1", timeout=1)
+        wait_for(lambda: ns.said("STOPPING=1"), "STOPPING=1 on the notify socket", timeout=1)
         assert any(m.startswith("STATUS=") for m, _ in ns.messages)
     finally:
         d.stop()
@@ -195,9 +191,8 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
     hub.reset()
     d2 = Modelpeerd(tmp_path / "cache", hub.url, extra=["--chunk-size", "8MiB"]).start()
     try:
-        with urllib.request.urlopen(f"{d2.url}/acme/tiny-tts/resolve/main/model.safetensors",
-                                    timeout=60) as resp:
-            assert resp.read() == expected_files("acme/tiny-tts")["model.safetensors"]
+        assert get_body(f"{d2.url}/{MODEL}/resolve/main/model.safetensors") == \
+            expected_files(MODEL)["model.safetensors"]
         refetched = hub.stats()["cdn_bytes"]
         assert refetched == 48 * MiB - durable, (durable, refetched)
     finally:
@@ -210,14 +205,6 @@ def _durable_bytes(cache: Path) -> int:
         return db.execute("SELECT COALESCE(SUM(durable), 0) FROM chunks").fetchone()[0]
     finally:
         db.close()
-
-
-def _read_quietly(url: str) -> None:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp:
-            resp.read()
-    except (OSError, http.client.HTTPException):
-        pass  # the daemon stops under it
 
 
 def test_profile_snippet_and_modelpeer_env_agree() -> None:
@@ -316,20 +303,12 @@ def test_sighup_reloads_what_it_can_and_names_what_needs_a_restart(
     d.start()
     try:
         config.write_text('log_level = "info"\nref_ttl = "5s"\nchunk_size = "8MiB"\n')
-        assert d.proc is not None
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reloaded settings" not in d.log():
-            time.sleep(0.1)
-        assert "reloaded settings" in d.log()
+        d.reload("reloaded settings")
         assert "chunk_size changed; restart the daemon to apply" in d.log()
         config.write_text("log_level = 3\n")
-        d.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "reload refused" not in d.log():
-            time.sleep(0.1)
+        d.reload("reload refused")
         assert f"reload refused, keeping the running settings: {config}:1" in d.log()
-        assert get_json(d.url + "/_modelpeer/v1/health")["status"] == "ok"
+        assert http_json("GET", d.url + "/_modelpeer/v1/health")["status"] == "ok"
     finally:
         d.stop()
 
@@ -358,9 +337,8 @@ def test_runs_as_an_unprivileged_user(hub: FakeHub, nobody_cache: Path) -> None:
     d = Modelpeerd(nobody_cache, hub.url, prefix_cmd=AS_NOBODY)
     d.start()
     try:
-        path = "/acme/tiny-tts/resolve/main/sub/folder/weights.bin"
-        with urllib.request.urlopen(d.url + path, timeout=60) as resp:
-            assert resp.read() == expected_files("acme/tiny-tts")["sub/folder/weights.bin"]
+        path = f"/{MODEL}/resolve/main/sub/folder/weights.bin"
+        assert get_body(d.url + path) == expected_files(MODEL)["sub/folder/weights.bin"]
         owners = {p.stat().st_uid for p in nobody_cache.rglob("*")}
         assert owners == {NOBODY}, owners
     finally:

@@ -11,8 +11,7 @@ import pytest
 from modelpeer.daemon.errors import ChunkDamaged, DigestMismatch
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.store import CHECKPOINT, BlobId, Store
-
-MiB = 1024 * 1024
+from tests.harness import MiB
 
 
 def make_store(root: Path) -> Store:

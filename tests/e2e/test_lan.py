@@ -11,15 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import expected_files
-from tests.harness import hf_client
-from tests.netlab import Cluster, Lab, netlab_available, write_key
+from tests.fakehub import MODEL, expected_files
+from tests.harness import MiB, transferring, wait_for
+from tests.netlab import Cluster, Lab, write_key
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
-
-MODEL = "acme/tiny-tts"
-MiB = 1024 * 1024
+pytestmark = pytest.mark.netlab
 
 
 def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
@@ -29,12 +25,11 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
     stranger = write_key(tmp_path / "other.key")
     cluster.start("h4", stranger)
     started = time.monotonic()
-    for h in ("h1", "h2", "h3"):
-        others = {"h1", "h2", "h3"} - {h}
-        cluster.lab.wait_for(f"{h} sees {others}", lambda h=h, o=others: cluster.live_names(h) >= o,
-                             timeout=10)
+    cluster.wait_connected("h1", "h2", "h3", timeout=10)
     assert time.monotonic() - started < 10
-    time.sleep(2)
+    for h in ("h1", "h2", "h3", "h4"):  # each has seen the other cluster's mDNS records
+        wait_for(lambda h=h: "of another cluster" in cluster.nodes[h].logged(),
+                 f"{h} ignores the other cluster's record")
     for h in ("h1", "h2", "h3"):
         assert "h4" not in cluster.live_names(h)
     assert cluster.live_names("h4") == set()
@@ -50,11 +45,10 @@ def test_nodes_find_each_other_and_ignore_other_clusters(cluster: Cluster,
     assert "peer API: refused" in cluster.nodes["h1"].log()
     # a node that stops says goodbye on mDNS; one that is killed stops answering the probes
     cluster.nodes["h3"].stop()
-    cluster.lab.wait_for("h1 forgets h3", lambda: "h3" not in cluster.live_names("h1"),
-                         timeout=5)
+    wait_for(lambda: "h3" not in cluster.live_names("h1"), "h1 forgets h3", timeout=5)
     cluster.nodes["h2"].kill()
-    cluster.lab.wait_for("h1 marks the killed h2 down",
-                         lambda: "h2" not in cluster.live_names("h1"), timeout=20)
+    wait_for(lambda: "h2" not in cluster.live_names("h1"), "h1 marks the killed h2 down",
+             timeout=20)
 
 
 def signed_status(lab: Lab, host: str, key: Path | None, base: str, *args: str) -> str:
@@ -67,10 +61,7 @@ def signed_status(lab: Lab, host: str, key: Path | None, base: str, *args: str) 
 
 
 def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> None:
-    for h in ("h1", "h2", "h3"):
-        cluster.start(h)
-    for h in ("h2", "h3"):
-        cluster.lab.wait_for(f"{h} sees h1", lambda h=h: "h1" in cluster.live_names(h))
+    cluster.start_all("h1", "h2", "h3")
     want = expected_files(MODEL)
     assert cluster.snapshot("h1") == want
     cluster.hub.reset()
@@ -87,8 +78,9 @@ def test_second_and_third_node_get_the_model_from_the_lan(cluster: Cluster) -> N
 
 def wait_seeding(cluster: Cluster, seeder: str, observer: str, chunks: int = 7) -> None:
     """Until `observer` sees `seeder` hold the model's chunks (seeding follows verification)."""
-    cluster.lab.wait_for(f"{observer} sees {seeder} seed {chunks} chunks", lambda: any(
-        p["name"] == seeder and p["chunks_held"] >= chunks for p in cluster.peers(observer)))
+    wait_for(lambda: any(p["name"] == seeder and p["chunks_held"] >= chunks
+                         for p in cluster.peers(observer)),
+             f"{observer} sees {seeder} seed {chunks} chunks", timeout=30)
 
 
 def corrupt_chunks(cache: Path) -> None:
@@ -103,11 +95,7 @@ def corrupt_chunks(cache: Path) -> None:
 def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
         cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3", "h4")
-    for h in hosts:
-        cluster.start(h)
-    for h in hosts[1:]:
-        cluster.lab.wait_for(f"{h} sees the others",
-                             lambda h=h: len(cluster.live_names(h)) == 3)
+    cluster.start_all(*hosts)
     want = expected_files(MODEL)
     assert cluster.snapshot("h1") == want
     wait_seeding(cluster, "h1", "h2")
@@ -124,7 +112,8 @@ def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
     wait_seeding(cluster, "h3", "h4")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(cluster.snapshot, "h4")
-        time.sleep(0.5)
+        wait_for(lambda: pending.done() or transferring(cluster.nodes["h4"], at_least=0),
+                 "h4 starts fetching a blob", timeout=30)
         cluster.nodes["h3"].kill()
         assert pending.result() == want
 
@@ -132,13 +121,10 @@ def test_a_lying_peer_is_banned_and_a_killed_peer_does_not_fail_the_client(
 @pytest.mark.parametrize("cluster", ["160mbit"], indirect=True)
 def test_nodes_wanting_a_file_at_once_download_it_from_upstream_once(cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3")
-    for h in hosts:
-        cluster.start(h)
-    for h in hosts:
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) >= 2)
+    cluster.start_all(*hosts)
     want = expected_files(MODEL)["model.safetensors"]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda h: _download(cluster, h, "model.safetensors"), hosts))
+        results = list(pool.map(lambda h: cluster.download(h, MODEL, "model.safetensors"), hosts))
     assert all(r == want for r in results)
     cdn = cluster.hub.stats()["cdn_bytes"]
     print(f"CDN bytes: {cdn / len(want):.3f} x the file")
@@ -149,14 +135,13 @@ def test_nodes_wanting_a_file_at_once_download_it_from_upstream_once(cluster: Cl
 
 def test_a_peer_relaying_wrong_bytes_is_banned_and_the_warm_still_completes(
         cluster: Cluster) -> None:
-    for h in ("h1", "h2"):
-        cluster.start(h)
-    cluster.lab.wait_for("h2 sees h1", lambda: cluster.live_names("h2") == {"h1"})
+    cluster.start_all("h1", "h2")
     cluster.hub.faults(cdn_rate=4 * MiB)
     assert cluster.cli("h1", "warm", MODEL, "--nodes", "h1").returncode == 0
     cache = cluster.tmp / "cache-h1"
-    cluster.lab.wait_for("h1 completes a chunk", lambda: any(
-        c.stat().st_size >= 8 * MiB for c in (cache / "chunks").rglob("*.[0-9]")))
+    wait_for(lambda: any(
+        c.stat().st_size >= 8 * MiB for c in (cache / "chunks").rglob("*.[0-9]")),
+             "h1 completes a chunk", timeout=30)
     corrupt_chunks(cache)  # h1 now relays wrong bytes for what it already holds
     out = cluster.cli("h2", "warm", MODEL, "--nodes", "h2", "--wait", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -167,22 +152,10 @@ def test_a_peer_relaying_wrong_bytes_is_banned_and_the_warm_still_completes(
     assert cluster.snapshot("h2") == expected_files(MODEL)
 
 
-def _download(cluster: Cluster, host: str, filename: str) -> bytes:
-    home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
-    home.mkdir()
-    out = hf_client(cluster.nodes[host].url, home, "hf_hub_download", MODEL, filename,
-                    prefix_cmd=cluster.lab.ns(host))
-    assert "result" in out, out
-    return Path(out["result"]).read_bytes()
-
-
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3", "h4")
-    for h in hosts:
-        cluster.start(h)
-    for h in hosts:
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
+    cluster.start_all(*hosts)
     want = expected_files(MODEL)
     lfs_bytes = sum(len(v) for k, v in want.items() if len(v) > 64 * 1024)
     out = cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--wait", "--json")
@@ -205,13 +178,11 @@ def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> N
 
 
 def test_a_client_during_a_warm_joins_its_transfer(cluster: Cluster) -> None:
-    for h in ("h1", "h2"):
-        cluster.start(h)
-    cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
+    cluster.start_all("h1", "h2")
     cluster.hub.faults(cdn_rate=8 * MiB)
     assert cluster.cli("h1", "warm", MODEL, "--nodes", "all").returncode == 0
     want = expected_files(MODEL)["model.safetensors"]
-    assert _download(cluster, "h2", "model.safetensors") == want
+    assert cluster.download("h2", MODEL, "model.safetensors") == want
     # a second warm joins the first one's transfers and returns when both nodes hold the repo
     assert cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--wait").returncode == 0
     cdn = cluster.hub.stats()["cdn_bytes"]
@@ -222,13 +193,10 @@ def test_a_client_during_a_warm_joins_its_transfer(cluster: Cluster) -> None:
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
 def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
     hosts = ("h1", "h2", "h3")
-    for h in hosts:
-        cluster.start(h)
-    for h in hosts:
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 2)
+    cluster.start_all(*hosts)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(cluster.cli, "h1", "warm", MODEL, "--wait", "--json")
-        time.sleep(2)
+        wait_for(lambda: transferring(cluster.nodes["h3"]), "h3 fetching for the warm job")
         cluster.nodes["h3"].kill()
         out = pending.result()
     assert out.returncode == 1, out.stdout + out.stderr
@@ -241,21 +209,19 @@ def test_warm_names_a_node_killed_midway(cluster: Cluster) -> None:
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_a_restarted_node_resumes_a_gated_warm_with_the_coordinators_token(
         cluster: Cluster) -> None:
-    for h in ("h1", "h2"):
-        cluster.start(h)
-    cluster.lab.wait_for("h1 sees h2", lambda: cluster.live_names("h1") == {"h2"})
+    cluster.start_all("h1", "h2")
     cluster.hub.faults(cdn_rate=MiB // 2)
     out = cluster.cli("h1", "warm", "acme/gated-model", "--nodes", "h2", "--token",
                "hf_good_token", "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     job = json.loads(out.stdout)["job"]
-    time.sleep(1.5)
+    wait_for(lambda: transferring(cluster.nodes["h2"]), "h2 fetching for the warm job")
     assert cluster.nodes["h2"].stop() == 0
     cluster.hub.reset()
     h2 = cluster.start("h2")
-    cluster.lab.wait_for("the resumed job ends on h2", lambda: [
+    wait_for(lambda: [
         (j["job"], j["state"]) for j in json.loads(cluster.cli("h2", "jobs", "--json").stdout)
-        if j["state"] != "running"], timeout=60)
+        if j["state"] != "running"], "the resumed job ends on h2", timeout=60)
     jobs = json.loads(cluster.cli("h2", "jobs", "--json").stdout)
     assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")], jobs
     assert "token of acme/gated-model received from node" in h2.log()

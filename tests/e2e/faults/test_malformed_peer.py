@@ -17,13 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, expected_files, file_sha256, http_json
-from tests.harness import ROOT, HfHome, Modelpeerd, free_port, hf_client, wait_for
+from tests.fakehub import FakeHub, expected_files, file_sha256
+from tests.harness import (
+    ROOT,
+    HfHome,
+    KiB,
+    Modelpeerd,
+    free_port,
+    hf_client,
+    http_json,
+    keyed_daemon,
+    wait_for,
+)
 from tests.hostilepeer import BLOB, MODES, STATUS, WARM, WARM_JOB
 from tests.netlab import write_key
 
 REPO = "faults/malformed-peer"
-KiB = 1024
 SMALL_SIZE = 700 * KiB  # travels over the peer API as one answer
 SHARED_SIZE = 3 * 1024 * KiB  # relayed, or shared chunk by chunk
 # wrong bytes relayed: more than the client writes at a time (huggingface_hub: 10 MiB), so it
@@ -89,10 +98,8 @@ def suite(fakehub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     specs = member_specs(tmp, f"127.77.{os.getpid() % 250}.")
     requests = tmp / "requests.jsonl"
     hostile, ids = start_hostile(tmp, key, specs, requests)
-    daemon = Modelpeerd(tmp / "cache", fakehub.url, peers=True, extra=[
-        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{free_port()}", "--bt-listen", f"127.0.0.1:{free_port()}",
-        *(arg for s in specs for arg in ("--peer", f"{s['address']}:{s['port']}"))])
+    peers = [arg for s in specs for arg in ("--peer", f"{s['address']}:{s['port']}")]
+    daemon = keyed_daemon(tmp / "cache", fakehub.url, key, *peers)
     try:
         daemon.start()
         wait_for(lambda: daemon.get(daemon.url + "/_modelpeer/v1/peers")["count"] == len(specs),
@@ -118,7 +125,7 @@ def download_through(suite: Suite, home: Path, mode: str) -> int:
     """Download the file of `mode`'s member through the daemon and check what the client got
     and that the daemon is still up; returns where the daemon's log stood before."""
     d = suite.daemon
-    log_before = len(d.log_path.read_bytes())
+    log_before = d.log_size()
     out = hf_client(d.url, home, "hf_hub_download", REPO, file_of(mode), timeout=BOUND)
     assert "result" in out, out
     assert Path(out["result"]).read_bytes() == expected_files(REPO)[file_of(mode)]
@@ -130,7 +137,7 @@ def download_through(suite: Suite, home: Path, mode: str) -> int:
 def lines_naming(suite: Suite, mode: str, since: int) -> list[str]:
     """The daemon's log lines since `since`, above debug, that name `mode`'s member."""
     node = suite.node_ids[mode][:16]
-    text = suite.daemon.log_path.read_bytes()[since:].decode(errors="replace")
+    text = suite.daemon.logged(since)
     return [line for line in text.splitlines() if node in line and " DEBUG " not in line]
 
 
@@ -171,7 +178,7 @@ def test_a_malformed_warm_answer_fails_that_node_only(suite: Suite, hub: FakeHub
                                                       mode: str) -> None:
     d = suite.daemon
     node = suite.node_ids[mode]
-    log_before = len(d.log_path.read_bytes())
+    log_before = d.log_size()
     control = d.url + "/_modelpeer/v1"
     started = http_json("POST", control + "/warm", {"repo": REPO, "include": [file_of(mode)],
                                                    "nodes": node}, timeout=BOUND)

@@ -7,28 +7,21 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import signal
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.fakehub import file_sha256
-from tests.harness import hf_client
-from tests.netlab import Cluster, netlab_available
+from tests.harness import MiB, transferring, wait_for
+from tests.netlab import Cluster
 
-pytestmark = [pytest.mark.netlab,
-              pytest.mark.skipif(bool(netlab_available()), reason=netlab_available() or "ok")]
+pytestmark = pytest.mark.netlab
 
-MiB = 1024 * 1024
 HOSTS = ("h1", "h2", "h3", "h4")
 
 
-def start_all(cluster: Cluster) -> dict[str, str]:
+def start_every_host(cluster: Cluster) -> dict[str, str]:
     """The node id of each host, once every node sees the others."""
-    for h in HOSTS:
-        cluster.start(h)
-    for h in HOSTS:
-        cluster.lab.wait_for(f"{h} sees the others", lambda h=h: len(cluster.live_names(h)) == 3)
+    cluster.start_all(*HOSTS)
     return {h: cluster.nodes[h].status()["peers"]["node_id"] for h in HOSTS}
 
 
@@ -44,12 +37,7 @@ def new_repo(cluster: Cluster, name: str, size: int) -> tuple[str, str]:
 
 def pull(cluster: Cluster, host: str, repo: str) -> str:
     """The sha256 of the file the real client got through `host`'s daemon."""
-    home = cluster.tmp / f"hf-{host}-{time.monotonic_ns()}"
-    home.mkdir()
-    out = hf_client(cluster.nodes[host].url, home, "hf_hub_download", repo, "weights.bin",
-                    prefix_cmd=cluster.lab.ns(host), timeout=300)
-    assert "result" in out, out
-    return hashlib.sha256(Path(out["result"]).read_bytes()).hexdigest()
+    return hashlib.sha256(cluster.download(host, repo, "weights.bin", timeout=300)).hexdigest()
 
 
 def pull_everywhere(cluster: Cluster, repo: str, hosts: tuple[str, ...] = HOSTS
@@ -64,13 +52,14 @@ def sent_to_peers(cluster: Cluster, host: str) -> int:
 
 @pytest.mark.parametrize("cluster", ["400mbit"], indirect=True)
 def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: Cluster) -> None:
-    start_all(cluster)
+    start_every_host(cluster)
     size = 96 * MiB
     repo, digest = new_repo(cluster, "acme/slow-case", size)
     slow, fast = HOSTS[0], HOSTS[1:]
     cluster.lab.shape(slow, "50mbit")
     slow_pull = pull_everywhere(cluster, repo, (slow,))[slow]
-    time.sleep(1.5)  # it is the one fetching from the upstream when the others ask
+    # it is the one fetching from the upstream when the others ask
+    wait_for(lambda: transferring(cluster.nodes[slow]), f"{slow} fetching from the upstream")
     got = {h: f.result() for h, f in pull_everywhere(cluster, repo, fast).items()}
     assert set(got.values()) == {digest}
     assert not slow_pull.done(), "the fast nodes waited for the slow one"
@@ -85,11 +74,12 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Cluster) -> None:
-    ids = start_all(cluster)
+    ids = start_every_host(cluster)
     repo, digest = new_repo(cluster, "acme/frozen-case", 96 * MiB)
     frozen = in_plan_order(ids, digest)[0]  # the one the others first get the bytes from
     pulls = pull_everywhere(cluster, repo)
-    time.sleep(2)
+    wait_for(lambda: all(transferring(cluster.nodes[h]) for h in HOSTS),
+             "every node has bytes of the blob")
     proc = cluster.nodes[frozen].proc
     assert proc is not None
     proc.send_signal(signal.SIGSTOP)
@@ -107,7 +97,7 @@ def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Clust
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
 def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: Cluster) -> None:
-    start_all(cluster)
+    start_every_host(cluster)
     for n in range(2):
         cluster.hub.reset()
         repo, digest = new_repo(cluster, f"acme/together-{n}", 48 * MiB)
@@ -119,7 +109,7 @@ def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: C
 
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
 def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) -> None:
-    ids = start_all(cluster)
+    ids = start_every_host(cluster)
     names = {node_id: host for host, node_id in ids.items()}
     repo, digest = new_repo(cluster, "acme/plan-view", 96 * MiB)
     pulls = pull_everywhere(cluster, repo)
@@ -130,7 +120,7 @@ def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) ->
         blob = next((b for b in plan if b["digest"] == digest), None)
         return blob if blob and len(blob["nodes"]) == len(HOSTS) else None
 
-    blob = cluster.lab.wait_for("h1 shows every node's part in the transfer", whole_plan)
+    blob = wait_for(whole_plan, "h1 shows every node's part in the transfer", timeout=30)
     text = cluster.cli("h1", "status").stdout
     assert {f.result() for f in pulls.values()} == {digest}
     assert blob["file"] == f"{repo}/weights.bin" and blob["size"] == 96 * MiB

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakehub import GOOD_TOKEN, OTHER_TOKEN, FakeHub, expected_files
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, fetch, free_port, snapshot
-
-MiB = 1024 * 1024
+from tests.harness import HfHome, MiB, Modelpeerd, StartDaemon, cli, fetch, free_port, snapshot
 
 
 @pytest.fixture

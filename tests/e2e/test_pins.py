@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, StartDaemon, cli, fetch
-
-MiB = 1024 * 1024
+from tests.harness import MiB, Modelpeerd, StartDaemon, cli, fetch
 
 
 def add(hub: FakeHub, repo: str, size: int) -> None:

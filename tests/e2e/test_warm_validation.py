@@ -5,8 +5,6 @@ the upstream before they reach the catalog. Driven over the signed peer API on l
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,15 @@ from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
 from modelpeer.daemon.lan.peers import API
 from tests.fakehub import FakeHub, expected_files, file_sha256
 from tests.fakehub.repos import find_repo
-from tests.harness import Modelpeerd, free_port, get_json, hf_client
+from tests.harness import (
+    Modelpeerd,
+    fetch,
+    free_port,
+    hf_client,
+    http_json,
+    keyed_daemon,
+    wait_for,
+)
 from tests.netlab import write_key
 
 REPO = "gpt2"
@@ -41,23 +47,15 @@ class Coordinator:
     def send(self, job: dict[str, Any]) -> int:
         body = json.dumps(job).encode()
         signed = self.credentials.sign_request("POST", API + "/warm", body, self.node_id)
-        request = urllib.request.Request(self.base + API + "/warm", data=body, method="POST",
-                                         headers={**signed.headers,
-                                                  "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as resp:
-                return resp.status
-        except urllib.error.HTTPError as e:
-            return e.code
+        headers = {**signed.headers, "Content-Type": "application/json"}
+        return fetch(self.base + API + "/warm", headers, "POST", body)[0]
 
 
 @pytest.fixture
 def coordinator(tmp_path: Path, hub: FakeHub) -> Iterator[Coordinator]:
     key = write_key(tmp_path / "cluster.key")
-    peer_port, bt_port = free_port(), free_port()
-    daemon = Modelpeerd(tmp_path / "cache", hub.url, peers=True, extra=[
-        "--chunk-size", "8MiB", "--cluster-key-file", str(key), "--interface", "127.0.0.1",
-        "--peer-listen", f"127.0.0.1:{peer_port}", "--bt-listen", f"127.0.0.1:{bt_port}"])
+    peer_port = free_port()
+    daemon = keyed_daemon(tmp_path / "cache", hub.url, key, peer_port=peer_port)
     with daemon:
         yield Coordinator(key, tmp_path, daemon, peer_port)
 
@@ -68,18 +66,15 @@ def job(job_id: str, files: list[dict[str, Any]], **change: Any) -> dict[str, An
 
 
 def jobs(daemon: Modelpeerd) -> dict[str, dict[str, Any]]:
-    return {j["job"]: j for j in get_json(daemon.url + "/_modelpeer/v1/jobs")}
+    return {j["job"]: j for j in http_json("GET", daemon.url + "/_modelpeer/v1/jobs")}
 
 
 def ended(daemon: Modelpeerd, job_id: str) -> dict[str, Any]:
-    import time
-
-    for _ in range(300):
+    def if_ended() -> dict[str, Any] | None:
         j = jobs(daemon).get(job_id)
-        if j is not None and j["state"] != "running":
-            return j
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still running: {jobs(daemon)}")
+        return j if j is not None and j["state"] != "running" else None
+
+    return wait_for(if_ended, f"job {job_id} ends", timeout=30)
 
 
 @pytest.mark.parametrize("bad", [
@@ -97,7 +92,7 @@ def test_malformed_jobs_are_refused_before_anything_is_kept(coordinator: Coordin
     assert coordinator.send(bad) == 400
     daemon = coordinator.daemon
     assert jobs(daemon) == {}
-    assert get_json(daemon.url + "/_modelpeer/v1/repos") == []
+    assert http_json("GET", daemon.url + "/_modelpeer/v1/repos") == []
     assert hub.stats()["cdn_bytes"] == 0
     daemon.stop()
     daemon.start()  # nothing was saved that could stop a restart

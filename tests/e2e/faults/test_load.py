@@ -9,10 +9,9 @@ from collections.abc import Callable
 import xxhash
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, PeakRss
+from tests.harness import MiB, Modelpeerd, PeakRss
 from tests.loadclient import many_readers
 
-MiB = 1024 * 1024
 CLIENTS = 400
 # an idle daemon is ~50 MiB; bytes go out with sendfile and segments write what they receive
 # at once, so readers add little (68 MiB at 400 clients of 40 MiB); a block held per waiting

@@ -14,9 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tests.fakehub import FakeHub, expected_files
-from tests.harness import HfHome, Modelpeerd, StartDaemon, cli, download, hf_client, wait_for
+from tests.harness import HfHome, MiB, Modelpeerd, StartDaemon, cli, download, hf_client, wait_for
 
-MiB = 1024 * 1024
 REPO, FILE = "faults/killed-mid-write", "big.bin"
 SIZE = 64 * MiB
 KILL_ROUNDS = int(os.environ.get("MODELPEER_TEST_KILL_ROUNDS", "3"))

@@ -5,23 +5,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
-import pytest
-
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import Modelpeerd, cli, download, hf_client, raw, wait_for
-
-MiB = 1024 * 1024
-MODEL = "acme/tiny-tts"
-StartDaemon = Callable[..., Modelpeerd]
-HfHome = Callable[[], Path]
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    HfHome,
+    MiB,
+    Modelpeerd,
+    StartDaemon,
+    cli,
+    download,
+    hf_client,
+    raw,
+    wait_for,
+)
 
 
 def open_get(d: Modelpeerd, path: str) -> socket.socket:
@@ -126,7 +127,7 @@ def test_a_stream_from_an_origin_ignoring_range_resumes_after_drops(
     hub.faults(cdn_ignore_range=True, cdn_drop_after=7 * MiB, cdn_drop_count=6)
     status, _, body = raw(d, "GET", f"/{repo}/resolve/main/c.bin")
     assert status == 200 and body == expected_files(repo)["c.bin"]
-    log = d.log_path.read_text()
+    log = d.logged()
     assert "as one stream" in log and "resuming" in log
 
 
@@ -145,19 +146,6 @@ def test_max_cache_size_is_kept_while_a_blob_is_written(start_daemon: StartDaemo
                           "the old blob is evicted or the transfer ends", timeout=60)
         assert status["transfers"], "the 48 MiB blob went only after the transfer ended"
         assert status["store"]["bytes"] <= 60 * MiB
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("needs root to mount a small tmpfs")
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
-    try:
-        yield small
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_writes_evict_old_blobs_before_the_disk_fills(start_daemon: StartDaemon, hub: FakeHub,

@@ -9,26 +9,24 @@ import select
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
 
 from modelpeer.client.cli import human_size
-from tests.fakehub import FakeHub, expected_files
-from tests.harness import ROOT, Modelpeerd, cli, free_port, wait_for
-
-StartDaemon = Callable[..., Modelpeerd]
-MODEL = "acme/tiny-tts"
-
-
-def fetch(d: Modelpeerd, path: str) -> bytes:
-    with urllib.request.urlopen(f"{d.url}/{MODEL}/resolve/main/{path}", timeout=60) as r:
-        return r.read()
+from tests.fakehub import MODEL, FakeHub, expected_files
+from tests.harness import (
+    ROOT,
+    StartDaemon,
+    cli,
+    free_port,
+    get_body,
+    transferring,
+    wait_for,
+)
 
 
 def test_status_ls_rm_gc(start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
-    assert fetch(d, "sub/folder/weights.bin") == expected_files(MODEL)["sub/folder/weights.bin"]
+    assert get_body(f"{d.url}/{MODEL}/resolve/main/sub/folder/weights.bin") == \
+        expected_files(MODEL)["sub/folder/weights.bin"]
     status = json.loads(cli(d, "status", "--json").stdout)
     assert status["store"]["complete_blobs"] == 1
     assert status["peers"]["enabled"] is False and status["peers"]["reason"]
@@ -51,7 +49,7 @@ def test_status_ls_rm_gc(start_daemon: StartDaemon, hub: FakeHub) -> None:
 
 def test_verify_finds_a_corrupted_chunk(start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
-    fetch(d, "model.safetensors")
+    get_body(f"{d.url}/{MODEL}/resolve/main/model.safetensors")
     ok = cli(d, "verify", "--full")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     chunk = next(p for p in (d.cache_dir / "chunks").rglob("*.2"))
@@ -63,7 +61,8 @@ def test_verify_finds_a_corrupted_chunk(start_daemon: StartDaemon, hub: FakeHub)
     problems = json.loads(bad.stdout)["problems"]
     assert [p["chunk"] for p in problems] == [2]
     # dropped, and fetched again on the next request: the client still gets correct bytes
-    assert fetch(d, "model.safetensors") == expected_files(MODEL)["model.safetensors"]
+    assert get_body(f"{d.url}/{MODEL}/resolve/main/model.safetensors") == \
+        expected_files(MODEL)["model.safetensors"]
 
 
 def test_env_and_unreachable_daemon() -> None:
@@ -121,21 +120,22 @@ def test_warm_on_one_node_survives_a_restart(start_daemon: StartDaemon, hub: Fak
     started = cli(d, "warm", MODEL, "--nodes", "local", "--json")
     assert started.returncode == 0, started.stderr
     job = json.loads(started.stdout)["job"]
-    time.sleep(1.5)
+    wait_for(lambda: transferring(d), "the warm job fetching")
     assert d.stop() == 0
     hub.reset()
     d2 = start_daemon(cache_dir=d.cache_dir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def ended_jobs() -> list[dict[str, str]]:
         jobs = json.loads(cli(d2, "jobs", "--json").stdout)
-        if jobs and jobs[0]["state"] != "running":
-            break
-        time.sleep(0.5)
+        return jobs if jobs and jobs[0]["state"] != "running" else []
+
+    jobs = wait_for(ended_jobs, "the resumed warm job ends", timeout=60)
     assert [(j["job"], j["state"]) for j in jobs] == [(job, "done")]
     assert "resuming warm job" in d2.log()
     # the warm job taught the catalog the files: they resolve with the upstream gone
     hub.stop()
     try:
-        assert fetch(d2, "model.safetensors") == expected_files(MODEL)["model.safetensors"]
+        assert get_body(f"{d2.url}/{MODEL}/resolve/main/model.safetensors") == \
+            expected_files(MODEL)["model.safetensors"]
     finally:
         hub.restart()
