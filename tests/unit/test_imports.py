@@ -9,7 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.harness import ROOT
+
 PACKAGES = ("daemon", "daemon/lan", "client")
 # the modules that assemble the daemon (and the LAN itself) may import the LAN; no other
 ASSEMBLY = {"daemon.app", "daemon.main", "daemon.control", "daemon.warmup"}

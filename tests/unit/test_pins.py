@@ -9,8 +9,7 @@ import pytest
 
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.store import BlobId, Store
-
-MiB = 1024 * 1024
+from tests.harness import MiB
 
 
 async def stored(store: Store, seed: int, size: int = MiB) -> BlobId:

@@ -18,8 +18,8 @@ from modelpeer.daemon.store import BlobId, Store
 from modelpeer.daemon.transfer import Origin, Transfer
 from modelpeer.daemon.upstream import Answer, Upstream
 from modelpeer.daemon.upstreamfetch import UpstreamFetch
+from tests.harness import MiB
 
-MiB = 1024 * 1024
 DATA = bytes(range(10))
 BLOB = BlobId(hashlib.sha256(DATA).hexdigest(), "sha256", len(DATA))
 WAITS = None
