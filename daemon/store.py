@@ -22,7 +22,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -720,7 +720,7 @@ class BlobWriter:
         await self._in_order(len(view), lambda fd, at, done, n: self._append(
             fd, at, view[done:done + n]))
 
-    async def put(self, offset: int, pieces: list[bytes]) -> None:
+    async def put(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
         (while they are in the CPU cache); commit() takes them in order later."""
         self._raise_durability_failure()
