@@ -214,14 +214,16 @@ def report(size: int, times: dict[str, list[float]], cpu: dict[str, list[float]]
     gib = size / 2**30
     print(f"\n{gib:.2f} GiB file, {len(times['cold'])} runs, loopback; worst run, then median "
           "and all runs\n")
-    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) |")
-    print("|---|---|---|---|---|---|")
+    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) "
+          "| server CPU s/GiB, runs |")
+    print("|---|---|---|---|---|---|---|")
     for k, label in ROWS.items():
         if times[k]:
             runs = " ".join(f"{t:.2f}" for t in times[k])
-            cpu_text = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
+            cpu_worst = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
+            cpu_runs = " ".join(f"{c / gib:.2f}" for c in cpu[k])
             print(f"| {label} | {max(times[k]):.2f} | {size / 1e6 / max(times[k]):.0f} | "
-                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_text} |")
+                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_worst} | {cpu_runs} |")
     print("\n| ratio of times, within each run | worst | runs |\n|---|---|---|")
     for a, b, label in (("cold", "direct", "cold through modelpeerd / direct"),
                         ("cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),

@@ -29,6 +29,7 @@ MAX_HEAD = 64 * 1024  # an answer's status line and headers together, a chunk-si
 MAX_INTERIM = 8  # 1xx answers skipped before the real one
 MAX_IDLE = 16  # idle connections kept per (scheme, host, port)
 KEEPALIVE = 15.0  # an idle connection older than this is closed, not reused (as aiohttp does)
+HAPPY_EYEBALLS = 0.25  # the next address of a host is tried after this long (as aiohttp does)
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
@@ -406,10 +407,12 @@ class Pool:
             if scheme == "https":
                 _, conn = await loop.create_connection(
                     lambda: _Connection(key, self.timeout), host, port, ssl=self._tls(),
-                    server_hostname=host, ssl_handshake_timeout=self.timeout)
+                    server_hostname=host, ssl_handshake_timeout=self.timeout,
+                    happy_eyeballs_delay=HAPPY_EYEBALLS)
             else:
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(key, self.timeout), host, port)
+                    lambda: _Connection(key, self.timeout), host, port,
+                    happy_eyeballs_delay=HAPPY_EYEBALLS)
         return conn
 
     def _tls(self) -> ssl.SSLContext:

@@ -1,5 +1,6 @@
-"""aiohttp client of the upstream Hub (and its mirrors, tried in order) and of the CDNs it
-redirects to. Knows HTTP, origins and tokens; knows nothing about the store or the client.
+"""Client of the upstream Hub (and its mirrors, tried in order) and of the CDNs it redirects
+to: aiohttp for the Hub API, httpbody for the Range reads of blob bytes. Knows HTTP, origins
+and tokens; knows nothing about the store or the client.
 
 The token a client sent goes to the Hub origins only: never to a CDN host, never to disk.
 """

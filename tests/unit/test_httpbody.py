@@ -179,6 +179,24 @@ async def test_a_range_arrives_whole_in_pieces_of_one_reused_buffer() -> None:
     assert server.requests[0][1]["User-Agent"] == USER_AGENT
 
 
+async def test_the_first_bytes_are_handed_on_before_the_buffer_fills() -> None:
+    rest = asyncio.Event()
+
+    async def slow_start(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head_206(0, MiB) + BLOB[:1000])
+        await rest.wait()
+        writer.write(BLOB[1000:MiB])
+        await reader.read()
+
+    async with raw_server(slow_start) as url, upstream() as up:
+        pieces = aiter(up.read_range(URL(url), 0, MiB))
+        first = bytes(await asyncio.wait_for(anext(pieces), 5))
+        rest.set()
+        data = first + b"".join([bytes(p) async for p in pieces])
+    assert first == BLOB[:1000] and data == BLOB[:MiB]
+
+
 async def test_two_reads_share_one_kept_alive_connection() -> None:
     async with blob_server() as server, upstream() as up:
         first, _ = await read(up, f"{server.url}/blob", 0, MiB)
