@@ -378,27 +378,31 @@ class Pool:
 
     def _reuse(self, key: Key) -> _Connection | None:
         conns = self._fresh(key)
-        return conns.pop() if conns else None
+        conn = conns.pop() if conns else None
+        if conns:
+            self._idle[key] = conns
+        return conn
 
     def _keep(self, conn: _Connection) -> None:
         conns = self._fresh(conn.key)
-        if len(conns) >= MAX_IDLE:
+        if len(conns) < MAX_IDLE:
+            conn.watch()
+            conns.append(conn)
+        else:
             conn.abort()
-            return
-        conn.watch()
-        conns.append(conn)
+        self._idle[conn.key] = conns
 
     def _fresh(self, key: Key) -> list[_Connection]:
-        """The idle connections to key that may still be used; the others closed."""
+        """The idle connections to key that may still be used, taken out of the pool; the
+        others closed."""
         now = asyncio.get_running_loop().time()
-        conns = []
+        fresh = []
         for conn in self._idle.pop(key, []):
             if conn.usable and now - conn.idle_since < KEEPALIVE:
-                conns.append(conn)
+                fresh.append(conn)
             else:
                 conn.abort()
-        self._idle[key] = conns
-        return conns
+        return fresh
 
     async def _connect(self, key: Key) -> _Connection:
         scheme, host, port = key
