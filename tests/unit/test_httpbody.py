@@ -205,6 +205,15 @@ async def test_two_reads_share_one_kept_alive_connection() -> None:
     assert len(server.requests) == 2 and len(server.connections) == 1
 
 
+async def test_a_connection_idle_longer_than_keepalive_is_not_reused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpbody, "KEEPALIVE", 0.0)
+    async with blob_server() as server, upstream() as up:
+        await read(up, f"{server.url}/blob", 0, 10)
+        await read(up, f"{server.url}/blob", 0, 10)
+    assert len(server.connections) == 2
+
+
 async def test_a_read_left_early_does_not_leave_its_connection_for_the_next() -> None:
     async with blob_server() as server, upstream() as up:
         pieces = cast(AsyncGenerator[bytes], up.read_range(URL(f"{server.url}/blob"), 0, 3 * MiB))
