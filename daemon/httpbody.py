@@ -107,8 +107,9 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport.write(data)
 
     async def fill(self, target: memoryview, want: int) -> int:
-        """Bytes into target, at least `want` of them (fewer only when the connection ends),
-        at most len(target). TimeoutError when no byte comes for `timeout` seconds."""
+        """Bytes into target, at least `want` of them, at most len(target); fewer when the
+        connection ends (why it ended is raised by the call that gets none). TimeoutError
+        when no byte comes for `timeout` seconds."""
         assert self._transport is not None and 0 < want <= len(target)
         if self._error is not None:
             raise self._error
@@ -124,7 +125,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             self._timer.cancel()
             self._target = self._waiter = None
-        if self._got < want and self._error is not None:
+        if not self._got and self._error is not None:
             raise self._error
         return self._got
 
@@ -267,10 +268,11 @@ class Answer:
         done, want = 0, 1
         while done < size:
             room = min(len(buf), size - done)
+            # a piece cut short by the end of the connection is handed on: it is good
             got = await self._reader.into(buf[:room], min(want, room))
-            if got < min(want, room):
-                raise UpstreamError(f"{self.url.host}: connection ended after "
-                                    f"{done + got} of {expected} bytes")
+            if not got:
+                raise UpstreamError(f"{self.url.host}: connection ended after {done} of "
+                                    f"{expected} bytes")
             done += got
             want = len(buf)
             yield buf[:got]
@@ -287,15 +289,18 @@ class Answer:
                                         "bytes asked for")
                 n = await self._reader.into(buf[got:got + min(chunk_left, len(buf) - got)], 1)
                 if not n:
-                    raise UpstreamError(f"{self.url.host}: connection ended after "
-                                        f"{done + got} of {expected} bytes")
+                    break
                 got += n
                 chunk_left -= n
                 if not chunk_left:
                     chunk_left = await self._chunk_size(first=False)
             done += got
             want = len(buf)
-            yield buf[:got]
+            if got:
+                yield buf[:got]  # good bytes, also when the connection ended after them
+            if chunk_left and not n:
+                raise UpstreamError(f"{self.url.host}: connection ended after {done} of "
+                                    f"{expected} bytes")
         await self._skip_trailers()
         if done != expected:
             raise UpstreamError(f"{self.url.host}: the body ended after {done} of {expected} "

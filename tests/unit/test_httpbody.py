@@ -266,15 +266,34 @@ async def test_a_redirect_is_followed_and_the_token_goes_to_the_hub_only() -> No
     assert {h["User-Agent"] for _, h in hub.requests + cdn.requests} == {USER_AGENT}
 
 
-async def test_a_body_cut_short_is_an_error_not_short_data() -> None:
+async def test_a_body_cut_short_is_an_error_after_the_bytes_that_came() -> None:
     async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(head_206(0, MiB) + BLOB[:MiB // 2])
         await writer.drain()
 
+    data = bytearray()
     async with raw_server(half) as url, upstream() as up:
         with pytest.raises(UpstreamError, match=f"ended after {MiB // 2} of {MiB} bytes"):
-            await read(up, url, 0, MiB)
+            async for piece in up.read_range(URL(url), 0, MiB):
+                data += piece
+    assert data == BLOB[:MiB // 2]  # what came before the break is handed on
+
+
+async def test_a_chunked_body_cut_short_is_an_error_after_the_bytes_that_came() -> None:
+    async def half(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-1048575/"
+                     + str(len(BLOB)).encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{MiB:x}\r\n".encode() + BLOB[:MiB // 2])
+        await writer.drain()
+
+    data = bytearray()
+    async with raw_server(half) as url, upstream() as up:
+        with pytest.raises(UpstreamError, match=f"ended after {MiB // 2} of {MiB} bytes"):
+            async for piece in up.read_range(URL(url), 0, MiB):
+                data += piece
+    assert data == BLOB[:MiB // 2]
 
 
 @pytest.mark.parametrize("sent", [0, 1000])
