@@ -379,7 +379,7 @@ class Pool:
                 raise UpstreamError(f"header {name} of a request to {url.host} holds a line "
                                     "break or NUL; it was not sent")
             lines.append(f"{name}: {value}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()  # as aiohttp encodes them
 
     def _reuse(self, key: Key) -> _Connection | None:
         conns = self._fresh(key)
