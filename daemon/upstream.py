@@ -70,6 +70,7 @@ class Upstream:
         # (trust_env is off), so neither needs one.
         self._bodies = httpbody.Pool(timeout=timeout, user_agent=self.user_agent)
         self._ignore_range: set[URL] = set()  # origins that answered a Range with a 200
+        self._aiohttp_only: set[URL] = set()  # origins whose answers httpbody cannot read
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -153,14 +154,17 @@ class Upstream:
         The pieces are views of one buffer (httpbody): each is good until the next is asked
         for, so write it first. They are BUFFER bytes long but the first and the last."""
         asked = f"bytes={start}-{end - 1}"
-        try:
-            async with self._get(url, token, asked, self._bodies.get) as answer:
-                self._check_range(answer, start, end)
-                async for data in self._paced(answer.body(end - start)):
-                    yield data
-            return
-        except httpbody.Unsupported as e:  # raised before any byte of the body
-            log.info("reading %s of %s with aiohttp: %s is not supported", asked, url.host, e)
+        if url.origin() not in self._aiohttp_only:
+            try:
+                async with self._get(url, token, asked, self._bodies.get) as answer:
+                    self._check_range(answer, start, end)
+                    async for data in self._paced(answer.body(end - start)):
+                        yield data
+                return
+            except httpbody.Unsupported as e:  # raised before any byte of the body
+                self._aiohttp_only.add(url.origin())
+                log.info("reading blobs from %s with aiohttp from now on: %s is not supported",
+                         url.host, e)
         async with self._get(url, token, asked, self._aiohttp_get) as resp:
             self._check_range(resp, start, end)
             async for piece in self._paced(_body(resp, end - start)):
