@@ -127,9 +127,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
-            cpu: dict[str, list[float]], old_code: str | None) -> str:
-    """Direct, nginx proxy_cache cold, modelpeerd cold and hit (and those of the old code),
-    in that order; the digest."""
+            cpu: dict[str, list[float]], old_code: str | None, old_first: bool = False) -> str:
+    """Direct, nginx proxy_cache cold, modelpeerd cold and hit, in that order, with the old
+    code's cold and hit after modelpeerd's (before them if old_first); the digest."""
     t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
     times["direct"].append(t)
     if shutil.which("nginx"):
@@ -144,9 +144,11 @@ def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
         assert got == digest, "nginx proxy_cache answered other bytes"
         times["nginx_cold"].append(t)
         cpu["nginx_cold"].append(c)
-    daemon_cold_and_hit(hub, work, digest, "", {}, times, cpu)
+    daemons: list[tuple[str, dict[str, str]]] = [("", {})]
     if old_code is not None:
-        daemon_cold_and_hit(hub, work, digest, "old_", {"PYTHONPATH": old_code}, times, cpu)
+        daemons.insert(0 if old_first else 1, ("old_", {"PYTHONPATH": old_code}))
+    for prefix, env in daemons:
+        daemon_cold_and_hit(hub, work, digest, prefix, env, times, cpu)
     return digest
 
 
@@ -176,7 +178,7 @@ def main() -> None:
     ap.add_argument("--old-code", metavar="DIR",
                     help="also run the daemon from DIR/modelpeer/daemon in each run, e.g. an "
                          "earlier commit's daemon/ (git archive) linked there: before and after "
-                         "in the same run")
+                         "in the same run, alternately first")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
@@ -185,8 +187,8 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in ROWS}
     cpu: dict[str, list[float]] = {k: [] for k in ROWS}
     try:
-        for _ in range(args.runs):
-            digest = one_run(hub, work, times, cpu, args.old_code)
+        for run in range(args.runs):  # the old code first in every other run
+            digest = one_run(hub, work, times, cpu, args.old_code, old_first=run % 2 == 1)
         if shutil.which("nginx"):
             www = work / "www"
             www.mkdir()
@@ -214,14 +216,16 @@ def report(size: int, times: dict[str, list[float]], cpu: dict[str, list[float]]
     gib = size / 2**30
     print(f"\n{gib:.2f} GiB file, {len(times['cold'])} runs, loopback; worst run, then median "
           "and all runs\n")
-    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) |")
-    print("|---|---|---|---|---|---|")
+    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) "
+          "| server CPU s/GiB, runs |")
+    print("|---|---|---|---|---|---|---|")
     for k, label in ROWS.items():
         if times[k]:
             runs = " ".join(f"{t:.2f}" for t in times[k])
-            cpu_text = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
+            cpu_worst = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
+            cpu_runs = " ".join(f"{c / gib:.2f}" for c in cpu[k])
             print(f"| {label} | {max(times[k]):.2f} | {size / 1e6 / max(times[k]):.0f} | "
-                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_text} |")
+                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_worst} | {cpu_runs} |")
     print("\n| ratio of times, within each run | worst | runs |\n|---|---|---|")
     for a, b, label in (("cold", "direct", "cold through modelpeerd / direct"),
                         ("cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),

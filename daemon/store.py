@@ -23,7 +23,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, NamedTuple, ParamSpec, Protocol, TypeVar
 
@@ -742,7 +742,7 @@ class BlobWriter:
             fd, at, view[done:done + n]))
 
     @_full_disk_is_store_full
-    async def put(self, offset: int, pieces: list[bytes]) -> None:
+    async def put(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
         (while they are in the CPU cache); commit() takes them in order later."""
         self._raise_durability_failure()

@@ -1,5 +1,6 @@
-"""aiohttp client of the upstream Hub (and its mirrors, tried in order) and of the CDNs it
-redirects to. Knows HTTP, origins and tokens; knows nothing about the store or the client.
+"""Client of the upstream Hub (and its mirrors, tried in order) and of the CDNs it redirects
+to: aiohttp for the Hub API, httpbody for the Range reads of blob bytes. Knows HTTP, origins
+and tokens; knows nothing about the store or the client.
 
 The token a client sent goes to the Hub origins only: never to a CDN host, never to disk.
 """
@@ -10,18 +11,39 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from . import httpbody
 from .errors import RangeIgnored, UpstreamError, UpstreamUnavailable
 from .ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _GetAnswer(Protocol):
+    """What is read of the answer to a GET of blob bytes, from aiohttp or httpbody."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def url(self) -> URL: ...
+    @property
+    def content_length(self) -> int | None: ...
+
+
+_A = TypeVar("_A", bound=_GetAnswer)
+_Piece = TypeVar("_Piece", bytes, memoryview)
+_Opener = Callable[[URL, dict[str, str]], contextlib.AbstractAsyncContextManager[_A]]
 
 
 @dataclasses.dataclass
@@ -44,7 +66,11 @@ class Upstream:
         self.user_agent = user_agent or "modelpeer"
         self.rate = RateLimit()  # upstream_rate: file bytes from the Hub and its CDNs together
         self._session: aiohttp.ClientSession | None = None
+        # Blob bytes come through httpbody. The session takes no proxy from the environment
+        # (trust_env is off), so neither needs one.
+        self._bodies = httpbody.Pool(timeout=timeout, user_agent=self.user_agent)
         self._ignore_range: set[URL] = set()  # origins that answered a Range with a 200
+        self._aiohttp_only: set[URL] = set()  # origins whose answers httpbody cannot read
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -55,6 +81,7 @@ class Upstream:
             headers={"User-Agent": self.user_agent})
 
     async def close(self) -> None:
+        self._bodies.close()
         if self._session is not None:
             await self._session.close()
 
@@ -107,7 +134,7 @@ class Upstream:
             if commit and "X-Repo-Commit" not in answer.headers:
                 answer.headers["X-Repo-Commit"] = commit
             target = answer.location
-            if answer.status not in (301, 302, 303, 307, 308) or target is None:
+            if answer.status not in REDIRECTS or target is None:
                 return answer
             if target.origin() != url.origin():
                 return answer
@@ -119,26 +146,49 @@ class Upstream:
         return url.origin() not in self._ignore_range
 
     async def read_range(self, url: URL, start: int, end: int, *,
-                         token: str | None = None) -> AsyncIterator[bytes]:
+                         token: str | None = None) -> AsyncIterator[bytes | memoryview]:
         """GET bytes [start, end) of url, following redirects (token only to Hub origins).
         Fails unless the server answers exactly that range; RangeIgnored (and the origin is
-        remembered) when it ignores Range."""
-        async with self._get(url, token, f"bytes={start}-{end - 1}") as resp:
+        remembered) when it ignores Range.
+
+        The pieces are views of one buffer (httpbody): each is good until the next is asked
+        for, so write it first. They are BUFFER bytes long but the first and the last."""
+        asked = f"bytes={start}-{end - 1}"
+        if url.origin() not in self._aiohttp_only:
             try:
-                _check_range_answer(resp, start, end)
-            except RangeIgnored:
-                self._ignore_range.add(resp.url.origin())
-                raise
-            async for data in _body(resp, end - start):
-                await self.rate.take(len(data))
-                yield data
+                async with self._get(url, token, asked, self._bodies.get) as answer:
+                    self._check_range(answer, start, end)
+                    async for data in self._paced(answer.body(end - start)):
+                        yield data
+                return
+            except httpbody.Unsupported as e:  # raised before any byte of the body
+                self._aiohttp_only.add(url.origin())
+                log.info("reading blobs from %s with aiohttp from now on: %s is not supported",
+                         url.host, e)
+        async with self._get(url, token, asked, self._aiohttp_get) as resp:
+            self._check_range(resp, start, end)
+            async for piece in self._paced(_body(resp, end - start)):
+                yield piece
+
+    def _check_range(self, answer: _GetAnswer, start: int, end: int) -> None:
+        try:
+            _check_range_answer(answer, start, end)
+        except RangeIgnored:
+            self._ignore_range.add(answer.url.origin())
+            raise
+
+    async def _paced(self, pieces: AsyncIterator[_Piece]) -> AsyncIterator[_Piece]:
+        async for data in pieces:
+            await self.rate.take(len(data))
+            yield data
 
     async def read_from(self, url: URL, start: int, size: int, *,
                         token: str | None = None) -> AsyncIterator[bytes]:
         """Bytes [start, size) of url over one connection, from an origin that may ignore
         Range: from `start` when it honours the Range, else the whole body without its first
         `start` bytes."""
-        async with self._get(url, token, f"bytes={start}-" if start else None) as resp:
+        async with self._get(url, token, f"bytes={start}-" if start else None,
+                             self._aiohttp_get) as resp:
             if resp.status >= 500:
                 raise UpstreamUnavailable(f"{resp.url.host}: HTTP {resp.status}")
             ranged = resp.status == 206 and _ranges_from(resp, start, size)
@@ -154,21 +204,24 @@ class Upstream:
                 skip = 0
 
     @contextlib.asynccontextmanager
-    async def _get(self, url: URL, token: str | None,
-                   range_header: str | None) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def _get(self, url: URL, token: str | None, range_header: str | None,
+                   open_answer: _Opener[_A]) -> AsyncIterator[_A]:
         """The answer to GET url (with that Range, if any), after redirects."""
         asked = {"Accept-Encoding": "identity"}
         if range_header is not None:
             asked["Range"] = range_header
         for _ in range(MAX_REDIRECTS + 1):
-            headers = self._headers(url, token, asked)
-            async with self.session.get(url, headers=headers, allow_redirects=False) as resp:
-                if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
+            async with open_answer(url, self._headers(url, token, asked)) as resp:
+                if resp.status in REDIRECTS and "Location" in resp.headers:
                     url = url.join(URL(resp.headers["Location"], encoded=True))
                     continue
                 yield resp
                 return
         raise UpstreamError(f"too many redirects for {url.host}")
+
+    def _aiohttp_get(self, url: URL, headers: dict[str, str]
+                     ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientResponse]:
+        return self.session.get(url, headers=headers, allow_redirects=False)
 
 
 async def _body(resp: aiohttp.ClientResponse, expected: int) -> AsyncIterator[bytes]:
@@ -186,11 +239,11 @@ async def _body(resp: aiohttp.ClientResponse, expected: int) -> AsyncIterator[by
         raise UpstreamError(f"{resp.url.host}: connection ended after {got} of {expected} bytes")
 
 
-def _ranges_from(resp: aiohttp.ClientResponse, start: int, end: int) -> bool:
+def _ranges_from(resp: _GetAnswer, start: int, end: int) -> bool:
     return resp.headers.get("Content-Range", "").startswith(f"bytes {start}-{end - 1}/")
 
 
-def _check_range_answer(resp: aiohttp.ClientResponse, start: int, end: int) -> None:
+def _check_range_answer(resp: _GetAnswer, start: int, end: int) -> None:
     if resp.status >= 500:
         raise UpstreamUnavailable(f"{resp.url.host}: HTTP {resp.status}")
     if resp.status == 200 and start == 0 and resp.content_length == end:

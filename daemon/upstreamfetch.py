@@ -40,7 +40,7 @@ class _Segment:
         self.finished = False
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
-        self.pending: list[bytes] = []  # received, not yet put: at most COMMIT_BATCH bytes
+        self.pending: list[bytes | memoryview] = []  # received, not yet put
         self.pending_bytes = 0
 
     async def put_pending(self, writer: BlobWriter) -> None:
@@ -235,9 +235,7 @@ class UpstreamFetch:
                         seg.pending_bytes += len(data)
                         transfer.bytes_upstream += len(data)
                         self._on_bytes(len(data))
-                        # the first bytes at once: the committer may be waiting for them
-                        if seg.pending_bytes >= COMMIT_BATCH or seg.filled == 0:
-                            await seg.put_pending(writer)
+                        await seg.put_pending(writer)  # a view of a reused buffer: now
                     await seg.put_pending(writer)
                 except (RangeIgnored, _StoreFailed):
                     raise
