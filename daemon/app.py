@@ -75,12 +75,6 @@ class Daemon:
         cfg, stack = self.cfg, self._stack
         self.db = open_index(cfg.cache_dir / "index.sqlite3")
         stack.callback(self.db.close)
-        self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size)
-        self.store.max_bytes = cfg.max_cache_size
-        self.recovered = await self.store.recover()
-        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped, %d blobs "
-                 "kept from files the index had lost", cfg.cache_dir, self.recovered["good"],
-                 self.recovered["partial"], self.recovered["dropped"], self.recovered["adopted"])
         self.upstream = Upstream(cfg.upstream, timeout=cfg.upstream_timeout,
                                  user_agent=f"modelpeer/{VERSION}")
         self.upstream.rate.rate = cfg.upstream_rate
@@ -89,6 +83,13 @@ class Daemon:
         # the listener closes after the transfers: a response in flight ends with its transfer
         stack.push_async_callback(self._close_listener)
         self.catalog = Catalog(self.db, self.upstream, ref_ttl=cfg.ref_ttl, offline=cfg.offline)
+        self.pins = Pins(self.db, self.catalog)
+        self.store = Store(cfg.cache_dir, self.db, cfg.chunk_size,
+                           max_bytes=cfg.max_cache_size, kept=self.pins.digests)
+        self.recovered = await self.store.recover()
+        log.info("store %s: %d complete chunks good, %d partial kept, %d dropped, %d blobs "
+                 "kept from files the index had lost", cfg.cache_dir, self.recovered["good"],
+                 self.recovered["partial"], self.recovered["dropped"], self.recovered["adopted"])
         self.transfers = Transfers(self.store)
         self.upstream_fetch = UpstreamFetch(
             self.upstream, connections=cfg.upstream_connections, offline=cfg.offline,
@@ -102,8 +103,6 @@ class Daemon:
                                self.lan.peer_source)
         stack.push_async_callback(self.fetcher.close)
         self.signatures = Signatures(self.policy, self.catalog, self.fetcher, self.metrics)
-        self.pins = Pins(self.db, self.catalog)
-        self.store.kept = self.pins.digests
         self.warmup = Warmup(self.catalog, self.fetcher, self.lan.node_id or "local",
                              self.node_name, self.lan.peers,
                              self.lan.credentials.key if self.lan.credentials else None,

@@ -102,15 +102,16 @@ class Usage:
 
 
 class Store:
-    def __init__(self, root: Path, db: sqlite3.Connection, chunk_size: int) -> None:
+    def __init__(self, root: Path, db: sqlite3.Connection, chunk_size: int, *,
+                 max_bytes: int = 0, kept: Callable[[], set[str]] = set) -> None:
         self.root = root
         self.db = db
         self.chunk_size = chunk_size
-        self.max_bytes = 0  # max_cache_size; 0 = no limit
+        self.max_bytes = max_bytes  # max_cache_size; 0 = no limit
         self.removed: Signal[[str]] = Signal("blob removed")  # digest
         self._pins: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()  # retired while pinned: removed at the last unpin
-        self.kept: Callable[[], set[str]] = set  # digests the user pinned (pins.py)
+        self.kept = kept  # digests the user pinned (pins.py)
         self.over_limit = 0  # bytes above max_cache_size that eviction could not free
         # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
         # checked before its first read, and by check_unchecked() behind the start
@@ -514,7 +515,7 @@ class Store:
                       deep: bool = True) -> list[bool]:
         return [self._check_chunk(r, deep=deep) for r in rows]
 
-    def _check_chunk(self, row: dict[str, Any], *, deep: bool) -> bool:
+    def _check_chunk(self, row: dict[str, Any], *, deep: bool) -> bool:  # Any: a sqlite row
         """Is the chunk's file as its row says: a complete one of its length (and with `deep`,
         of its xxh3), a partial one cut back to its checkpoint and of its xxh3."""
         path = self.chunk_path(row["digest"], row["idx"], partial=not row["complete"])

@@ -499,6 +499,7 @@ async def _no_policy(entry: FileEntry, token: str | None) -> None:
     return None
 
 
+# Any: the request's JSON, each field checked as it is read
 def _warm_request(body: dict[str, Any]) -> tuple[Repo, str, list[str], list[str], str]:
     """What a local client asked to warm: repo, revision, include, exclude, nodes."""
     try:
