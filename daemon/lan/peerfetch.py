@@ -57,7 +57,8 @@ class PeerFetch:
                 break
             decision = plan.decide(held.transfers, writer.offset)
             overtake = isinstance(decision, Relay) and plan.overtakes(
-                held.transfers, decision.node, held.upstream_rates, self.upstream.rate())
+                held.transfers, decision.node, held.upstream_rates, self.upstream.rate(),
+                self._cluster_intake())
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
@@ -110,7 +111,16 @@ class PeerFetch:
         fetching and relays from it."""
         await asyncio.sleep(plan.overtake_pause())
         held = await self.sharing.holders(transfer.blob)
-        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate())
+        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
+                              self._cluster_intake())
+
+    def _cluster_intake(self) -> float:
+        """What the cluster reads from the upstream now, bytes/s: this node's upstream
+        fetches and those of every live peer, as its last status said (every few seconds)."""
+        own = sum(t.meter.settled_rate for t in self.sharing.transfers.running.values()
+                  if t.source == TransferSource.UPSTREAM and not t.probing)
+        return own + sum(bt.state.rate for p in self.sharing.peers.peers.values() if p.alive
+                         for bt in p.transfers if bt.state.source == TransferSource.UPSTREAM)
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:
@@ -149,11 +159,15 @@ class PeerFetch:
         batch: list[bytes] = []  # socket reads are small: fewer, larger writes cost less CPU
         pos = before  # the blob offset after the bytes received
         stream = self.relay.stream(peer, transfer.blob, before, end)
+        # a source that has bytes for this node and sends none is dropped after the stall
+        # window; one that waits for its own bytes is only looked at again with fresh news
+        source = transfers.get(peer.node_id)
+        silence = STALL_WINDOW if source is not None and source.available > before else REPLAN_EVERY
         try:
             async with contextlib.aclosing(stream):
                 while meter.age < REPLAN_EVERY:
                     try:
-                        data = await asyncio.wait_for(anext(stream), STALL_WINDOW)
+                        data = await asyncio.wait_for(anext(stream), silence)
                     except StopAsyncIteration:
                         break
                     batch.append(data)
@@ -164,9 +178,9 @@ class PeerFetch:
                         batch = []
         except TimeoutError:
             dropped = plan.stalled(peer.node_id, transfers, pos)
-            log.warning("relaying %s from peer %s: no byte for %.0fs at byte %d; %s",
-                        transfer.label, peer.node_id, STALL_WINDOW, pos,
-                        "trying another source" if dropped else "looking again")
+            (log.warning if dropped else log.info)(
+                "relaying %s from peer %s: no byte for %.1fs at byte %d; %s", transfer.label,
+                peer.node_id, silence, pos, "trying another source" if dropped else "looking again")
         except PeerError as e:
             plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,

@@ -32,8 +32,8 @@ SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not us
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
+INTAKE_SHARE = 0.5  # no overtake while the cluster takes this share of the known upstream rate
 OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once confirm it
-RATE_SAMPLE_BYTES = 2 * 1024 * 1024  # a transfer younger than this says little by its rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +117,22 @@ class Plan:
         return min([*behind, self.node_id], key=self.rank) == self.node_id
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
-                  upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+                  upstream_rates: Mapping[str, float], own_upstream_rate: float,
+                  cluster_intake: float = 0.0) -> bool:
         """Whether this node, relaying straight from an upstream fetcher, should leave it and
-        fetch the rest from the upstream itself: the fetcher's rate has settled, and the
-        upstream gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher
-        delivers. Once one node did, the others prefer it: it is faster."""
+        fetch the rest from the upstream itself: the fetcher's rate has settled, the upstream
+        gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher delivers,
+        and the cluster's upstream fetchers of all blobs together (`cluster_intake`) take less
+        than INTAKE_SHARE of that: when the upstream link is full already, a second reader of
+        it only halves the first. Once one node overtook, the others prefer it: it is faster."""
         delivered = self.delivered(source, transfers)
         if delivered is None or not self._first_behind(transfers, source):
             return False
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
-        return known >= OVERTAKE_FACTOR * max(delivered, 1.0)
+        return (known >= OVERTAKE_FACTOR * max(delivered, 1.0)
+                and cluster_intake < INTAKE_SHARE * known)
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over
@@ -146,10 +150,12 @@ class Plan:
                 and own_upstream_rate == 0 and not others_know)
 
     def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
-        """What a source gives once its rate has settled (None before: a transfer ramping up
-        says little): the better of what it says and what it delivered here."""
+        """What a source gives once its rate has settled over a whole rate window (None
+        before: a transfer ramping up says little): the better of what it says and what it
+        delivered here. A slow source settles as soon as a fast one: waiting for it to bring
+        some amount of bytes first would make the slowest the last to be found out."""
         t = transfers.get(source)
-        if t is None or t.rate <= 0 or t.available < RATE_SAMPLE_BYTES:
+        if t is None or t.rate <= 0:
             return None
         return max(t.rate, self.measured.get(source, 0.0))
 

@@ -162,3 +162,22 @@ def test_nodes_confirming_an_overtake_wait_apart() -> None:
     assert all(0 <= p <= OVERTAKE_SPREAD for p in pauses)
     assert len(set(pauses)) == 4
     assert Plan("a", "d" * 64).overtake_pause() == pauses[0]  # the same for a node and blob
+
+
+def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    plan = Plan(first, "d" * 64)
+    view = {fetcher: t(UP, 20 * MB, 10 * MB)}
+    rates = {fetcher: 10 * MB}
+    # four blobs' fetchers at 10 MB/s each take 40 of the 50 MB/s a node once measured
+    assert not plan.overtakes(view, fetcher, rates, 50 * MB, cluster_intake=40 * MB)
+    assert plan.overtakes(view, fetcher, rates, 50 * MB, cluster_intake=10 * MB)
+
+
+def test_a_slow_fetcher_is_measured_before_it_has_brought_much() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    plan = Plan(first, "d" * 64)
+    # 0.5 MB/s settled over a whole rate window: 1 MB in
+    view = {fetcher: t(UP, 1 * MB, MB // 2)}
+    assert plan.delivered(fetcher, view) == MB // 2
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=MB // 2)
