@@ -16,7 +16,7 @@ from ..store import BlobId, BlobWriter, Store
 from ..transfer import Origin, RateMeter, Transfer, TransferSource
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer
-from .plan import STALL_WINDOW, GoUpstream, Plan, Relay
+from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, upstream_intake
 from .relay import Relay as RelayApi
 from .sharing import Holders, Sharing
 
@@ -58,7 +58,7 @@ class PeerFetch:
             decision = plan.decide(held.transfers, writer.offset)
             overtake = isinstance(decision, Relay) and plan.overtakes(
                 held.transfers, decision.node, held.upstream_rates, self.upstream.rate(),
-                self._cluster_intake())
+                self._cluster_intake(held))
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
@@ -112,15 +112,12 @@ class PeerFetch:
         await asyncio.sleep(plan.overtake_pause())
         held = await self.sharing.holders(transfer.blob)
         return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
-                              self._cluster_intake())
+                              self._cluster_intake(held))
 
-    def _cluster_intake(self) -> float:
-        """What the cluster reads from the upstream now, bytes/s: this node's upstream
-        fetches and those of every live peer, as its last status said (every few seconds)."""
-        own = sum(t.meter.settled_rate for t in self.sharing.transfers.running.values()
-                  if t.source == TransferSource.UPSTREAM and not t.probing)
-        return own + sum(bt.state.rate for p in self.sharing.peers.peers.values() if p.alive
-                         for bt in p.transfers if bt.state.source == TransferSource.UPSTREAM)
+    def _cluster_intake(self, held: Holders) -> float:
+        """What the cluster reads from the upstream now: this node's upstream fetches and
+        what each peer said with its chunk map, this round."""
+        return upstream_intake(self.sharing.transfers) + held.upstream_intake
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:

@@ -203,6 +203,13 @@ def peer_view(t: Transfer) -> PeerTransfer:
     return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
 
 
+def upstream_intake(transfers: Transfers) -> float:
+    """What this node reads from the upstream now, all blobs together, bytes/s (probes left
+    out: they are short)."""
+    return sum(t.meter.settled_rate for t in transfers.running.values()
+               if t.source == TransferSource.UPSTREAM and not t.probing)
+
+
 def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:
     """Every running transfer as the cluster sees it, for the plan view."""
     return [BlobTransfer(t.blob.digest, t.label, t.blob.size, peer_view(t))

@@ -27,7 +27,7 @@ from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
-from .plan import blob_transfers, peer_view
+from .plan import blob_transfers, peer_view, upstream_intake
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class Holders:
     small: list[Peer] = dataclasses.field(default_factory=list)  # hold the whole small blob
     transfers: dict[str, PeerTransfer] = dataclasses.field(default_factory=dict)  # by node id
     upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
+    upstream_intake: float = 0.0  # what the peers read from the upstream now, bytes/s
 
 
 class Sharing:
@@ -158,7 +159,9 @@ class Sharing:
         running = self.transfers.running.get(digest)
         transfer = {} if running is None else transfer_fields(peer_view(running))
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  "upstream_rate": round(self.upstream.rate()), **transfer})
+                                  "upstream_rate": round(self.upstream.rate()),
+                                  "upstream_intake": round(upstream_intake(self.transfers)),
+                                  **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
@@ -201,6 +204,7 @@ class Sharing:
                 out.transfers[peer.node_id] = m.transfer
             if m.upstream_rate:
                 out.upstream_rates[peer.node_id] = m.upstream_rate
+            out.upstream_intake += m.upstream_intake
         return out
 
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:

@@ -42,11 +42,14 @@ def test_good_messages_parse() -> None:
     assert t.to_json() == GOOD_TRANSFER
     m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
                          "small": False, "transfer": "upstream", "available": 5, "rate": 7,
-                         "upstream_rate": 9}, D, 4)
+                         "upstream_rate": 9, "upstream_intake": 11}, D, 4)
     assert m.chunks[0].index == 1 and m.transfer is not None
     assert (m.transfer.source, m.transfer.available, m.transfer.rate) == (
         TransferSource.UPSTREAM, 5, 7)
-    assert m.upstream_rate == 9
+    assert (m.upstream_rate, m.upstream_intake) == (9, 11)
+    for bad in (-1, "fast", 2**80, True):
+        with pytest.raises(BadMessage):
+            parse_chunk_map({"digest": D, "upstream_intake": bad}, D, 4)
     assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
