@@ -205,8 +205,9 @@ def peer_view(t: Transfer) -> PeerTransfer:
 
 def upstream_intake(transfers: Transfers) -> float:
     """What this node reads from the upstream now, all blobs together, bytes/s (probes left
-    out: they are short)."""
-    return sum(t.meter.settled_rate for t in transfers.running.values()
+    out: they are short). A fetcher younger than a rate window counts at what it has read so
+    far: it fills the link as much as an older one."""
+    return sum(t.meter.rate for t in transfers.running.values()
                if t.source == TransferSource.UPSTREAM and not t.probing)
 
 
