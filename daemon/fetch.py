@@ -65,11 +65,10 @@ class Fetcher:
         if self.store.is_complete(blob.digest):
             self.store.touch(blob.digest)
             return Transfer(blob, origin.label, available=blob.size, verified=True)
-        running = self.transfers.running.get(blob.digest)
-        if running is not None and running.error is None:
+        if (running := self.transfers.live(blob.digest)) is not None:
             return running
         transfer = Transfer(blob, origin.label)
-        self.transfers.running[blob.digest] = transfer
+        self.transfers.add(transfer)
         # a failed transfer may still be closing its writer: the new one starts after it
         previous = self._runs.get(blob.digest)
         task = asyncio.create_task(self._run(transfer, origin, previous),
@@ -98,8 +97,7 @@ class Fetcher:
             except Exception as e:  # any failure must reach the readers, or they wait forever
                 self._failed(transfer, origin, e)
             finally:
-                if self.transfers.running.get(blob.digest) is transfer:
-                    del self.transfers.running[blob.digest]
+                self.transfers.remove(transfer)
                 if self._runs.get(blob.digest) is asyncio.current_task():
                     del self._runs[blob.digest]
                 self.store.evict(self.store.max_bytes)

@@ -232,7 +232,7 @@ class _Batch:
         if self.store.is_complete(blob.digest):
             return None
         transfer = Transfer(blob, f"{self.repo}/{path}")
-        self.fetcher.transfers.running[blob.digest] = transfer
+        self.fetcher.transfers.add(transfer)
         self._ours.append(transfer)
         return transfer
 
@@ -255,8 +255,7 @@ class _Batch:
 
     def release(self) -> None:
         for t in self._ours:
-            if self.fetcher.transfers.running.get(t.blob.digest) is t:
-                del self.fetcher.transfers.running[t.blob.digest]
+            self.fetcher.transfers.remove(t)
 
 
 async def _check_digest(blob: BlobId, data: AsyncIterator[bytes]) -> None:

@@ -25,11 +25,23 @@ class Transfers:
         self.running: dict[str, Transfer] = {}  # digest -> its transfer
         self._failed_digest: dict[str, float] = {}  # digest -> until when it is remembered
 
+    def add(self, transfer: Transfer) -> None:
+        self.running[transfer.blob.digest] = transfer
+
+    def remove(self, transfer: Transfer) -> None:
+        """Forget the transfer, unless another one of the blob took its place."""
+        if self.running.get(transfer.blob.digest) is transfer:
+            del self.running[transfer.blob.digest]
+
+    def live(self, digest: str) -> Transfer | None:
+        """The blob's running transfer, unless it failed."""
+        running = self.running.get(digest)
+        return running if running is not None and running.error is None else None
+
     def joinable(self, digest: str) -> Transfer | None:
         """The blob's running transfer, or a done one when the store holds it; never starts
         one (for peers, who must not make this node download)."""
-        running = self.running.get(digest)
-        if running is not None and running.error is None:
+        if (running := self.live(digest)) is not None:
             return running
         blob = self.store.complete_blob(digest)
         return Transfer(blob, digest[:12], blob.size, verified=True) if blob else None

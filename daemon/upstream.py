@@ -195,8 +195,7 @@ class Upstream:
             if not ranged and resp.status != 200:
                 raise UpstreamError(f"{resp.url.host}: HTTP {resp.status}")
             skip = 0 if ranged else start
-            async for data in _body(resp, size - start + skip):
-                await self.rate.take(len(data))
+            async for data in self._paced(_body(resp, size - start + skip)):
                 if skip >= len(data):
                     skip -= len(data)
                     continue

@@ -17,13 +17,13 @@ from yarl import URL
 from .errors import RangeIgnored, TransferFailed, UpstreamError, UpstreamRefused
 from .store import BlobWriter
 from .transfer import Origin, Transfer, TransferSource
-from .upstream import Upstream, backoff
+from .upstream import REDIRECTS, Upstream, backoff
 
 log = logging.getLogger(__name__)
 
 SEGMENT = 8 * 1024 * 1024
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
-COMMIT_BATCH = 1024 * 1024  # fewer, larger writes; the first bytes still go at once
+COMMIT_BATCH = 1024 * 1024  # fewer, larger commits; the first bytes still go at once
 PROBE_BYTES = 4 * 1024 * 1024
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 READ_ERRORS = (UpstreamError, OSError, TimeoutError, aiohttp.ClientError)
@@ -40,18 +40,14 @@ class _Segment:
         self.finished = False
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
-        self.pending: list[bytes | memoryview] = []  # received, not yet put
-        self.pending_bytes = 0
 
-    async def put_pending(self, writer: BlobWriter) -> None:
-        if not self.pending:
-            return
+    async def put(self, writer: BlobWriter, piece: bytes | memoryview) -> None:
+        """A piece just received (a view of a reused buffer: put before the next is read)."""
         try:
-            await writer.put(self.start + self.filled, self.pending)
+            await writer.put(self.start + self.filled, [piece])
         except OSError as e:
             raise _StoreFailed(f"writing {writer.blob.digest}: {e}") from e
-        self.filled += self.pending_bytes
-        self.pending, self.pending_bytes = [], 0
+        self.filled += len(piece)
         self.changed.set()
 
 
@@ -95,8 +91,7 @@ class UpstreamFetch:
         if nbytes >= PROBE_BYTES and seconds > 0:  # a smaller read says little of the rate
             self._rate = (nbytes / seconds, time.monotonic())
 
-    async def probe(self, transfer: Transfer, writer: BlobWriter,
-                              origin: Origin) -> None:
+    async def probe(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
         """The next PROBE_BYTES from the upstream, to learn what it gives this node."""
         start, end = writer.offset, min(transfer.blob.size, writer.offset + PROBE_BYTES)
         transfer.mark_source(start, TransferSource.UPSTREAM)
@@ -107,10 +102,7 @@ class UpstreamFetch:
             transfer.upstream_origin = origin
             began = time.monotonic()
             async for data in self.upstream.read_range(url, start, end, token=origin.token):
-                await writer.write(data)
-                transfer.bytes_upstream += len(data)
-                self._on_bytes(len(data))
-                transfer.advance(writer.offset)
+                await self._write(transfer, writer, data)
         except READ_ERRORS as e:
             log.info("probing the upstream for %s failed: %s", transfer.label, e)
             return
@@ -125,7 +117,7 @@ class UpstreamFetch:
         """The URL the upstream serves the bytes at (a CDN after a redirect, or the Hub)."""
         answer = await self.upstream.hub("HEAD", origin.resolve_path, token=origin.token,
                                          headers={"Accept-Encoding": "identity"})
-        if answer.status in (301, 302, 303, 307, 308) and answer.location is not None:
+        if answer.status in REDIRECTS and answer.location is not None:
             return answer.location
         if answer.status == 200:
             return answer.url
@@ -183,8 +175,9 @@ class UpstreamFetch:
                 failures = 0 if writer.offset > before else failures + 1
                 url = await self._after_break(origin, url, failures, writer.offset, e)
 
-    async def _write(self, transfer: Transfer, writer: BlobWriter, data: bytes) -> None:
-        """Bytes of a stream read in order."""
+    async def _write(self, transfer: Transfer, writer: BlobWriter,
+                     data: bytes | memoryview) -> None:
+        """Bytes read in order (a stream, a probe)."""
         if data:
             await writer.write(data)
             transfer.bytes_upstream += len(data)
@@ -231,16 +224,12 @@ class UpstreamFetch:
                 try:
                     async for data in self.upstream.read_range(
                             url, seg.start + seg.filled, seg.end, token=origin.token):
-                        seg.pending.append(data)
-                        seg.pending_bytes += len(data)
                         transfer.bytes_upstream += len(data)
                         self._on_bytes(len(data))
-                        await seg.put_pending(writer)  # a view of a reused buffer: now
-                    await seg.put_pending(writer)
+                        await seg.put(writer, data)
                 except (RangeIgnored, _StoreFailed):
                     raise
                 except READ_ERRORS as e:
-                    await seg.put_pending(writer)  # what arrived before the break is good
                     failures = 0 if seg.filled > before else failures + 1
                     url = await self._after_break(origin, url, failures,
                                                   seg.start + seg.filled, e)

@@ -101,11 +101,8 @@ class Lan:
         are added (the LAN's own parts', and `routes` of the core: warm jobs)."""
         if self.api is None:
             return
-        parts: list[Sequence[PeerRoute]] = [routes]
-        for part in (self.sharing, self.relay, self._catalog):
-            if part is not None:
-                parts.append(part.peer_routes())
-        for route in (r for rs in parts for r in rs):
+        parts = (self.sharing, self.relay, self._catalog)
+        for route in [*routes, *(r for p in parts if p is not None for r in p.peer_routes())]:
             self.api.route(route.method, route.path, route.handler,
                            any_receiver=route.any_receiver)
         for start in self._opening:

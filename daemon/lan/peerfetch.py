@@ -56,9 +56,7 @@ class PeerFetch:
                     await _write(transfer, writer, memoryview(data)[writer.offset:])
                 break
             decision = plan.decide(held.transfers, writer.offset)
-            overtake = isinstance(decision, Relay) and plan.overtakes(
-                held.transfers, decision.node, held.upstream_rates, self.upstream.rate(),
-                self._cluster_intake(held))
+            overtake = isinstance(decision, Relay) and self._overtakes(plan, held, decision.node)
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
@@ -110,14 +108,14 @@ class PeerFetch:
         a round apart) do not both go to the upstream; the later one sees the earlier one
         fetching and relays from it."""
         await asyncio.sleep(plan.overtake_pause())
-        held = await self.sharing.holders(transfer.blob)
-        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
-                              self._cluster_intake(held))
+        return self._overtakes(plan, await self.sharing.holders(transfer.blob), node)
 
-    def _cluster_intake(self, held: Holders) -> float:
-        """What the cluster reads from the upstream now: this node's upstream fetches and
-        what each peer said with its chunk map, this round."""
-        return upstream_intake(self.sharing.transfers) + held.upstream_intake
+    def _overtakes(self, plan: Plan, held: Holders, node: str) -> bool:
+        """plan.overtakes with this round's news; what the cluster reads from the upstream
+        now is this node's upstream fetches and what each peer said with its chunk map."""
+        intake = upstream_intake(self.sharing.transfers) + held.upstream_intake
+        return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
+                              intake)
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:
