@@ -82,9 +82,11 @@ def all_at_once(lab: Lab, hosts: list[str], urls: list[str]) -> float:
 
 
 def start_nodes(cluster: Cluster, hosts: list[str], timeout: float = 30) -> None:
-    """A daemon on each host (info logs), then wait until each sees all the others."""
+    """A daemon on each host (info logs, or $BENCH_LOG_LEVEL: debug shows each node's
+    transfer plan decisions), then wait until each sees all the others."""
+    level = os.environ.get("BENCH_LOG_LEVEL", "info")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda h: cluster.start(h, None, "--log-level", "info"), hosts))
+        list(pool.map(lambda h: cluster.start(h, None, "--log-level", level), hosts))
     cluster.wait_connected(*hosts, timeout=timeout)
 
 

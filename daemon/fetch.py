@@ -35,6 +35,10 @@ class PeerSource(Protocol):
         """As much of the blob, in order from the writer's offset, as peers have or are
         getting; returns when the upstream should take over."""
 
+    async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
+        """Returns when a peer should feed the transfer, which reads from the upstream now:
+        the peer reads the blob from the upstream too, ahead of this node and as fast."""
+
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted."""
 
@@ -44,6 +48,9 @@ class NoPeers:
 
     async def fill(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
         return None
+
+    async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
+        await asyncio.Event().wait()  # no peer ever is
 
     def blame(self, transfer: Transfer) -> None:
         return None
@@ -109,10 +116,10 @@ class Fetcher:
             await writer.prepare()
             transfer.start_offset = writer.offset
             transfer.advance(writer.offset)
-            if writer.offset < blob.size:
+            while writer.offset < blob.size:
                 await self.peers.fill(transfer, writer, origin)
-            if writer.offset < blob.size:
-                await self.upstream.fetch_rest(transfer, writer, origin)
+                if writer.offset < blob.size:
+                    await self._upstream_unless_outpaced(transfer, writer, origin)
             await writer.verify()
             transfer.finish()  # the last byte goes out now; durability follows
             await writer.finish()
@@ -121,6 +128,17 @@ class Fetcher:
         finally:
             with contextlib.suppress(OSError, sqlite3.Error):
                 await writer.close()
+
+    async def _upstream_unless_outpaced(self, transfer: Transfer, writer: BlobWriter,
+                                        origin: Origin) -> None:
+        """The rest from the upstream, until a peer that fetches it too is ahead and as fast:
+        then back to the peers, so the WAN carries the blob once."""
+        outpaced = asyncio.create_task(self.peers.outpaced(transfer, writer))
+        try:
+            await self.upstream.fetch_rest(transfer, writer, origin, until=outpaced)
+        finally:
+            outpaced.cancel()
+            await asyncio.gather(outpaced, return_exceptions=True)
 
     def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
         if isinstance(error, DigestMismatch):

@@ -795,6 +795,11 @@ class BlobWriter:
             elif self._since_checkpoint >= CHECKPOINT and not self._durability_pending():
                 self._checkpoint()
 
+    async def quiesce(self) -> None:
+        """Wait for file work still in threads (puts whose awaits were cancelled), so none
+        lands behind the writes that follow."""
+        await asyncio.gather(*self._in_threads, return_exceptions=True)
+
     async def _in_thread(self, fn: Callable[..., None], *args: object) -> None:
         """fn off the event loop; close() waits for it even if this await is cancelled, so
         no thread uses a file descriptor after it is closed."""
@@ -918,7 +923,7 @@ class BlobWriter:
     async def close(self) -> None:
         """Stop writing (error or shutdown): make what was written durable for a resume."""
         try:
-            await asyncio.gather(*self._in_threads, return_exceptions=True)
+            await self.quiesce()
             await self.settle()
         finally:
             try:

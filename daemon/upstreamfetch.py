@@ -51,6 +51,22 @@ class _Segment:
         self.changed.set()
 
 
+class _Stop:
+    """Whether a fetch should end early: once `until` returned (not when it failed)."""
+
+    def __init__(self, until: asyncio.Future[None] | None) -> None:
+        self._until = until
+
+    def __call__(self) -> bool:
+        u = self._until
+        return u is not None and u.done() and not u.cancelled() and u.exception() is None
+
+    def on_stop(self, wake: Callable[[], object]) -> None:
+        """Call wake() when `until` is done, so that a wait on the bytes sees it."""
+        if self._until is not None:
+            self._until.add_done_callback(lambda _: wake())
+
+
 class _StoreFailed(Exception):
     """Putting received bytes into the store failed: the disk, not the upstream."""
 
@@ -69,8 +85,11 @@ class UpstreamFetch:
         self._rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
         self.probing = False  # one probe at a time: its rate serves every transfer
 
-    async def fetch_rest(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
-        """The blob from the writer's offset to its end."""
+    async def fetch_rest(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                         until: asyncio.Future[None] | None = None) -> None:
+        """The blob from the writer's offset to its end, or to where `until` returned (an
+        error in it stops nothing)."""
+        stop = _Stop(until)
         blob = transfer.blob
         if self.offline:
             raise UpstreamError("offline mode: the blob is not fully cached")
@@ -78,7 +97,7 @@ class UpstreamFetch:
             log.info("fetching %s (%s) from upstream at byte %d of %d",
                      origin.label, blob.digest[:12], writer.offset, blob.size)
             started, before = time.monotonic(), writer.offset
-            await self._from_upstream(transfer, writer, origin)
+            await self._from_upstream(transfer, writer, origin, stop)
             self._note_rate(writer.offset - before, time.monotonic() - started)
 
     def rate(self) -> float:
@@ -126,25 +145,32 @@ class UpstreamFetch:
                                   "a token with access to the repo is needed")
         raise UpstreamError(f"upstream answered HTTP {answer.status} for {origin.label}")
 
-    async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
+    async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
+                             stop: _Stop) -> None:
         url = await self._locate(origin)
         transfer.upstream_origin = origin
         transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
         if self.upstream.serves_ranges(url):
             try:
-                await self._read_segments(transfer, writer, origin, url)
+                await self._read_segments(transfer, writer, origin, url, stop)
                 return
             except RangeIgnored as e:
                 log.warning("fetching %s: %s; reading it as one stream", origin.label, e)
-        await self._read_sequentially(transfer, writer, origin, url)
+        await self._read_sequentially(transfer, writer, origin, url, stop)
 
     async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
-                             url: URL) -> None:
+                             url: URL, stop: _Stop) -> None:
         """The rest of the blob over several connections at once, one Range each."""
         size = transfer.blob.size
         starts = range(writer.offset, size, SEGMENT)
         segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
+
+        def wake() -> None:  # a commit waiting on a starved segment sees the stop too
+            for seg in segments:
+                seg.changed.set()
+
+        stop.on_stop(wake)
         try:
             for i in range(len(starts)):
                 while len(segments) < min(len(starts), i + self.connections):
@@ -152,25 +178,29 @@ class UpstreamFetch:
                     segments.append(_Segment(start, min(start + SEGMENT, size)))
                     tasks.append(asyncio.create_task(
                         self._fill(segments[-1], url, origin, transfer, writer)))
-                await self._commit(segments[i], writer, transfer)
+                if not await self._commit(segments[i], writer, transfer, stop):
+                    return
         finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await writer.quiesce()
 
     async def _read_sequentially(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
-                                 url: URL) -> None:
+                                 url: URL, stop: _Stop) -> None:
         """The rest of the blob over one connection, for an origin that ignores Range; after
         a break it is asked again from where it stopped (skipping what is already here)."""
         log.info("fetching %s from %s as one stream at byte %d (it ignores Range)",
                  origin.label, url.host, writer.offset)
         failures = 0
-        while writer.offset < transfer.blob.size:
+        while writer.offset < transfer.blob.size and not stop():
             before = writer.offset
             try:
                 async for data in self.upstream.read_from(url, writer.offset, transfer.blob.size,
                                                            token=origin.token):
                     await self._write(transfer, writer, data)
+                    if stop():
+                        return
             except READ_ERRORS as e:
                 failures = 0 if writer.offset > before else failures + 1
                 url = await self._after_break(origin, url, failures, writer.offset, e)
@@ -197,10 +227,11 @@ class UpstreamFetch:
         await backoff(failures)
         return await self._locate(origin) if failures >= 2 else url  # a signed URL may expire
 
-    async def _commit(self, seg: _Segment, writer: BlobWriter,
-                      transfer: Transfer) -> None:
+    async def _commit(self, seg: _Segment, writer: BlobWriter, transfer: Transfer,
+                      stop: _Stop) -> bool:
+        """The segment's bytes in order as they are put; False when stop() ended it early."""
         written = 0
-        while True:
+        while not stop():
             pending = seg.filled - written
             if pending >= COMMIT_BATCH or (pending and (seg.finished or seg.error
                                                          or written == 0)):
@@ -211,9 +242,10 @@ class UpstreamFetch:
             if seg.error is not None:
                 raise seg.error
             if seg.finished:
-                return
+                return True
             seg.changed.clear()
             await seg.changed.wait()
+        return False
 
     async def _fill(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
                     writer: BlobWriter) -> None:

@@ -9,11 +9,12 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 
 from ..errors import PeerError
 from ..peermsg import PeerTransfer
 from ..store import BlobId, BlobWriter, Store
-from ..transfer import Origin, RateMeter, Transfer, TransferSource
+from ..transfer import RATE_WINDOW, Origin, RateMeter, Transfer, TransferSource
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer
 from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, upstream_intake
@@ -28,7 +29,9 @@ RACED_BLOB = 8 * 1024 * 1024  # smaller blobs go at once: fetching one twice cos
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
 REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
+REPLAN_SLOW = 0.5  # the same from a slow source: the plan may soon move to a faster one
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
+OUTPACED_EVERY = 1.0  # how often an upstream fetch looks for a peer ahead of it
 
 
 class PeerFetch:
@@ -38,6 +41,13 @@ class PeerFetch:
         self.sharing = sharing
         self.relay = relay
         self.upstream = upstream
+        # one plan per transfer, across its turns between the peers and the upstream
+        self._plans: weakref.WeakKeyDictionary[Transfer, Plan] = weakref.WeakKeyDictionary()
+
+    def _plan(self, transfer: Transfer) -> Plan:
+        if (plan := self._plans.get(transfer)) is None:
+            plan = self._plans[transfer] = Plan(self.sharing.peers.node_id, transfer.blob.digest)
+        return plan
 
     async def fill(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:
         """As much of the blob, in order from the writer's offset, as LAN peers have or are
@@ -45,7 +55,7 @@ class PeerFetch:
         BitTorrent where peers hold its chunks. Returns when the upstream should take over."""
         blob = transfer.blob
         transfer.mark_source(writer.offset, TransferSource.PEER)
-        plan = Plan(self.sharing.peers.node_id, blob.digest)
+        plan = self._plan(transfer)
         held_failed_at = -1  # where getting complete chunks from their holders broke last
         looked_again = False  # before going to the upstream, the holders are asked twice
         while writer.offset < blob.size:
@@ -64,11 +74,13 @@ class PeerFetch:
             run = self._held_run(blob, writer.offset, chunks)
             relay = decision.node if isinstance(decision, Relay) and not overtake else ""
             if relay and not (run and writer.offset != held_failed_at
-                              and _has_nothing_past(held, relay, writer.offset)):
+                              and plan.chunks_beat(relay, held.transfers, writer.offset,
+                                                   held.upstream_rates, self.upstream.rate())):
                 await self._relay_decided(transfer, writer, plan, held, relay, origin)
             elif run:
                 # complete chunks somewhere beat the upstream, and a feeder that waits for its
-                # own bytes: BitTorrent from their holders (if that breaks, the feeder again)
+                # own bytes or is slow: BitTorrent from their holders (if that breaks, the
+                # feeder again)
                 if not await self._chunks_held(transfer, writer, chunks, held):
                     if not relay:
                         break
@@ -93,6 +105,27 @@ class PeerFetch:
                 break
         transfer.feeder = ""
         transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
+
+    async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
+        """Returns when another node reads the blob from the upstream ahead of this one and
+        at least as fast (plan.hand_over_to): an overtaken slow fetcher, or the later of two
+        nodes that went to the upstream at once. Looks once this node's rate has settled."""
+        plan = self._plan(transfer)
+        await asyncio.sleep(RATE_WINDOW)
+        while True:
+            held = await self.sharing.holders(transfer.blob)
+            own = transfer.meter.settled_rate
+            node = plan.hand_over_to(held.transfers, own, writer.offset, held.upstream_rates,
+                                     self.upstream.rate())
+            if node is not None:
+                plan.handed_over = True
+                ahead = held.transfers[node]
+                log.info("%s: node %s reads it from the upstream too, at byte %d at %.1f MB/s "
+                         "(this node: byte %d at %.1f MB/s); relaying the rest from it",
+                         transfer.label, node, ahead.available, ahead.rate / 1e6, writer.offset,
+                         own / 1e6)
+                return
+            await asyncio.sleep(OUTPACED_EVERY)
 
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again
@@ -130,7 +163,9 @@ class PeerFetch:
             plan.probed = True
             await self.upstream.probe(transfer, writer, origin)
         else:
-            await self._relay_from(transfer, writer, plan, held.transfers, peer)
+            slow = plan.slow(node, held.transfers, held.upstream_rates, self.upstream.rate())
+            await self._relay_from(transfer, writer, plan, held.transfers, peer,
+                                   REPLAN_SLOW if slow else REPLAN_EVERY)
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter,
                            chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
@@ -142,10 +177,11 @@ class PeerFetch:
         return bool(run) and await self._stream_chunks(transfer, writer, run, chunks, co)
 
     async def _relay_from(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
-                          transfers: dict[str, PeerTransfer], peer: Peer) -> None:
-        """Bytes of the blob from `peer`'s copy as they land there, for REPLAN_EVERY seconds
-        at most (then the plan is made again with fresh news), to the end of the current
-        chunk, or until the peer is silent for the stall window."""
+                          transfers: dict[str, PeerTransfer], peer: Peer,
+                          period: float) -> None:
+        """Bytes of the blob from `peer`'s copy as they land there, for `period` seconds at
+        most (then the plan is made again with fresh news), to the end of the current chunk,
+        or until the peer is silent for the stall window."""
         before = writer.offset
         end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
         transfer.peers_used.add(peer.node_id)
@@ -157,10 +193,10 @@ class PeerFetch:
         # a source that has bytes for this node and sends none is dropped after the stall
         # window; one that waits for its own bytes is only looked at again with fresh news
         source = transfers.get(peer.node_id)
-        silence = STALL_WINDOW if source is not None and source.available > before else REPLAN_EVERY
+        silence = STALL_WINDOW if source is not None and source.available > before else period
         try:
             async with contextlib.aclosing(stream):
-                while meter.age < REPLAN_EVERY:
+                while meter.age < period:
                     try:
                         data = await asyncio.wait_for(anext(stream), silence)
                     except StopAsyncIteration:
@@ -236,13 +272,6 @@ async def _write(transfer: Transfer, writer: BlobWriter, data: memoryview) -> No
         await writer.write(data)
         transfer.bytes_peers += len(data)
         transfer.advance(writer.offset)
-
-
-def _has_nothing_past(held: Holders, node: str, offset: int) -> bool:
-    """Whether `node` has no byte of the blob past `offset` yet: waiting for it loses to
-    complete chunks that other peers hold (a slow upstream fetcher can be minutes away)."""
-    t = held.transfers.get(node)
-    return t is None or t.available <= offset
 
 
 def _without(chunks: dict[int, list[tuple[Peer, str]]],

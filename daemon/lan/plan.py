@@ -14,7 +14,8 @@ what this node measured; fetch.py carries them out.
   the node ahead of it, which waits for its own bytes; if the first does not start within the
   stall window, it stops answering or is dropped, and the next one goes.
 - An upstream fetcher much slower than what the upstream gives the cluster is overtaken: the
-  next node in order fetches the rest from the upstream itself.
+  next node in order fetches the rest from the upstream itself. The overtaken fetcher stops
+  reading the upstream once the overtaker is ahead of it, and relays the rest from it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from ..registry import Transfers
 from ..transfer import Transfer, TransferSource
 
 SLOW_FRACTION = 0.5  # a feeder slower than this share of the best one is not used
+# a source giving less than this share of what the upstream gives is slow whatever the others
+# do (several blobs fetched at once each get a share of the upstream: that is not slow)
+SLOW_SOURCE = 0.125
 STALL_WINDOW = 3.0  # seconds without a byte before a source is dropped
 DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
@@ -58,6 +62,8 @@ class Plan:
         self._dropped: dict[str, float] = {}
         self.measured: dict[str, float] = {}  # what each source delivered to this node, B/s
         self.probed = False  # this transfer measured the upstream already
+        self.handed_over = False  # this node left the upstream to a faster fetcher of the blob
+        self._progress: dict[str, tuple[int, float]] = {}  # node -> (available, seen since)
 
     def rank(self, node: str) -> str:
         return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
@@ -126,13 +132,53 @@ class Plan:
         than INTAKE_SHARE of that: when the upstream link is full already, a second reader of
         it only halves the first. Once one node overtook, the others prefer it: it is faster."""
         delivered = self.delivered(source, transfers)
-        if delivered is None or not self._first_behind(transfers, source):
-            return False
+        if (delivered is None or self.handed_over
+                or not self._first_behind(transfers, source)):
+            return False  # one that handed over knows the upstream gives it less
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
         return (known >= OVERTAKE_FACTOR * max(delivered, 1.0)
                 and cluster_intake < INTAKE_SHARE * known)
+
+    def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
+                     offset: int, upstream_rates: Mapping[str, float],
+                     own_upstream_rate: float) -> str | None:
+        """The node this one, itself fetching the blob from the upstream, should relay the
+        rest from instead, so that the WAN carries the blob once: another upstream fetcher
+        of the blob, ahead of this one, at least as fast and not slow itself (the node that
+        overtook this slow one, which then stops taking its share of the upstream link; or
+        one of two nodes that went to the upstream at once). Only the one behind yields, so
+        two fetchers never both stop, and a fetcher ramping up never hands back to the slow
+        node it overtook. None while this node's rate has not settled."""
+        if own_rate <= 0:
+            return None
+        now = self._clock()
+        ahead = {n: t for n, t in transfers.items()
+                 if n != self.node_id and self._dropped.get(n, 0.0) <= now
+                 and t.source == TransferSource.UPSTREAM and t.available > offset
+                 and t.rate >= own_rate
+                 and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
+        return max(ahead, key=lambda n: ahead[n].rate, default=None)
+
+    def chunks_beat(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int,
+                    upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Whether complete chunks that peers hold beat relaying from `node`: it has no byte
+        past this node's offset yet (a slow upstream fetcher can be minutes away), or it
+        is slow (a slow node relaying what it gets itself): complete chunks move at the
+        LAN's speed."""
+        t = transfers.get(node)
+        return (t is None or t.available <= offset
+                or self.slow(node, transfers, upstream_rates, own_upstream_rate))
+
+    def slow(self, node: str, transfers: Mapping[str, PeerTransfer],
+             upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
+        """Whether `node` gives the blob at less than SLOW_SOURCE of what the upstream
+        gives (as far as anyone measured it); a source whose rate has not settled is not."""
+        t = transfers.get(node)
+        known = max([own_upstream_rate, *upstream_rates.values()])
+        return (t is not None and t.rate > 0
+                and self._effective_rate(node, t) < SLOW_SOURCE * known)
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over
@@ -155,9 +201,19 @@ class Plan:
         delivered here. A slow source settles as soon as a fast one: waiting for it to bring
         some amount of bytes first would make the slowest the last to be found out."""
         t = transfers.get(source)
-        if t is None or t.rate <= 0:
+        if t is None:
             return None
+        if t.rate <= 0:  # young, or stuck: a source seen at one byte for the stall window
+            return 0.0 if self._stuck(source, t) else None
         return max(t.rate, self.measured.get(source, 0.0))
+
+    def _stuck(self, node: str, t: PeerTransfer) -> bool:
+        now = self._clock()
+        seen = self._progress.get(node)
+        if seen is None or seen[0] != t.available:
+            self._progress[node] = (t.available, now)
+            return False
+        return now - seen[1] >= STALL_WINDOW
 
 
 # --- the plan as operators see it ---------------------------------------------------------

@@ -70,8 +70,8 @@ class Relay:
                                                       to_peer=True, pace=pace):
                     if peer is not None:
                         peer.bytes_to += n
-        except ConnectionResetError:
-            return resp  # the peer moved to another source
+        except ConnectionError:  # reset or broken pipe: the peer moved to another source
+            return resp
         except (TransferFailed, ChunkDamaged) as e:
             log.info("relay of %s to peer %s stopped: %s", transfer.label, sender, e)
             if request.transport is not None:

@@ -7,6 +7,7 @@ import dataclasses
 from modelpeer.daemon.lan.plan import (
     DROP_FOR,
     OVERTAKE_SPREAD,
+    STALL_WINDOW,
     GoUpstream,
     Plan,
     Relay,
@@ -181,3 +182,79 @@ def test_a_slow_fetcher_is_measured_before_it_has_brought_much() -> None:
     view = {fetcher: t(UP, 1 * MB, MB // 2)}
     assert plan.delivered(fetcher, view) == MB // 2
     assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=MB // 2)
+
+
+def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
+    me, fast, other = nodes_in_rank_order(n=3)
+    clock = Clock()
+    plan = Plan(me, "d" * 64, clock)
+    rates = {other: 40 * MB}  # what the upstream gave a node
+
+    def hand_over(view: dict[str, PeerTransfer], own_rate: float, offset: int) -> str | None:
+        return plan.hand_over_to(view, own_rate, offset, rates, 0)
+
+    # an overtaker fetching from the upstream at 40 MB/s, ahead of this slow fetcher
+    view = {fast: t(UP, 30 * MB, 40 * MB), other: t(PEER, 29 * MB, 40 * MB, fast)}
+    assert hand_over(view, 1 * MB, 10 * MB) == fast
+    assert hand_over(view, 0, 10 * MB) is None  # this node's rate has not settled
+    assert hand_over(view, 1 * MB, 30 * MB) is None  # not ahead of this node yet
+    assert hand_over({fast: t(UP, 30 * MB, 10 * MB)}, 20 * MB, 10 * MB) is None  # slower
+    # two nodes that went to the upstream at once, at a share of it each: the one behind
+    assert hand_over({fast: t(UP, 30 * MB, 10 * MB)}, 9 * MB, 10 * MB) == fast
+    # an overtaker ramping up (0.3 MB/s so far) does not hand back to the slow node ahead
+    assert hand_over({fast: t(UP, 12 * MB, 1 * MB)}, MB * 3 // 10, 10 * MB) is None
+    # a relaying node is not a fetcher to hand over to
+    assert hand_over({other: t(PEER, 29 * MB, 40 * MB)}, 1 * MB, 10 * MB) is None
+    # once handed over, this node never overtakes the faster one, even while it ramps up
+    ramping = {fast: t(UP, 30 * MB, 5 * MB)}
+    assert plan.overtakes(ramping, fast, rates, 0)
+    plan.handed_over = True
+    assert not plan.overtakes(ramping, fast, rates, 0)
+    # a node that failed this node as a source is not handed over to again for a while
+    plan.drop(fast)
+    assert hand_over(view, 1 * MB, 10 * MB) is None
+    clock.now += DROP_FOR + 1
+    assert hand_over(view, 1 * MB, 10 * MB) == fast
+
+
+def test_complete_chunks_beat_a_feeder_that_waits_or_is_slow() -> None:
+    me, feeder = nodes_in_rank_order(n=2)
+    plan = Plan(me, "d" * 64)
+    upstream_rates = {"prober": 40 * MB}
+    # a fast feeder with bytes past this node's offset is kept
+    assert not plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 40 * MB)}, 10 * MB,
+                                upstream_rates, 0)
+    # one with nothing past it yet, or gone
+    assert plan.chunks_beat(feeder, {feeder: t(PEER, 10 * MB, 40 * MB)}, 10 * MB,
+                            upstream_rates, 0)
+    assert plan.chunks_beat(feeder, {}, 10 * MB, upstream_rates, 0)
+    # a slow node relaying what it gets itself: 1 MB/s where the upstream gives 40
+    assert plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 1 * MB)}, 10 * MB,
+                            upstream_rates, 0)
+    # what it delivered here counts too
+    plan.measured[feeder] = 1 * MB
+    assert plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 40 * MB)}, 10 * MB, {}, 40 * MB)
+
+
+def test_an_upstream_fetcher_stuck_at_one_byte_is_overtaken() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    clock = Clock()
+    plan = Plan(first, "d" * 64, clock)
+    # its link is busy with other blobs: it reports no rate, and its bytes do not move
+    view = {fetcher: t(UP, 2 * MB, 0)}
+    assert plan.delivered(fetcher, view) is None  # young or stuck: not known yet
+    assert not plan.overtakes(view, fetcher, {}, 50 * MB)
+    clock.now += 1
+    assert not plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)  # it moved
+    clock.now += STALL_WINDOW
+    assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)
+
+
+def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
+    me, feeder = nodes_in_rank_order(n=2)
+    plan = Plan(me, "d" * 64)
+    # four blobs fetched at once each get a quarter of the 40 MB/s the upstream gives
+    assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 10 * MB)}, {"x": 40 * MB}, 0)
+    assert plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {"x": 40 * MB}, 0)
+    assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 0)}, {"x": 40 * MB}, 0)  # young
+    assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {}, 0)  # nothing known
