@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 
@@ -163,9 +164,19 @@ class PeerFetch:
             plan.probed = True
             await self.upstream.probe(transfer, writer, origin)
         else:
-            slow = plan.slow(node, held.transfers, held.upstream_rates, self.upstream.rate())
             await self._relay_from(transfer, writer, plan, held.transfers, peer,
-                                   REPLAN_SLOW if slow else REPLAN_EVERY)
+                                   self._relay_period(plan, held, node))
+
+    def _relay_period(self, plan: Plan, held: Holders, node: str) -> float:
+        """How long a relay runs before the plan is made again. A node that handed its
+        upstream read over to a faster one is the slow one: what it receives is bound by its
+        own link, not by its source, so it follows its source to the end of the blob (the
+        stream goes on when the source completes the blob; a new request would find no
+        transfer there and turn to BitTorrent, which stalled on a full slow link)."""
+        if plan.handed_over:
+            return math.inf
+        slow = plan.slow(node, held.transfers, held.upstream_rates, self.upstream.rate())
+        return REPLAN_SLOW if slow else REPLAN_EVERY
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter,
                            chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
@@ -180,10 +191,12 @@ class PeerFetch:
                           transfers: dict[str, PeerTransfer], peer: Peer,
                           period: float) -> None:
         """Bytes of the blob from `peer`'s copy as they land there, for `period` seconds at
-        most (then the plan is made again with fresh news), to the end of the current chunk,
-        or until the peer is silent for the stall window."""
+        most (then the plan is made again with fresh news), to the end of the current chunk
+        (of the blob when the period has no end), or until the peer is silent for the stall
+        window."""
         before = writer.offset
-        end = min(transfer.blob.size, (before // self.store.chunk_size + 1) * self.store.chunk_size)
+        chunk_end = (before // self.store.chunk_size + 1) * self.store.chunk_size
+        end = transfer.blob.size if period == math.inf else min(transfer.blob.size, chunk_end)
         transfer.peers_used.add(peer.node_id)
         transfer.feeder = peer.node_id
         meter = RateMeter()
@@ -193,7 +206,8 @@ class PeerFetch:
         # a source that has bytes for this node and sends none is dropped after the stall
         # window; one that waits for its own bytes is only looked at again with fresh news
         source = transfers.get(peer.node_id)
-        silence = STALL_WINDOW if source is not None and source.available > before else period
+        silence = (STALL_WINDOW if source is not None and source.available > before
+                   else min(period, REPLAN_EVERY))
         try:
             async with contextlib.aclosing(stream):
                 while meter.age < period:
