@@ -180,6 +180,8 @@ class PeerFetch:
             plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
                      peer.node_id, pos, e)
+        log.info("relayed %d bytes of %s from peer %s, bytes %d to %d, in %.1fs", pos - before,
+                 transfer.label, peer.node_id, before, pos, meter.age)
         if meter.age >= CHECK_EVERY:
             plan.measured[peer.node_id] = meter.rate
             if (meter.rate < MIN_RELAY_RATE
