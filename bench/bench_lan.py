@@ -8,8 +8,9 @@ in tests/netlab.py).
 `--mode bt` (the default): node h1 first gets the file from the (unshaped) upstream; then h2's
 client reads it through h2's modelpeerd, which gets it from h1 over BitTorrent.
 
-`--mode relay`: h1 gets the file from the upstream; once it holds RELAY_AHEAD of it, the CDN
-slows to a trickle (h1 stays a transfer in progress) and h2's client asks h2 for it: h2 relays
+`--mode relay`: h1 gets the file from the upstream (its CDN paced to AHEAD_RATE per
+connection); once it holds RELAY_AHEAD of it, the CDN slows to a trickle (h1 stays a transfer
+in progress) and h2's client asks h2 for it: h2 relays
 what h1 holds from h1 over the peer API, at the relay's own speed. Reported: the rate at which
 h2's client gets the bytes h1 held (from RELAY_FROM on: the first bytes may come from h2's
 probe of the upstream), and h2's daemon CPU over them. The chunk size is the blob's size, so
@@ -45,6 +46,7 @@ URL = "/acme/big/resolve/main/big.bin"
 MIB = 1024 * 1024
 RELAY_AHEAD = 0.8  # h2 starts once h1 holds this share of the blob
 RELAY_FROM = 64 * MIB  # the relay's rate is measured from this byte of h2's client on
+AHEAD_RATE = 25_000_000  # B/s per CDN connection while h1 gets ahead: h2 asks before h1 is done
 TRICKLE = 1_000_000  # B/s per CDN connection while h2 relays: h1 stays ahead, in progress
 MARK_EVERY = 16 * MIB
 
@@ -93,7 +95,7 @@ class RelayRun:
     seconds: float  # ... and how long they took
     cpu: float  # h2's daemon CPU seconds meanwhile
     upstream: int  # bytes h2 read from the upstream itself
-    relays: int  # h2's log lines about relays from h1
+    relays: list[str]  # h2's log lines about relays from h1
 
     @property
     def rate(self) -> float:
@@ -130,12 +132,14 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
         cluster.wait_connected("h1", "h2")
         h1, h2 = cluster.nodes["h1"], cluster.nodes["h2"]
         assert h2.proc is not None
+        hub.faults(cdn_rate=AHEAD_RATE)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first = pool.submit(lab.timed_get, "h1", h1.url + URL)
             wait_for(lambda: available(cluster, "h1") >= size * RELAY_AHEAD,
                      "h1 holds most of the blob", timeout=300)
             hub.faults(cdn_rate=TRICKLE)
             held = available(cluster, "h1")
+            assert held < size, "h1 got the whole blob before h2 asked: lower AHEAD_RATE"
             second = pool.submit(timeline_get, lab, "h2", h2.url + URL, h2.proc.pid)
             wait_for(lambda: available(cluster, "h2") >= held, "h2 caught up with h1",
                      timeout=300)
@@ -148,8 +152,13 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
         lo = next(m for m in marks if m[0] >= RELAY_FROM)
         hi = max((m for m in marks if m[0] <= held), key=lambda m: m[0])
         run = RelayRun(code, hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2],
-                       int(h2.status()["upstream_bytes"]), h2.logged().count("relayed "))
+                       int(h2.status()["upstream_bytes"]),
+                       [line for line in h2.logged().splitlines() if "relayed " in line])
         return run, digest
+    except BaseException:
+        for h, d in cluster.nodes.items():
+            print(f"--- {h}'s log, the end:\n{d.log()}", file=sys.stderr)
+        raise
     finally:
         cluster.stop()
         hub.faults(cdn_rate=0)
@@ -170,7 +179,8 @@ def relay_main(lab: Lab, hub: FakeHub, work: Path, size: int, runs: int,
             print(f"run {i + 1} {code}: {run.relayed / MIB:.0f} MiB relayed in "
                   f"{run.seconds:.2f}s, {run.rate / 1e6:.0f} MB/s, h2 CPU "
                   f"{run.cpu_per_gib:.2f} s/GiB, h2 from upstream {run.upstream} bytes, "
-                  f"{run.relays} relay log lines", flush=True)
+                  f"{len(run.relays)} relay log lines", flush=True)
+            print("\n".join(run.relays), file=sys.stderr)
             results.append(run)
     t_http = nginx_baseline(lab, hub, work, size, digest)
     print(f"\n{size / 2**30:.2f} GiB, LAN {lab.lan or 'unshaped'}, h2 starts when h1 holds "
