@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_proxy import cpu_seconds, nginx_serving  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
-from tests.harness import wait_for  # noqa: E402
+from tests.harness import ROOT, wait_for  # noqa: E402
 from tests.netlab import Cluster, Lab, netlab_available  # noqa: E402
 
 URL = "/acme/big/resolve/main/big.bin"
@@ -51,11 +54,12 @@ TRICKLE = 1_000_000  # B/s per CDN connection while h2 relays: h1 stays ahead, i
 MARK_EVERY = 16 * MIB
 
 # A GET timed inside a host, the body hashed as a client would; every MARK_EVERY bytes the
-# time and the CPU seconds of process PID. JSON on stdout.
+# time and the CPU seconds of process PID. "reached" on stdout once UNTIL bytes came, JSON at
+# the end.
 TIMELINE_GET = """
 import hashlib, json, sys, time, urllib.request
 from bench.bench_proxy import cpu_seconds
-url, pid, every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+url, pid, every, until = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 started, digest, got, marks = time.perf_counter(), hashlib.sha256(), 0, []
 with opener.open(url, timeout=900) as resp:
@@ -64,6 +68,8 @@ with opener.open(url, timeout=900) as resp:
         got += len(data)
         if got % every < len(data):
             marks.append((got, time.perf_counter() - started, cpu_seconds(pid)))
+        if got >= until > got - len(data):
+            print("reached", flush=True)
 print(json.dumps({"seconds": time.perf_counter() - started, "digest": digest.hexdigest(),
                   "marks": marks}))
 """
@@ -106,12 +112,25 @@ class RelayRun:
         return self.cpu / (self.relayed / 2**30)
 
 
-def timeline_get(lab: Lab, host: str, url: str, pid: int) -> dict[str, object]:
-    out = lab.run(host, sys.executable, "-c", TIMELINE_GET, url, str(pid), str(MARK_EVERY),
-                  timeout=900)
-    if out.returncode != 0:
-        raise RuntimeError(f"GET {url} from {host} failed: {out.stderr[-2000:]}")
-    result: dict[str, object] = json.loads(out.stdout)
+def timeline_get(lab: Lab, host: str, url: str, pid: int, until: int,
+                 reached: Callable[[], None]) -> dict[str, object]:
+    """TIMELINE_GET run inside `host`; reached() once `until` bytes came. Nothing polls the
+    daemon meanwhile (its status answer costs it CPU)."""
+    proc = subprocess.Popen([*lab.ns(host), sys.executable, "-c", TIMELINE_GET, url, str(pid),
+                             str(MARK_EVERY), str(until)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() == "reached":
+            reached()
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"GET {url} from {host} failed: {err[-2000:]}")
+    result: dict[str, object] = json.loads(out)
     return result
 
 
@@ -122,8 +141,10 @@ def available(cluster: Cluster, host: str) -> int:
 
 
 def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
-              env: dict[str, str] | None) -> tuple[RelayRun, str]:
-    """One relay measurement with fresh daemons; the run and the digest h2's client got."""
+              env: dict[str, str] | None, profile: Path | None) -> tuple[RelayRun, str]:
+    """One relay measurement with fresh daemons; the run and the digest h2's client got.
+    With `profile`, py-spy samples h2's daemon while it relays, into that file (collapsed
+    stacks)."""
     cluster = Cluster(lab, hub, work)
     try:
         for h in ("h1", "h2"):
@@ -133,19 +154,17 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
         h1, h2 = cluster.nodes["h1"], cluster.nodes["h2"]
         assert h2.proc is not None
         hub.faults(cdn_rate=AHEAD_RATE)
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(lab.timed_get, "h1", h1.url + URL)
             wait_for(lambda: available(cluster, "h1") >= size * RELAY_AHEAD,
                      "h1 holds most of the blob", timeout=300)
             hub.faults(cdn_rate=TRICKLE)
             held = available(cluster, "h1")
             assert held < size, "h1 got the whole blob before h2 asked: lower AHEAD_RATE"
-            second = pool.submit(timeline_get, lab, "h2", h2.url + URL, h2.proc.pid)
-            wait_for(lambda: available(cluster, "h2") >= held, "h2 caught up with h1",
-                     timeout=300)
-            hub.faults(cdn_rate=0)
+            with sampled(h2.proc.pid, profile):
+                got = timeline_get(lab, "h2", h2.url + URL, h2.proc.pid, held,
+                                   lambda: hub.faults(cdn_rate=0))
             _, digest = first.result()
-            got = second.result()
         assert got["digest"] == digest, "h2 got different bytes"
         marks = got["marks"]
         assert isinstance(marks, list)
@@ -164,8 +183,25 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
         hub.faults(cdn_rate=0)
 
 
+@contextlib.contextmanager
+def sampled(pid: int, profile: Path | None) -> Iterator[None]:
+    """py-spy recording process `pid` (threads apart, native frames) into `profile` while
+    open; nothing without a profile."""
+    if profile is None:
+        yield
+        return
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250",
+                            "-f", "raw", "-t", "-n", "-p", str(pid), "-o", str(profile)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=60)
+
+
 def relay_main(lab: Lab, hub: FakeHub, work: Path, size: int, runs: int,
-               old_code: str | None) -> None:
+               old_code: str | None, profile: Path | None) -> None:
     """--mode relay: `runs` runs (of old and new code, alternately first, with --old-code),
     then the nginx baseline over the same link."""
     results: list[RelayRun] = []
@@ -175,7 +211,9 @@ def relay_main(lab: Lab, hub: FakeHub, work: Path, size: int, runs: int,
         if old_code is not None:
             codes.insert(i % 2, ("old", {"PYTHONPATH": old_code}))
         for code, env in codes:
-            run, digest = relay_run(lab, hub, work / f"run{i}-{code}", size, code, env)
+            run, digest = relay_run(
+                lab, hub, work / f"run{i}-{code}", size, code, env,
+                None if profile is None else profile.with_name(f"{profile.name}-{i}-{code}"))
             print(f"run {i + 1} {code}: {run.relayed / MIB:.0f} MiB relayed in "
                   f"{run.seconds:.2f}s, {run.rate / 1e6:.0f} MB/s, h2 CPU "
                   f"{run.cpu_per_gib:.2f} s/GiB, h2 from upstream {run.upstream} bytes, "
@@ -263,6 +301,9 @@ def main() -> None:
     ap.add_argument("--old-code", metavar="DIR",
                     help="--mode relay: also run the daemons from DIR/modelpeer/daemon in each "
                          "run, alternately first (see bench_proxy.py)")
+    ap.add_argument("--profile", type=Path, metavar="PATH",
+                    help="--mode relay: py-spy samples h2's daemon while it relays, into "
+                         "PATH-RUN-CODE (collapsed stacks; py-spy next to this Python)")
     args = ap.parse_args()
     if reason := netlab_available():
         sys.exit(f"bench_lan: {reason}")
@@ -276,7 +317,7 @@ def main() -> None:
         lab.up()
         hub.start(timeout=600)
         if args.mode == "relay":
-            relay_main(lab, hub, work, size, args.runs, args.old_code)
+            relay_main(lab, hub, work, size, args.runs, args.old_code, args.profile)
         else:
             bt_main(lab, hub, work, size)
     finally:
