@@ -235,6 +235,13 @@ def relay_main(lab: Lab, hub: FakeHub, work: Path, size: int, runs: int,
                   f"({statistics.median(rates):.0f}) | {' '.join(f'{x:.0f}' for x in rates)} "
                   f"| {max(cpus):.2f} ({' '.join(f'{x:.2f}' for x in cpus)}) |")
     print(f"| plain HTTP h1 → h2 (nginx, baseline) | 1 | {size / t_http / 1e6:.0f} | | |")
+    old = [r for r in results if r.code == "old"]
+    if old:
+        new = [r for r in results if r.code == "new"]
+        pairs = list(zip(new, old, strict=True))
+        rates = " ".join(f"{n.rate / o.rate:.2f}" for n, o in pairs)
+        cpus = " ".join(f"{n.cpu_per_gib / o.cpu_per_gib:.2f}" for n, o in pairs)
+        print(f"\nwithin each run, new / old: rate {rates}; CPU per GiB {cpus}")
 
 
 def nginx_baseline(lab: Lab, hub: FakeHub, work: Path, size: int, digest: str) -> float:
