@@ -161,9 +161,12 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
             hub.faults(cdn_rate=TRICKLE)
             held = available(cluster, "h1")
             assert held < size, "h1 got the whole blob before h2 asked: lower AHEAD_RATE"
-            with sampled(h2.proc.pid, profile):
-                got = timeline_get(lab, "h2", h2.url + URL, h2.proc.pid, held,
-                                   lambda: hub.faults(cdn_rate=0))
+            with sampled(h2.proc.pid, profile) as stop_sampling:
+                def reached() -> None:  # h2 relayed what h1 held: let h1 finish
+                    stop_sampling()
+                    hub.faults(cdn_rate=0)
+
+                got = timeline_get(lab, "h2", h2.url + URL, h2.proc.pid, held, reached)
             _, digest = first.result()
         assert got["digest"] == digest, "h2 got different bytes"
         marks = got["marks"]
@@ -184,20 +187,25 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
 
 
 @contextlib.contextmanager
-def sampled(pid: int, profile: Path | None) -> Iterator[None]:
-    """py-spy recording process `pid` (threads apart, native frames) into `profile` while
-    open; nothing without a profile."""
+def sampled(pid: int, profile: Path | None) -> Iterator[Callable[[], None]]:
+    """py-spy recording process `pid` (threads apart, native frames) into `profile` until
+    the function given is called, or at the end; nothing without a profile."""
     if profile is None:
-        yield
+        yield lambda: None
         return
     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250",
                             "-f", "raw", "-t", "-n", "-p", str(pid), "-o", str(profile)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=60)
+
     try:
-        yield
+        yield stop
     finally:
-        spy.send_signal(signal.SIGINT)
-        spy.wait(timeout=60)
+        stop()
 
 
 def relay_main(lab: Lab, hub: FakeHub, work: Path, size: int, runs: int,
