@@ -376,8 +376,7 @@ class PeerSet:
             raise PeerError(f"{_where(peer)}: {method} {path}: {e!r}") from e
 
     def _authentic(self, peer: Peer, method: str, path: str, signed: SignedRequest,
-                   status: int, headers: Mapping[str, str]
-                   ) -> tuple[str, str]:
+                   status: int, headers: Mapping[str, str]) -> tuple[str, str]:
         """(responder, signed body digest) of the peer's answer to the signed request, read
         from its head before any of its body is used; PeerError when it is not that."""
         try:
