@@ -52,6 +52,7 @@ RELAY_FROM = 64 * MIB  # the relay's rate is measured from this byte of h2's cli
 AHEAD_RATE = 25_000_000  # B/s per CDN connection while h1 gets ahead: h2 asks before h1 is done
 TRICKLE = 1_000_000  # B/s per CDN connection while h2 relays: h1 stays ahead, in progress
 MARK_EVERY = 16 * MIB
+PY_SPY = Path(sys.executable).with_name("py-spy")
 
 # A GET timed inside a host, the body hashed as a client would; every MARK_EVERY bytes the
 # time and the CPU seconds of process PID. "reached" on stdout once UNTIL bytes came, JSON at
@@ -193,7 +194,7 @@ def sampled(pid: int, profile: Path | None) -> Iterator[Callable[[], None]]:
     if profile is None:
         yield lambda: None
         return
-    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-r", "250",
+    spy = subprocess.Popen([str(PY_SPY), "record", "-r", "250",
                             "-f", "raw", "-t", "-n", "-p", str(pid), "-o", str(profile)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -322,6 +323,8 @@ def main() -> None:
     args = ap.parse_args()
     if reason := netlab_available():
         sys.exit(f"bench_lan: {reason}")
+    if args.profile is not None and not PY_SPY.exists():
+        sys.exit(f"bench_lan: --profile needs {PY_SPY} (pip install py-spy into this venv)")
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="mp-benchlan-"))
     os.chmod(work, 0o755)
