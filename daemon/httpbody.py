@@ -1,5 +1,6 @@
-"""The bytes of a blob from the upstream: an HTTP/1.1 GET whose body is received straight into
-one buffer reused for the whole answer (`recv_into`, through asyncio.BufferedProtocol).
+"""The bytes of a blob from the upstream or from a peer's relay: an HTTP/1.1 GET whose body is
+received straight into one buffer reused for the whole answer (`recv_into`, through
+asyncio.BufferedProtocol).
 
 aiohttp's receive path allocates a bytes object per socket read and its parser copies the body
 into another: for the Hub API that does not matter, for gigabytes of blobs it was a third of
@@ -8,13 +9,15 @@ bytes needs: one request at a time per connection, keep-alive connections pooled
 host, port), TLS with the default verifying context, bodies framed by Content-Length or chunked.
 What it does not do raises Unsupported before any byte of a body is handed out, so the caller
 can ask again with aiohttp. Redirects, tokens and what a Range answer must say are the
-caller's (upstream.py).
+caller's (upstream.py), and so are the signatures of the peer API (lan/peers.py, which turns
+this module's UpstreamError into a PeerError naming the peer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import re
 import ssl
 from collections.abc import AsyncIterator, Mapping
@@ -64,6 +67,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._last = 0.0  # loop time of the last byte (or of the start of the wait)
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None  # the check for silence, while waiting
+        self._hurry: asyncio.TimerHandle | None = None  # the end of the caller's patience
         self._sink = memoryview(bytearray(1))
         self._ended = False
         self._error: BaseException | None = None
@@ -106,9 +110,10 @@ class _Connection(asyncio.BufferedProtocol):
         assert self._transport is not None
         self._transport.write(data)
 
-    async def fill(self, target: memoryview, want: int) -> int:
+    async def fill(self, target: memoryview, want: int, patience: float = math.inf) -> int:
         """Bytes into target, at least `want` of them, at most len(target); fewer when the
-        connection ends (why it ended is raised by the call that gets none). TimeoutError
+        connection ends (why it ended is raised by the call that gets none), or when
+        `patience` seconds passed (then those that came by then, at least one). TimeoutError
         when no byte comes for `timeout` seconds."""
         assert self._transport is not None and 0 < want <= len(target)
         if self._error is not None:
@@ -119,12 +124,16 @@ class _Connection(asyncio.BufferedProtocol):
         self._last = self._loop.time()
         self._waiter = self._loop.create_future()
         self._timer = self._loop.call_at(self._last + self.timeout, self._check_silence)
+        if patience < math.inf:
+            self._hurry = self._loop.call_at(self._last + patience, self._hand_on)
         self._transport.resume_reading()
         try:
             await self._waiter
         finally:
             self._timer.cancel()
-            self._target = self._waiter = None
+            if self._hurry is not None:
+                self._hurry.cancel()
+            self._target = self._waiter = self._hurry = None
         if not self._got and self._error is not None:
             raise self._error
         return self._got
@@ -139,6 +148,14 @@ class _Connection(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def _hand_on(self) -> None:
+        """The caller's patience ran out: the bytes that came will do, or the next one."""
+        self._want = 1
+        if self._got:
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._wake()
 
     def _check_silence(self) -> None:
         if self._waiter is None or self._waiter.done():
@@ -198,15 +215,15 @@ class _Reader:
         self._start = found + len(marker)
         return line
 
-    async def into(self, view: memoryview, want: int) -> int:
+    async def into(self, view: memoryview, want: int, patience: float = math.inf) -> int:
         """Bytes into view: first those read past the last line, then from the connection
-        until there are `want` (fewer only when it ends)."""
+        until there are `want` (fewer when it ends, or after `patience` seconds)."""
         n = min(len(view), self.leftover)
         if n:
             view[:n] = self._view[self._start:self._start + n]
             self._start += n
         if n < want:
-            got = await self.conn.fill(view[n:], want - n)
+            got = await self.conn.fill(view[n:], want - n, patience)
             self.received += got
             n += got
         return n
@@ -235,13 +252,16 @@ class Answer:
         return (self.complete and self._keep_alive and not self._reader.leftover
                 and self.connection.usable)
 
-    async def body(self, expected: int) -> AsyncIterator[memoryview]:
+    async def body(self, expected: int, patience: float = math.inf) -> AsyncIterator[memoryview]:
         """The body, which must be `expected` bytes long, in pieces that are views of one
         buffer: each is good until the next is asked for. The first piece comes as soon as
-        bytes arrive, the others fill the buffer (BUFFER bytes), but the last."""
+        bytes arrive, the others fill the buffer (BUFFER bytes), but the last; with a
+        `patience`, a piece that waited that many seconds for more comes with what it has
+        (a slow sender's bytes are not held back until a whole buffer came)."""
         chunked = self._framing()
         buf = memoryview(bytearray(max(1, min(BUFFER, expected))))
-        pieces = self._chunked(buf, expected) if chunked else self._sized(buf, expected)
+        pieces = (self._chunked(buf, expected, patience) if chunked
+                  else self._sized(buf, expected, patience))
         async for piece in pieces:
             yield piece
         self.complete = True
@@ -260,7 +280,8 @@ class Answer:
             raise Unsupported("a body that ends with the connection (no Content-Length)")
         return False
 
-    async def _sized(self, buf: memoryview, expected: int) -> AsyncIterator[memoryview]:
+    async def _sized(self, buf: memoryview, expected: int,
+                     patience: float) -> AsyncIterator[memoryview]:
         size = self.content_length
         if size != expected:
             raise UpstreamError(f"{self.url.host}: Content-Length {size}, {expected} bytes "
@@ -269,7 +290,7 @@ class Answer:
         while done < size:
             room = min(len(buf), size - done)
             # a piece cut short by the end of the connection is handed on: it is good
-            got = await self._reader.into(buf[:room], min(want, room))
+            got = await self._reader.into(buf[:room], min(want, room), patience)
             if not got:
                 raise UpstreamError(f"{self.url.host}: connection ended after {done} of "
                                     f"{expected} bytes")
@@ -277,13 +298,16 @@ class Answer:
             want = len(buf)
             yield buf[:got]
 
-    async def _chunked(self, buf: memoryview, expected: int) -> AsyncIterator[memoryview]:
+    async def _chunked(self, buf: memoryview, expected: int,
+                       patience: float) -> AsyncIterator[memoryview]:
+        loop = asyncio.get_running_loop()
         done = 0
         chunk_left = await self._chunk_size(first=True)
         want = 1
         while chunk_left:
             got = 0
-            while chunk_left and got < want:
+            hand_on_at = loop.time() + patience  # once bytes came (looked at between reads)
+            while chunk_left and got < want and not (got and loop.time() >= hand_on_at):
                 if done + got + chunk_left > expected:
                     raise UpstreamError(f"{self.url.host}: sent more than the {expected} "
                                         "bytes asked for")

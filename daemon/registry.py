@@ -66,19 +66,26 @@ class Transfers:
         piece sent. The blob stays pinned. With `pace` (peer_upload_rate), each piece of at
         most PACED_PIECE bytes waits for its turn."""
         loop = asyncio.get_running_loop()
+        blob, chunk_size = transfer.blob, self.store.chunk_size
         pos = start
-        with self.store.pinned(transfer.blob.digest):
+        idx = -1  # the chunk whose file is open: kept open while its bytes are sent
+        with self.store.pinned(blob.digest), contextlib.ExitStack() as chunk:
             while pos < end:
                 limit = min(await transfer.readable(pos, end, to_peer=to_peer), end)
                 while pos < limit:
                     if transport is None or transport.is_closing():
                         raise ConnectionResetError(f"the reader of {transfer.label} left")
-                    await self.store.check_span(transfer.blob.digest, pos, pos + 1)
-                    with self.store.chunk_file(transfer.blob, pos) as (f, within, left):
-                        n = min(left, limit - pos, PACED_PIECE if pace else left)
-                        if pace is not None:
-                            await pace.take(n)
-                        await loop.sendfile(transport, f, within, n)
+                    await self.store.check_span(blob.digest, pos, pos + 1)
+                    if pos // chunk_size != idx:
+                        chunk.close()
+                        idx = pos // chunk_size
+                        f = chunk.enter_context(self.store.chunk_file(blob, idx))
+                    chunk_end = min((idx + 1) * chunk_size, blob.size)
+                    n = min(chunk_end, limit) - pos
+                    if pace is not None:
+                        n = min(n, PACED_PIECE)
+                        await pace.take(n)
+                    await loop.sendfile(transport, f, pos - idx * chunk_size, n)
                     yield pos, n
                     pos += n
 

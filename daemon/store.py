@@ -267,13 +267,11 @@ class Store:
             os.close(fd)
 
     @contextlib.contextmanager
-    def chunk_file(self, blob: BlobId, offset: int) -> Iterator[tuple[io.FileIO, int, int]]:
-        """The chunk file holding the blob's byte `offset`, open for reading, with where that
-        byte is in the file and how many bytes of the chunk follow it."""
-        idx = offset // self.chunk_size
-        within = offset - idx * self.chunk_size
+    def chunk_file(self, blob: BlobId, idx: int) -> Iterator[io.FileIO]:
+        """Chunk `idx` of the blob, open for reading (also while it is still being written:
+        the file stays the same when it is renamed into place)."""
         with io.FileIO(self._open_chunk(blob.digest, idx), "rb") as f:
-            yield f, within, min(self.chunk_size, blob.size - idx * self.chunk_size) - within
+            yield f
 
     def _open_chunk(self, digest: str, idx: int) -> int:
         # A writer may rename .part into place between our two attempts: try both names.

@@ -253,10 +253,11 @@ class Cluster:
         self.key = write_key(tmp / "cluster.key")
         self.nodes: dict[str, Modelpeerd] = {}
 
-    def start(self, host: str, key: Path | None = None, *extra: str) -> Modelpeerd:
+    def start(self, host: str, key: Path | None = None, *extra: str,
+              env: dict[str, str] | None = None) -> Modelpeerd:
         ip = self.lab.ip(host)
         d = Modelpeerd(self.tmp / f"cache-{host}", self.hub.url, host=ip, port=6580,
-                       prefix_cmd=self.lab.ns(host),
+                       prefix_cmd=self.lab.ns(host), env=env,
                        getter=lambda url: self.lab.get_json(host, url),
                        extra=["--chunk-size", "8MiB", "--interface", ip,
                               "--cluster-key-file", str(key or self.key),

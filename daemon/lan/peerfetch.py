@@ -24,7 +24,6 @@ from .sharing import Holders, Sharing
 
 log = logging.getLogger(__name__)
 
-COMMIT_BATCH = 1024 * 1024  # fewer, larger writes: socket reads are small
 SETTLE = 0.3  # nodes that start a blob within this long of each other see each other first
 RACED_BLOB = 8 * 1024 * 1024  # smaller blobs go at once: fetching one twice costs little
 CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
@@ -200,8 +199,6 @@ class PeerFetch:
         transfer.peers_used.add(peer.node_id)
         transfer.feeder = peer.node_id
         meter = RateMeter()
-        batch: list[bytes] = []  # socket reads are small: fewer, larger writes cost less CPU
-        pos = before  # the blob offset after the bytes received
         stream = self.relay.stream(peer, transfer.blob, before, end)
         # a source that has bytes for this node and sends none is dropped after the stall
         # window; one that waits for its own bytes is only looked at again with fresh news
@@ -212,42 +209,30 @@ class PeerFetch:
             async with contextlib.aclosing(stream):
                 while meter.age < period:
                     try:
-                        data = await asyncio.wait_for(anext(stream), silence)
+                        piece = await asyncio.wait_for(anext(stream), silence)
                     except StopAsyncIteration:
                         break
-                    batch.append(data)
-                    meter.add(len(data))
-                    pos += len(data)
-                    if pos - writer.offset >= COMMIT_BATCH:
-                        await self._write_batch(transfer, writer, batch)
-                        batch = []
+                    meter.add(len(piece))
+                    await _write(transfer, writer, piece)  # a view: used before the next read
         except TimeoutError:
-            dropped = plan.stalled(peer.node_id, transfers, pos)
+            dropped = plan.stalled(peer.node_id, transfers, writer.offset)
             (log.warning if dropped else log.info)(
                 "relaying %s from peer %s: no byte for %.1fs at byte %d; %s", transfer.label,
-                peer.node_id, silence, pos, "trying another source" if dropped else "looking again")
+                peer.node_id, silence, writer.offset,
+                "trying another source" if dropped else "looking again")
         except PeerError as e:
             plan.drop(peer.node_id)
             log.info("relaying %s from peer %s stopped at byte %d: %s", transfer.label,
-                     peer.node_id, pos, e)
+                     peer.node_id, writer.offset, e)
+        log.info("relayed %d bytes of %s from peer %s, bytes %d to %d, in %.1fs",
+                 writer.offset - before, transfer.label, peer.node_id, before, writer.offset,
+                 meter.age)
         if meter.age >= CHECK_EVERY:
             plan.measured[peer.node_id] = meter.rate
             if (meter.rate < MIN_RELAY_RATE
-                    and plan.stalled(peer.node_id, transfers, pos)):
+                    and plan.stalled(peer.node_id, transfers, writer.offset)):
                 log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
                             transfer.label, peer.node_id, meter.rate)
-        await self._write_batch(transfer, writer, batch)
-
-    async def _write_batch(self, transfer: Transfer, writer: BlobWriter,
-                           pieces: list[bytes]) -> None:
-        """Pieces from a peer, in order: into the files while they are in the CPU cache, then
-        hashed as read back (no joining of the pieces, a copy)."""
-        n = sum(len(p) for p in pieces)
-        if n:
-            await writer.put(writer.offset, pieces)
-            await writer.commit(n)
-            transfer.bytes_peers += n
-            transfer.advance(writer.offset)
 
     def _held_run(self, blob: BlobId, offset: int,
                   chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:

@@ -16,13 +16,22 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
-from ..errors import BadMessage, PeerError, SignatureError
+from .. import httpbody
+from ..errors import BadMessage, PeerError, SignatureError, UpstreamError
 from ..events import Signal
 from ..peermsg import NODE_ID_RE, BlobTransfer, NodeStatus, parse_status
 from .cluster import (
@@ -32,6 +41,7 @@ from .cluster import (
     H_NONCE,
     UNHASHED_BODY,
     Credentials,
+    SignedRequest,
     body_digest,
 )
 
@@ -45,6 +55,8 @@ ANSWER_DEADLINE = 10.0  # a whole answer (torrent, small blob, JSON) slower than
 ADMIT_RETRY = 10.0  # a candidate that failed the proof is not asked again for this long
 MAX_BODY = 4 * 1024 * 1024  # a request body (a warm job's file list)
 MAX_ANSWER = 8 * 1024 * 1024  # a JSON answer, a torrent or a small blob
+MAX_REFUSAL = 300  # bytes of a refusal's body read to say why
+HAND_ON_AFTER = 0.05  # seconds a streamed piece waits for more bytes before it is handed on
 MAX_REMEMBERED = 4096  # candidates and refused addresses kept for rate limiting
 BAN_SECONDS = 600.0  # how long a peer that sent wrong bytes is left out
 _NONCE_KEY = web.RequestKey("nonce", str)
@@ -179,7 +191,8 @@ class PeerSet:
         self._banned_addresses: dict[str, float] = {}
         self._refused: dict[tuple[str, str, int], float] = {}  # candidate -> retry after
         self._admitting: set[tuple[str, str, int]] = set()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # JSON, torrents, small blobs
+        self._bodies = httpbody.Pool(timeout=REQUEST_TIMEOUT, user_agent="modelpeer")  # streams
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
         self.changed: Signal[[]] = Signal("peer set changed")
@@ -195,6 +208,7 @@ class PeerSet:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._bodies.close()
         if self._session is not None:
             await self._session.close()
 
@@ -348,27 +362,31 @@ class PeerSet:
         data = json.dumps(body).encode() if body is not None else b""
         signed = self.credentials.sign_request(method, API + path, data, peer.node_id)
         headers = {**signed.headers, **({"Content-Type": "application/json"} if data else {})}
-        where = f"peer {peer.node_id[:16]} at {peer.address}"
         try:
             async with self._session.request(
-                    method, f"http://{peer.address}:{peer.peer_port}{API}{path}",
-                    data=data or None, headers=headers, allow_redirects=False) as resp:
-                try:
-                    responder, digest = self.credentials.check_answer(
-                        signed.nonce, resp.status, resp.headers, peer.node_id)
-                except SignatureError as e:
-                    raise PeerError(f"{where}: {method} {path}: {e}") from e
+                    method, _url(peer, path), data=data or None, headers=headers,
+                    allow_redirects=False) as resp:
+                responder, digest = self._authentic(peer, method, path, signed, resp.status,
+                                                    resp.headers)
                 if resp.status != 200:
-                    payload = await resp.content.read(300)
-                    raise PeerError(f"{where}: {method} {path}: HTTP {resp.status} "
-                                    f"{payload[:200]!r}")
+                    raise _refused(peer, method, path, resp.status,
+                                   await resp.content.read(MAX_REFUSAL))
                 yield _Answer(resp, responder, digest)
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise PeerError(f"{where}: {method} {path}: {e!r}") from e
+            raise PeerError(f"{_where(peer)}: {method} {path}: {e!r}") from e
+
+    def _authentic(self, peer: Peer, method: str, path: str, signed: SignedRequest,
+                   status: int, headers: Mapping[str, str]) -> tuple[str, str]:
+        """(responder, signed body digest) of the peer's answer to the signed request, read
+        from its head before any of its body is used; PeerError when it is not that."""
+        try:
+            return self.credentials.check_answer(signed.nonce, status, headers, peer.node_id)
+        except SignatureError as e:
+            raise PeerError(f"{_where(peer)}: {method} {path}: {e}") from e
 
     async def _body(self, peer: Peer, answer: _Answer, limit: int = MAX_ANSWER) -> bytes:
         """The whole answer, at most `limit` bytes, matching the digest its signature names."""
-        where = f"peer {peer.node_id[:16]} at {peer.address}"
+        where = _where(peer)
         if (answer.resp.content_length or 0) > limit:
             raise PeerError(f"{where}: an answer of {answer.resp.content_length} bytes is over "
                             f"the {limit}-byte limit")
@@ -404,13 +422,45 @@ class PeerSet:
         data = await self.request(peer, method, path, body)
         return _parsed(peer, path, parse, data)
 
-    async def stream(self, peer: Peer, path: str) -> AsyncGenerator[bytes, None]:
-        """The body of a GET, as it arrives (checked by the caller against a blob digest)."""
-        async with self._call(peer, "GET", path) as answer:
-            # each piece as the socket delivered it: no joining of pieces (a copy)
-            async for data, _ in answer.resp.content.iter_chunks():
-                if data:
-                    yield data
+    async def stream(self, peer: Peer, path: str, size: int) -> AsyncGenerator[memoryview, None]:
+        """The body of a GET, which must be `size` bytes long, as it arrives (checked by the
+        caller against a blob digest), received by httpbody straight into one buffer: the
+        pieces are views of it, each good until the next is asked for. A piece is handed on
+        when the buffer is full, or HAND_ON_AFTER seconds after it was asked for with the
+        bytes that came by then (a slow source's bytes are not held back). Any deviation
+        (an answer not signed by the peer, not 200, more or fewer bytes, silence for
+        REQUEST_TIMEOUT) is a PeerError naming the peer."""
+        signed = self.credentials.sign_request("GET", API + path, b"", peer.node_id)
+        try:
+            async with self._bodies.get(URL(_url(peer, path), encoded=True),
+                                        signed.headers) as answer:
+                self._authentic(peer, "GET", path, signed, answer.status, answer.headers)
+                if answer.status != 200:
+                    raise _refused(peer, "GET", path, answer.status, await _refusal(answer))
+                async for piece in answer.body(size, HAND_ON_AFTER):
+                    yield piece
+        except (UpstreamError, httpbody.Unsupported, TimeoutError, OSError) as e:
+            raise PeerError(f"{_where(peer)}: GET {path}: {e}") from e
+
+
+def _url(peer: Peer, path: str) -> str:
+    return f"http://{peer.address}:{peer.peer_port}{API}{path}"
+
+
+def _where(peer: Peer) -> str:
+    return f"peer {peer.node_id[:16]} at {peer.address}"
+
+
+def _refused(peer: Peer, method: str, path: str, status: int, payload: bytes) -> PeerError:
+    return PeerError(f"{_where(peer)}: {method} {path}: HTTP {status} {payload[:200]!r}")
+
+
+async def _refusal(answer: httpbody.Answer) -> bytes:
+    """The body of a refusal, if it is short enough to say why."""
+    size = answer.content_length
+    if size is None or size > MAX_REFUSAL:
+        return b""
+    return b"".join([bytes(piece) async for piece in answer.body(size)])
 
 
 def _parsed(peer: Peer, path: str, parse: Callable[[object], T], data: bytes) -> T:

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Callable
 
 from aiohttp import web
 
-from ..errors import ChunkDamaged, PeerError, TransferFailed
+from ..errors import ChunkDamaged, TransferFailed
 from ..ratelimit import PeerUploadCap
 from ..registry import Transfers
 from ..store import BlobId
@@ -33,21 +33,16 @@ class Relay:
         return [PeerRoute("GET", "/relay/{digest}", self._serve)]
 
     async def stream(self, peer: Peer, blob: BlobId, start: int,
-                     end: int) -> AsyncGenerator[bytes, None]:
-        """Bytes [start, end) of the blob from the peer's copy, as it gets them."""
-        pos = start
-        body = self.peers.stream(peer, f"/relay/{blob.digest}?start={start}&end={end}")
+                     end: int) -> AsyncGenerator[memoryview, None]:
+        """Bytes [start, end) of the blob from the peer's copy, as it gets them: views of one
+        buffer, each good until the next is asked for. More or fewer bytes than asked are a
+        PeerError."""
+        body = self.peers.stream(peer, f"/relay/{blob.digest}?start={start}&end={end}",
+                                 end - start)
         async with contextlib.aclosing(body):
-            async for data in body:
-                if pos + len(data) > end:
-                    raise PeerError(f"peer {peer.node_id} relayed more of {blob.digest} than "
-                                    "asked")
-                pos += len(data)
-                peer.bytes_from += len(data)
-                yield data
-        if pos < end:
-            raise PeerError(f"peer {peer.node_id} ended the relay of {blob.digest} at byte "
-                            f"{pos} of {end}")
+            async for piece in body:
+                peer.bytes_from += len(piece)
+                yield piece
 
     async def _serve(self, request: web.Request, sender: str) -> web.StreamResponse:
         digest = request.match_info["digest"]

@@ -197,6 +197,30 @@ async def test_the_first_bytes_are_handed_on_before_the_buffer_fills() -> None:
     assert first == BLOB[:1000] and data == BLOB[:MiB]
 
 
+async def test_with_patience_a_slow_senders_bytes_are_handed_on_before_the_buffer_fills(
+        ) -> None:
+    more = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head_206(0, MiB) + BLOB[:1000])
+        await more.wait()
+        writer.write(BLOB[1000:3000])
+        await reader.read()
+
+    pool = httpbody.Pool(timeout=5, user_agent=USER_AGENT)
+    try:
+        async with raw_server(slow) as url, pool.get(URL(url), {}) as answer:
+            pieces = answer.body(MiB, patience=0.05)
+            async with contextlib.aclosing(pieces):
+                first = bytes(await asyncio.wait_for(anext(pieces), 5))
+                more.set()
+                second = bytes(await asyncio.wait_for(anext(pieces), 5))
+    finally:
+        pool.close()
+    assert first == BLOB[:1000] and second and BLOB[1000:3000].startswith(second)
+
+
 async def test_two_reads_share_one_kept_alive_connection() -> None:
     async with blob_server() as server, upstream() as up:
         first, _ = await read(up, f"{server.url}/blob", 0, MiB)

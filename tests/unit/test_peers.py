@@ -5,6 +5,7 @@ is valid once and for one node, and headers are checked before any body is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -47,7 +48,18 @@ class Node:
         async def big(request: web.Request, sender: str) -> web.Response:
             return web.Response(body=BIG)
 
+        async def cut(request: web.Request, sender: str) -> web.StreamResponse:
+            """BIG announced, half of it sent, the connection closed."""
+            resp = web.StreamResponse()
+            resp.content_length = len(BIG)
+            await resp.prepare(request)
+            await resp.write(BIG[:len(BIG) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+
         self.api.route("GET", "/big", big)
+        self.api.route("GET", "/cut", cut)
         self.api.route("GET", "/status", handle, any_receiver=True)
         self.api.route("POST", "/echo", echo)
 
@@ -197,3 +209,72 @@ async def test_large_answers_arrive_whole_and_bounded(
             await peers.request(target, "GET", "/big", limit=len(BIG) - 1)
     finally:
         await peers.close()
+
+
+@contextlib.asynccontextmanager
+async def peer_set(a: Node) -> AsyncIterator[PeerSet]:
+    peers = PeerSet(a.credentials, static=[])
+    await peers.start()
+    try:
+        yield peers
+    finally:
+        await peers.close()
+
+
+async def streamed(peers: PeerSet, peer: Peer, path: str, size: int) -> list[bytes]:
+    """The pieces of a stream, each copied before the next is asked for."""
+    return [bytes(piece) async for piece in peers.stream(peer, path, size)]
+
+
+async def test_a_stream_arrives_whole_in_views_of_one_buffer(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    buffers = set()
+    async with peer_set(a) as peers:
+        target = Peer(b.node_id, "127.0.0.1", b.port)
+        data = bytearray()
+        async for piece in peers.stream(target, "/big", len(BIG)):
+            assert isinstance(piece, memoryview)
+            buffers.add(id(piece.obj))
+            data += piece
+        again = await streamed(peers, target, "/big", len(BIG))  # on the kept connection
+    assert data == BIG and b"".join(again) == BIG and len(buffers) == 1
+
+
+@pytest.mark.parametrize("size", [len(BIG) - 1, len(BIG) + 1])
+async def test_a_stream_of_another_length_than_asked_fails_before_any_byte(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]], size: int) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    pieces = []
+    async with peer_set(a) as peers:
+        with pytest.raises(PeerError, match=f"peer {b.node_id[:16]} .*Content-Length"):
+            async for piece in peers.stream(Peer(b.node_id, "127.0.0.1", b.port), "/big",
+                                            size):
+                pieces.append(piece)
+    assert pieces == []
+
+
+async def test_a_stream_cut_short_fails_after_the_bytes_that_came(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    data = bytearray()
+    async with peer_set(a) as peers:
+        with pytest.raises(PeerError, match=f"peer {b.node_id[:16]} .*ended after "
+                                            f"{len(BIG) // 2} of {len(BIG)} bytes"):
+            async for piece in peers.stream(Peer(b.node_id, "127.0.0.1", b.port), "/cut",
+                                            len(BIG)):
+                data += piece
+    assert data == BIG[:len(BIG) // 2]
+
+
+async def test_a_stream_whose_answer_is_not_signed_fails_before_any_byte(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    a = Node(tmp_path, "a")
+    b = await started(Node(tmp_path, "b"))
+    c = Node(tmp_path, "c")  # b refuses a request meant for c with an unsigned 401
+    async with peer_set(a) as peers:
+        with pytest.raises(PeerError, match=f"peer {c.node_id[:16]} .*unsigned answer"):
+            await streamed(peers, Peer(c.node_id, "127.0.0.1", b.port), "/big", len(BIG))
