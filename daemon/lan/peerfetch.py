@@ -205,13 +205,22 @@ class PeerFetch:
         source = transfers.get(peer.node_id)
         silence = (STALL_WINDOW if source is not None and source.available > before
                    else min(period, REPLAN_EVERY))
+        quiet_since = time.monotonic()
         try:
             async with contextlib.aclosing(stream):
                 while meter.age < period:
+                    # the wait for a piece ends with the period too: a source that sends a
+                    # little now and then must not hold the next plan for the stall window
+                    wait = min(silence - (time.monotonic() - quiet_since), period - meter.age)
                     try:
-                        piece = await asyncio.wait_for(anext(stream), silence)
+                        piece = await asyncio.wait_for(anext(stream), max(wait, 0.0))
                     except StopAsyncIteration:
                         break
+                    except TimeoutError:
+                        if time.monotonic() - quiet_since < silence:
+                            break  # the period is over; the source was not silent that long
+                        raise
+                    quiet_since = time.monotonic()
                     meter.add(len(piece))
                     await _write(transfer, writer, piece)  # a view: used before the next read
         except TimeoutError:
