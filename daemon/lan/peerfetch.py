@@ -146,9 +146,10 @@ class PeerFetch:
     def _overtakes(self, plan: Plan, held: Holders, node: str) -> bool:
         """plan.overtakes with this round's news; what the cluster reads from the upstream
         now is this node's upstream fetches and what each peer said with its chunk map."""
-        intake = upstream_intake(self.sharing.transfers) + held.upstream_intake
+        intakes = held.upstream_intakes
+        cluster = upstream_intake(self.sharing.transfers) + sum(intakes.values())
         return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
-                              intake)
+                              cluster, intakes.get(node, 0.0))
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:

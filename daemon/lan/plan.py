@@ -124,11 +124,13 @@ class Plan:
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
                   upstream_rates: Mapping[str, float], own_upstream_rate: float,
-                  cluster_intake: float = 0.0) -> bool:
+                  cluster_intake: float = 0.0, fetcher_intake: float = 0.0) -> bool:
         """Whether this node, relaying straight from an upstream fetcher, should leave it and
         fetch the rest from the upstream itself: the fetcher's rate has settled, the upstream
-        gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher delivers,
-        and the cluster's upstream fetchers of all blobs together (`cluster_intake`) take less
+        gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher delivers of
+        this blob and what its node reads of all blobs (`fetcher_intake`: a node reading
+        several blobs at a good rate is not slow when one of them gets a small share), and
+        the cluster's upstream fetchers of all blobs together (`cluster_intake`) take less
         than INTAKE_SHARE of that: when the upstream link is full already, a second reader of
         it only halves the first. Once one node overtook, the others prefer it: it is faster."""
         delivered = self.delivered(source, transfers)
@@ -138,7 +140,7 @@ class Plan:
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
-        return (known >= OVERTAKE_FACTOR * max(delivered, 1.0)
+        return (known >= OVERTAKE_FACTOR * max(delivered, fetcher_intake, 1.0)
                 and cluster_intake < INTAKE_SHARE * known)
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,

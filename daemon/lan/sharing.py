@@ -45,7 +45,8 @@ class Holders:
     small: list[Peer] = dataclasses.field(default_factory=list)  # hold the whole small blob
     transfers: dict[str, PeerTransfer] = dataclasses.field(default_factory=dict)  # by node id
     upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
-    upstream_intake: float = 0.0  # what the peers read from the upstream now, bytes/s
+    # what each peer reads from the upstream now, all blobs together, bytes/s
+    upstream_intakes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Sharing:
@@ -204,7 +205,7 @@ class Sharing:
                 out.transfers[peer.node_id] = m.transfer
             if m.upstream_rate:
                 out.upstream_rates[peer.node_id] = m.upstream_rate
-            out.upstream_intake += m.upstream_intake
+            out.upstream_intakes[peer.node_id] = m.upstream_intake
         return out
 
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:

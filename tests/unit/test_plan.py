@@ -258,3 +258,15 @@ def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
     assert plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {"x": 40 * MB}, 0)
     assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 0)}, {"x": 40 * MB}, 0)  # young
     assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {}, 0)  # nothing known
+
+
+def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_share() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    plan = Plan(first, "d" * 64)
+    view = {fetcher: t(UP, 20 * MB, 2 * MB)}  # this blob gets 2 MB/s of its node's 30
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB)
+    assert not plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB,
+                              fetcher_intake=30 * MB)
+    # a slow node: all its blobs together are slow
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB,
+                          fetcher_intake=6 * MB)
