@@ -37,7 +37,8 @@ class PeerSource(Protocol):
 
     async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
         """Returns when a peer should feed the transfer, which reads from the upstream now:
-        the peer reads the blob from the upstream too, ahead of this node and as fast."""
+        the peer reads the blob from the upstream too, ahead of this node, at least as fast
+        and not slow itself."""
 
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted."""
@@ -138,7 +139,10 @@ class Fetcher:
             await self.upstream.fetch_rest(transfer, writer, origin, until=outpaced)
         finally:
             outpaced.cancel()
-            await asyncio.gather(outpaced, return_exceptions=True)
+            watched = (await asyncio.gather(outpaced, return_exceptions=True))[0]
+            if isinstance(watched, Exception):  # the upstream read went on without it
+                log.warning("watching the peers while fetching %s from upstream failed: %s",
+                            transfer.label, watched, exc_info=watched)
 
     def _failed(self, transfer: Transfer, origin: Origin, error: Exception) -> None:
         if isinstance(error, DigestMismatch):

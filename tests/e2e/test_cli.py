@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -99,16 +100,25 @@ def test_status_watch_redraws_in_place_in_a_terminal(start_daemon: StartDaemon) 
     os.close(follower)
     shown = bytearray()
 
-    def redrawn() -> bool:
+    def read_shown() -> None:
         if select.select([leader], [], [], 0.1)[0]:
-            shown.extend(os.read(leader, 65536))
+            with contextlib.suppress(OSError):  # EIO once the watcher has exited
+                shown.extend(os.read(leader, 65536))
+
+    def redrawn() -> bool:
+        read_shown()
         return shown.count(b"cache     ") >= 2
+
+    def exited() -> bool:
+        read_shown()  # a terminal nobody reads blocks the watcher's last writes
+        return watch.poll() is not None
 
     try:
         wait_for(redrawn, "the status drawn twice", timeout=30)
     finally:
         watch.send_signal(signal.SIGINT)
-        code = watch.wait(10)
+        wait_for(exited, "the watcher exiting after Ctrl-C", timeout=10)
+        code = watch.returncode
         os.close(leader)
     assert code == 0, bytes(shown)
     assert b"\x1b[2J" not in shown, "the screen was cleared instead of the lines redrawn"
