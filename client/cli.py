@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -234,6 +235,9 @@ def _of_limit(used: int, s: dict[str, Any]) -> str:  # Any: the daemon's JSON
 
 def cmd_status_watch(d: Daemon, args: argparse.Namespace) -> int:
     """Redraw the status in place every --interval seconds until Ctrl-C."""
+    # Ctrl-C is the only way out: honour it even when started with SIGINT ignored (as a
+    # non-interactive shell starts background commands, and they pass it on)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with Live(console=view.console(), auto_refresh=False) as live:
         try:
             while True:

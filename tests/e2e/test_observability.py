@@ -75,31 +75,39 @@ def test_metrics_move_by_the_right_amounts(start_daemon: StartDaemon, hub: FakeH
 
 def test_status_page_shows_a_growing_transfer_without_console_errors(
         start_daemon: StartDaemon, hub: FakeHub, browser: WebDriver) -> None:
-    from selenium.webdriver.common.by import By
-
     d = start_daemon("--peer-upload-rate", "400mbit")
     hub.faults(cdn_rate=1 * MiB)  # ~12 s for the 48 MiB file over 4 connections
     read_in_background(d.url + URL)
     browser.get(d.url + "/_modelpeer/")
-    first = _progress(browser, By)
-    wait_for(lambda: _progress(browser, By) > first, f"the page's progress past {first}%",
+    first = _progress(browser)
+    wait_for(lambda: _progress(browser) > first, f"the page's progress past {first}%",
              timeout=15)
-    assert "acme/tiny-tts/model.safetensors" in browser.find_element(By.ID, "transfers").text
-    assert browser.find_element(By.ID, "conn").text == "live"
-    assert browser.find_element(By.ID, "caps").text == "no limit"  # upstream_rate
-    assert "to peers: 50.0 MB/s" in browser.find_element(By.ID, "caps-sub").text
-    plan = browser.find_element(By.ID, "plan")  # the plan graph: upstream -> this node
-    assert plan.find_elements(By.CSS_SELECTOR, "svg.plan-graph line.plan-edge")
-    assert "upstream" in plan.text and d.status()["node"] in plan.text, plan.text
+    assert "acme/tiny-tts/model.safetensors" in _text(browser, "#transfers")
+    assert _text(browser, "#conn") == "live"
+    assert _text(browser, "#caps") == "no limit"  # upstream_rate
+    assert "to peers: 50.0 MB/s" in _text(browser, "#caps-sub")
+    # the plan graph: upstream -> this node
+    assert browser.execute_script(
+        "return document.querySelectorAll('#plan svg.plan-graph line.plan-edge').length")
+    plan = _text(browser, "#plan")
+    assert "upstream" in plan and d.status()["node"] in plan, plan
     browser.save_screenshot(str(ROOT / "docs" / "statuspage.png"))
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
     assert errors == [], errors
 
 
-def _progress(driver, by) -> float:  # type: ignore[no-untyped-def]
-    pcts = wait_for(lambda: driver.find_elements(by.CSS_SELECTOR, "#transfers .pct"),
-                    "a transfer shown on the status page")
-    return float(pcts[0].text.rstrip("%"))
+def _text(driver, css: str) -> str:  # type: ignore[no-untyped-def]
+    """The text of the first element matching `css` ("" for none), read in the page in one
+    step: the page redraws its rows, and an element found by one WebDriver call can be gone
+    by the next (a stale element)."""
+    return str(driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", css))
+
+
+def _progress(driver) -> float:  # type: ignore[no-untyped-def]
+    pct = wait_for(lambda: _text(driver, "#transfers .pct"),
+                   "a transfer shown on the status page")
+    return float(pct.rstrip("%"))
 
 
 def test_json_logs_carry_one_event_per_line(tmp_path: Path, hub: FakeHub) -> None:
