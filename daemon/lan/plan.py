@@ -139,7 +139,7 @@ class Plan:
             return False  # one that handed over knows the upstream gives it less
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
-        known = max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != source)])
+        known = _best_upstream_rate(upstream_rates, own_upstream_rate, but=source)
         return (known >= OVERTAKE_FACTOR * max(delivered, fetcher_intake, 1.0)
                 and cluster_intake < INTAKE_SHARE * known)
 
@@ -178,7 +178,7 @@ class Plan:
         """Whether `node` gives the blob at less than SLOW_SOURCE of what the upstream
         gives (as far as anyone measured it); a source whose rate has not settled is not."""
         t = transfers.get(node)
-        known = max([own_upstream_rate, *upstream_rates.values()])
+        known = _best_upstream_rate(upstream_rates, own_upstream_rate)
         return (t is not None and t.rate > 0
                 and self._effective_rate(node, t) < SLOW_SOURCE * known)
 
@@ -216,6 +216,13 @@ class Plan:
             self._progress[node] = (t.available, now)
             return False
         return now - seen[1] >= STALL_WINDOW
+
+
+def _best_upstream_rate(upstream_rates: Mapping[str, float], own_upstream_rate: float,
+                        but: str = "") -> float:
+    """The best rate the upstream gave any node lately (this one's included), leaving out
+    `but` (a fetcher being judged: what it gets says nothing of what others could)."""
+    return max([own_upstream_rate, *(r for n, r in upstream_rates.items() if n != but)])
 
 
 # --- the plan as operators see it ---------------------------------------------------------

@@ -221,6 +221,15 @@ async def peer_set(a: Node) -> AsyncIterator[PeerSet]:
         await peers.close()
 
 
+@contextlib.asynccontextmanager
+async def a_and_b(tmp_path: Path, started: Callable[[Node], Awaitable[Node]]
+                  ) -> AsyncIterator[tuple[PeerSet, Peer]]:
+    """Node a's peer set, and node b (serving the test routes) as a peer of it."""
+    b = await started(Node(tmp_path, "b"))
+    async with peer_set(Node(tmp_path, "a")) as peers:
+        yield peers, Peer(b.node_id, "127.0.0.1", b.port)
+
+
 async def streamed(peers: PeerSet, peer: Peer, path: str, size: int) -> list[bytes]:
     """The pieces of a stream, each copied before the next is asked for."""
     return [bytes(piece) async for piece in peers.stream(peer, path, size)]
@@ -228,11 +237,8 @@ async def streamed(peers: PeerSet, peer: Peer, path: str, size: int) -> list[byt
 
 async def test_a_stream_arrives_whole_in_views_of_one_buffer(
         tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
-    a = Node(tmp_path, "a")
-    b = await started(Node(tmp_path, "b"))
     buffers = set()
-    async with peer_set(a) as peers:
-        target = Peer(b.node_id, "127.0.0.1", b.port)
+    async with a_and_b(tmp_path, started) as (peers, target):
         data = bytearray()
         async for piece in peers.stream(target, "/big", len(BIG)):
             assert isinstance(piece, memoryview)
@@ -245,27 +251,21 @@ async def test_a_stream_arrives_whole_in_views_of_one_buffer(
 @pytest.mark.parametrize("size", [len(BIG) - 1, len(BIG) + 1])
 async def test_a_stream_of_another_length_than_asked_fails_before_any_byte(
         tmp_path: Path, started: Callable[[Node], Awaitable[Node]], size: int) -> None:
-    a = Node(tmp_path, "a")
-    b = await started(Node(tmp_path, "b"))
     pieces = []
-    async with peer_set(a) as peers:
+    async with a_and_b(tmp_path, started) as (peers, b):
         with pytest.raises(PeerError, match=f"peer {b.node_id[:16]} .*Content-Length"):
-            async for piece in peers.stream(Peer(b.node_id, "127.0.0.1", b.port), "/big",
-                                            size):
+            async for piece in peers.stream(b, "/big", size):
                 pieces.append(piece)
     assert pieces == []
 
 
 async def test_a_stream_cut_short_fails_after_the_bytes_that_came(
         tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
-    a = Node(tmp_path, "a")
-    b = await started(Node(tmp_path, "b"))
     data = bytearray()
-    async with peer_set(a) as peers:
+    async with a_and_b(tmp_path, started) as (peers, b):
         with pytest.raises(PeerError, match=f"peer {b.node_id[:16]} .*ended after "
                                             f"{len(BIG) // 2} of {len(BIG)} bytes"):
-            async for piece in peers.stream(Peer(b.node_id, "127.0.0.1", b.port), "/cut",
-                                            len(BIG)):
+            async for piece in peers.stream(b, "/cut", len(BIG)):
                 data += piece
     assert data == BIG[:len(BIG) // 2]
 
