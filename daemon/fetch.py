@@ -36,9 +36,9 @@ class PeerSource(Protocol):
         getting; returns when the upstream should take over."""
 
     async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
-        """Returns when a peer should feed the transfer, which reads from the upstream now:
-        the peer reads the blob from the upstream too, ahead of this node, at least as fast
-        and not slow itself."""
+        """Returns when peers should feed the transfer, which reads from the upstream now:
+        they hold the rest of the blob complete, or one reads it from the upstream too, ahead
+        of this node, at least as fast and not slow itself."""
 
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted."""

@@ -83,7 +83,7 @@ class Transfer:
         self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
         self.feeder = ""  # the node relaying the blob to this one now, if any
         self.probing = False  # reading a few MiB from the upstream to measure it
-        self.meter = RateMeter()
+        self.meter = RateMeter()  # what the current source gives: see received() and advance()
         self._sources: list[tuple[int, TransferSource]] = [(0, TransferSource.STORE)]
         self.readers = 0
         self._event = asyncio.Event()
@@ -110,9 +110,20 @@ class Transfer:
         return min(self.available, self.blob.size - 1)
 
     def mark_source(self, offset: int, source: TransferSource) -> None:
-        """Bytes from `offset` on come from `source` (peer or upstream)."""
+        """Bytes from `offset` on come from `source` (peer or upstream). The rate is measured
+        anew from here: a node that waited on a peer and then went to the upstream is not an
+        upstream fetcher at the waiting rate (peers took such a fetcher for a slow one)."""
         if self._sources[-1][1] != source:
             self._sources.append((offset, source))
+            self.meter = RateMeter()
+
+    def received(self, n: int) -> None:
+        """n bytes of the blob came from the upstream, in order or not: an upstream read's
+        rate counts what arrives over all its connections, not how far the prefix moved (with
+        several segments at once the prefix moves at a fraction of that until the first
+        segment is complete, and a fetcher looked four times slower than it was)."""
+        self.bytes_upstream += n
+        self.meter.add(n)
 
     @property
     def source(self) -> TransferSource:
@@ -123,7 +134,8 @@ class Transfer:
                     TransferSource.STORE)
 
     def advance(self, available: int) -> None:
-        self.meter.add(available - self.available)
+        if self.source != TransferSource.UPSTREAM:  # upstream bytes count as received()
+            self.meter.add(available - self.available)
         self.available = available
         self._wake()
 

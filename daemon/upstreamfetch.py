@@ -210,7 +210,7 @@ class UpstreamFetch:
         """Bytes read in order (a stream, a probe)."""
         if data:
             await writer.write(data)
-            transfer.bytes_upstream += len(data)
+            transfer.received(len(data))
             self._on_bytes(len(data))
             transfer.advance(writer.offset)
 
@@ -256,7 +256,7 @@ class UpstreamFetch:
                 try:
                     async for data in self.upstream.read_range(
                             url, seg.start + seg.filled, seg.end, token=origin.token):
-                        transfer.bytes_upstream += len(data)
+                        transfer.received(len(data))
                         self._on_bytes(len(data))
                         await seg.put(writer, data)
                 except (RangeIgnored, _StoreFailed):

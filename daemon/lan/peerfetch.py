@@ -65,7 +65,8 @@ class PeerFetch:
                 if data is not None:
                     await _write(transfer, writer, memoryview(data)[writer.offset:])
                 break
-            decision = plan.decide(held.transfers, writer.offset)
+            decision = plan.decide(held.transfers, writer.offset, held.upstream_rates,
+                                   self.upstream.rate())
             overtake = isinstance(decision, Relay) and self._overtakes(plan, held, decision.node)
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
@@ -107,13 +108,21 @@ class PeerFetch:
         transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
 
     async def outpaced(self, transfer: Transfer, writer: BlobWriter) -> None:
-        """Returns when another node reads the blob from the upstream ahead of this one and
-        at least as fast (plan.hand_over_to): an overtaken slow fetcher, or the later of two
-        nodes that went to the upstream at once. Looks once this node's rate has settled."""
+        """Returns when peers should feed this node the rest of the blob, which it reads from
+        the upstream now: they hold every chunk still to come complete (this node froze or
+        fell behind while they finished it: BitTorrent moves those at the LAN's speed, and
+        the WAN does not carry them again), or another node reads the blob from the upstream
+        ahead of this one and at least as fast (plan.hand_over_to: an overtaken slow
+        fetcher, or the later of two nodes that went to the upstream at once). Looks once
+        this node's rate has settled."""
         plan = self._plan(transfer)
         await asyncio.sleep(RATE_WINDOW)
         while True:
             held = await self.sharing.holders(transfer.blob)
+            if self._held_to_the_end(transfer.blob, writer.offset, held.chunks):
+                log.info("%s: peers hold the rest complete (from byte %d); getting it from "
+                         "them, not from the upstream", transfer.label, writer.offset)
+                return
             own = transfer.meter.settled_rate
             node = plan.hand_over_to(held.transfers, own, writer.offset, held.upstream_rates,
                                      self.upstream.rate())
@@ -147,7 +156,7 @@ class PeerFetch:
         """plan.overtakes with this round's news; what the cluster reads from the upstream
         now is this node's upstream fetches and what each peer said with its chunk map."""
         intakes = held.upstream_intakes
-        cluster = upstream_intake(self.sharing.transfers) + sum(intakes.values())
+        cluster = upstream_intake(self.sharing.transfers.running.values()) + sum(intakes.values())
         return plan.overtakes(held.transfers, node, held.upstream_rates, self.upstream.rate(),
                               cluster, intakes.get(node, 0.0))
 
@@ -176,7 +185,7 @@ class PeerFetch:
         if plan.handed_over:
             return math.inf
         slow = plan.slow(node, held.transfers, held.upstream_rates, self.upstream.rate())
-        return REPLAN_SLOW if slow else REPLAN_EVERY
+        return REPLAN_SLOW if slow or plan.judging(node, held.transfers) else REPLAN_EVERY
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter,
                            chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
@@ -191,12 +200,12 @@ class PeerFetch:
                           transfers: dict[str, PeerTransfer], peer: Peer,
                           period: float) -> None:
         """Bytes of the blob from `peer`'s copy as they land there, for `period` seconds at
-        most (then the plan is made again with fresh news), to the end of the current chunk
-        (of the blob when the period has no end), or until the peer is silent for the stall
-        window."""
+        most (then the plan is made again with fresh news), or until the peer is silent for
+        the stall window. The stream runs on across chunk ends: ending it at each (a new plan
+        round and a new request every 8 MiB) held a node catching up on a fast source to a
+        third of the LAN's speed."""
         before = writer.offset
-        chunk_end = (before // self.store.chunk_size + 1) * self.store.chunk_size
-        end = transfer.blob.size if period == math.inf else min(transfer.blob.size, chunk_end)
+        end = transfer.blob.size
         transfer.peers_used.add(peer.node_id)
         transfer.feeder = peer.node_id
         meter = RateMeter()
@@ -243,6 +252,11 @@ class PeerFetch:
                     and plan.stalled(peer.node_id, transfers, writer.offset)):
                 log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
                             transfer.label, peer.node_id, meter.rate)
+
+    def _held_to_the_end(self, blob: BlobId, offset: int,
+                         chunks: dict[int, list[tuple[Peer, str]]]) -> bool:
+        run = self._held_run(blob, offset, chunks)
+        return bool(run) and run[-1] == len(self.store.chunks(blob)) - 1
 
     def _held_run(self, blob: BlobId, offset: int,
                   chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:

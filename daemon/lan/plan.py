@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..peermsg import BlobTransfer, PeerTransfer
 from ..registry import Transfers
@@ -38,6 +38,9 @@ DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 INTAKE_SHARE = 0.5  # no overtake while the cluster takes this share of the known upstream rate
 OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once confirm it
+# an upstream fetch this close to its end (at its rate) no longer counts in the intake: the
+# next overtake takes about this long to start reading
+ENDING_SOON = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +81,20 @@ class Plan:
                                      transfers[n].source != TransferSource.UPSTREAM,
                                      self.rank(n)))
 
-    def decide(self, transfers: Mapping[str, PeerTransfer], offset: int) -> Decision:
+    def decide(self, transfers: Mapping[str, PeerTransfer], offset: int,
+               upstream_rates: Mapping[str, float] | None = None,
+               own_upstream_rate: float = 0.0) -> Decision:
+        """Where the next bytes come from. An upstream fetcher too young to have a rate is
+        taken to read at the best rate the upstream gave any node: an overtaker reads a blob
+        in about a rate window, and at rate 0 nobody relayed from it while it did (they
+        stayed on the slow node it overtook and waited for its complete chunks)."""
+        presumed = _best_upstream_rate(upstream_rates or {}, own_upstream_rate)
         now = self._clock()
         live = {n: t for n, t in transfers.items()
                 if self._dropped.get(n, 0.0) <= now and n != self.node_id}
         chain = self.chain(live)
         ahead = chain[:chain.index(self.node_id)]
-        feeders = {n: self._effective_rate(n, t) for n, t in live.items()
+        feeders = {n: self._effective_rate(n, t, presumed) for n, t in live.items()
                    if t.source == TransferSource.UPSTREAM or t.available > offset
                    or (n in ahead and t.available >= offset)}
         if feeders:
@@ -101,9 +111,10 @@ class Plan:
             return True
         return False
 
-    def _effective_rate(self, node: str, t: PeerTransfer) -> float:
+    def _effective_rate(self, node: str, t: PeerTransfer, presumed: float = 0.0) -> float:
+        rate = t.rate if t.rate > 0 or t.source != TransferSource.UPSTREAM else presumed
         measured = self.measured.get(node)
-        return t.rate if measured is None else min(t.rate, measured)
+        return rate if measured is None else min(rate, measured)
 
     def _best_feeder(self, ahead: list[str], feeders: dict[str, float]) -> str:
         best = max(feeders.values())
@@ -152,16 +163,21 @@ class Plan:
         overtook this slow one, which then stops taking its share of the upstream link; or
         one of two nodes that went to the upstream at once). Only the one behind yields, so
         two fetchers never both stop, and a fetcher ramping up never hands back to the slow
-        node it overtook. None while this node's rate has not settled."""
+        node it overtook. A fetcher too young to have a rate counts at the best rate the
+        upstream gave any node (an overtaker often reads a blob in less than a rate window;
+        waiting for its rate, the slow node read on until the blob was complete elsewhere and
+        then took it over BitTorrent on its full link). None while this node's rate has not
+        settled."""
         if own_rate <= 0:
             return None
         now = self._clock()
-        ahead = {n: t for n, t in transfers.items()
+        presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
+        rates = {n: self._effective_rate(n, t, presumed) for n, t in transfers.items()
                  if n != self.node_id and self._dropped.get(n, 0.0) <= now
                  and t.source == TransferSource.UPSTREAM and t.available > offset
-                 and t.rate >= own_rate
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
-        return max(ahead, key=lambda n: ahead[n].rate, default=None)
+        ahead = {n: rate for n, rate in rates.items() if rate >= own_rate}
+        return max(ahead, key=lambda n: ahead[n], default=None)
 
     def chunks_beat(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int,
                     upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
@@ -181,6 +197,12 @@ class Plan:
         known = _best_upstream_rate(upstream_rates, own_upstream_rate)
         return (t is not None and t.rate > 0
                 and self._effective_rate(node, t) < SLOW_SOURCE * known)
+
+    def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
+        """Whether this node is the one to probe or overtake the upstream fetcher `source` and
+        its rate is about to settle: the plan is made again soon, not after a whole relay
+        period (in the slow-first bench the first overtake waited up to 1.5 s for it)."""
+        return self._first_behind(transfers, source) and self.delivered(source, transfers) is None
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over
@@ -268,12 +290,17 @@ def peer_view(t: Transfer) -> PeerTransfer:
     return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
 
 
-def upstream_intake(transfers: Transfers) -> float:
-    """What this node reads from the upstream now, all blobs together, bytes/s (probes left
-    out: they are short). A fetcher younger than a rate window counts at what it has read so
-    far: it fills the link as much as an older one."""
-    return sum(t.meter.rate for t in transfers.running.values()
-               if t.source == TransferSource.UPSTREAM and not t.probing)
+def upstream_intake(transfers: Iterable[Transfer]) -> float:
+    """What this node reads from the upstream now, all blobs together, bytes/s. Probes are
+    left out (they are short), and so are fetches that end within ENDING_SOON at their rate:
+    they leave the link before a new overtake would be reading it, and counting them held
+    the next overtake of a slow fetcher until they ended, with the link idle between. A
+    fetcher younger than a rate window counts at what it has read so far: it fills the link
+    as much as an older one."""
+    return sum(rate for t in transfers
+               if t.source == TransferSource.UPSTREAM and not t.probing
+               and (rate := t.meter.rate) > 0
+               and t.blob.size - t.available > ENDING_SOON * rate)
 
 
 def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:

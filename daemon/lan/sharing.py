@@ -161,7 +161,8 @@ class Sharing:
         transfer = {} if running is None else transfer_fields(peer_view(running))
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
                                   "upstream_rate": round(self.upstream.rate()),
-                                  "upstream_intake": round(upstream_intake(self.transfers)),
+                                  "upstream_intake": round(upstream_intake(
+                                      self.transfers.running.values())),
                                   **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
@@ -203,8 +204,11 @@ class Sharing:
                 out.chunks.setdefault(c.index, []).append((peer, c.info_hash))
             if m.transfer is not None:
                 out.transfers[peer.node_id] = m.transfer
-            if m.upstream_rate:
-                out.upstream_rates[peer.node_id] = m.upstream_rate
+            # the upstream gives a node at least what it reads from it now: a node reading
+            # the upstream well tells the others as much as a probe would (without one, each
+            # node relaying from a fetcher of its own blob probed: 4 MiB more each)
+            if rate := max(m.upstream_rate, m.upstream_intake):
+                out.upstream_rates[peer.node_id] = rate
             out.upstream_intakes[peer.node_id] = m.upstream_intake
         return out
 

@@ -95,6 +95,11 @@ def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Clust
     assert pulls[frozen].result(timeout=180) == digest
     logs = "".join(cluster.nodes[h].log() for h in HOSTS if h != frozen)
     assert "left out until it answers again" in logs or "no byte for" in logs
+    # thawed, it takes the rest from the peers that completed the blob, not from the upstream
+    # again: the blob once, what it had read ahead before it froze, probes
+    assert "peers hold the rest complete" in cluster.nodes[frozen].log()
+    cdn = cluster.hub.stats()["cdn_bytes"]
+    assert cdn <= 1.5 * 96 * MiB + len(HOSTS) * 4 * MiB, f"{cdn / MiB:.0f} MiB from the CDN"
 
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)

@@ -12,9 +12,11 @@ from modelpeer.daemon.lan.plan import (
     Plan,
     Relay,
     cluster_plan,
+    upstream_intake,
 )
 from modelpeer.daemon.peermsg import BlobTransfer, PeerTransfer
-from modelpeer.daemon.transfer import RateMeter, TransferSource
+from modelpeer.daemon.store import BlobId
+from modelpeer.daemon.transfer import RateMeter, Transfer, TransferSource
 
 UP, PEER = TransferSource.UPSTREAM, TransferSource.PEER
 MB = 1_000_000
@@ -270,3 +272,35 @@ def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_shar
     # a slow node: all its blobs together are slow
     assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB,
                           fetcher_intake=6 * MB)
+
+
+async def test_an_upstream_fetch_about_to_end_leaves_the_intake() -> None:
+    def fetching(size: int, available: int, nbytes_last_window: int) -> Transfer:
+        blob = BlobId(f"{size:064x}", "sha256", size)
+        transfer = Transfer(blob, "acme/model:w.bin")
+        transfer.mark_source(0, UP)
+        transfer.received(nbytes_last_window)  # what came over its connections lately
+        transfer.advance(available)
+        return transfer
+
+    far = fetching(64 * MB, 4 * MB, 4 * MB)  # 60 MB to go at 16 MB/s (4 MB over 0.25 s)
+    near = fetching(64 * MB, 60 * MB, 4 * MB)  # 4 MB to go: ends in a quarter of a second
+    assert upstream_intake([far]) == 16 * MB
+    assert upstream_intake([far, near]) == 16 * MB
+    near.probing = True
+    far.probing = True
+    assert upstream_intake([far, near]) == 0  # probes do not count either
+
+
+def test_a_young_upstream_fetcher_counts_at_what_the_upstream_gives() -> None:
+    slow, young, me = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    # the slow fetcher at 0.5 MB/s and the node that overtook it, too young for a rate
+    view = {slow: t(UP, 20 * MB, MB // 2), young: t(UP, 25 * MB, 0)}
+    assert plan.decide(view, 10 * MB) == Relay(slow)  # nobody knows what the upstream gives
+    assert plan.decide(view, 10 * MB, {"x": 50 * MB}) == Relay(young)
+    # the slow fetcher hands over to it without waiting for its rate
+    slow_plan = Plan(slow, "d" * 64)
+    ahead = {young: t(UP, 25 * MB, 0)}
+    assert slow_plan.hand_over_to(ahead, MB // 2, 20 * MB, {}, 0) is None
+    assert slow_plan.hand_over_to(ahead, MB // 2, 20 * MB, {"x": 50 * MB}, 0) == young

@@ -15,7 +15,7 @@ from modelpeer.daemon.fetch import Fetcher, NoPeers
 from modelpeer.daemon.index import open_index
 from modelpeer.daemon.registry import Transfers
 from modelpeer.daemon.store import BlobId, Store
-from modelpeer.daemon.transfer import Origin, Transfer
+from modelpeer.daemon.transfer import Origin, Transfer, TransferSource
 from modelpeer.daemon.upstream import Answer, Upstream
 from modelpeer.daemon.upstreamfetch import UpstreamFetch
 from tests.harness import MiB
@@ -85,3 +85,19 @@ async def test_an_unexpected_exception_fails_the_transfer_and_its_readers(
     finally:
         await fetcher.close()
         store.db.close()
+
+
+async def test_an_upstream_read_is_measured_by_what_arrives_from_when_it_began() -> None:
+    blob = BlobId("e" * 64, "sha256", 64 * MiB)
+    t = Transfer(blob, "acme/model:w.bin")
+    t.mark_source(0, TransferSource.PEER)
+    t.advance(MiB)  # a relay brought 1 MiB
+    assert t.meter.rate > 0
+    t.mark_source(MiB, TransferSource.UPSTREAM)
+    assert t.meter.rate == 0 and t.meter.age < 1  # a new source is measured anew
+    # four segments at once: 4 MiB arrived, none of it in order yet
+    t.received(4 * MiB)
+    assert t.available == MiB and t.bytes_upstream == 4 * MiB
+    assert t.meter.rate == 16 * MiB  # 4 MiB in the meter's shortest span, 0.25 s
+    t.advance(5 * MiB)  # the first segment is committed: the prefix moves, the rate does not
+    assert t.meter.rate == 16 * MiB
