@@ -15,6 +15,10 @@ from .errors import TransferFailed
 from .store import BlobId
 
 RATE_WINDOW = 2.0
+# a rate counts once measured this long: the slow-first bench judged a slow upstream fetcher
+# 1 s sooner than after a whole window, and an upstream read's rate counts every byte that
+# arrives (Transfer.received), so a young read is not mistaken for a slow one
+RATE_SETTLES = 1.0
 
 
 class TransferSource(enum.StrEnum):
@@ -61,8 +65,8 @@ class RateMeter:
 
     @property
     def settled_rate(self) -> float:
-        """The rate once a whole window was seen (0 before: a ramp-up says little)."""
-        return self.rate if self.age >= RATE_WINDOW else 0.0
+        """The rate once measured for RATE_SETTLES seconds (0 before: a ramp-up says little)."""
+        return self.rate if self.age >= RATE_SETTLES else 0.0
 
 
 class Transfer:

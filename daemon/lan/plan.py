@@ -74,6 +74,9 @@ class Plan:
     def drop(self, node: str) -> None:
         self._dropped[node] = self._clock() + DROP_FOR
 
+    def dropped(self, node: str) -> bool:
+        return self._dropped.get(node, 0.0) > self._clock()
+
     def chain(self, transfers: Mapping[str, PeerTransfer]) -> list[str]:
         """The nodes transferring the blob and this one: upstream fetchers first."""
         return sorted([*transfers, self.node_id],
@@ -97,6 +100,11 @@ class Plan:
         feeders = {n: self._effective_rate(n, t, presumed) for n, t in live.items()
                    if t.source == TransferSource.UPSTREAM or t.available > offset
                    or (n in ahead and t.available >= offset)}
+        if any(live[n].available > offset for n in feeders):
+            # an upstream fetcher behind this node has nothing for it: a slow one it overtook
+            # held it a relay period at a time while another node had the bytes
+            feeders = {n: rate for n, rate in feeders.items()
+                       if live[n].available > offset or live[n].source != TransferSource.UPSTREAM}
         if feeders:
             return Relay(self._best_feeder(ahead, feeders))
         return GoUpstream() if live else None

@@ -304,3 +304,12 @@ def test_a_young_upstream_fetcher_counts_at_what_the_upstream_gives() -> None:
     ahead = {young: t(UP, 25 * MB, 0)}
     assert slow_plan.hand_over_to(ahead, MB // 2, 20 * MB, {}, 0) is None
     assert slow_plan.hand_over_to(ahead, MB // 2, 20 * MB, {"x": 50 * MB}, 0) == young
+
+
+def test_an_upstream_fetcher_behind_this_node_feeds_it_only_when_nobody_has_bytes() -> None:
+    slow, me, other = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    # a slow fetcher this node passed (its bytes came from another node meanwhile)
+    view = {slow: t(UP, 4 * MB, 2 * MB), other: t(PEER, 30 * MB, 2 * MB)}
+    assert plan.decide(view, 6 * MB) == Relay(other)
+    assert plan.decide({slow: t(UP, 4 * MB, 2 * MB)}, 6 * MB) == Relay(slow)
