@@ -4,6 +4,7 @@ bound T1 measured in the same run (one node alone downloading the repo from the 
 the shaped WAN, with the same client).
 
     python bench/bench_swarm.py --case slow frozen together warm --json out.json
+    python bench/bench_swarm.py --report out.json [more.json...] --svg docs/swarm.svg
 
 Cases (each run builds its own lab, fake Hub and daemons, and tears them down):
 - slow: one node's link shaped to --slow-rate both ways; per node time / T1, and the slow node
@@ -13,6 +14,8 @@ Cases (each run builds its own lab, fake Hub and daemons, and tears them down):
   --freeze-hold s pass; then SIGCONT, and that node must finish with the right bytes too.
 - together: no fault; slowest node / T1 and upstream bytes / repo size.
 - warm: `modelpeer warm REPO --nodes all --wait` from h1; time / T1 and upstream bytes.
+--svg draws every run as a point (worst node / T1; upstream bytes / repo) in a column per
+configuration, against the issue's targets (TARGETS, UPSTREAM_TARGET) as dashed lines.
 
 Roles are forced through the chain order of the current code (daemon/lan/plan.py): the
 nodes transferring a blob at once relay it in rendezvous order of sha256(f"{node_id}:{digest}"),
@@ -49,6 +52,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_lan import rate_bits, shutdown  # noqa: E402
 from bench.bench_warm import start_nodes, warm_all  # noqa: E402
+from bench.svgplot import (  # noqa: E402
+    BOLD,
+    COLORS,
+    GRID,
+    MUTED,
+    TARGET,
+    Chart,
+    Scale,
+    spread,
+    text_width,
+)
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from modelpeer.daemon.lan.plan import Plan  # noqa: E402
 from tests.fakehub import FakeHub, file_sha256  # noqa: E402
@@ -532,6 +546,162 @@ def report(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- the plot --------------------------------------------------------------------------------
+TARGETS = {"slow": 1.2, "frozen": 1.5, "together": 1.2, "warm": 1.1}  # issue 12: worst / T1
+UPSTREAM_TARGET = 1.02  # issue 12: upstream bytes / repo size
+CASE_NAMES = {"slow": "one slow node", "frozen": "one frozen node", "together": "no fault",
+              "warm": "modelpeer warm --wait"}
+WIDTH, LEFT, RIGHT, MIN_COLUMN, GROUP_GAP = 760, 72, 24, 64, 24  # px
+TIMES_PANEL, UPSTREAM_PANEL = (316, 84), (446, 356)  # (bottom, top) px
+
+Sources = dict[str, list[dict[str, Any]]]  # runs by where they come from (a JSON file)
+
+
+def column_label(key: tuple[str, int, str]) -> tuple[str, str]:
+    _, nodes, role = key
+    return (role, f"{nodes} nodes") if role else (f"{nodes} nodes", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """Where a configuration's runs are drawn: x of its centre and its width, px."""
+
+    centre: float
+    width: float
+
+    @property
+    def left(self) -> float:
+        return self.centre - self.width / 2
+
+    @property
+    def right(self) -> float:
+        return self.centre + self.width / 2
+
+
+Columns = dict[tuple[str, int, str], Column]
+
+
+def lay_out_columns(keys: list[tuple[str, int, str]]) -> Columns:
+    """A column per configuration, a gap between cases, each case's columns together as wide
+    as its name."""
+    cases = [c for c in CASES if any(k[0] == c for k in keys)]
+    width = max(MIN_COLUMN, (WIDTH - LEFT - RIGHT - GROUP_GAP * (len(cases) - 1)) / len(keys))
+    columns, x = {}, float(LEFT)
+    for case in cases:
+        mine = [k for k in keys if k[0] == case]
+        case_width = max(width, (text_width(CASE_NAMES[case]) * BOLD + 8) / len(mine))
+        for key in mine:
+            columns[key] = Column(x + case_width / 2, case_width)
+            x += case_width
+        x += GROUP_GAP
+    return columns
+
+
+def case_span(columns: Columns, case: str) -> tuple[float, float] | None:
+    """Left and right x of a case's columns (None: no run of that case)."""
+    mine = [c for k, c in columns.items() if k[0] == case]
+    return (mine[0].left, mine[-1].right) if mine else None
+
+
+def run_tip(run: dict[str, Any], source: str, value: str) -> str:
+    case, nodes, role = config_key(run)
+    where = " ".join(part for part in (case, role, f"{nodes} nodes") if part)
+    return f"{where}: {value} (T1 {run['t1']:.1f} s, {source})"
+
+
+def plot_points(chart: Chart, sources: Sources, columns: Columns, scale: Scale, field: str,
+                kind: str) -> None:
+    """One point per run at its `field`: the runs of each source side by side in a column."""
+    for i, ((name, runs), color) in enumerate(zip(sources.items(), COLORS, strict=False)):
+        for key, column in columns.items():
+            slot = spread(column.centre, column.width * 0.5, len(sources), gap=column.width)[i]
+            mine = [r for r in runs if config_key(r) == key]
+            xs = spread(slot, column.width * 0.5 / len(sources), len(mine))
+            for x, r in zip(xs, mine, strict=True):
+                value = r[field]
+                shown = (f"{fmt(value)} × {'T1' if field == 'worst' else 'repo'}"
+                         if value != float("inf") else "a node did not finish")
+                chart.point(x, scale, value, color=color, kind=kind,
+                            tip=run_tip(r, name, shown))
+
+
+def plot_targets(chart: Chart, scale: Scale, columns: Columns) -> None:
+    for case in CASES:
+        if span := case_span(columns, case):
+            chart.target(scale, TARGETS[case], span[0] + 4, span[1] - 4,
+                         f"≤ {TARGETS[case]:g}", tip=f"{case} target: ≤ {TARGETS[case]:g} × T1")
+
+
+def plot_labels(chart: Chart, columns: Columns) -> None:
+    """Each column's configuration under the lower panel; each case's name above the upper
+    panel, with a line between cases."""
+    for key, column in columns.items():
+        first, second = column_label(key)
+        chart.text(column.centre, UPSTREAM_PANEL[0] + 16, first, anchor="middle")
+        chart.text(column.centre, UPSTREAM_PANEL[0] + 30, second, anchor="middle", size=10,
+                   color=MUTED)
+    for case in CASES:
+        if (span := case_span(columns, case)) is None:
+            continue
+        chart.text(sum(span) / 2, TIMES_PANEL[1] - 10, CASE_NAMES[case], anchor="middle",
+                   weight="bold")
+        if span[0] > LEFT:
+            edge = span[0] - GROUP_GAP / 2
+            chart.line(edge, TIMES_PANEL[1], edge, UPSTREAM_PANEL[0], color=GRID)
+
+
+def fitted(values: list[float], targets: list[float], panel: tuple[float, float],
+           ticks: int) -> Scale:
+    """A scale from T1 (or lower) over the finite values and the targets."""
+    finite = [v for v in values if v != float("inf")] + targets
+    return Scale.fitted(min(1.0, *finite), max(finite), *panel, ticks=ticks)
+
+
+def swarm_svg(sources: Sources) -> str:
+    """Each run's worst node / T1 (the slow or frozen node left out) as a point, and below its
+    upstream bytes / repo, per configuration in columns grouped by case, against issue 12's
+    targets (dashed). The runs of each source are side by side, in a colour of their own."""
+    runs = [r for rs in sources.values() for r in rs]
+    keys = sorted({config_key(r) for r in runs}, key=sort_key)
+    columns = lay_out_columns(keys)
+    right = max(c.right for c in columns.values())
+    chart = Chart(right + RIGHT, UPSTREAM_PANEL[0] + 74,
+                  "Issue 12: every node pulls the same new repo at once")
+    chart.text(16, 42, "One point per run. T1: one node alone from the upstream, in the same "
+               "run. Slow, frozen: the worst of the other nodes.", size=11, color=MUTED)
+    times = fitted([r["worst"] for r in runs], [TARGETS[k[0]] for k in keys], TIMES_PANEL, 5)
+    upstream = fitted([r["upstream_ratio"] for r in runs], [UPSTREAM_TARGET], UPSTREAM_PANEL, 3)
+    chart.y_axis(times, LEFT, right, "worst node / T1")
+    chart.y_axis(upstream, LEFT, right, "upstream / repo")
+    plot_labels(chart, columns)
+    plot_targets(chart, times, columns)
+    chart.target(upstream, UPSTREAM_TARGET, LEFT + 4, right - 4, f"≤ {UPSTREAM_TARGET:g}",
+                 tip=f"upstream target: ≤ {UPSTREAM_TARGET:g} × repo")
+    plot_points(chart, sources, columns, times, "worst", "run")
+    plot_points(chart, sources, columns, upstream, "upstream_ratio", "upstream")
+    legend = [("dot", color, f"{name} ({len(rs)} run{'s' if len(rs) != 1 else ''})")
+              for (name, rs), color in zip(sources.items(), COLORS, strict=False)]
+    legend.append(("dash", TARGET, "issue 12 target"))
+    if any(r["worst"] == float("inf") for r in runs):
+        legend.append(("triangle", MUTED, "a node did not finish"))
+    chart.legend(16, UPSTREAM_PANEL[0] + 58, legend)
+    return chart.svg()
+
+
+def write_svg(path: Path, sources: Sources) -> None:
+    if not any(sources.values()):
+        print(f"plot: no run to draw, {path} not written")
+        return
+    path.write_text(swarm_svg(sources))
+    print(f"plot: {path}")
+
+
+def source_names(paths: list[Path]) -> list[str]:
+    """File names, or the paths as given where two files share a name."""
+    names = [p.name for p in paths]
+    return [p.name if names.count(p.name) == 1 else str(p) for p in paths]
+
+
 # --- main ---------------------------------------------------------------------------------
 def plan_runs(args: argparse.Namespace, settings: Settings,
               work: Path) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
@@ -593,6 +763,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report", type=Path, nargs="+", metavar="JSON",
                     help="only print the tables of saved results (two files: also compare "
                          "them, before → after)")
+    ap.add_argument("--svg", type=Path, metavar="PATH",
+                    help="also draw each run's worst / T1 and upstream / repo against the "
+                         "targets: this command's runs, or with --report those of all its "
+                         "files, a colour per file")
     return ap.parse_args(argv)
 
 
@@ -679,6 +853,8 @@ def measure(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(report(runs))
+    if args.svg is not None:
+        write_svg(args.svg, {args.json.name if args.json else "this command": runs})
     failed = results["sessions"][-1].get("failed", {})
     print(f"\n{len(runs)} runs in {time.monotonic() - started:.0f} s"
           + (f"; FAILED: {', '.join(failed)}" if failed else ""))
@@ -688,6 +864,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.report:
         print_reports(args.report)
+        if args.svg is not None:
+            write_svg(args.svg, {name: load_results(p)["runs"] for name, p in zip(
+                source_names(args.report), args.report, strict=True)})
         return
     if reason := netlab_available():
         sys.exit(f"bench_swarm: {reason}")

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_lan import shutdown  # noqa: E402
+from bench.svgplot import Chart, Scale  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 from tests.harness import http_json  # noqa: E402
@@ -131,30 +132,28 @@ def run_size(n: int, size: int, wan: str, lan: str, work: Path) -> dict[str, flo
     return result
 
 
+SERIES = [("lower_bound", "lower bound (one node alone)", "#8b949e"),
+          ("modelpeer", "modelpeer warm", "#3fb950"), ("nginx", "nginx proxy_cache", "#58a6ff"),
+          ("direct", "direct from upstream", "#d29922")]
+
+
 def svg(results: dict[int, dict[str, float]], path: Path) -> None:
-    series = [("lower_bound", "#8b949e"), ("modelpeer", "#3fb950"), ("nginx", "#58a6ff"),
-              ("direct", "#d29922")]
-    top = max(r[k] for r in results.values() for k, _ in series)
-    w, h, pad = 640, 320, 40
-    group = (w - 2 * pad) / len(results)
-    bar = group / (len(series) + 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" '
-             'font-family="sans-serif" font-size="12">',
-             f'<text x="{pad}" y="18">warm-up time (s) by cluster size</text>']
+    """Grouped bars: per cluster size, the seconds of each way to warm it up."""
+    left, right, top, bottom = 64, 624, 44, 316
+    chart = Chart(640, 380, "warm-up time by cluster size")
+    scale = Scale.fitted(0, max(r[k] for r in results.values() for k, _, _ in SERIES), bottom,
+                         top)
+    chart.y_axis(scale, left, right, "seconds")
+    group = (right - left) / len(results)
+    bar = group / (len(SERIES) + 1)
     for gi, (n, r) in enumerate(sorted(results.items())):
-        x0 = pad + gi * group
-        parts.append(f'<text x="{x0 + group / 2 - 20}" y="{h + 35}">{n} nodes</text>')
-        for si, (key, color) in enumerate(series):
-            bh = (h - pad) * r[key] / top
-            x, y = x0 + si * bar, h - bh + 10
-            parts.append(f'<rect x="{x:.0f}" y="{y:.0f}" width="{bar - 2:.0f}" height="{bh:.0f}"'
-                         f' fill="{color}"><title>{key}: {r[key]:.1f}s</title></rect>')
-            parts.append(f'<text x="{x:.0f}" y="{y - 3:.0f}" font-size="10">{r[key]:.0f}</text>')
-    for si, (key, color) in enumerate(series):
-        parts.append(f'<rect x="{pad + si * 130}" y="{h + 45}" width="10" height="10" '
-                     f'fill="{color}"/><text x="{pad + si * 130 + 14}" y="{h + 54}">{key}</text>')
-    parts.append("</svg>")
-    path.write_text("\n".join(parts))
+        x0 = left + gi * group + bar / 2
+        chart.text(x0 + len(SERIES) * bar / 2, bottom + 18, f"{n} nodes", anchor="middle")
+        for si, (key, name, color) in enumerate(SERIES):
+            chart.bar(x0 + si * bar, bar - 2, scale, r[key], color=color, label=f"{r[key]:.0f}",
+                      kind=key, tip=f"{n} nodes, {name}: {r[key]:.1f} s")
+    chart.legend(16, bottom + 48, [("box", color, name) for _, name, color in SERIES])
+    chart.write(path)
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
 """bench/bench_swarm.py without a lab: where it places a node in the relay chain (against the
-daemon's own chain), and the tables it prints from saved results."""
+daemon's own chain), and the tables and the plot it makes from saved results."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import pytest
 from bench.bench_swarm import (
     chain_position,
     compare,
+    main,
     plan_files,
     print_reports,
     report,
@@ -78,3 +81,54 @@ def test_print_reports_of_saved_results(tmp_path: Path, capsys: pytest.CaptureFi
     saved.write_text(json.dumps({"sessions": [{}], "runs": [run("together", {"h1": 1.2})]}))
     print_reports([saved, saved])
     assert "| together | 1 | — | 1.20 | 1.20 |" in capsys.readouterr().out
+
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_elements(path: Path, kind: str) -> list[ET.Element]:
+    return [e for e in ET.parse(path).getroot().iter() if e.get("class") == kind]
+
+
+def tip(element: ET.Element) -> str:
+    return element.findtext(SVG + "title") or ""
+
+
+def value_in_tip(element: ET.Element) -> float:
+    """The "1.25 ×" of a point's or a target's tooltip (a point without: did not finish)."""
+    found = re.search(r"([\d.]+) ×", tip(element))
+    return float(found[1]) if found else float("inf")
+
+
+def test_svg_has_each_run_as_a_point_against_its_target(tmp_path: Path) -> None:
+    """--report JSON --svg: a point per run in each panel (a node that never finished: a
+    triangle at the top), each case's target a dashed line over its columns, and every point
+    on the side of its target line that its value is."""
+    slow = [run("slow", {"h1": 1.1, "h2": worst, "h4": 9.0}, role=role, fault_host="h4",
+                positions=[0], slow_rate="50mbit", slow_link_seconds=40.0)
+            for role, worst in (("first", 1.15), ("middle", 1.3), ("last", 1.6))]
+    frozen = [run("frozen", {"h1": 1.4, "h2": None, "h4": 4.0}, role="first", fault_host="h4",
+                  positions=[0], frozen_at=2.0, resumed_at=60.0, cdn_bytes=150)]
+    together = [run("together", {"h1": 1.0, "h2": worst}) for worst in (1.1, 1.25)]
+    warm = [run("warm", {}, seconds=6.0, ratio=1.2, upstream_by_node={"h1": 100})]
+    runs = slow + frozen + together + warm
+    saved, out = tmp_path / "runs.json", tmp_path / "swarm.svg"
+    saved.write_text(json.dumps({"sessions": [{}], "runs": runs}))
+    main(["--report", str(saved), "--svg", str(out)])
+
+    targets = {tip(line).split()[0]: line for line in svg_elements(out, "target")}
+    assert {case: value_in_tip(line) for case, line in targets.items()} == {
+        "slow": 1.2, "frozen": 1.5, "together": 1.2, "warm": 1.1, "upstream": 1.02}
+    for kind, field in (("run", "worst"), ("upstream", "upstream_ratio")):
+        points = svg_elements(out, kind)
+        assert sorted(map(value_in_tip, points)) == pytest.approx(sorted(r[field] for r in runs))
+        for point in points:
+            if point.tag == SVG + "path":
+                assert "did not finish" in tip(point)
+                continue
+            line = targets["upstream" if kind == "upstream" else tip(point).split()[0]]
+            assert float(line.get("x1", "")) < float(point.get("cx", "")) < float(
+                line.get("x2", "")), tip(point)
+            above = float(point.get("cy", "")) < float(line.get("y1", ""))
+            assert above == (value_in_tip(point) > value_in_tip(line)), tip(point)
