@@ -265,7 +265,13 @@ class PeerFetch:
                  writer.offset - before, transfer.label, peer.node_id, before, writer.offset,
                  meter.age)
         if meter.age >= CHECK_EVERY:
-            plan.measured[peer.node_id] = meter.rate
+            if source is not None and writer.offset >= source.available:
+                # it sent all it had when the relay began: what came is the pace of its own
+                # source, which its rate says already; a rate measured so once made a fast
+                # upstream fetcher slow in the plan for the rest of the transfer
+                plan.measured.pop(peer.node_id, None)
+            else:
+                plan.measured[peer.node_id] = meter.rate
             if (meter.rate < MIN_RELAY_RATE
                     and plan.stalled(peer.node_id, transfers, writer.offset)):
                 log.warning("relaying %s from peer %s: %.0f B/s, a drip; trying another source",
