@@ -18,7 +18,7 @@ from ..store import BlobId, BlobWriter, Store
 from ..transfer import RATE_SETTLES, Origin, RateMeter, Transfer, TransferSource
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer
-from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, upstream_intake
+from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, upstream_intake, upstream_reading
 from .relay import Relay as RelayApi
 from .sharing import Holders, Sharing
 
@@ -49,7 +49,7 @@ class PeerFetch:
         """What the upstream gives this node: measured lately, or at least what this node
         reads from it now (a node reading the upstream well does not probe it)."""
         return max(self.upstream.rate(),
-                   upstream_intake(self.sharing.transfers.running.values()))
+                   upstream_reading(self.sharing.transfers.running.values()))
 
     def _plan(self, transfer: Transfer) -> Plan:
         if (plan := self._plans.get(transfer)) is None:
@@ -168,10 +168,10 @@ class PeerFetch:
     def _overtakes(self, plan: Plan, held: Holders, node: str) -> bool:
         """plan.overtakes with this round's news; what the cluster reads from the upstream
         now is this node's upstream fetches and what each peer said with its chunk map."""
-        intakes = held.upstream_intakes
-        cluster = upstream_intake(self.sharing.transfers.running.values()) + sum(intakes.values())
+        intakes = {**held.upstream_intakes,
+                   plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
-                              cluster, intakes.get(node, 0.0))
+                              intakes)
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:

@@ -143,24 +143,35 @@ class Plan:
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
                   upstream_rates: Mapping[str, float], own_upstream_rate: float,
-                  cluster_intake: float = 0.0, fetcher_intake: float = 0.0) -> bool:
+                  intakes: Mapping[str, float] | None = None) -> bool:
         """Whether this node, relaying straight from an upstream fetcher, should leave it and
-        fetch the rest from the upstream itself: the fetcher's rate has settled, the upstream
-        gave some other node (or this one) OVERTAKE_FACTOR times what the fetcher delivers of
-        this blob and what its node reads of all blobs (`fetcher_intake`: a node reading
-        several blobs at a good rate is not slow when one of them gets a small share), and
-        the cluster's upstream fetchers of all blobs together (`cluster_intake`) take less
-        than INTAKE_SHARE of that: when the upstream link is full already, a second reader of
-        it only halves the first. Once one node overtook, the others prefer it: it is faster."""
+        fetch the rest from the upstream itself. `intakes`: what each node of the cluster
+        (this one included) reads from the upstream now, all blobs together.
+
+        The fetcher's rate has settled, and the upstream gave some other node (or this one)
+        OVERTAKE_FACTOR times what the fetcher delivers of this blob and what its node reads
+        of all blobs (a node reading several blobs at a good rate is not slow when one of them
+        gets a small share). While the cluster's upstream fetchers together take INTAKE_SHARE
+        of that rate, the upstream link is full and a second reader would only halve the
+        first: then only a slow fetcher (SLOW_SOURCE) is overtaken, and only when the share
+        of the link a new reader would get is OVERTAKE_FACTOR times what it delivers (a slow
+        node's last blob had waited until the other overtakes ended, then took the link
+        alone and ended 2 s after them). Once one node overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
             return False  # one that handed over knows the upstream gives it less
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
+        intakes = intakes or {}
         known = _best_upstream_rate(upstream_rates, own_upstream_rate, but=source)
-        return (known >= OVERTAKE_FACTOR * max(delivered, fetcher_intake, 1.0)
-                and cluster_intake < INTAKE_SHARE * known)
+        if known < OVERTAKE_FACTOR * max(delivered, intakes.get(source, 0.0), 1.0):
+            return False
+        if sum(intakes.values()) < INTAKE_SHARE * known:
+            return True
+        readers = sum(1 for rate in intakes.values() if rate > 0)
+        return (delivered < SLOW_SOURCE * known
+                and known / (readers + 1) >= OVERTAKE_FACTOR * delivered)
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
                      offset: int, upstream_rates: Mapping[str, float],
@@ -296,6 +307,12 @@ def peer_view(t: Transfer) -> PeerTransfer:
     an upstream fetcher to them."""
     source = TransferSource.PEER if t.probing else t.source
     return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+
+
+def upstream_reading(transfers: Iterable[Transfer]) -> float:
+    """What this node reads from the upstream now, all blobs and probes together, bytes/s:
+    at least what the upstream gives it (upstream_intake leaves out what ends soon)."""
+    return sum(t.meter.rate for t in transfers if t.source == TransferSource.UPSTREAM)
 
 
 def upstream_intake(transfers: Iterable[Transfer]) -> float:

@@ -27,7 +27,7 @@ from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
-from .plan import blob_transfers, peer_view, upstream_intake
+from .plan import blob_transfers, peer_view, upstream_intake, upstream_reading
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -159,10 +159,15 @@ class Sharing:
         small = self.store.is_complete(digest) and not chunks
         running = self.transfers.running.get(digest)
         transfer = {} if running is None else transfer_fields(peer_view(running))
+        every = self.transfers.running.values()
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  "upstream_rate": round(self.upstream.rate()),
-                                  "upstream_intake": round(upstream_intake(
-                                      self.transfers.running.values())),
+                                  # at least what it reads from the upstream now: a node
+                                  # reading it well tells the others as much as a probe would
+                                  # (without, each node relaying from a fetcher probed: 4 MiB
+                                  # more each)
+                                  "upstream_rate": round(max(self.upstream.rate(),
+                                                             upstream_reading(every))),
+                                  "upstream_intake": round(upstream_intake(every)),
                                   **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
@@ -204,11 +209,8 @@ class Sharing:
                 out.chunks.setdefault(c.index, []).append((peer, c.info_hash))
             if m.transfer is not None:
                 out.transfers[peer.node_id] = m.transfer
-            # the upstream gives a node at least what it reads from it now: a node reading
-            # the upstream well tells the others as much as a probe would (without one, each
-            # node relaying from a fetcher of its own blob probed: 4 MiB more each)
-            if rate := max(m.upstream_rate, m.upstream_intake):
-                out.upstream_rates[peer.node_id] = rate
+            if m.upstream_rate:
+                out.upstream_rates[peer.node_id] = m.upstream_rate
             out.upstream_intakes[peer.node_id] = m.upstream_intake
         return out
 

@@ -173,8 +173,15 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     view = {fetcher: t(UP, 20 * MB, 10 * MB)}
     rates = {fetcher: 10 * MB}
     # four blobs' fetchers at 10 MB/s each take 40 of the 50 MB/s a node once measured
-    assert not plan.overtakes(view, fetcher, rates, 50 * MB, cluster_intake=40 * MB)
-    assert plan.overtakes(view, fetcher, rates, 50 * MB, cluster_intake=10 * MB)
+    sharing = {fetcher: 10 * MB, "b": 10 * MB, "c": 10 * MB, "d": 10 * MB}
+    assert not plan.overtakes(view, fetcher, rates, 50 * MB, sharing)
+    assert plan.overtakes(view, fetcher, rates, 50 * MB, {fetcher: 10 * MB})
+    # a slow fetcher is overtaken even then: a new reader's share of the full link (a third,
+    # with two reading it) is many times what it delivers, and its last blob no longer waits
+    # until the other overtakes end
+    slow_view = {fetcher: t(UP, 20 * MB, MB * 3 // 2)}
+    assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB})
+    assert not plan.overtakes(slow_view, fetcher, {}, 12 * MB, {fetcher: 3 * MB, "b": 9 * MB})
 
 
 def test_a_slow_fetcher_is_measured_before_it_has_brought_much() -> None:
@@ -183,7 +190,7 @@ def test_a_slow_fetcher_is_measured_before_it_has_brought_much() -> None:
     # 0.5 MB/s settled over a whole rate window: 1 MB in
     view = {fetcher: t(UP, 1 * MB, MB // 2)}
     assert plan.delivered(fetcher, view) == MB // 2
-    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=MB // 2)
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: MB // 2})
 
 
 def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
@@ -266,12 +273,10 @@ def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_shar
     fetcher, first = nodes_in_rank_order(n=2)
     plan = Plan(first, "d" * 64)
     view = {fetcher: t(UP, 20 * MB, 2 * MB)}  # this blob gets 2 MB/s of its node's 30
-    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB)
-    assert not plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB,
-                              fetcher_intake=30 * MB)
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, {"x": 10 * MB})
+    assert not plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 30 * MB})
     # a slow node: all its blobs together are slow
-    assert plan.overtakes(view, fetcher, {}, 50 * MB, cluster_intake=10 * MB,
-                          fetcher_intake=6 * MB)
+    assert plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "x": 4 * MB})
 
 
 async def test_an_upstream_fetch_about_to_end_leaves_the_intake() -> None:
