@@ -12,6 +12,7 @@ and ratios taken within each run (what goes into docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -42,14 +43,18 @@ ROWS = {"direct": "direct from the fake Hub + CDN (baseline)",
         "nginx": "nginx serving the same file (baseline)"}
 
 
-def timed_get(url: str) -> tuple[float, str]:
-    """Seconds to read the whole body, and its sha256 (the reader hashes, like a client)."""
+def timed_get(url: str) -> tuple[float, float, str]:
+    """(seconds to the first body byte, seconds to the last, sha256) of a GET; the reader
+    hashes, like a client."""
     h = hashlib.sha256()
     started = time.perf_counter()
     with urllib.request.urlopen(url, timeout=600) as resp:
-        while data := resp.read(BLOCK):
+        data = resp.read(1)
+        first = time.perf_counter() - started
+        while data:
             h.update(data)
-    return time.perf_counter() - started, h.hexdigest()
+            data = resp.read(BLOCK)
+    return first, time.perf_counter() - started, h.hexdigest()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,11 +66,11 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(int(c)) for c in children)
 
 
-def timed_get_cpu(url: str, pid: int) -> tuple[float, str, float]:
+def timed_get_cpu(url: str, pid: int) -> tuple[float, float, str, float]:
     """timed_get, and the CPU seconds process `pid` spent meanwhile."""
     before = cpu_seconds(pid)
-    seconds, digest = timed_get(url)
-    return seconds, digest, cpu_seconds(pid) - before
+    first, seconds, digest = timed_get(url)
+    return first, seconds, digest, cpu_seconds(pid) - before
 
 
 def nginx_running(server: str, work: Path, prefix_cmd: list[str] | None = None,
@@ -126,35 +131,51 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def one_run(hub: FakeHub, work: Path, times: dict[str, list[float]],
-            cpu: dict[str, list[float]], old_code: str | None, old_first: bool = False) -> str:
+def _per_row() -> dict[str, list[float]]:
+    return {k: [] for k in ROWS}
+
+
+@dataclasses.dataclass
+class Measures:
+    """Per row of ROWS, each run's seconds to the last byte, to the first, and server CPU."""
+    times: dict[str, list[float]] = dataclasses.field(default_factory=_per_row)
+    first: dict[str, list[float]] = dataclasses.field(default_factory=_per_row)
+    cpu: dict[str, list[float]] = dataclasses.field(default_factory=_per_row)
+
+    def add(self, kind: str, first: float, seconds: float, cpu: float | None = None) -> None:
+        self.first[kind].append(first)
+        self.times[kind].append(seconds)
+        if cpu is not None:
+            self.cpu[kind].append(cpu)
+
+
+def one_run(hub: FakeHub, work: Path, m: Measures, old_code: str | None,
+            old_first: bool = False) -> str:
     """Direct, nginx proxy_cache cold, modelpeerd cold and hit, in that order, with the old
     code's cold and hit after modelpeerd's (before them if old_first); the digest."""
-    t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
-    times["direct"].append(t)
+    first, t, digest = timed_get(f"{hub.url}/{REPO}/resolve/main/{FILE}")
+    m.add("direct", first, t)
     if shutil.which("nginx"):
         location = cdn_location(f"{hub.url}/{REPO}/resolve/main/{FILE}")
         path = location[location.index("/repos/"):]
         proc, url = nginx_caching(hub.cdn_url, work / "nginx-cache")
         try:
-            t, got, c = timed_get_cpu(url + path, proc.pid)
+            first, t, got, c = timed_get_cpu(url + path, proc.pid)
         finally:
             stop(proc)
             shutil.rmtree(work / "nginx-cache", ignore_errors=True)
         assert got == digest, "nginx proxy_cache answered other bytes"
-        times["nginx_cold"].append(t)
-        cpu["nginx_cold"].append(c)
+        m.add("nginx_cold", first, t, c)
     daemons: list[tuple[str, dict[str, str]]] = [("", {})]
     if old_code is not None:
         daemons.insert(0 if old_first else 1, ("old_", {"PYTHONPATH": old_code}))
     for prefix, env in daemons:
-        daemon_cold_and_hit(hub, work, digest, prefix, env, times, cpu)
+        daemon_cold_and_hit(hub, work, digest, prefix, env, m)
     return digest
 
 
 def daemon_cold_and_hit(hub: FakeHub, work: Path, digest: str, prefix: str,
-                        env: dict[str, str], times: dict[str, list[float]],
-                        cpu: dict[str, list[float]]) -> None:
+                        env: dict[str, str], m: Measures) -> None:
     """A fresh daemon (with that environment): the file cold, then again (a cache hit)."""
     d = Modelpeerd(work / "cache", hub.url, env=env)
     d.extra = ["--log-level", "warning"]
@@ -162,10 +183,10 @@ def daemon_cold_and_hit(hub: FakeHub, work: Path, digest: str, prefix: str,
     try:
         assert d.proc is not None
         for kind in (prefix + "cold", prefix + "hit"):
-            t, got, c = timed_get_cpu(f"{d.url}/{REPO}/resolve/main/{FILE}", d.proc.pid)
+            first, t, got, c = timed_get_cpu(f"{d.url}/{REPO}/resolve/main/{FILE}",
+                                             d.proc.pid)
             assert got == digest, f"{kind} download through the proxy differs"
-            times[kind].append(t)
-            cpu[kind].append(c)
+            m.add(kind, first, t, c)
     finally:
         d.stop()
         shutil.rmtree(work / "cache", ignore_errors=True)
@@ -184,11 +205,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     hub = FakeHub(work / "hub", big_size=size)
     hub.start()
-    times: dict[str, list[float]] = {k: [] for k in ROWS}
-    cpu: dict[str, list[float]] = {k: [] for k in ROWS}
+    m = Measures()
     try:
         for run in range(args.runs):  # the old code first in every other run
-            digest = one_run(hub, work, times, cpu, args.old_code, old_first=run % 2 == 1)
+            digest = one_run(hub, work, m, args.old_code, old_first=run % 2 == 1)
         if shutil.which("nginx"):
             www = work / "www"
             www.mkdir()
@@ -196,45 +216,51 @@ def main() -> None:
             proc, url = nginx_serving(www, work / "nginx")
             try:
                 for _ in range(args.runs):
-                    t, got, c = timed_get_cpu(f"{url}/{FILE}", proc.pid)
+                    first, t, got, c = timed_get_cpu(f"{url}/{FILE}", proc.pid)
                     assert got == digest
-                    times["nginx"].append(t)
-                    cpu["nginx"].append(c)
+                    m.add("nginx", first, t, c)
             finally:
                 stop(proc)
     finally:
         hub.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report(size, times, cpu)
+    report(size, m)
 
 
 def _big_file(root: Path, size: int) -> Path:
     return next(p for p in root.rglob("*") if p.is_file() and p.stat().st_size == size)
 
 
-def report(size: int, times: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+def report(size: int, m: Measures) -> None:
     gib = size / 2**30
+    times, cpu = m.times, m.cpu
     print(f"\n{gib:.2f} GiB file, {len(times['cold'])} runs, loopback; worst run, then median "
           "and all runs\n")
-    print("| what | worst s | MB/s (worst) | median s | runs s | server CPU s/GiB (worst) "
-          "| server CPU s/GiB, runs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| what | worst s | MB/s (worst) | median s | runs s | first byte ms, runs "
+          "| server CPU s/GiB (worst) | server CPU s/GiB, runs |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, label in ROWS.items():
         if times[k]:
             runs = " ".join(f"{t:.2f}" for t in times[k])
+            first = " ".join(f"{t * 1000:.0f}" for t in m.first[k])
             cpu_worst = f"{max(cpu[k]) / gib:.2f}" if cpu[k] else ""
             cpu_runs = " ".join(f"{c / gib:.2f}" for c in cpu[k])
             print(f"| {label} | {max(times[k]):.2f} | {size / 1e6 / max(times[k]):.0f} | "
-                  f"{statistics.median(times[k]):.2f} | {runs} | {cpu_worst} | {cpu_runs} |")
-    print("\n| ratio of times, within each run | worst | runs |\n|---|---|---|")
-    for a, b, label in (("cold", "direct", "cold through modelpeerd / direct"),
-                        ("cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),
-                        ("hit", "nginx", "cache hit / nginx serving"),
-                        ("cold", "old_cold", "cold through modelpeerd / the same, old code"),
-                        ("hit", "old_hit", "cache hit / the same, old code")):
-        if times[a] and times[b]:
-            ratios = [x / y for x, y in zip(times[a], times[b], strict=False)]
-            print(f"| {label} | {max(ratios):.2f} | {' '.join(f'{r:.2f}' for r in ratios)} |")
+                  f"{statistics.median(times[k]):.2f} | {runs} | {first} | {cpu_worst} "
+                  f"| {cpu_runs} |")
+    print("\n| ratio within each run | worst | median | runs |\n|---|---|---|---|")
+    for what, a, b, label in (
+            (times, "cold", "direct", "cold through modelpeerd / direct"),
+            (times, "cold", "nginx_cold", "cold through modelpeerd / nginx proxy_cache cold"),
+            (times, "hit", "nginx", "cache hit / nginx serving"),
+            (times, "cold", "old_cold", "cold through modelpeerd / the same, old code"),
+            (m.first, "cold", "old_cold", "cold, first byte / the same, old code"),
+            (cpu, "cold", "old_cold", "cold, daemon CPU / the same, old code"),
+            (times, "hit", "old_hit", "cache hit / the same, old code")):
+        if what[a] and what[b]:
+            ratios = [x / y for x, y in zip(what[a], what[b], strict=False)]
+            print(f"| {label} | {max(ratios):.2f} | {statistics.median(ratios):.2f} | "
+                  f"{' '.join(f'{r:.2f}' for r in ratios)} |")
 
 
 if __name__ == "__main__":

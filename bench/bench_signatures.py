@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import hashlib
 import os
 import shutil
 import statistics
@@ -19,12 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_proxy import cpu_seconds  # noqa: E402
+from bench.bench_proxy import cpu_seconds, timed_get  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
 from modelpeer.daemon.signatures import parse_rule, verified_manifest  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
@@ -52,19 +50,6 @@ def signed_repo(hub: FakeHub, size: int, work: Path) -> tuple[Path, bytes, str]:
     hub.add_repo(REPO, {**files, "model.sig": {"content_b64": base64.b64encode(sig).decode(),
                                                "lfs": False}}, timeout=600)
     return public, sig, big.with_name(big.name + ".sha256").read_text().strip()
-
-
-def timed_get(url: str) -> tuple[float, float, str]:
-    """(seconds to the first byte, seconds to the last, sha256) of a GET, hashed like a client."""
-    h = hashlib.sha256()
-    started = time.perf_counter()
-    with urllib.request.urlopen(url, timeout=600) as resp:
-        data = resp.read(1)
-        first = time.perf_counter() - started
-        while data:
-            h.update(data)
-            data = resp.read(1024**2)
-    return first, time.perf_counter() - started, h.hexdigest()
 
 
 def cold_download(hub: FakeHub, cache: Path, extra: list[str],
