@@ -66,7 +66,8 @@ class Plan:
         self.measured: dict[str, float] = {}  # what each source delivered to this node, B/s
         self.probed = False  # this transfer measured the upstream already
         self.handed_over = False  # this node left the upstream to a faster fetcher of the blob
-        self._progress: dict[str, tuple[int, float]] = {}  # node -> (available, seen since)
+        # node -> (its source, available, seen since): what it sat at, since when
+        self._progress: dict[str, tuple[TransferSource, int, float]] = {}
 
     def rank(self, node: str) -> str:
         return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
@@ -251,12 +252,14 @@ class Plan:
         return max(t.rate, self.measured.get(source, 0.0))
 
     def _stuck(self, node: str, t: PeerTransfer) -> bool:
+        """Whether the node's prefix sat still for the stall window as the source it has now
+        (a follower that waited and then went to the upstream is not stuck at once)."""
         now = self._clock()
         seen = self._progress.get(node)
-        if seen is None or seen[0] != t.available:
-            self._progress[node] = (t.available, now)
+        if seen is None or seen[:2] != (t.source, t.available):
+            self._progress[node] = (t.source, t.available, now)
             return False
-        return now - seen[1] >= STALL_WINDOW
+        return now - seen[2] >= STALL_WINDOW
 
 
 def _best_upstream_rate(upstream_rates: Mapping[str, float], own_upstream_rate: float,

@@ -318,3 +318,15 @@ def test_an_upstream_fetcher_behind_this_node_feeds_it_only_when_nobody_has_byte
     view = {slow: t(UP, 4 * MB, 2 * MB), other: t(PEER, 30 * MB, 2 * MB)}
     assert plan.decide(view, 6 * MB) == Relay(other)
     assert plan.decide({slow: t(UP, 4 * MB, 2 * MB)}, 6 * MB) == Relay(slow)
+
+
+def test_a_follower_that_goes_to_the_upstream_is_not_stuck_for_its_wait() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    clock = Clock()
+    plan = Plan(first, "d" * 64, clock)
+    # it waited on a peer at 5 KB for the stall window, then went to the upstream
+    assert plan.delivered(fetcher, {fetcher: t(PEER, 5000, 0)}) is None
+    clock.now += STALL_WINDOW
+    assert plan.delivered(fetcher, {fetcher: t(UP, 5000, 0)}) is None  # young, not stuck
+    clock.now += STALL_WINDOW
+    assert plan.delivered(fetcher, {fetcher: t(UP, 5000, 0)}) == 0.0  # now it is
