@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from modelpeer.daemon.lan.peerfetch import nearly_done
 from modelpeer.daemon.lan.plan import (
     DROP_FOR,
     OVERTAKE_SPREAD,
@@ -330,3 +331,12 @@ def test_a_follower_that_goes_to_the_upstream_is_not_stuck_for_its_wait() -> Non
     assert plan.delivered(fetcher, {fetcher: t(UP, 5000, 0)}) is None  # young, not stuck
     clock.now += STALL_WINDOW
     assert plan.delivered(fetcher, {fetcher: t(UP, 5000, 0)}) == 0.0  # now it is
+
+
+def test_a_relay_about_to_bring_the_last_byte_runs_one_more_period() -> None:
+    clock = Clock()
+    meter = RateMeter(clock)
+    clock.now += 1.0
+    meter.add(20 * MB)  # 20 MB/s over its first second
+    assert nearly_done(20 * MB, meter)  # the rest comes within one more period (1.5 s)
+    assert not nearly_done(40 * MB, meter)
