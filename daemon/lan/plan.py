@@ -93,9 +93,7 @@ class Plan:
         in about a rate window, and at rate 0 nobody relayed from it while it did (they
         stayed on the slow node it overtook and waited for its complete chunks)."""
         presumed = _best_upstream_rate(upstream_rates or {}, own_upstream_rate)
-        now = self._clock()
-        live = {n: t for n, t in transfers.items()
-                if self._dropped.get(n, 0.0) <= now and n != self.node_id}
+        live = {n: t for n, t in transfers.items() if not self.dropped(n) and n != self.node_id}
         chain = self.chain(live)
         ahead = chain[:chain.index(self.node_id)]
         feeders = {n: self._effective_rate(n, t, presumed) for n, t in live.items()
@@ -190,10 +188,9 @@ class Plan:
         settled."""
         if own_rate <= 0:
             return None
-        now = self._clock()
         presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
         rates = {n: self._effective_rate(n, t, presumed) for n, t in transfers.items()
-                 if n != self.node_id and self._dropped.get(n, 0.0) <= now
+                 if n != self.node_id and not self.dropped(n)
                  and t.source == TransferSource.UPSTREAM and t.available > offset
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
         ahead = {n: rate for n, rate in rates.items() if rate >= own_rate}
