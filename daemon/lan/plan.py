@@ -88,15 +88,13 @@ class Plan:
     def decide(self, transfers: Mapping[str, PeerTransfer], offset: int,
                upstream_rates: Mapping[str, float] | None = None,
                own_upstream_rate: float = 0.0) -> Decision:
-        """Where the next bytes come from. An upstream fetcher too young to have a rate is
-        taken to read at the best rate the upstream gave any node: an overtaker reads a blob
-        in about a rate window, and at rate 0 nobody relayed from it while it did (they
-        stayed on the slow node it overtook and waited for its complete chunks)."""
-        presumed = _best_upstream_rate(upstream_rates or {}, own_upstream_rate)
+        """Where the next bytes come from (see _young_rates for nodes without a rate)."""
         live = {n: t for n, t in transfers.items() if not self.dropped(n) and n != self.node_id}
         chain = self.chain(live)
         ahead = chain[:chain.index(self.node_id)]
-        feeders = {n: self._effective_rate(n, t, presumed) for n, t in live.items()
+        rates = self._young_rates(live, chain, _best_upstream_rate(upstream_rates or {},
+                                                                   own_upstream_rate))
+        feeders = {n: rates[n] for n, t in live.items()
                    if t.source == TransferSource.UPSTREAM or t.available > offset
                    or (n in ahead and t.available >= offset)}
         if any(live[n].available > offset for n in feeders):
@@ -118,8 +116,24 @@ class Plan:
             return True
         return False
 
+    def _young_rates(self, live: Mapping[str, PeerTransfer], chain: list[str],
+                     presumed: float) -> dict[str, float]:
+        """What each node gives, in chain order. One too young to have a rate counts, as an
+        upstream fetcher, at the best rate the upstream gave any node (`presumed`: an
+        overtaker reads a blob in about a rate window, and at rate 0 nobody relayed from it
+        while it did; they stayed on the slow node it overtook), and as a relaying node at
+        what its feeder gives (at `presumed` before, so the nodes starting together still
+        make a chain rather than all relaying from the fetcher)."""
+        rates: dict[str, float] = {}
+        for n in chain:
+            if (t := live.get(n)) is not None:
+                young = (rates.get(t.feeder, presumed) if t.source != TransferSource.UPSTREAM
+                         else presumed)
+                rates[n] = self._effective_rate(n, t, young)
+        return rates
+
     def _effective_rate(self, node: str, t: PeerTransfer, presumed: float = 0.0) -> float:
-        rate = t.rate if t.rate > 0 or t.source != TransferSource.UPSTREAM else presumed
+        rate = t.rate if t.rate > 0 else presumed
         measured = self.measured.get(node)
         return rate if measured is None else min(rate, measured)
 

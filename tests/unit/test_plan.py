@@ -340,3 +340,11 @@ def test_a_relay_about_to_bring_the_last_byte_runs_one_more_period() -> None:
     meter.add(20 * MB)  # 20 MB/s over its first second
     assert nearly_done(20 * MB, meter)  # the rest comes within one more period (1.5 s)
     assert not nearly_done(40 * MB, meter)
+
+
+def test_nodes_starting_together_make_a_chain_when_the_upstream_rate_is_known() -> None:
+    fetcher, follower, me = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    # everyone too young for a rate: the follower counts at what its feeder gives
+    view = {fetcher: t(UP, 2 * MB, 0), follower: t(PEER, 2 * MB, 0, fetcher)}
+    assert plan.decide(view, 0, {"x": 50 * MB}) == Relay(follower)
