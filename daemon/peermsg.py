@@ -95,12 +95,15 @@ class PeerTransfer:
     available: int  # bytes of the blob's prefix it can serve
     rate: float  # bytes/s its prefix grows by (0 until it has been measured a while)
     feeder: str = ""  # the node it relays from now ("" for none)
+    # bytes/s arriving from its source, in order or not (an upstream fetcher's segments; 0:
+    # not measured, or a node that does not say)
+    received: float = 0.0
 
 
 def transfer_fields(state: PeerTransfer) -> dict[str, object]:
     """A transfer as peers send it (read back by _peer_transfer)."""
     return {"transfer": state.source.value, "available": state.available,
-            "rate": round(state.rate), "feeder": state.feeder}
+            "rate": round(state.rate), "feeder": state.feeder, "received": round(state.received)}
 
 
 def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
@@ -110,7 +113,8 @@ def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
     feeder = _text(d, "feeder", "")
     if feeder and not NODE_ID_RE.fullmatch(feeder):
         raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
-    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder)
+    return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder,
+                        float(_count(d, "received", 0)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,7 +87,8 @@ class Transfer:
         self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
         self.feeder = ""  # the node relaying the blob to this one now, if any
         self.probing = False  # reading a few MiB from the upstream to measure it
-        self.meter = RateMeter()  # what the current source gives: see received() and advance()
+        self.meter = RateMeter()  # how fast the prefix grows: what this node can relay
+        self.intake = RateMeter()  # bytes arriving from the current source: see received()
         self._sources: list[tuple[int, TransferSource]] = [(0, TransferSource.STORE)]
         self.readers = 0
         self._event = asyncio.Event()
@@ -119,15 +120,15 @@ class Transfer:
         upstream fetcher at the waiting rate (peers took such a fetcher for a slow one)."""
         if self._sources[-1][1] != source:
             self._sources.append((offset, source))
-            self.meter = RateMeter()
+            self.meter, self.intake = RateMeter(), RateMeter()
 
     def received(self, n: int) -> None:
         """n bytes of the blob came from the upstream, in order or not: an upstream read's
-        rate counts what arrives over all its connections, not how far the prefix moved (with
-        several segments at once the prefix moves at a fraction of that until the first
-        segment is complete, and a fetcher looked four times slower than it was)."""
+        intake counts what arrives over all its connections, not how far the prefix moved
+        (with several segments at once the prefix moves at a fraction of that until the
+        first segment is complete, and a fetcher looked four times slower than it was)."""
         self.bytes_upstream += n
-        self.meter.add(n)
+        self.intake.add(n)
 
     @property
     def source(self) -> TransferSource:
@@ -138,8 +139,9 @@ class Transfer:
                     TransferSource.STORE)
 
     def advance(self, available: int) -> None:
-        if self.source != TransferSource.UPSTREAM:  # upstream bytes count as received()
-            self.meter.add(available - self.available)
+        self.meter.add(available - self.available)
+        if self.source != TransferSource.UPSTREAM:  # upstream bytes count in received()
+            self.intake.add(available - self.available)
         self.available = available
         self._wake()
 

@@ -136,7 +136,7 @@ class PeerFetch:
                 log.info("%s: peers hold the rest complete (from byte %d); getting it from "
                          "them, not from the upstream", transfer.label, writer.offset)
                 return
-            own = transfer.meter.settled_rate
+            own = transfer.intake.settled_rate
             node = plan.hand_over_to(held.transfers, own, writer.offset, held.upstream_rates,
                                      self._upstream_rate())
             if node is not None:

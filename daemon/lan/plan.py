@@ -129,11 +129,11 @@ class Plan:
             if (t := live.get(n)) is not None:
                 young = (rates.get(t.feeder, presumed) if t.source != TransferSource.UPSTREAM
                          else presumed)
-                rates[n] = self._effective_rate(n, t, young)
+                rates[n] = self._effective_rate(n, t.rate, young)
         return rates
 
-    def _effective_rate(self, node: str, t: PeerTransfer, presumed: float = 0.0) -> float:
-        rate = t.rate if t.rate > 0 else presumed
+    def _effective_rate(self, node: str, rate: float, presumed: float = 0.0) -> float:
+        rate = rate if rate > 0 else presumed
         measured = self.measured.get(node)
         return rate if measured is None else min(rate, measured)
 
@@ -203,7 +203,7 @@ class Plan:
         if own_rate <= 0:
             return None
         presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
-        rates = {n: self._effective_rate(n, t, presumed) for n, t in transfers.items()
+        rates = {n: self._effective_rate(n, _pace(t), presumed) for n, t in transfers.items()
                  if n != self.node_id and not self.dropped(n)
                  and t.source == TransferSource.UPSTREAM and t.available > offset
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
@@ -226,8 +226,8 @@ class Plan:
         gives (as far as anyone measured it); a source whose rate has not settled is not."""
         t = transfers.get(node)
         known = _best_upstream_rate(upstream_rates, own_upstream_rate)
-        return (t is not None and t.rate > 0
-                and self._effective_rate(node, t) < SLOW_SOURCE * known)
+        return (t is not None and _pace(t) > 0
+                and self._effective_rate(node, _pace(t)) < SLOW_SOURCE * known)
 
     def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
         """Whether this node is the one to probe or overtake the upstream fetcher `source` and
@@ -258,9 +258,9 @@ class Plan:
         t = transfers.get(source)
         if t is None:
             return None
-        if t.rate <= 0:  # young, or stuck: a source seen at one byte for the stall window
+        if _pace(t) <= 0:  # young, or stuck: a source seen at one byte for the stall window
             return 0.0 if self._stuck(source, t) else None
-        return max(t.rate, self.measured.get(source, 0.0))
+        return max(_pace(t), self.measured.get(source, 0.0))
 
     def _stuck(self, node: str, t: PeerTransfer) -> bool:
         """Whether the node's prefix sat still for the stall window as the source it has now
@@ -271,6 +271,14 @@ class Plan:
             self._progress[node] = (t.source, t.available, now)
             return False
         return now - seen[2] >= STALL_WINDOW
+
+
+def _pace(t: PeerTransfer) -> float:
+    """How fast a node gets the blob: for an upstream fetcher, the bytes arriving over all its
+    connections (its prefix, what it can relay, moves in jumps as its segments complete); for
+    a relaying node, its prefix. Feeders are compared by their prefixes (decide), fetchers
+    judged by their pace (overtakes, hand-overs, slow)."""
+    return max(t.rate, t.received) if t.source == TransferSource.UPSTREAM else t.rate
 
 
 def _best_upstream_rate(upstream_rates: Mapping[str, float], own_upstream_rate: float,
@@ -320,13 +328,14 @@ def peer_view(t: Transfer) -> PeerTransfer:
     """This node's transfer of a blob as its peers see it: a node probing the upstream is not
     an upstream fetcher to them."""
     source = TransferSource.PEER if t.probing else t.source
-    return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder)
+    return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder,
+                        t.intake.settled_rate)
 
 
 def upstream_reading(transfers: Iterable[Transfer]) -> float:
     """What this node reads from the upstream now, all blobs and probes together, bytes/s:
     at least what the upstream gives it (upstream_intake leaves out what ends soon)."""
-    return sum(t.meter.rate for t in transfers if t.source == TransferSource.UPSTREAM)
+    return sum(t.intake.rate for t in transfers if t.source == TransferSource.UPSTREAM)
 
 
 def upstream_intake(transfers: Iterable[Transfer]) -> float:
@@ -338,7 +347,7 @@ def upstream_intake(transfers: Iterable[Transfer]) -> float:
     as much as an older one."""
     return sum(rate for t in transfers
                if t.source == TransferSource.UPSTREAM and not t.probing
-               and (rate := t.meter.rate) > 0
+               and (rate := t.intake.rate) > 0
                and t.blob.size - t.available > ENDING_SOON * rate)
 
 

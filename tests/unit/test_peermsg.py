@@ -27,7 +27,7 @@ D = "a" * 64
 NODE = "0123456789abcdef" * 2
 GOOD_FILE = {"path": "model.bin", "digest": D, "algo": "sha256", "size": 10, "lfs": True}
 GOOD_TRANSFER = {"digest": D, "label": "acme/tts/model.bin", "size": 10, "transfer": "peer",
-                 "available": 4, "rate": 2, "feeder": NODE}
+                 "available": 4, "rate": 2, "feeder": NODE, "received": 3}
 GOOD_SPEC = {"id": "0123456789ab", "repo_type": "model", "repo_id": "acme/tts",
              "revision": "main", "commit": "c" * 40, "sealed_token": None, "files": [GOOD_FILE]}
 
@@ -42,10 +42,13 @@ def test_good_messages_parse() -> None:
     assert t.to_json() == GOOD_TRANSFER
     m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
                          "small": False, "transfer": "upstream", "available": 5, "rate": 7,
-                         "upstream_rate": 9, "upstream_intake": 11}, D, 4)
+                         "received": 8, "upstream_rate": 9, "upstream_intake": 11}, D, 4)
     assert m.chunks[0].index == 1 and m.transfer is not None
-    assert (m.transfer.source, m.transfer.available, m.transfer.rate) == (
-        TransferSource.UPSTREAM, 5, 7)
+    assert (m.transfer.source, m.transfer.available, m.transfer.rate, m.transfer.received) == (
+        TransferSource.UPSTREAM, 5, 7, 8)
+    # a node that does not say what it receives
+    old = parse_chunk_map({"digest": D, "transfer": "upstream", "rate": 7}, D, 4).transfer
+    assert old is not None and old.received == 0
     assert (m.upstream_rate, m.upstream_intake) == (9, 11)
     for bad in (-1, "fast", 2**80, True):
         with pytest.raises(BadMessage):

@@ -348,3 +348,13 @@ def test_nodes_starting_together_make_a_chain_when_the_upstream_rate_is_known() 
     # everyone too young for a rate: the follower counts at what its feeder gives
     view = {fetcher: t(UP, 2 * MB, 0), follower: t(PEER, 2 * MB, 0, fetcher)}
     assert plan.decide(view, 0, {"x": 50 * MB}) == Relay(follower)
+
+
+def test_feeders_are_compared_by_their_prefixes_fetchers_judged_by_what_arrives() -> None:
+    fetcher, follower, me = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    # 40 MB/s arrive over the fetcher's segments, its prefix grows at 10, the follower's too
+    view = {fetcher: PeerTransfer(UP, 20 * MB, 10 * MB, "", 40 * MB),
+            follower: t(PEER, 15 * MB, 10 * MB, fetcher)}
+    assert plan.decide(view, 10 * MB) == Relay(follower)  # a chain, not all on the fetcher
+    assert plan.delivered(fetcher, view) == 40 * MB

@@ -92,12 +92,14 @@ async def test_an_upstream_read_is_measured_by_what_arrives_from_when_it_began()
     t = Transfer(blob, "acme/model:w.bin")
     t.mark_source(0, TransferSource.PEER)
     t.advance(MiB)  # a relay brought 1 MiB
-    assert t.meter.rate > 0
+    assert t.meter.rate > 0 and t.intake.rate == t.meter.rate  # a relay: both the prefix
     t.mark_source(MiB, TransferSource.UPSTREAM)
-    assert t.meter.rate == 0 and t.meter.age < 1  # a new source is measured anew
+    assert t.intake.rate == t.meter.rate == 0  # a new source is measured anew
+    assert t.intake.age < 1
     # four segments at once: 4 MiB arrived, none of it in order yet
     t.received(4 * MiB)
     assert t.available == MiB and t.bytes_upstream == 4 * MiB
-    assert t.meter.rate == 16 * MiB  # 4 MiB in the meter's shortest span, 0.25 s
-    t.advance(5 * MiB)  # the first segment is committed: the prefix moves, the rate does not
-    assert t.meter.rate == 16 * MiB
+    assert t.intake.rate == 16 * MiB  # 4 MiB in the meter's shortest span, 0.25 s
+    assert t.meter.rate == 0  # nothing to relay yet
+    t.advance(5 * MiB)  # the first segment is committed: the prefix moves, the intake does not
+    assert t.intake.rate == 16 * MiB and t.meter.rate == 16 * MiB
