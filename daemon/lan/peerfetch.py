@@ -74,7 +74,8 @@ class PeerFetch:
                 break
             decision = plan.decide(held.transfers, writer.offset, held.upstream_rates,
                                    self._upstream_rate())
-            overtake = isinstance(decision, Relay) and self._overtakes(plan, held, decision.node)
+            overtake = isinstance(decision, Relay) and self._overtakes(plan, held, decision.node,
+                                                                       blob)
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
             chunks = (_without(held.chunks, decision.node)
@@ -163,11 +164,17 @@ class PeerFetch:
         a round apart) do not both go to the upstream; the later one sees the earlier one
         fetching and relays from it."""
         await asyncio.sleep(plan.overtake_pause())
-        return self._overtakes(plan, await self.sharing.holders(transfer.blob), node)
+        return self._overtakes(plan, await self.sharing.holders(transfer.blob), node,
+                               transfer.blob)
 
-    def _overtakes(self, plan: Plan, held: Holders, node: str) -> bool:
+    def _overtakes(self, plan: Plan, held: Holders, node: str, blob: BlobId) -> bool:
         """plan.overtakes with this round's news; what the cluster reads from the upstream
-        now is this node's upstream fetches and what each peer said with its chunk map."""
+        now is this node's upstream fetches and what each peer said with its chunk map. Never
+        for the last RACED_BLOB bytes of a blob: reading them twice costs more than waiting
+        (a 3 MiB file beside a large one, judged after 1 s, was fetched twice)."""
+        fetcher = held.transfers.get(node)
+        if fetcher is None or blob.size - fetcher.available < RACED_BLOB:
+            return False
         intakes = {**held.upstream_intakes,
                    plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
