@@ -18,7 +18,7 @@ from ..store import BlobId, BlobWriter, Store
 from ..transfer import RATE_SETTLES, Origin, RateMeter, Transfer, TransferSource
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer
-from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, upstream_intake, upstream_reading
+from .plan import STALL_WINDOW, GoUpstream, Plan, Relay, own_upstream_rate, upstream_intake
 from .relay import Relay as RelayApi
 from .sharing import Holders, Sharing
 
@@ -48,8 +48,7 @@ class PeerFetch:
     def _upstream_rate(self) -> float:
         """What the upstream gives this node: measured lately, or at least what this node
         reads from it now (a node reading the upstream well does not probe it)."""
-        return max(self.upstream.rate(),
-                   upstream_reading(self.sharing.transfers.running.values()))
+        return own_upstream_rate(self.upstream.rate(), self.sharing.transfers.running.values())
 
     def _plan(self, transfer: Transfer) -> Plan:
         if (plan := self._plans.get(transfer)) is None:

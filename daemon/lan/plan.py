@@ -332,10 +332,13 @@ def peer_view(t: Transfer) -> PeerTransfer:
                         t.intake.settled_rate)
 
 
-def upstream_reading(transfers: Iterable[Transfer]) -> float:
-    """What this node reads from the upstream now, all blobs and probes together, bytes/s:
-    at least what the upstream gives it (upstream_intake leaves out what ends soon)."""
-    return sum(t.intake.rate for t in transfers if t.source == TransferSource.UPSTREAM)
+def own_upstream_rate(measured: float, transfers: Iterable[Transfer]) -> float:
+    """What the upstream gives this node: what it measured lately (UpstreamFetch.rate), or
+    at least what it reads from the upstream now, all blobs and probes together (a node
+    reading it well tells as much as a probe would; without, each node relaying from a
+    fetcher probed: 4 MiB more each). upstream_intake leaves out what ends soon."""
+    return max(measured, sum(t.intake.rate for t in transfers
+                             if t.source == TransferSource.UPSTREAM))
 
 
 def upstream_intake(transfers: Iterable[Transfer]) -> float:

@@ -27,7 +27,7 @@ from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
-from .plan import blob_transfers, peer_view, upstream_intake, upstream_reading
+from .plan import blob_transfers, own_upstream_rate, peer_view, upstream_intake
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,8 @@ class Sharing:
         transfer = {} if running is None else transfer_fields(peer_view(running))
         every = self.transfers.running.values()
         return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  # at least what it reads from the upstream now: a node
-                                  # reading it well tells the others as much as a probe would
-                                  # (without, each node relaying from a fetcher probed: 4 MiB
-                                  # more each)
-                                  "upstream_rate": round(max(self.upstream.rate(),
-                                                             upstream_reading(every))),
+                                  "upstream_rate": round(own_upstream_rate(
+                                      self.upstream.rate(), every)),
                                   "upstream_intake": round(upstream_intake(every)),
                                   **transfer})
 
