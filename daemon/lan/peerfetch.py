@@ -90,7 +90,10 @@ class PeerFetch:
                 # the node this one relayed from completed the blob with the rest still to
                 # come here: its stream brings it at the LAN's speed, a torrent per chunk took
                 # about a second for the last 30 MB in the 4-node bench
+                before = writer.offset
                 await self._relay_from(transfer, writer, plan, held.transfers, tail, math.inf)
+                if writer.offset == before:  # it sent nothing: its chunks go over BitTorrent
+                    plan.drop(tail.node_id)
             elif run:
                 # complete chunks somewhere beat the upstream, and a feeder that waits for its
                 # own bytes or is slow: BitTorrent from their holders (if that breaks, the
