@@ -77,7 +77,7 @@ class PeerFetch:
                                                                        blob)
             log.debug("%s at byte %d: %s%s (peers: %s)", transfer.label, writer.offset, decision,
                       ", overtaking it" if overtake else "", held.transfers)
-            chunks = (_without(held.chunks, decision.node)
+            chunks = (_holders(held.chunks, decision.node, its_own=False)
                       if overtake and isinstance(decision, Relay) else held.chunks)
             run = self._held_run(blob, writer.offset, chunks)
             relay = decision.node if isinstance(decision, Relay) and not overtake else ""
@@ -295,10 +295,8 @@ class PeerFetch:
         if (peer is None or plan.dropped(peer.node_id)
                 or transfer.blob.size - writer.offset > TAIL_RELAYED):
             return None
-        rest = range(writer.offset // self.store.chunk_size, len(self.store.chunks(transfer.blob)))
-        held = {i for i, holders in chunks.items()
-                if any(p.node_id == peer.node_id for p, _ in holders)}
-        return peer if all(i in held for i in rest) else None
+        its_own = _holders(chunks, peer.node_id, its_own=True)
+        return peer if self._held_to_the_end(transfer.blob, writer.offset, its_own) else None
 
     def _held_to_the_end(self, blob: BlobId, offset: int,
                          chunks: dict[int, list[tuple[Peer, str]]]) -> bool:
@@ -351,9 +349,10 @@ async def _write(transfer: Transfer, writer: BlobWriter, data: memoryview) -> No
         transfer.advance(writer.offset)
 
 
-def _without(chunks: dict[int, list[tuple[Peer, str]]],
-             node: str) -> dict[int, list[tuple[Peer, str]]]:
-    """Who holds which chunk, leaving out one node (an upstream fetcher being overtaken)."""
-    left = {i: [(p, ih) for p, ih in holders if p.node_id != node]
+def _holders(chunks: dict[int, list[tuple[Peer, str]]], node: str, *,
+             its_own: bool) -> dict[int, list[tuple[Peer, str]]]:
+    """Who holds which chunk: only `node` (its_own: the feeder that completed the blob), or
+    all but `node` (an upstream fetcher being overtaken)."""
+    left = {i: [(p, ih) for p, ih in holders if (p.node_id == node) == its_own]
             for i, holders in chunks.items()}
     return {i: holders for i, holders in left.items() if holders}
