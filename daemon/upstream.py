@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Protocol, TypeVar
 
 import aiohttp
@@ -146,7 +146,7 @@ class Upstream:
         return url.origin() not in self._ignore_range
 
     async def read_range(self, url: URL, start: int, end: int, *,
-                         token: str | None = None) -> AsyncIterator[bytes | memoryview]:
+                         token: str | None = None) -> AsyncGenerator[bytes | memoryview, None]:
         """GET bytes [start, end) of url, following redirects (token only to Hub origins).
         Fails unless the server answers exactly that range; RangeIgnored (and the origin is
         remembered) when it ignores Range.

@@ -193,6 +193,8 @@ class PeerFetch:
                 and not plan.probed and not self.upstream.probing
                 and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
+            # the others relaying from `node` see this one behind it: only one of them probes
+            transfer.feeder = node
             await self.upstream.probe(transfer, writer, origin)
         else:
             await self._relay_from(transfer, writer, plan, held.transfers, peer,

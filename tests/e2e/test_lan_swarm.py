@@ -10,6 +10,7 @@ import signal
 
 import pytest
 
+from modelpeer.daemon.upstreamfetch import PROBE_MAX_BYTES
 from tests.fakehub import file_sha256
 from tests.harness import MiB, transferring, wait_for
 from tests.netlab import Cluster
@@ -50,6 +51,14 @@ def sent_to_peers(cluster: Cluster, host: str) -> int:
     return sum(int(p["bytes_to"]) for p in cluster.peers(host))
 
 
+def story(cluster: Cluster, repo: str) -> str:
+    """What each node logged about the repo, but debug lines: for a failure's message (a
+    timing-dependent failure in CI leaves nothing else to go by)."""
+    return "\n".join(f"{h} {line[11:]}" for h in HOSTS
+                     for line in cluster.nodes[h].logged().splitlines()
+                     if repo in line and " DEBUG " not in line)
+
+
 @pytest.mark.parametrize("cluster", ["400mbit"], indirect=True)
 def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: Cluster) -> None:
     start_every_host(cluster)
@@ -65,13 +74,14 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
     assert not slow_pull.done(), "the fast nodes waited for the slow one"
     sent = {h: sent_to_peers(cluster, h) for h in HOSTS}
     # it fed the others only until its rate told: at 50 Mbit/s, a few seconds' worth
-    assert sent[slow] < size / 2, sent
+    assert sent[slow] < size / 2, f"{sent}\n{story(cluster, repo)}"
     assert slow_pull.result(timeout=120) == digest
     # once overtaken, the slow node stopped reading the upstream and took the rest from the
     # overtaker: the blob once, what the slow node read before (a few seconds at 50 Mbit/s),
-    # and at most one 4 MiB probe of the upstream per node
-    assert "relaying the rest from it" in cluster.nodes[slow].log()
-    assert cluster.hub.stats()["cdn_bytes"] <= 1.5 * size + len(HOSTS) * 4 * MiB
+    # and one probe of the upstream (only the first node behind the slow one probes)
+    assert "relaying the rest from it" in cluster.nodes[slow].log(), story(cluster, repo)
+    cdn = cluster.hub.stats()["cdn_bytes"]
+    assert cdn <= 1.5 * size + PROBE_MAX_BYTES, f"{cdn / MiB:.0f} MiB\n{story(cluster, repo)}"
 
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
@@ -97,9 +107,9 @@ def test_a_frozen_node_is_left_behind_and_finishes_after_it_thaws(cluster: Clust
     assert "left out until it answers again" in logs or "no byte for" in logs
     # thawed, it takes the rest from the peers that completed the blob, not from the upstream
     # again: the blob once, what it had read ahead before it froze, probes
-    assert "peers hold the rest complete" in cluster.nodes[frozen].log()
+    assert "peers hold the rest complete" in cluster.nodes[frozen].log(), story(cluster, repo)
     cdn = cluster.hub.stats()["cdn_bytes"]
-    assert cdn <= 1.5 * 96 * MiB + len(HOSTS) * 4 * MiB, f"{cdn / MiB:.0f} MiB from the CDN"
+    assert cdn <= 1.5 * 96 * MiB + PROBE_MAX_BYTES, f"{cdn / MiB:.0f} MiB\n{story(cluster, repo)}"
 
 
 @pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
