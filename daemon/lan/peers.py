@@ -11,10 +11,12 @@ fails the check gets 401 and is logged once per source address.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -59,6 +61,12 @@ MAX_REFUSAL = 300  # bytes of a refusal's body read to say why
 HAND_ON_AFTER = 0.05  # seconds a streamed piece waits for more bytes before it is handed on
 MAX_REMEMBERED = 4096  # candidates and refused addresses kept for rate limiting
 BAN_SECONDS = 600.0  # how long a peer that sent wrong bytes is left out
+# a quick question (a chunk map) gets QUICK_MARGIN times the peer's slowest recent answer,
+# within these bounds, before the peer is left out: a frozen node keeps its sockets open
+QUICK_DEADLINE_MIN = 0.75
+QUICK_DEADLINE_MAX = 2.0
+QUICK_MARGIN = 4.0
+QUICK_REMEMBERED = 16  # answers a peer's deadline is taken from
 _NONCE_KEY = web.RequestKey("nonce", str)
 T = TypeVar("T")
 
@@ -195,6 +203,8 @@ class PeerSet:
         self._bodies = httpbody.Pool(timeout=REQUEST_TIMEOUT, user_agent="modelpeer")  # streams
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
+        self._answer_times: dict[str, collections.deque[float]] = {}  # quick answers, s
+        self._waiting: dict[str, set[asyncio.Future[None]]] = {}  # quick questions, by node
         self.changed: Signal[[]] = Signal("peer set changed")
 
     async def start(self) -> None:
@@ -219,12 +229,17 @@ class PeerSet:
 
     def suspect(self, node_id: str, reason: str) -> None:
         """A member too slow to answer (frozen, overloaded) is left out of transfers until it
-        answers a liveness probe again."""
+        answers a liveness probe again, which it is sent at once (one that was only busy for
+        a moment is back within a round trip). The quick questions waiting on it end now."""
         peer = self.peers.get(node_id)
         if peer is not None and not peer.suspect:
             peer.suspect = True
             log.warning("peer %s at %s left out until it answers again: %s", node_id,
                         peer.address, reason)
+            for waiting in self._waiting.get(node_id, ()):
+                if not waiting.done():
+                    waiting.set_result(None)
+            self._spawn(self._check_alive(peer))
 
     def by_address(self, address: str) -> Peer | None:
         return next((p for p in self.peers.values() if p.address == address), None)
@@ -422,6 +437,41 @@ class PeerSet:
         data = await self.request(peer, method, path, body)
         return _parsed(peer, path, parse, data)
 
+    async def quick_json(self, peer: Peer, path: str, parse: Callable[[object], T],
+                         what: str) -> T | None:
+        """The JSON answer to a GET that a live peer answers at once (`what` it is, for the
+        log), or None when it does not within its deadline (QUICK_MARGIN times its slowest
+        recent answer): then the peer is suspected (suspect()). Before, each round that asked
+        a frozen node waited 2 s for it, even after another round had found it silent."""
+        deadline = self._quick_deadline(peer.node_id)
+        started = time.monotonic()
+        left_out: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(peer.node_id, set())
+        waiting.add(left_out)
+        ask = asyncio.ensure_future(self.request_json(peer, "GET", path, parse))
+        try:
+            await asyncio.wait((ask, left_out), timeout=deadline,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.discard(left_out)
+            if not ask.done():
+                ask.cancel()
+                ask.add_done_callback(_retrieved)
+        if not ask.done() or ask.cancelled():
+            if not left_out.done():
+                self.suspect(peer.node_id, f"no {what} in {deadline:.2f}s")
+            return None
+        answer = ask.result()  # a PeerError is the caller's
+        self._answer_times.setdefault(
+            peer.node_id, collections.deque(maxlen=QUICK_REMEMBERED)).append(
+                time.monotonic() - started)
+        return answer
+
+    def _quick_deadline(self, node_id: str) -> float:
+        recent = self._answer_times.get(node_id)
+        slowest = max(recent) if recent else math.inf
+        return min(QUICK_DEADLINE_MAX, max(QUICK_DEADLINE_MIN, QUICK_MARGIN * slowest))
+
     async def stream(self, peer: Peer, path: str, size: int) -> AsyncGenerator[memoryview, None]:
         """The body of a GET, which must be `size` bytes long, as it arrives (checked by the
         caller against a blob digest), received by httpbody straight into one buffer: the
@@ -441,6 +491,12 @@ class PeerSet:
                     yield piece
         except (UpstreamError, httpbody.Unsupported, TimeoutError, OSError) as e:
             raise PeerError(f"{_where(peer)}: GET {path}: {e}") from e
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:  # Any: whatever the question returns
+    """A question given up on may still fail; its error is not wanted."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _url(peer: Peer, path: str) -> str:

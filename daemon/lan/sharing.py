@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 SMALL_BLOB = 1024 * 1024  # blobs up to this size travel over the peer API, not as torrents
 SHARED_BLOB = SMALL_BLOB + 1  # the smallest blob shared chunk by chunk
 PREFETCH = 6  # chunks downloaded ahead of the one being written
-HOLDERS_TIMEOUT = 2.0  # a peer slower than this to say what it holds is left out of the round
 MAX_TORRENT = 1024 * 1024
 
 
@@ -191,8 +190,8 @@ class Sharing:
     # --- fetching from peers --------------------------------------------------------------
     async def holders(self, blob: BlobId) -> Holders:
         """Which live peers hold which chunks or the whole small blob, and which are
-        transferring the blob right now (by source). A peer that does not answer within
-        HOLDERS_TIMEOUT is left out of this round rather than holding up everyone."""
+        transferring the blob right now (by source). A peer that does not answer within its
+        deadline (PeerSet.quick_json) is left out rather than holding up everyone."""
         peers = self.peers.usable()
         maps = await asyncio.gather(*(self._map_of(p, blob) for p in peers))
         out = Holders()
@@ -213,14 +212,9 @@ class Sharing:
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
         chunks = max(1, -(-blob.size // self.store.chunk_size))
         try:
-            return await asyncio.wait_for(
-                self.peers.request_json(peer, "GET", f"/chunks/{blob.digest}",
-                                        lambda v: parse_chunk_map(v, blob.digest, chunks)),
-                HOLDERS_TIMEOUT)
-        except TimeoutError:
-            self.peers.suspect(peer.node_id, f"no chunk map of {blob.digest[:12]} in "
-                                             f"{HOLDERS_TIMEOUT:.0f}s")
-            return None
+            return await self.peers.quick_json(
+                peer, f"/chunks/{blob.digest}", lambda v: parse_chunk_map(v, blob.digest, chunks),
+                f"chunk map of {blob.digest[:12]}")
         except PeerError as e:
             log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id, e)
             return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from modelpeer.daemon.errors import PeerError
 from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
-from modelpeer.daemon.lan.peers import API, Peer, PeerApi, PeerSet
+from modelpeer.daemon.lan.peers import API, QUICK_DEADLINE_MIN, Peer, PeerApi, PeerSet
 from modelpeer.daemon.peermsg import parse_status
 from tests.harness import free_port
 
@@ -36,6 +37,7 @@ class Node:
         self.port = free_port()
         self.api = PeerApi(self.credentials)
         self.bodies: list[bytes] = []
+        self.thawed = asyncio.Event()
         answer = status or (lambda c: {"node_id": c.node_id, "name": name, "bt_port": 1})
 
         async def handle(request: web.Request, sender: str) -> web.Response:
@@ -58,7 +60,13 @@ class Node:
             request.transport.close()
             return resp
 
+        async def hang(request: web.Request, sender: str) -> web.Response:
+            """No answer until thawed, as a frozen node (its kernel keeps the socket open)."""
+            await self.thawed.wait()
+            return web.json_response({})
+
         self.api.route("GET", "/big", big)
+        self.api.route("GET", "/hang", hang)
         self.api.route("GET", "/cut", cut)
         self.api.route("GET", "/status", handle, any_receiver=True)
         self.api.route("POST", "/echo", echo)
@@ -228,6 +236,29 @@ async def a_and_b(tmp_path: Path, started: Callable[[Node], Awaitable[Node]]
     b = await started(Node(tmp_path, "b"))
     async with peer_set(Node(tmp_path, "a")) as peers:
         yield peers, Peer(b.node_id, "127.0.0.1", b.port)
+
+
+async def test_a_silent_peer_is_left_out_and_the_questions_waiting_on_it_end_at_once(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    node = await started(Node(tmp_path, "b"))
+    async with peer_set(Node(tmp_path, "a")) as peers:
+        b = peers.peers[node.node_id] = Peer(node.node_id, "127.0.0.1", node.port, alive=True)
+        assert await peers.quick_json(b, "/status", lambda v: v, "status") is not None
+        first = asyncio.create_task(peers.quick_json(b, "/hang", lambda v: v, "answer"))
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        second = await peers.quick_json(b, "/hang", lambda v: v, "answer")
+        waited = time.monotonic() - began
+        assert await first is None and second is None
+        # it answered at once before: its deadline is the shortest; the second question
+        # ended with the first, not a whole deadline after it was asked
+        assert waited < QUICK_DEADLINE_MIN - 0.2, waited
+        assert "left out until it answers again: no answer in 0.75s" in caplog.text
+        # it was only busy with that route: it answers its liveness probe, and is back
+        await eventually(lambda: not b.suspect)
+        assert peers.usable() == [b]
+        node.thawed.set()
 
 
 async def streamed(peers: PeerSet, peer: Peer, path: str, size: int) -> list[bytes]:
