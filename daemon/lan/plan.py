@@ -161,14 +161,15 @@ class Plan:
         fetch the rest from the upstream itself. `intakes`: what each node of the cluster
         (this one included) reads from the upstream now, all blobs together.
 
-        The fetcher's rate has settled, and the upstream gave some other node (or this one)
-        OVERTAKE_FACTOR times what the fetcher delivers of this blob and what its node reads
-        of all blobs (a node reading several blobs at a good rate is not slow when one of them
-        gets a small share). While the cluster's upstream fetchers together take INTAKE_SHARE
-        of that rate, the upstream link is full and a second reader would only halve the
-        first: then only a slow fetcher (SLOW_SOURCE) is overtaken, and only when the share
-        of the link a new reader would get is OVERTAKE_FACTOR times what it delivers (a slow
-        node's last blob had waited until the other overtakes ended, then took the link
+        The fetcher's rate has settled, and the upstream gave some other node (or this one),
+        or gives the cluster now, OVERTAKE_FACTOR times what the fetcher delivers of this
+        blob and what its node reads of all blobs (a node reading several blobs at a good
+        rate is not slow when one of them gets a small share). While the cluster's upstream
+        fetchers together take INTAKE_SHARE of that rate, the upstream link is full and a
+        second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
+        overtaken, and only when the share of the link a new reader would get is
+        OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
+        other overtakes ended, then took the link
         alone and ended 2 s after them). Once one node overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
@@ -177,7 +178,10 @@ class Plan:
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         intakes = intakes or {}
-        known = _best_upstream_rate(upstream_rates, own_upstream_rate, but=source)
+        # what the cluster reads from the upstream now, all together, it gives at least:
+        # probes taken at once read a share each (two at 20 MB/s of a 50 MB/s link)
+        known = max(_best_upstream_rate(upstream_rates, own_upstream_rate, but=source),
+                    sum(intakes.values()))
         if known < OVERTAKE_FACTOR * max(delivered, intakes.get(source, 0.0), 1.0):
             return False
         if sum(intakes.values()) < INTAKE_SHARE * known:

@@ -185,6 +185,19 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     assert not plan.overtakes(slow_view, fetcher, {}, 12 * MB, {fetcher: 3 * MB, "b": 9 * MB})
 
 
+def test_what_the_cluster_reads_at_once_counts_as_what_the_upstream_gives() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    plan = Plan(first, "d" * 64)
+    view = {fetcher: t(UP, 20 * MB, 3 * MB)}  # the slow node's share for this blob
+    # two probes taken at once each read 20 MB/s of a 50 MB/s link: nobody measured more
+    probes = {"a": 20 * MB, "b": 20 * MB}
+    alone = {fetcher: 8 * MB}  # the slow node, all its blobs: 20 is not 3 times that
+    assert not plan.overtakes(view, fetcher, probes, 0.0, alone)
+    # while an overtaker of another blob reads 40 MB/s beside the slow node's 8, the link
+    # gives at least 48: 3 MB/s is slow, and a new reader's share many times that
+    assert plan.overtakes(view, fetcher, probes, 0.0, {**alone, "a": 40 * MB})
+
+
 def test_a_slow_fetcher_is_measured_before_it_has_brought_much() -> None:
     fetcher, first = nodes_in_rank_order(n=2)
     plan = Plan(first, "d" * 64)
