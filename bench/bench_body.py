@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_proxy import FILE, REPO, cdn_location  # noqa: E402
 from modelpeer.daemon.config import parse_size  # noqa: E402
-from modelpeer.daemon.fetch import SEGMENT  # noqa: E402
 from modelpeer.daemon.upstream import Upstream  # noqa: E402
+from modelpeer.daemon.upstreamfetch import SEGMENT  # noqa: E402
 from tests.fakehub import FakeHub  # noqa: E402
 
 Reader = Callable[[URL, int, int], AsyncIterator[bytes | memoryview]]

@@ -23,6 +23,7 @@ from .upstream import REDIRECTS, Upstream, backoff
 log = logging.getLogger(__name__)
 
 SEGMENT = 8 * 1024 * 1024
+MIN_SEGMENT = 1024 * 1024  # the last segments shrink to this (segment_bounds)
 MAX_ATTEMPTS_WITHOUT_PROGRESS = 6
 COMMIT_BATCH = 1024 * 1024  # fewer, larger commits; the first bytes still go at once
 PROBE_BYTES = 4 * 1024 * 1024  # a probe reads at least this much, for at least PROBE_SECONDS
@@ -176,8 +177,7 @@ class UpstreamFetch:
     async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
                              url: URL, stop: _Stop) -> None:
         """The rest of the blob over several connections at once, one Range each."""
-        size = transfer.blob.size
-        starts = range(writer.offset, size, SEGMENT)
+        bounds = segment_bounds(writer.offset, transfer.blob.size, self.connections)
         segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
 
@@ -187,10 +187,9 @@ class UpstreamFetch:
 
         stop.on_stop(wake)
         try:
-            for i in range(len(starts)):
-                while len(segments) < min(len(starts), i + self.connections):
-                    start = starts[len(segments)]
-                    segments.append(_Segment(start, min(start + SEGMENT, size)))
+            for i in range(len(bounds)):
+                while len(segments) < min(len(bounds), i + self.connections):
+                    segments.append(_Segment(*bounds[len(segments)]))
                     tasks.append(asyncio.create_task(
                         self._fill(segments[-1], url, origin, transfer, writer)))
                 if not await self._commit(segments[i], writer, transfer, stop):
@@ -287,3 +286,18 @@ class UpstreamFetch:
             raise
         finally:
             seg.changed.set()
+
+
+def segment_bounds(offset: int, size: int, connections: int) -> list[tuple[int, int]]:
+    """The Range reads of bytes [offset, size): SEGMENT long, shorter towards the end (a
+    1/(2 x connections) share of what is left, MIN_SEGMENT at least). What a node can serve
+    ends at its first unfinished segment, and the segments in flight fill at once: with equal
+    segments the last 4 x 8 MiB became servable only as the blob completed, and the nodes
+    relaying from this one ended that far behind it."""
+    bounds = []
+    while offset < size:
+        end = min(size, offset + max(MIN_SEGMENT,
+                                     min(SEGMENT, (size - offset) // (2 * connections))))
+        bounds.append((offset, end))
+        offset = end
+    return bounds

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from modelpeer.daemon.errors import TransferFailed
 from modelpeer.daemon.fetch import Fetcher, NoPeers
@@ -17,7 +20,7 @@ from modelpeer.daemon.registry import Transfers
 from modelpeer.daemon.store import BlobId, Store
 from modelpeer.daemon.transfer import Origin, Transfer, TransferSource
 from modelpeer.daemon.upstream import Answer, Upstream
-from modelpeer.daemon.upstreamfetch import UpstreamFetch
+from modelpeer.daemon.upstreamfetch import MIN_SEGMENT, SEGMENT, UpstreamFetch, segment_bounds
 from tests.harness import MiB
 
 DATA = bytes(range(10))
@@ -103,3 +106,21 @@ async def test_an_upstream_read_is_measured_by_what_arrives_from_when_it_began()
     assert t.meter.rate == 0  # nothing to relay yet
     t.advance(5 * MiB)  # the first segment is committed: the prefix moves, the intake does not
     assert t.intake.rate == 16 * MiB and t.meter.rate == 16 * MiB
+
+
+@given(offset=st.integers(0, 300 * MiB), length=st.integers(1, 300 * MiB),
+       connections=st.integers(1, 8))
+def test_segments_cover_the_rest_and_shrink_to_the_end(offset: int, length: int,
+                                                       connections: int) -> None:
+    size = offset + length
+    bounds = segment_bounds(offset, size, connections)
+    assert bounds[0][0] == offset and bounds[-1][1] == size
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))  # in a row, no gap
+    lengths = [end - start for start, end in bounds]
+    assert all(n <= SEGMENT for n in lengths)
+    assert all(n >= MIN_SEGMENT for n in lengths[:-1])
+    # the segments in flight as the blob completes are small: the prefix a node serves
+    # catches up with what it received within a few MiB, not 4 x 8 MiB
+    assert sum(lengths[-connections:]) <= connections * MIN_SEGMENT
+    # and the long run of the blob still goes in whole SEGMENTs (few requests)
+    assert len(bounds) <= length / SEGMENT + 6 * connections + 1
