@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
 API = "/_modelpeer/v1"
+JOB_POLL = 0.25  # seconds between looks at a job --wait follows (what a warm-up waits past its end)
 EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
 
 
@@ -428,7 +429,7 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
             _show_job(progress, tasks, status)
             if status["state"] != "running":
                 break
-            time.sleep(0.5)
+            time.sleep(JOB_POLL)
     if as_json:
         _print_json(status)
     failed = {n: s.get("error", "") for n, s in status["nodes"].items() if s["state"] != "done"}

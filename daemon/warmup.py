@@ -57,7 +57,9 @@ from .transfer import Origin
 
 log = logging.getLogger(__name__)
 
-PARALLEL_FILES = 2
+# files a node's part of a job fetches at once: with 2, the link idled between pairs while the
+# next pair's fetchers were agreed on (0.3 s each); an upstream fetch's memory is bounded anyway
+PARALLEL_FILES = 4
 TOKEN_KEPT = 24 * 3600.0
 TOKEN_WAIT = 15.0  # how long a resumed job looks for a peer holding its token
 
@@ -219,30 +221,32 @@ class Warmup:
     async def status(self, job_id: str) -> dict[str, object]:
         """The job on every node it was given to; a node that does not answer, or answers
         nonsense, has failed."""
-        nodes: dict[str, dict[str, object]] = {}
-        for node_id in self.members.get(job_id, [self.node_id]):
-            if node_id == self.node_id:
-                job = self.jobs.get(job_id)
-                nodes[self.node_name or node_id] = (
-                    self.local_status(job).to_json() if job else
-                    {"state": JobState.FAILED, "error": "unknown job"})
-                continue
-            peer = self.peers.peers.get(node_id) if self.peers is not None else None
-            name = peer.name if peer is not None and peer.name else node_id
-            if self.peers is None or peer is None or not peer.alive:
-                nodes[name] = {"state": JobState.FAILED, "error": "the node is gone"}
-                continue
-            try:
-                answer = await self.peers.request_json(peer, "GET", f"/warm/{job_id}",
-                                                       parse_job_status)
-                nodes[name] = answer.to_json()
-            except PeerError as e:
-                nodes[name] = {"state": JobState.FAILED,
-                               "error": f"the node does not answer: {e}"}
+        members = self.members.get(job_id, [self.node_id])
+        answers = await asyncio.gather(*(self._status_on(job_id, n) for n in members))
+        nodes = dict(answers)
         states = {n["state"] for n in nodes.values()}
         state = (JobState.RUNNING if JobState.RUNNING in states else
                  JobState.FAILED if states - {JobState.DONE} else JobState.DONE)
         return {"job": job_id, "state": state, "nodes": nodes}
+
+    async def _status_on(self, job_id: str, node_id: str) -> tuple[str, dict[str, object]]:
+        """The job on one node, by the node's name: all are asked at once (one after the
+        other, a status of a 12-node job took 11 round trips)."""
+        if node_id == self.node_id:
+            job = self.jobs.get(job_id)
+            return self.node_name or node_id, (
+                self.local_status(job).to_json() if job else
+                {"state": JobState.FAILED, "error": "unknown job"})
+        peer = self.peers.peers.get(node_id) if self.peers is not None else None
+        name = peer.name if peer is not None and peer.name else node_id
+        if self.peers is None or peer is None or not peer.alive:
+            return name, {"state": JobState.FAILED, "error": "the node is gone"}
+        try:
+            answer = await self.peers.request_json(peer, "GET", f"/warm/{job_id}",
+                                                   parse_job_status)
+        except PeerError as e:
+            return name, {"state": JobState.FAILED, "error": f"the node does not answer: {e}"}
+        return name, answer.to_json()
 
     async def cancel(self, job_id: str) -> None:
         for node_id in self.members.get(job_id, [self.node_id]):
