@@ -236,6 +236,7 @@ class PeerSet:
             peer.suspect = True
             log.warning("peer %s at %s left out until it answers again: %s", node_id,
                         peer.address, reason)
+            self.changed.emit()  # BitTorrent lets go of it too: a torrent held on to it 10 s
             for waiting in self._waiting.get(node_id, ()):
                 if not waiting.done():
                     waiting.set_result(None)
@@ -355,7 +356,7 @@ class PeerSet:
         self._update(peer, status)
 
     def _update(self, peer: Peer, status: NodeStatus) -> None:
-        was_alive = peer.alive
+        was_alive, was_suspect = peer.alive, peer.suspect
         peer.alive, peer.last_seen, peer.suspect = True, time.time(), False
         peer.name, peer.version = status.name, status.version
         peer.bt_port, peer.chunks_held = status.bt_port, status.chunks
@@ -363,6 +364,9 @@ class PeerSet:
         if not was_alive:
             log.info("peer %s (%s) at %s:%d is live", peer.node_id, peer.name, peer.address,
                      peer.peer_port)
+        elif was_suspect:
+            log.info("peer %s at %s answers again", peer.node_id, peer.address)
+        if not was_alive or was_suspect:
             self.changed.emit()
 
     # --- the client side of the peer API ----------------------------------------------------

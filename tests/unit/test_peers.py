@@ -244,6 +244,8 @@ async def test_a_silent_peer_is_left_out_and_the_questions_waiting_on_it_end_at_
     node = await started(Node(tmp_path, "b"))
     async with peer_set(Node(tmp_path, "a")) as peers:
         b = peers.peers[node.node_id] = Peer(node.node_id, "127.0.0.1", node.port, alive=True)
+        usable_when_changed: list[list[Peer]] = []  # what BitTorrent's address filter follows
+        peers.changed.connect(lambda: usable_when_changed.append(peers.usable()))
         assert await peers.quick_json(b, "/status", lambda v: v, "status") is not None
         first = asyncio.create_task(peers.quick_json(b, "/hang", lambda v: v, "answer"))
         await asyncio.sleep(0.3)
@@ -258,6 +260,7 @@ async def test_a_silent_peer_is_left_out_and_the_questions_waiting_on_it_end_at_
         # it was only busy with that route: it answers its liveness probe, and is back
         await eventually(lambda: not b.suspect)
         assert peers.usable() == [b]
+        assert usable_when_changed == [[], [b]]
         node.thawed.set()
 
 
