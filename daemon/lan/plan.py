@@ -234,13 +234,13 @@ class Plan:
                 and self._effective_rate(node, _pace(t)) < SLOW_SOURCE * known)
 
     def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
-        """Whether this node is the one to probe or overtake the upstream fetcher `source`: it
-        makes the plan again after a short relay period for as long as it relays from it, not
-        only while the fetcher's rate settles (news that makes the overtake, another node's
-        probe ending, came while it sat in a whole 1.5 s period: in the slow-first bench the
-        first overtake came 2 s after the probe). One node per blob; the others keep long
-        periods."""
-        return self._first_behind(transfers, source)
+        """Whether this node is the one to probe or overtake the upstream fetcher `source` and
+        its rate is about to settle: the plan is made again soon, not after a whole relay
+        period (in the slow-first bench the first overtake waited up to 1.5 s for it). Only
+        then: a relay period shorter than a source's first byte, or than CHECK_EVERY, never
+        drops a silent source or measures a drip (the stall window and the drip check count
+        within one relay)."""
+        return self._first_behind(transfers, source) and self.delivered(source, transfers) is None
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over
