@@ -169,8 +169,8 @@ class Plan:
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
-        other overtakes ended, then took the link
-        alone and ended 2 s after them). Once one node overtook, the others prefer it."""
+        other overtakes ended, then took the link alone and ended 2 s after them). Once one
+        node overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
