@@ -97,11 +97,15 @@ class Plan:
         feeders = {n: rates[n] for n, t in live.items()
                    if t.source == TransferSource.UPSTREAM or t.available > offset
                    or (n in ahead and t.available >= offset)}
-        if any(live[n].available > offset for n in feeders):
+        with_bytes = [rate for n, rate in feeders.items() if live[n].available > offset]
+        if with_bytes:
             # an upstream fetcher behind this node has nothing for it: a slow one it overtook
-            # held it a relay period at a time while another node had the bytes
+            # held it a relay period at a time while another node had the bytes. One that the
+            # nodes with bytes are slow beside stays (an overtaker that started a few KB
+            # behind this node passes it at once; without it, the slow node fed this one on)
             feeders = {n: rate for n, rate in feeders.items()
-                       if live[n].available > offset or live[n].source != TransferSource.UPSTREAM}
+                       if live[n].available > offset or live[n].source != TransferSource.UPSTREAM
+                       or SLOW_FRACTION * rate > max(with_bytes)}
         if feeders:
             return Relay(self._best_feeder(ahead, feeders))
         return GoUpstream() if live else None

@@ -334,6 +334,18 @@ def test_an_upstream_fetcher_behind_this_node_feeds_it_only_when_nobody_has_byte
     assert plan.decide({slow: t(UP, 4 * MB, 2 * MB)}, 6 * MB) == Relay(slow)
 
 
+def test_an_overtaker_just_behind_this_node_beats_the_slow_fetcher_ahead() -> None:
+    slow, overtaker, me = nodes_in_rank_order(n=3)
+    plan = Plan(me, "d" * 64)
+    # the overtaker started reading a few KB behind where this node relayed the slow one to;
+    # too young for a rate, it counts at what the upstream gives (40 MB/s)
+    view = {slow: t(UP, 2 * MB, int(1.6 * MB)), overtaker: t(UP, MB // 2)}
+    assert plan.decide(view, MB, {overtaker: 40 * MB}) == Relay(overtaker)
+    # one no faster than the node with bytes does not: this node stays where the bytes are
+    view[overtaker] = t(UP, MB // 2, 2 * MB)
+    assert plan.decide(view, MB, {overtaker: 40 * MB}) == Relay(slow)
+
+
 def test_a_follower_that_goes_to_the_upstream_is_not_stuck_for_its_wait() -> None:
     fetcher, first = nodes_in_rank_order(n=2)
     clock = Clock()
