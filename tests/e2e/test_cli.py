@@ -28,6 +28,7 @@ def test_status_ls_rm_gc(start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
     assert get_body(f"{d.url}/{MODEL}/resolve/main/sub/folder/weights.bin") == \
         expected_files(MODEL)["sub/folder/weights.bin"]
+    wait_for(lambda: d.status()["store"]["complete_blobs"] == 1, "the blob stored complete")
     status = json.loads(cli(d, "status", "--json").stdout)
     assert status["store"]["complete_blobs"] == 1
     assert status["peers"]["enabled"] is False and status["peers"]["reason"]

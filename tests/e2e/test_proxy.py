@@ -162,7 +162,9 @@ def test_sigkill_mid_download_resumes_without_refetching(
     refetched = hub.stats()["cdn_bytes"]
     assert refetched < len(want) - 20 * MiB, (
         f"refetched {refetched} of {len(want)} bytes after {fetched_before} were fetched")
-    assert d2.status()["store"]["complete_blobs"] >= 1
+    # the last byte goes out once the digest checks; the blob is marked complete after its fsync
+    wait_for(lambda: d2.status()["store"]["complete_blobs"] >= 1, "the blob stored complete",
+             timeout=10)
 
 
 def test_gated_file_cached_with_a_token_is_refused_without_one(
