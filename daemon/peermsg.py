@@ -16,6 +16,7 @@ from .transfer import TransferSource
 
 MAX_NAME = 256
 MAX_FILES = 100_000
+MAX_MEMBERS = 4096  # nodes of one warm job
 MAX_SIZE = 1 << 50  # 1 PiB: larger is a lie
 MAX_LABEL = 1024  # repo/path of a transfer
 MAX_STATUS_TRANSFERS = 64  # a node lists at most this many of its transfers in its status
@@ -221,12 +222,14 @@ class WarmSpec:
     files: tuple[WarmFile, ...]
     sealed_token: str | None
     pin: bool = False  # each node pins the revision before its files arrive
+    members: tuple[str, ...] = ()  # the node ids the job was given to, the coordinator's first
 
     def to_json(self) -> dict[str, object]:
         return {"id": self.id, "repo_type": self.repo_type, "repo_id": self.repo_id,
                 "revision": self.revision, "commit": self.commit,
                 "sealed_token": self.sealed_token, "pin": self.pin,
-                "files": [dataclasses.asdict(f) for f in self.files]}
+                "files": [dataclasses.asdict(f) for f in self.files],
+                "members": list(self.members)}
 
 
 def parse_warm_file(value: object) -> WarmFile:
@@ -262,7 +265,18 @@ def parse_warm_spec(value: object) -> WarmSpec:
     return WarmSpec(_text(d, "id", pattern=JOB_ID_RE), repo_type, repo_id,
                     _named(hubnames.revision, _text(d, "revision"), "revision"),
                     _named(hubnames.commit, _text(d, "commit"), "commit"), files, sealed,
-                    _get(d, "pin", bool, False))
+                    _get(d, "pin", bool, False), _members(d))
+
+
+def _members(d: dict[str, object]) -> tuple[str, ...]:
+    items = _get(d, "members", list, [])
+    if len(items) > MAX_MEMBERS:
+        raise BadMessage(f"field 'members': {len(items)} nodes is more than {MAX_MEMBERS}")
+    if not all(isinstance(n, str) and NODE_ID_RE.fullmatch(n) for n in items):
+        raise BadMessage("field 'members': a member that is not a node id")
+    if len(set(items)) != len(items):
+        raise BadMessage("field 'members': a node is listed twice")
+    return tuple(items)
 
 
 # --- GET /repo/{type}/{id}?revision= ------------------------------------------------------

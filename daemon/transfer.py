@@ -35,6 +35,9 @@ class Origin:
     resolve_path: str
     token: str | None
     label: str  # "repo_type:repo_id/path", for logs and status
+    # the nodes that start the blob together by arrangement (a warm job's): the first of them
+    # in the blob's rendezvous order needs no wait to see who else starts it
+    cohort: frozenset[str] = frozenset()
 
 
 class RateMeter:

@@ -74,6 +74,7 @@ class Job:
     files: list[WarmFile]
     token: str | None = None  # memory only
     pin: bool = False  # `warm --pin`: every node of the job pins the revision
+    members: tuple[str, ...] = ()  # the nodes the job was given to
     confirmed: bool = False  # the file entries came from the upstream (not from a peer)
     state: JobState = JobState.RUNNING
     error: str = ""
@@ -94,12 +95,12 @@ class Job:
 
     def spec(self, sealed_token: str | None) -> WarmSpec:
         return WarmSpec(self.id, self.repo_type, self.repo_id, self.revision, self.commit,
-                        tuple(self.files), sealed_token, self.pin)
+                        tuple(self.files), sealed_token, self.pin, self.members)
 
     @classmethod
     def from_spec(cls, spec: WarmSpec, token: str | None) -> Job:
         return cls(spec.id, spec.repo_type, spec.repo_id, spec.revision, spec.commit,
-                   list(spec.files), token, spec.pin)
+                   list(spec.files), token, spec.pin, spec.members)
 
 
 class Warmup:
@@ -132,22 +133,26 @@ class Warmup:
         repo, revision, include, exclude, nodes_wanted = _warm_request(body)
         commit = await self._resolve(repo, revision, token)
         files = await self._list(repo, commit, token, include, exclude)
-        job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
-                  pin=body.get("pin") is True, confirmed=True)
         nodes = self._choose(nodes_wanted)
+        job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
+                  pin=body.get("pin") is True, confirmed=True,
+                  members=tuple(n for n, _ in nodes) if self.peers is not None else ())
         self.members[job.id] = [n for n, _ in nodes]
         self._keep_token(job)
+        remote = [(node_id, peer) for node_id, peer in nodes if peer is not None]
+        if len(remote) < len(nodes):
+            self._pin_if_asked(job)
+            self._start(job)
+        # all at once: one after the other, the 12th node of a job started 11 round trips late
+        sent = await asyncio.gather(*(self._send_job(peer, job) for _, peer in remote),
+                                    return_exceptions=True)
         errors = {}
-        for node_id, peer in nodes:
-            if peer is None:
-                self._pin_if_asked(job)
-                self._start(job)
-                continue
-            try:
-                await self._send_job(peer, job)
-            except PeerError as e:
-                log.warning("warm job %s: node %s did not take it: %s", job.id, node_id, e)
-                errors[node_id] = str(e)
+        for (node_id, _), outcome in zip(remote, sent, strict=True):
+            if isinstance(outcome, PeerError):
+                log.warning("warm job %s: node %s did not take it: %s", job.id, node_id, outcome)
+                errors[node_id] = str(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
         log.info("warm job %s: %s@%s, %d files, %d bytes, on %d nodes", job.id, repo,
                  commit[:12], len(files), job.total_bytes, len(nodes))
         return {"job": job.id, "commit": commit, "files": len(files),
@@ -409,7 +414,8 @@ class Warmup:
         entry = FileEntry(job.repo, job.commit, f.path, BlobId(f.digest, f.algo, f.size), f.lfs)
         await self.check_signature(entry, job.token)
         transfer = self.fetcher.open(entry.blob, Origin(entry.resolve_path, job.token,
-                                                        f"{job.repo}/{f.path}"))
+                                                        f"{job.repo}/{f.path}",
+                                                        frozenset(job.members)))
         await transfer.done
         if transfer.upstream_served(entry.resolve_path, job.token):
             self.catalog.upstream_served_file(job.repo, job.token)

@@ -106,8 +106,10 @@ class PeerFetch:
                     decision is None and blob.size >= RACED_BLOB and self.sharing.peers.usable()):
                 # nobody fetches it yet, or no peer knew of it: a node that started it at the
                 # same instant may be first, or may not have asked for it yet when asked; look
-                # once more, after SETTLE, before going to the upstream
-                if looked_again:
+                # once more, after SETTLE, before going to the upstream (unless this node leads
+                # the nodes arranged to start it)
+                if looked_again or plan.leads(origin.cohort, (
+                        p.node_id for p in self.sharing.peers.usable())):
                     break
                 looked_again = True
                 await asyncio.sleep(max(0.0, SETTLE - (time.monotonic() - transfer.started)))

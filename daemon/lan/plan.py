@@ -110,6 +110,13 @@ class Plan:
             return Relay(self._best_feeder(ahead, feeders))
         return GoUpstream() if live else None
 
+    def leads(self, cohort: Iterable[str], live: Iterable[str]) -> bool:
+        """Whether this node is the first, in rendezvous order, of the live nodes of a cohort
+        that start the blob together by arrangement (a warm job's): no other node of it can
+        be ahead, so it goes to the upstream without waiting to see who else starts."""
+        members = (set(cohort) & set(live)) | {self.node_id}
+        return self.node_id in cohort and min(members, key=self.rank) == self.node_id
+
     def stalled(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int) -> bool:
         """A source sent nothing for the stall window. One that had bytes for this node is
         dropped; one still waiting for its own bytes is not at fault (and a frozen node stops

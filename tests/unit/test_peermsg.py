@@ -59,6 +59,9 @@ def test_good_messages_parse() -> None:
     assert not spec.pin  # a coordinator that does not say pins nothing
     pinned = parse_warm_spec(spec_with(pin=True))
     assert pinned.pin and parse_warm_spec(pinned.to_json()) == pinned
+    assert spec.members == ()  # a coordinator that does not say names no cohort
+    crowd = parse_warm_spec(spec_with(members=[NODE, "f" * 32]))
+    assert crowd.members == (NODE, "f" * 32) and parse_warm_spec(crowd.to_json()) == crowd
     j = parse_job_status({"state": "done", "error": "", "files": 1, "done_files": 1,
                           "bytes": 5, "have_bytes": 5, "repo": "acme/tts@c", "started": 1.5,
                           "finished": 2})
@@ -88,7 +91,9 @@ def file_with(**change: Any) -> dict[str, Any]:
     file_with(digest="a" * 40), file_with(algo="md5"), file_with(size=-1), file_with(size=True),
     file_with(size="10"), file_with(size=1 << 60), file_with(lfs=False),
     spec_with(files=[GOOD_FILE, GOOD_FILE]), spec_with(sealed_token=5), spec_with(pin="yes"),
-    spec_with(pin=1), spec_with(pin=None),
+    spec_with(pin=1), spec_with(pin=None), spec_with(members=NODE), spec_with(members=[5]),
+    spec_with(members=["../x"]), spec_with(members=[NODE, NODE]),
+    spec_with(members=[f"{i:032x}" for i in range(5000)]),
 ])
 def test_malformed_warm_jobs_are_refused(message: Any) -> None:
     with pytest.raises(BadMessage):

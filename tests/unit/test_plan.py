@@ -52,6 +52,16 @@ def test_alone_nothing_first_upstream_the_others_behind_the_node_ahead() -> None
     assert Plan(a, "d" * 64).decide({c: t(UP), b: t()}, 0) == Relay(c)
 
 
+def test_the_first_live_node_of_a_cohort_leads_without_waiting() -> None:
+    a, b, c = nodes_in_rank_order(n=3)
+    cohort = {a, b, c}
+    assert Plan(a, "d" * 64).leads(cohort, [b, c])
+    assert not Plan(b, "d" * 64).leads(cohort, [a, c])
+    assert Plan(b, "d" * 64).leads(cohort, [c])  # the first is gone: the next leads
+    assert not Plan(c, "d" * 64).leads({a, b}, [a, b])  # not in the cohort: it waits and sees
+    assert not Plan(a, "d" * 64).leads(set(), [b])
+
+
 def test_a_source_that_stalls_with_bytes_to_send_is_dropped_one_starved_is_not() -> None:
     a, b, me = nodes_in_rank_order(n=3)
     clock = Clock()
