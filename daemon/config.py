@@ -297,7 +297,7 @@ def _parse_value(opt: Option, value: object, where: str) -> Any:  # Any: as Opti
         if isinstance(value, list | dict):
             raise ValueError("expected a single value")
         return opt.parse(value)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: int(inf) of a TOML inf
         raise ConfigError(f"{where}: bad value for {opt.name}: {e}") from e
 
 

@@ -239,6 +239,7 @@ def test_any_setting_from_the_environment_is_a_config_or_a_config_error(
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from([o.name for o in OPTIONS]),
        st.one_of(TEXT, st.integers(), st.floats(), st.booleans()))
+@example("max_transfers", float("inf"))  # int(inf) overflows
 def test_any_value_in_the_config_file_is_a_config_or_a_config_error(
         tmp_path_factory: pytest.TempPathFactory, key: str, value: object) -> None:
     path = tmp_path_factory.mktemp("conf") / "modelpeer.toml"
