@@ -50,6 +50,13 @@ class PeerFetch:
         reads from it now (a node reading the upstream well does not probe it)."""
         return own_upstream_rate(self.upstream.rate(), self.sharing.transfers.running.values())
 
+    def _reads_upstream(self) -> bool:
+        """Whether this node fetches some blob from the upstream: it learns what the upstream
+        gives from that within a rate window, without a probe (one that has not had its
+        first bytes yet has no rate to show)."""
+        return any(t.source == TransferSource.UPSTREAM
+                   for t in self.sharing.transfers.running.values())
+
     def _plan(self, transfer: Transfer) -> Plan:
         if (plan := self._plans.get(transfer)) is None:
             plan = self._plans[transfer] = Plan(self.sharing.peers.node_id, transfer.blob.digest)
@@ -182,7 +189,7 @@ class PeerFetch:
         intakes = {**held.upstream_intakes,
                    plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
-                              intakes)
+                              intakes, held.intakes.get(node, 0.0))
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:
@@ -192,7 +199,7 @@ class PeerFetch:
         if peer is None:
             plan.drop(node)
         elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self._upstream_rate())
-                and not plan.probed and not self.upstream.probing
+                and not plan.probed and not self.upstream.probing and not self._reads_upstream()
                 and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
             # the others relaying from `node` see this one behind it: only one of them probes

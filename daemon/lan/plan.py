@@ -134,13 +134,21 @@ class Plan:
         overtaker reads a blob in about a rate window, and at rate 0 nobody relayed from it
         while it did; they stayed on the slow node it overtook), and as a relaying node at
         what its feeder gives (at `presumed` before, so the nodes starting together still
-        make a chain rather than all relaying from the fetcher)."""
+        make a chain rather than all relaying from the fetcher). A node relaying from a
+        young feeder counts as young too: what it measured is its feeder's ramp-up, and its
+        rate settling a moment before the feeder's made every node leave the chain for the
+        fetcher at once."""
         rates: dict[str, float] = {}
+        young: set[str] = set()
         for n in chain:
-            if (t := live.get(n)) is not None:
-                young = (rates.get(t.feeder, presumed) if t.source != TransferSource.UPSTREAM
-                         else presumed)
-                rates[n] = self._effective_rate(n, t.rate, young)
+            if (t := live.get(n)) is None:
+                continue
+            relays = t.source != TransferSource.UPSTREAM
+            if t.rate <= 0 or (relays and t.feeder in young):
+                young.add(n)
+            rate = 0.0 if n in young else t.rate
+            rates[n] = self._effective_rate(
+                n, rate, rates.get(t.feeder, presumed) if relays else presumed)
         return rates
 
     def _effective_rate(self, node: str, rate: float, presumed: float = 0.0) -> float:
@@ -167,10 +175,12 @@ class Plan:
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
                   upstream_rates: Mapping[str, float], own_upstream_rate: float,
-                  intakes: Mapping[str, float] | None = None) -> bool:
+                  intakes: Mapping[str, float] | None = None,
+                  source_intake: float = 0.0) -> bool:
         """Whether this node, relaying straight from an upstream fetcher, should leave it and
         fetch the rest from the upstream itself. `intakes`: what each node of the cluster
-        (this one included) reads from the upstream now, all blobs together.
+        (this one included) reads from the upstream now, all blobs together;
+        `source_intake`: what the fetcher's node receives now from all sources (0: unknown).
 
         The fetcher's rate has settled, and the upstream gave some other node (or this one),
         or gives the cluster now, OVERTAKE_FACTOR times what the fetcher delivers of this
@@ -180,8 +190,12 @@ class Plan:
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
-        other overtakes ended, then took the link alone and ended 2 s after them). Once one
-        node overtook, the others prefer it."""
+        other overtakes ended, then took the link alone and ended 2 s after them), and its
+        node takes in little from all sources: a fetcher starved by its TCP share of a full
+        link still takes the other blobs from its peers at the LAN's speed, and overtaking
+        it only added a reader (its cut connections cost the upstream 55 MB of a 256 MiB
+        repo); one stuck for the stall window is overtaken all the same. Once one node
+        overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
@@ -198,7 +212,8 @@ class Plan:
         if sum(intakes.values()) < INTAKE_SHARE * known:
             return True
         readers = sum(1 for rate in intakes.values() if rate > 0)
-        return (delivered < SLOW_SOURCE * known
+        starved = delivered > 0 and source_intake >= known / OVERTAKE_FACTOR
+        return (delivered < SLOW_SOURCE * known and not starved
                 and known / (readers + 1) >= OVERTAKE_FACTOR * delivered)
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
@@ -245,13 +260,17 @@ class Plan:
                 and self._effective_rate(node, _pace(t)) < SLOW_SOURCE * known)
 
     def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
-        """Whether this node is the one to probe or overtake the upstream fetcher `source` and
-        its rate is about to settle: the plan is made again soon, not after a whole relay
-        period (in the slow-first bench the first overtake waited up to 1.5 s for it). Only
-        then: a relay period shorter than a source's first byte, or than CHECK_EVERY, never
-        drops a silent source or measures a drip (the stall window and the drip check count
-        within one relay)."""
-        return self._first_behind(transfers, source) and self.delivered(source, transfers) is None
+        """Whether the rate of `source` is about to settle, and this node is the one to probe
+        or overtake it (an upstream fetcher), or it has not started fetching at all (the
+        first of nodes starting together: it goes to the upstream within SETTLE): the plan is
+        made again soon, not after a whole relay period (in the slow-first bench the first
+        overtake waited up to 1.5 s for it, and the probe 1.5 s for the fetcher to start).
+        Only then: a relay period shorter than a source's first byte, or than CHECK_EVERY,
+        never drops a silent source or measures a drip (the stall window and the drip check
+        count within one relay; a source stuck for the stall window is settled, at 0)."""
+        t = transfers.get(source)
+        return (t is not None and self.delivered(source, transfers) is None
+                and (t.source != TransferSource.UPSTREAM or self._first_behind(transfers, source)))
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over
@@ -262,10 +281,11 @@ class Plan:
     def needs_probe(self, transfers: Mapping[str, PeerTransfer], source: str,
                     upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
         """Nobody but the fetcher knows what the upstream gives: the node relaying straight from
-        it measures it once, with a few MiB of the bytes it needs anyway."""
+        it measures it once, with a few MiB of the bytes it needs anyway, as soon as the
+        fetcher starts, so that both rates are known when the fetcher's settles (probing once
+        it had settled, a slow first fetcher was overtaken 2.2-2.7 s into the pull)."""
         others_know = any(r for n, r in upstream_rates.items() if n != source)
-        return (self.delivered(source, transfers) is not None
-                and self._first_behind(transfers, source)
+        return (self._first_behind(transfers, source)
                 and own_upstream_rate == 0 and not others_know)
 
     def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
@@ -370,6 +390,12 @@ def upstream_intake(transfers: Iterable[Transfer]) -> float:
                if t.source == TransferSource.UPSTREAM and not t.probing
                and (rate := t.intake.rate) > 0
                and t.blob.size - t.available > ENDING_SOON * rate)
+
+
+def intake(transfers: Iterable[Transfer]) -> float:
+    """What this node receives now from all its sources (upstream, peers), all blobs
+    together, bytes/s."""
+    return sum(t.intake.rate for t in transfers)
 
 
 def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:

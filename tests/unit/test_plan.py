@@ -118,9 +118,13 @@ def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_n
     slow_fetcher_only = {fetcher: 6 * MB}
     plan = Plan(first, "d" * 64)
     young = {fetcher: t(UP, 10 * MB, 0), second: t(PEER, 0, 0, fetcher)}
-    assert not plan.needs_probe(young, fetcher, slow_fetcher_only, 0)  # its rate not settled
-    assert not plan.overtakes(young, fetcher, slow_fetcher_only, 40 * MB)
+    assert plan.needs_probe(young, fetcher, slow_fetcher_only, 0)  # at once: settled together
+    assert not plan.overtakes(young, fetcher, slow_fetcher_only, 40 * MB)  # not settled
+    starting = {fetcher: t(PEER), second: t(PEER, 0, 0, fetcher)}
+    assert not plan.needs_probe(starting, fetcher, {}, 0)  # not fetching yet: nothing to judge
+    assert plan.judging(fetcher, starting) and plan.judging(fetcher, young)
     view = {fetcher: t(UP, 20 * MB, 6 * MB), second: t(PEER, 0, 0, fetcher)}
+    assert not plan.judging(fetcher, view)  # settled: the plan goes back to its pace
     assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
     assert not plan.overtakes(view, fetcher, slow_fetcher_only, 0)
     assert plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
@@ -192,6 +196,11 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     # until the other overtakes end
     slow_view = {fetcher: t(UP, 20 * MB, MB * 3 // 2)}
     assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB})
+    assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB},
+                          source_intake=6 * MB)  # its own link is full
+    # one starved by its TCP share of the full link takes in the other blobs from peers: no
+    assert not plan.overtakes(slow_view, fetcher, {}, 50 * MB,
+                              {fetcher: 6 * MB, "b": 43 * MB}, source_intake=40 * MB)
     assert not plan.overtakes(slow_view, fetcher, {}, 12 * MB, {fetcher: 3 * MB, "b": 9 * MB})
 
 
@@ -281,6 +290,10 @@ def test_an_upstream_fetcher_stuck_at_one_byte_is_overtaken() -> None:
     assert not plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)  # it moved
     clock.now += STALL_WINDOW
     assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)
+    # on a full link too, whatever its node takes in from peers
+    full = {fetcher: 0.0, "b": 45 * MB}
+    assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB, full,
+                          source_intake=40 * MB)
 
 
 def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
@@ -393,3 +406,14 @@ def test_feeders_are_compared_by_their_prefixes_fetchers_judged_by_what_arrives(
             follower: t(PEER, 15 * MB, 10 * MB, fetcher)}
     assert plan.decide(view, 10 * MB) == Relay(follower)  # a chain, not all on the fetcher
     assert plan.delivered(fetcher, view) == 40 * MB
+
+
+def test_nodes_relaying_from_a_young_fetcher_stay_a_chain_when_their_rates_settle_first() -> None:
+    fetcher, b, c, me = nodes_in_rank_order(n=4)
+    # the relays' rates settled a moment before the fetcher's, at its ramp-up's pace
+    view = {fetcher: t(UP, 5 * MB, 0), b: t(PEER, 4 * MB, 4 * MB, fetcher),
+            c: t(PEER, 4 * MB, 4 * MB, b)}
+    assert Plan(me, "d" * 64).decide(view, 4 * MB, {fetcher: 20 * MB}) == Relay(c)
+    # once the fetcher's rate settled, a relay much slower than it is passed over
+    settled = {**view, fetcher: t(UP, 30 * MB, 20 * MB)}
+    assert Plan(me, "d" * 64).decide(settled, 4 * MB, {fetcher: 20 * MB}) == Relay(fetcher)
