@@ -179,7 +179,6 @@ class ChunkMap:
     transfer: PeerTransfer | None  # None: the peer does not transfer the blob
     upstream_rate: float  # what the upstream gave that node lately, bytes/s (0: not known)
     upstream_intake: float = 0.0  # what that node reads from the upstream now, all blobs, B/s
-    intake: float = 0.0  # what that node receives now from all sources, all blobs, B/s
 
 
 def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
@@ -199,8 +198,7 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
             raise BadMessage(f"field 'info_hash': {info_hash!r:.60} is not an info-hash")
         chunks.append(HeldChunk(index, info_hash))
     return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
-                    float(_count(d, "upstream_rate", 0)), float(_count(d, "upstream_intake", 0)),
-                    float(_count(d, "intake", 0)))
+                    float(_count(d, "upstream_rate", 0)), float(_count(d, "upstream_intake", 0)))
 
 
 # --- warm jobs ----------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class PeerFetch:
         intakes = {**held.upstream_intakes,
                    plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
-                              intakes, held.intakes.get(node, 0.0))
+                              intakes)
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:

@@ -107,8 +107,23 @@ class Plan:
                        if live[n].available > offset or live[n].source != TransferSource.UPSTREAM
                        or SLOW_FRACTION * rate > max(with_bytes)}
         if feeders:
-            return Relay(self._best_feeder(ahead, feeders))
+            return Relay(self._best_feeder(ahead, self._without_slow_fetchers(
+                feeders, live, upstream_rates or {}, own_upstream_rate)))
         return GoUpstream() if live else None
+
+    def _without_slow_fetchers(self, feeders: dict[str, float],
+                               live: Mapping[str, PeerTransfer],
+                               upstream_rates: Mapping[str, float],
+                               own_upstream_rate: float) -> dict[str, float]:
+        """The feeders but slow upstream fetchers, when another upstream fetcher of the blob
+        is not slow (a slow node that was overtaken): feeders are compared by their prefixes,
+        and the overtaker's, reading four segments at once, moves in jumps; between them the
+        slow node looked as fast and was picked, with no byte to send, three plans in a row."""
+        fetchers = [n for n in feeders if live[n].source == TransferSource.UPSTREAM]
+        slow = {n for n in fetchers if self.slow(n, live, upstream_rates, own_upstream_rate)}
+        if not slow or len(slow) == len(fetchers):
+            return feeders
+        return {n: rate for n, rate in feeders.items() if n not in slow}
 
     def leads(self, cohort: Iterable[str], live: Iterable[str]) -> bool:
         """Whether this node is the first, in rendezvous order, of the live nodes of a cohort
@@ -175,12 +190,10 @@ class Plan:
 
     def overtakes(self, transfers: Mapping[str, PeerTransfer], source: str,
                   upstream_rates: Mapping[str, float], own_upstream_rate: float,
-                  intakes: Mapping[str, float] | None = None,
-                  source_intake: float = 0.0) -> bool:
+                  intakes: Mapping[str, float] | None = None) -> bool:
         """Whether this node, relaying straight from an upstream fetcher, should leave it and
         fetch the rest from the upstream itself. `intakes`: what each node of the cluster
-        (this one included) reads from the upstream now, all blobs together;
-        `source_intake`: what the fetcher's node receives now from all sources (0: unknown).
+        (this one included) reads from the upstream now, all blobs together.
 
         The fetcher's rate has settled, and the upstream gave some other node (or this one),
         or gives the cluster now, OVERTAKE_FACTOR times what the fetcher delivers of this
@@ -190,12 +203,8 @@ class Plan:
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
-        other overtakes ended, then took the link alone and ended 2 s after them), and its
-        node takes in little from all sources: a fetcher starved by its TCP share of a full
-        link still takes the other blobs from its peers at the LAN's speed, and overtaking
-        it only added a reader (its cut connections cost the upstream 55 MB of a 256 MiB
-        repo); one stuck for the stall window is overtaken all the same. Once one node
-        overtook, the others prefer it."""
+        other overtakes ended, then took the link alone and ended 2 s after them). Once one
+        node overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
@@ -212,8 +221,7 @@ class Plan:
         if sum(intakes.values()) < INTAKE_SHARE * known:
             return True
         readers = sum(1 for rate in intakes.values() if rate > 0)
-        starved = delivered > 0 and source_intake >= known / OVERTAKE_FACTOR
-        return (delivered < SLOW_SOURCE * known and not starved
+        return (delivered < SLOW_SOURCE * known
                 and known / (readers + 1) >= OVERTAKE_FACTOR * delivered)
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
@@ -390,12 +398,6 @@ def upstream_intake(transfers: Iterable[Transfer]) -> float:
                if t.source == TransferSource.UPSTREAM and not t.probing
                and (rate := t.intake.rate) > 0
                and t.blob.size - t.available > ENDING_SOON * rate)
-
-
-def intake(transfers: Iterable[Transfer]) -> float:
-    """What this node receives now from all its sources (upstream, peers), all blobs
-    together, bytes/s."""
-    return sum(t.intake.rate for t in transfers)
 
 
 def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:

@@ -27,7 +27,7 @@ from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
-from .plan import blob_transfers, intake, own_upstream_rate, peer_view, upstream_intake
+from .plan import blob_transfers, own_upstream_rate, peer_view, upstream_intake
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ class Holders:
     upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
     # what each peer reads from the upstream now, all blobs together, bytes/s
     upstream_intakes: dict[str, float] = dataclasses.field(default_factory=dict)
-    # what each peer receives now from all sources, all blobs together, bytes/s
-    intakes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Sharing:
@@ -165,7 +163,6 @@ class Sharing:
                                   "upstream_rate": round(own_upstream_rate(
                                       self.upstream.rate(), every)),
                                   "upstream_intake": round(upstream_intake(every)),
-                                  "intake": round(intake(every)),
                                   **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
@@ -210,7 +207,6 @@ class Sharing:
             if m.upstream_rate:
                 out.upstream_rates[peer.node_id] = m.upstream_rate
             out.upstream_intakes[peer.node_id] = m.upstream_intake
-            out.intakes[peer.node_id] = m.intake
         return out
 
     async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:

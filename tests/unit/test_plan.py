@@ -196,11 +196,6 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     # until the other overtakes end
     slow_view = {fetcher: t(UP, 20 * MB, MB * 3 // 2)}
     assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB})
-    assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB},
-                          source_intake=6 * MB)  # its own link is full
-    # one starved by its TCP share of the full link takes in the other blobs from peers: no
-    assert not plan.overtakes(slow_view, fetcher, {}, 50 * MB,
-                              {fetcher: 6 * MB, "b": 43 * MB}, source_intake=40 * MB)
     assert not plan.overtakes(slow_view, fetcher, {}, 12 * MB, {fetcher: 3 * MB, "b": 9 * MB})
 
 
@@ -290,10 +285,9 @@ def test_an_upstream_fetcher_stuck_at_one_byte_is_overtaken() -> None:
     assert not plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)  # it moved
     clock.now += STALL_WINDOW
     assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB)
-    # on a full link too, whatever its node takes in from peers
-    full = {fetcher: 0.0, "b": 45 * MB}
-    assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB, full,
-                          source_intake=40 * MB)
+    # on a full link too
+    assert plan.overtakes({fetcher: t(UP, 3 * MB, 0)}, fetcher, {}, 50 * MB,
+                          {fetcher: 0.0, "b": 45 * MB})
 
 
 def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
@@ -358,7 +352,7 @@ def test_an_upstream_fetcher_behind_this_node_feeds_it_only_when_nobody_has_byte
 
 
 def test_an_overtaker_just_behind_this_node_beats_the_slow_fetcher_ahead() -> None:
-    slow, overtaker, me = nodes_in_rank_order(n=3)
+    overtaker, slow, me = nodes_in_rank_order(n=3)  # the slow one is nearest ahead
     plan = Plan(me, "d" * 64)
     # the overtaker started reading a few KB behind where this node relayed the slow one to;
     # too young for a rate, it counts at what the upstream gives (40 MB/s)
@@ -417,3 +411,14 @@ def test_nodes_relaying_from_a_young_fetcher_stay_a_chain_when_their_rates_settl
     # once the fetcher's rate settled, a relay much slower than it is passed over
     settled = {**view, fetcher: t(UP, 30 * MB, 20 * MB)}
     assert Plan(me, "d" * 64).decide(settled, 4 * MB, {fetcher: 20 * MB}) == Relay(fetcher)
+
+
+def test_an_overtaken_slow_fetcher_is_no_feeder_beside_its_overtaker() -> None:
+    overtaker, slow, me = nodes_in_rank_order(n=3)  # the slow one is nearest ahead
+    # the overtaker's prefix jumps as its segments complete: between jumps it looks no faster
+    view = {slow: t(UP, 10 * MB, MB), overtaker: dataclasses.replace(
+        t(UP, 12 * MB, MB), received=16 * MB)}
+    plan = Plan(me, "d" * 64)
+    assert plan.decide(view, 9 * MB, {overtaker: 45 * MB}) == Relay(overtaker)
+    # alone, the slow fetcher still feeds: nobody else has the bytes
+    assert plan.decide({slow: view[slow]}, 9 * MB, {overtaker: 45 * MB}) == Relay(slow)
