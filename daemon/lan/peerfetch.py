@@ -124,6 +124,7 @@ class PeerFetch:
                 if overtake and isinstance(decision, Relay):
                     if not await self._still_overtakes(plan, transfer, decision.node):
                         continue
+                    plan.overtaken.add(decision.node)
                     log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
                              "gives more; fetching the rest from there", transfer.label,
                              decision.node,

@@ -252,6 +252,12 @@ def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
     assert hand_over(view, 1 * MB, 10 * MB) is None
     clock.now += DROP_FOR + 1
     assert hand_over(view, 1 * MB, 10 * MB) == fast
+    # an overtaker never hands back to the node it overtook: one whose blob did not move in
+    # a rate window reads as young, at the best upstream rate, not as slow
+    stalled_slow = {fast: t(UP, 11 * MB, 0)}
+    assert hand_over(stalled_slow, 1 * MB, 10 * MB) == fast
+    plan.overtaken.add(fast)
+    assert hand_over(stalled_slow, 1 * MB, 10 * MB) is None
 
 
 def test_complete_chunks_beat_a_feeder_that_waits_or_is_slow() -> None:
