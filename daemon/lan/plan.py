@@ -293,10 +293,15 @@ class Plan:
                     upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
         """Nobody but the fetcher knows what the upstream gives: the node relaying straight from
         it measures it once, with a few MiB of the bytes it needs anyway, as soon as the
-        fetcher starts, so that both rates are known when the fetcher's settles (probing once
-        it had settled, a slow first fetcher was overtaken 2.2-2.7 s into the pull)."""
+        fetcher has its first bytes, so that both rates are known when the fetcher's settles
+        (probing once it had settled, a slow first fetcher was overtaken 2.2-2.7 s into the
+        pull). Not before: nodes that start together read their first bytes about then, and
+        say so in their chunk maps; a node that probed at the very start of a warm job, on a
+        link the job's fetchers were filling, read 4 MiB at 2 MB/s."""
         others_know = any(r for n, r in upstream_rates.items() if n != source)
-        return (self._first_behind(transfers, source)
+        fetcher = transfers.get(source)
+        return (fetcher is not None and fetcher.available > 0
+                and self._first_behind(transfers, source)
                 and own_upstream_rate == 0 and not others_know)
 
     def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:

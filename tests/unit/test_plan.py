@@ -122,6 +122,8 @@ def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_n
     assert not plan.overtakes(young, fetcher, slow_fetcher_only, 40 * MB)  # not settled
     starting = {fetcher: t(PEER), second: t(PEER, 0, 0, fetcher)}
     assert not plan.needs_probe(starting, fetcher, {}, 0)  # not fetching yet: nothing to judge
+    no_byte_yet = {fetcher: t(UP), second: t(PEER, 0, 0, fetcher)}
+    assert not plan.needs_probe(no_byte_yet, fetcher, {}, 0)  # the others may not have theirs
     assert plan.judging(fetcher, starting) and plan.judging(fetcher, young)
     view = {fetcher: t(UP, 20 * MB, 6 * MB), second: t(PEER, 0, 0, fetcher)}
     assert not plan.judging(fetcher, view)  # settled: the plan goes back to its pace
