@@ -295,10 +295,18 @@ class Sharing:
             raise PeerError(f"peer {peer0.node_id}: its torrent of chunk {idx} of {blob.digest} "
                             f"is not the {length}-byte chunk here (is chunk_size the same on "
                             "every node?)")
-        sources = [p for p, ih in holders if ih in ("", got)] + list(co_downloaders)
+        holding = [p for p, ih in holders if ih in ("", got)]
+        sources = holding + list(co_downloaders)
         endpoints = list(dict.fromkeys((p.address, p.bt_port) for p in sources if p.bt_port))
+
+        def holders_left() -> bool:
+            """A holder that froze is left out within its chunk-map deadline; waiting the
+            stall timeout for it held a frozen-first bench's nodes 9 s."""
+            usable = {p.node_id for p in self.peers.usable()}
+            return any(p.node_id in usable for p in holding)
+
         try:
-            async for data in self.swarm.fetch(torrent, endpoints):
+            async for data in self.swarm.fetch(torrent, endpoints, sources_left=holders_left):
                 yield data
         except (SwarmError, SwarmStalled) as e:
             names = ", ".join(dict.fromkeys(p.node_id for p in sources))

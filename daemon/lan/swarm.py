@@ -16,7 +16,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import cast
 
@@ -237,8 +237,11 @@ class Swarm:
 
     # --- fetching -----------------------------------------------------------------------------
     async def fetch(self, torrent: bytes, peers: list[tuple[str, int]], *,
-                    stall_timeout: float = 10.0) -> AsyncIterator[bytes]:
-        """The chunk's bytes in order, piece by piece, as soon as each piece is verified."""
+                    stall_timeout: float = 10.0,
+                    sources_left: Callable[[], bool] = lambda: True) -> AsyncIterator[bytes]:
+        """The chunk's bytes in order, piece by piece, as soon as each piece is verified.
+        Ends with SwarmStalled after stall_timeout without progress, or as soon as
+        `sources_left` says no peer that holds the chunk is left to get it from."""
         ti = lt.torrent_info(_decoded(torrent))
         ih = str(ti.info_hashes().v1)
         if ih in self._handles:
@@ -256,7 +259,7 @@ class Swarm:
                 if p != self.listen:
                     handle.connect_peer(p)
             for piece in range(fetch.num_pieces):
-                yield await self._next_piece(ih, fetch, piece, stall_timeout)
+                yield await self._next_piece(ih, fetch, piece, stall_timeout, sources_left)
         finally:
             self._fetches.pop(ih, None)
             self._handles.pop(ih, None)
@@ -264,10 +267,13 @@ class Swarm:
                 self._ses.remove_torrent(handle, lt.session.delete_files)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    async def _next_piece(self, ih: str, fetch: _Fetch, piece: int, stall_timeout: float) -> bytes:
+    async def _next_piece(self, ih: str, fetch: _Fetch, piece: int, stall_timeout: float,
+                          sources_left: Callable[[], bool]) -> bytes:
         while piece not in fetch.pieces:
             if fetch.error:
                 raise SwarmError(f"torrent {ih}: {fetch.error}")
+            if not sources_left():
+                raise SwarmStalled(f"torrent {ih}: no peer holding it is left, at piece {piece}")
             idle = time.monotonic() - fetch.last_progress
             if idle > stall_timeout:
                 raise SwarmStalled(f"torrent {ih}: no progress for {idle:.0f}s at piece {piece}")
