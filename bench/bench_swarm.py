@@ -50,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import modelpeer.daemon  # noqa: E402
 from bench.bench_lan import rate_bits, shutdown  # noqa: E402
 from bench.bench_warm import start_nodes, warm_all  # noqa: E402
 from bench.svgplot import (  # noqa: E402
@@ -815,9 +816,18 @@ def print_reports(paths: list[Path]) -> None:
         print(f"## {paths[0]} → {paths[1]}\n\n{compare(results[0]['runs'], results[1]['runs'])}")
 
 
+def daemon_measured() -> str:
+    """The last commit that changed this checkout's daemon, or where the daemon imported
+    instead comes from (PYTHONPATH=DIR runs the code of another commit)."""
+    imported = Path(modelpeer.daemon.__file__).resolve().parent
+    if imported == (ROOT / "daemon").resolve():
+        return git_commit("daemon", "client")
+    return f"imported from {imported}"
+
+
 def session(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     return {"command": " ".join(sys.argv), "commit": git_commit(),
-            "daemon_commit": git_commit("daemon", "client"), "cpus": os.cpu_count(),
+            "daemon_commit": daemon_measured(), "cpus": os.cpu_count(),
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "settings": dataclasses.asdict(settings)}
 
