@@ -29,6 +29,7 @@ COMMIT_BATCH = 1024 * 1024  # fewer, larger commits; the first bytes still go at
 PROBE_BYTES = 4 * 1024 * 1024  # a probe reads at least this much, for at least PROBE_SECONDS
 PROBE_SECONDS = 0.25  # and at most PROBE_MAX_BYTES
 PROBE_MAX_BYTES = 16 * 1024 * 1024
+PROBE_MAX_SECONDS = 0.6  # and for at most this long, whatever it read by then
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 READ_ERRORS = (UpstreamError, OSError, TimeoutError, aiohttp.ClientError)
 
@@ -118,7 +119,10 @@ class UpstreamFetch:
         """The next bytes from the upstream, to learn what it gives this node: PROBE_BYTES and
         PROBE_SECONDS at least, timed from the end of the first piece. 4 MiB alone took 80 ms
         at 50 MB/s, and probes of one 400 Mbit/s lab link read 16 to 56 MB/s: one pause of a
-        busy machine weighed that much (below 3x a slow fetcher, nobody overtakes it)."""
+        busy machine weighed that much (below 3x a slow fetcher, nobody overtakes it). At
+        most PROBE_MAX_SECONDS: three nodes probing a fast node's four blobs at once read
+        2.8 MB/s each, 1.5 s for their 4 MiB, and slowed the fetcher all that time. A probe
+        that read less than PROBE_BYTES is not kept as what the upstream gives."""
         start = writer.offset
         end = min(transfer.blob.size, start + PROBE_MAX_BYTES)
         transfer.mark_source(start, TransferSource.UPSTREAM)
@@ -134,8 +138,7 @@ class UpstreamFetch:
                     await self._write(transfer, writer, data)
                     if first is None:
                         first = (writer.offset, time.monotonic())
-                    elif (writer.offset - first[0] >= PROBE_BYTES
-                          and time.monotonic() - first[1] >= PROBE_SECONDS):
+                    elif _probed_enough(writer.offset - first[0], time.monotonic() - first[1]):
                         break
         except READ_ERRORS as e:
             log.info("probing the upstream for %s failed: %s", transfer.label, e)
@@ -143,10 +146,12 @@ class UpstreamFetch:
         finally:
             transfer.probing = self.probing = False
             transfer.mark_source(writer.offset, TransferSource.PEER)
-        if first is not None:
-            self._note_rate(writer.offset - first[0], time.monotonic() - first[1])
+        if first is None:
+            return
+        nbytes, seconds = writer.offset - first[0], time.monotonic() - first[1]
+        self._note_rate(nbytes, seconds)
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
-                 self.rate() / 1e6, writer.offset - start)
+                 nbytes / max(seconds, 1e-3) / 1e6, writer.offset - start)
 
     async def _locate(self, origin: Origin) -> URL:
         """The URL the upstream serves the bytes at (a CDN after a redirect, or the Hub)."""
@@ -286,6 +291,10 @@ class UpstreamFetch:
             raise
         finally:
             seg.changed.set()
+
+
+def _probed_enough(nbytes: int, seconds: float) -> bool:
+    return seconds >= PROBE_MAX_SECONDS or (nbytes >= PROBE_BYTES and seconds >= PROBE_SECONDS)
 
 
 def segment_bounds(offset: int, size: int, connections: int) -> list[tuple[int, int]]:

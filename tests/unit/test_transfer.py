@@ -20,7 +20,16 @@ from modelpeer.daemon.registry import Transfers
 from modelpeer.daemon.store import BlobId, Store
 from modelpeer.daemon.transfer import Origin, Transfer, TransferSource
 from modelpeer.daemon.upstream import Answer, Upstream
-from modelpeer.daemon.upstreamfetch import MIN_SEGMENT, SEGMENT, UpstreamFetch, segment_bounds
+from modelpeer.daemon.upstreamfetch import (
+    MIN_SEGMENT,
+    PROBE_BYTES,
+    PROBE_MAX_SECONDS,
+    PROBE_SECONDS,
+    SEGMENT,
+    UpstreamFetch,
+    _probed_enough,
+    segment_bounds,
+)
 from tests.harness import MiB
 
 DATA = bytes(range(10))
@@ -124,3 +133,10 @@ def test_segments_cover_the_rest_and_shrink_to_the_end(offset: int, length: int,
     assert sum(lengths[-connections:]) <= connections * MIN_SEGMENT
     # and the long run of the blob still goes in whole SEGMENTs (few requests)
     assert len(bounds) <= length / SEGMENT + 6 * connections + 1
+
+
+def test_a_probe_reads_enough_to_measure_and_never_long() -> None:
+    assert not _probed_enough(PROBE_BYTES, 0.1)  # a pause of a busy machine weighs too much
+    assert _probed_enough(PROBE_BYTES, PROBE_SECONDS)
+    assert not _probed_enough(PROBE_BYTES // 2, PROBE_SECONDS)
+    assert _probed_enough(PROBE_BYTES // 2, PROBE_MAX_SECONDS)  # a crowded link: stop anyway
