@@ -233,19 +233,22 @@ class Plan:
         of the blob, ahead of this one, at least as fast and not slow itself (the node that
         overtook this slow one, which then stops taking its share of the upstream link; or
         one of two nodes that went to the upstream at once). Only the one behind yields, so
-        two fetchers never both stop, and a fetcher never hands back to a node it overtook (one
-        whose blob had not moved in a rate window reads as young, not slow, and an overtaker
-        handed back to it: the others then followed the slow node to the end, 8.5x T1 in the
-        slow-first bench). A fetcher too young to have a rate counts at the best rate the
-        upstream gave any node (an overtaker often reads a blob in less than a rate window;
-        waiting for its rate, the slow node read on until the blob was complete elsewhere and
-        then took it over BitTorrent on its full link). None while this node's rate has not
-        settled."""
+        two fetchers never both stop, and a fetcher hands back to a node it overtook only on
+        a rate measured (a slow node whose blob had not moved in a rate window read as young,
+        at the best upstream rate, and an overtaker handed back to it: the others then
+        followed the slow node to the end, 8.5x T1 in the slow-first bench; but a fetcher
+        overtaken while its TCP share was starved, which recovered and is ahead, is handed
+        back to, or both read the blob to its end). A fetcher too young to have a rate counts
+        at the best rate the upstream gave any node (an overtaker often reads a blob in less
+        than a rate window; waiting for its rate, the slow node read on until the blob was
+        complete elsewhere and then took it over BitTorrent on its full link). None while
+        this node's rate has not settled."""
         if own_rate <= 0:
             return None
         presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
         rates = {n: self._effective_rate(n, _pace(t), presumed) for n, t in transfers.items()
-                 if n != self.node_id and not self.dropped(n) and n not in self.overtaken
+                 if n != self.node_id and not self.dropped(n)
+                 and (n not in self.overtaken or _pace(t) > 0)
                  and t.source == TransferSource.UPSTREAM and t.available > offset
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
         ahead = {n: rate for n, rate in rates.items() if rate >= own_rate}

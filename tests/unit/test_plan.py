@@ -260,6 +260,8 @@ def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
     assert hand_over(stalled_slow, 1 * MB, 10 * MB) == fast
     plan.overtaken.add(fast)
     assert hand_over(stalled_slow, 1 * MB, 10 * MB) is None
+    # ... unless a rate of its own says it is ahead and as fast (a starved fetcher recovered)
+    assert hand_over({fast: t(UP, 11 * MB, 20 * MB)}, 1 * MB, 10 * MB) == fast
 
 
 def test_complete_chunks_beat_a_feeder_that_waits_or_is_slow() -> None:
