@@ -275,16 +275,22 @@ class Plan:
 
     def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
         """Whether the rate of `source` is about to settle, and this node is the one to probe
-        or overtake it (an upstream fetcher), or it has not started fetching at all (the
-        first of nodes starting together: it goes to the upstream within SETTLE): the plan is
-        made again soon, not after a whole relay period (in the slow-first bench the first
+        or overtake it: the first behind an upstream fetcher, or right behind the first of
+        nodes starting together, which goes to the upstream within SETTLE. The plan is made
+        again soon, not after a whole relay period (in the slow-first bench the first
         overtake waited up to 1.5 s for it, and the probe 1.5 s for the fetcher to start).
         Only then: a relay period shorter than a source's first byte, or than CHECK_EVERY,
         never drops a silent source or measures a drip (the stall window and the drip check
-        count within one relay; a source stuck for the stall window is settled, at 0)."""
+        count within one relay; a source stuck for the stall window is settled, at 0); and
+        nodes that all re-planned every 0.5 s while young left their chain for the fetcher
+        (each a few KB behind the node ahead, which then had no byte for it)."""
         t = transfers.get(source)
-        return (t is not None and self.delivered(source, transfers) is None
-                and (t.source != TransferSource.UPSTREAM or self._first_behind(transfers, source)))
+        if t is None or self.delivered(source, transfers) is not None:
+            return False
+        if t.source == TransferSource.UPSTREAM:
+            return self._first_behind(transfers, source)
+        chain = self.chain(transfers)
+        return chain[:2] == [source, self.node_id]
 
     def overtake_pause(self) -> float:
         """How long this node waits before it confirms an overtake: spread over

@@ -125,6 +125,8 @@ def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_n
     no_byte_yet = {fetcher: t(UP), second: t(PEER, 0, 0, fetcher)}
     assert not plan.needs_probe(no_byte_yet, fetcher, {}, 0)  # the others may not have theirs
     assert plan.judging(fetcher, starting) and plan.judging(fetcher, young)
+    # a node further down the chain keeps its pace: all re-planning at once broke the chain
+    assert not Plan(second, "d" * 64).judging(fetcher, {fetcher: t(PEER), first: t(PEER)})
     view = {fetcher: t(UP, 20 * MB, 6 * MB), second: t(PEER, 0, 0, fetcher)}
     assert not plan.judging(fetcher, view)  # settled: the plan goes back to its pace
     assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
