@@ -134,10 +134,11 @@ class Warmup:
         commit = await self._resolve(repo, revision, token)
         files = await self._list(repo, commit, token, include, exclude)
         nodes = self._choose(nodes_wanted)
+        node_ids = [n for n, _ in nodes]
         job = Job(secrets.token_hex(6), repo.type, repo.id, revision, commit, files, token,
                   pin=body.get("pin") is True, confirmed=True,
-                  members=tuple(n for n, _ in nodes) if self.peers is not None else ())
-        self.members[job.id] = [n for n, _ in nodes]
+                  members=tuple(node_ids) if self.peers is not None else ())
+        self.members[job.id] = node_ids
         self._keep_token(job)
         remote = [(node_id, peer) for node_id, peer in nodes if peer is not None]
         if len(remote) < len(nodes):
