@@ -306,10 +306,16 @@ class Plan:
         (probing once it had settled, a slow first fetcher was overtaken 2.2-2.7 s into the
         pull). Not before: nodes that start together read their first bytes about then, and
         say so in their chunk maps; a node that probed at the very start of a warm job, on a
-        link the job's fetchers were filling, read 4 MiB at 2 MB/s."""
-        others_know = any(r for n, r in upstream_rates.items() if n != source)
+        link the job's fetchers were filling, read 4 MiB at 2 MB/s. Never by a node that
+        handed its upstream read over: it is the slow one, and would measure its own link
+        (an overtaken node probed its overtaker, whose rate only it knew, for 16 MiB). Nor
+        while another node probes: of nodes starting together, one that took itself for the
+        first behind the fetcher before a lower-ranked one had chosen its feeder probes, and
+        the lower-ranked one probed too when it looked."""
+        others_know = (any(r for n, r in upstream_rates.items() if n != source)
+                       or any(t.probing for t in transfers.values()))
         fetcher = transfers.get(source)
-        return (fetcher is not None and fetcher.available > 0
+        return (not self.handed_over and fetcher is not None and fetcher.available > 0
                 and self._first_behind(transfers, source)
                 and own_upstream_rate == 0 and not others_know)
 
@@ -392,7 +398,7 @@ def peer_view(t: Transfer) -> PeerTransfer:
     an upstream fetcher to them."""
     source = TransferSource.PEER if t.probing else t.source
     return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder,
-                        t.intake.settled_rate)
+                        t.intake.settled_rate, t.probing)
 
 
 def own_upstream_rate(measured: float, transfers: Iterable[Transfer]) -> float:

@@ -150,6 +150,12 @@ def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_n
     known = {**slow_fetcher_only, second: 45 * MB}
     assert not plan.needs_probe(view, fetcher, known, 0)
     assert plan.overtakes(view, fetcher, known, 0)
+    # nor while another node probes, whatever its rank (it chose its feeder first)
+    probing = {**view, second: dataclasses.replace(t(PEER, 2 * MB, 0, fetcher), probing=True)}
+    assert not plan.needs_probe(probing, fetcher, slow_fetcher_only, 0)
+    # a slow node that handed its upstream read over does not probe the node it relays from
+    plan.handed_over = True
+    assert not plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
 
 
 def test_the_rate_meter_counts_the_last_window() -> None:
