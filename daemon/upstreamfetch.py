@@ -30,6 +30,11 @@ PROBE_BYTES = 4 * 1024 * 1024  # a probe reads at least this much, for at least 
 PROBE_SECONDS = 0.25  # and at most PROBE_MAX_BYTES
 PROBE_MAX_BYTES = 16 * 1024 * 1024
 PROBE_MAX_SECONDS = 0.6  # and for at most this long, whatever it read by then
+# a segment that got no byte this long while its siblings got STARVED_SIBLING_BYTES is asked
+# again on a new connection, at most STARVED_RETRIES times
+STARVED_SECONDS = 1.0
+STARVED_SIBLING_BYTES = 2 * 1024 * 1024
+STARVED_RETRIES = 3
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 READ_ERRORS = (UpstreamError, OSError, TimeoutError, aiohttp.ClientError)
 
@@ -45,6 +50,22 @@ class _Segment:
         self.finished = False
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
+        # when the last piece came (or the read began), and the blob's upstream bytes then
+        self.quiet_since = (time.monotonic(), 0)
+        self.restarts = 0  # reads of a starved connection asked again
+
+    def waiting(self, bytes_upstream: int) -> None:
+        self.quiet_since = (time.monotonic(), bytes_upstream)
+
+    def starved(self, bytes_upstream: int) -> bool:
+        """No byte for STARVED_SECONDS while the blob's other segments got their bytes: one
+        of many connections into a full drop-tail queue that TCP left waiting (in the lab,
+        one read 11 KB in 3 s beside siblings at full speed, and peers then took the whole
+        fetcher for a slow one)."""
+        since, then = self.quiet_since
+        return (self.restarts < STARVED_RETRIES
+                and time.monotonic() - since >= STARVED_SECONDS
+                and bytes_upstream - then >= STARVED_SIBLING_BYTES)
 
     async def put(self, writer: BlobWriter, piece: bytes | memoryview) -> None:
         """A piece just received (a view of a reused buffer: put before the next is read)."""
@@ -74,6 +95,10 @@ class _Stop:
 
 class _StoreFailed(Exception):
     """Putting received bytes into the store failed: the disk, not the upstream."""
+
+
+class _Starved(Exception):
+    """A segment's connection starved beside its siblings (_Segment.starved)."""
 
 
 class UpstreamFetch:
@@ -274,11 +299,12 @@ class UpstreamFetch:
             while seg.start + seg.filled < seg.end:
                 before = seg.filled
                 try:
-                    async for data in self.upstream.read_range(
-                            url, seg.start + seg.filled, seg.end, token=origin.token):
-                        transfer.received(len(data))
-                        self._on_bytes(len(data))
-                        await seg.put(writer, data)
+                    await self._read_unless_starved(seg, url, origin, transfer, writer)
+                except _Starved:
+                    seg.restarts += 1
+                    log.info("fetching %s: the connection for bytes %d to %d got nothing for "
+                             "%.1fs while the others got theirs; asking again", transfer.label,
+                             seg.start + seg.filled, seg.end, STARVED_SECONDS)
                 except (RangeIgnored, _StoreFailed):
                     raise
                 except READ_ERRORS as e:
@@ -292,6 +318,33 @@ class UpstreamFetch:
             raise
         finally:
             seg.changed.set()
+
+
+    async def _read_unless_starved(self, seg: _Segment, url: URL, origin: Origin,
+                                   transfer: Transfer, writer: BlobWriter) -> None:
+        """The rest of the segment over one connection; _Starved if it starves."""
+        reading = asyncio.ensure_future(self._read_range(seg, url, origin, transfer, writer))
+        try:
+            while not reading.done():
+                await asyncio.wait({reading}, timeout=STARVED_SECONDS / 4)
+                if not reading.done() and seg.starved(transfer.bytes_upstream):
+                    raise _Starved
+            reading.result()
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    async def _read_range(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
+                          writer: BlobWriter) -> None:
+        seg.waiting(transfer.bytes_upstream)
+        pieces = self.upstream.read_range(url, seg.start + seg.filled, seg.end,
+                                          token=origin.token)
+        async with contextlib.aclosing(pieces):
+            async for data in pieces:
+                transfer.received(len(data))
+                self._on_bytes(len(data))
+                await seg.put(writer, data)
+                seg.waiting(transfer.bytes_upstream)
 
 
 def _probed_enough(nbytes: int, seconds: float, left: int) -> bool:

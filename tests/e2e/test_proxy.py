@@ -129,6 +129,20 @@ def test_four_cold_clients_share_one_upstream_download_despite_drops(
     assert len(want) <= cdn <= 1.3 * len(want), f"{cdn} CDN bytes for a {len(want)}-byte file"
 
 
+def test_a_connection_starved_beside_its_siblings_is_asked_again(
+        start_daemon: StartDaemon, hf_home: HfHome, hub: FakeHub) -> None:
+    d = start_daemon()
+    want = expected_files(MODEL)[BIG_FILE]
+    # the CDN holds one segment's connection open with nothing more on it for a minute
+    hub.faults(cdn_stall_at=len(want) // 2 + 12345)
+    started = time.monotonic()
+    assert download(d, hf_home(), MODEL, BIG_FILE) == want
+    took = time.monotonic() - started
+    assert took < 10, f"{took:.1f}s: the download waited on the starved connection"
+    assert "got nothing for 1.0s while the others got theirs; asking again" in d.log()
+    assert hub.stats()["cdn_bytes"] <= len(want) + MiB
+
+
 def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
         start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()

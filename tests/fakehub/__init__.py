@@ -111,7 +111,7 @@ class FakeHub:
     def faults(self, **faults: Any) -> dict[str, Any]:
         """Set some faults (hub_status, hub_down, cdn_status, cdn_drop_after, cdn_drop_count,
         cdn_rate, cdn_first_byte_delay, cdn_corrupt, cdn_corrupt_at, cdn_short,
-        cdn_ignore_range); returns all of them."""
+        cdn_ignore_range, cdn_stall_at); returns all of them."""
         return self._call("POST", "/_fake/faults", faults)
 
     def reset(self) -> None:

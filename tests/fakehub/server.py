@@ -61,12 +61,15 @@ class Faults:
     cdn_corrupt_at: int = -1  # flip the byte at this blob offset in every answer holding it
     cdn_short: bool = False
     cdn_ignore_range: bool = False  # answer a Range request with 200 and the whole body
+    # the first answer to get to this blob offset sends nothing more and holds its connection
+    # open for a minute (one that TCP left waiting); later answers go past it
+    cdn_stall_at: int = -1
 
     @property
     def cdn_streaming(self) -> bool:
         return bool(self.cdn_drop_after or self.cdn_rate or self.cdn_corrupt or self.cdn_short
                     or self.cdn_first_byte_delay or self.cdn_corrupt_at >= 0
-                    or self.cdn_ignore_range)
+                    or self.cdn_ignore_range or self.cdn_stall_at >= 0)
 
 
 class HubError(Exception):
@@ -440,6 +443,12 @@ class FakeHub:
             pos = a
             while pos < end:
                 n = min(PIECE, end - pos, (drop - sent) if drop else PIECE)
+                if pos <= f.cdn_stall_at < pos + n:
+                    if pos == f.cdn_stall_at:
+                        f.cdn_stall_at = -1
+                        await asyncio.sleep(60)
+                        abort(request)
+                    n = f.cdn_stall_at - pos
                 data = bytearray(fh.read(n))
                 for at in flips:
                     if pos <= at < pos + n:
