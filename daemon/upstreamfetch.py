@@ -322,12 +322,15 @@ class UpstreamFetch:
 
     async def _read_unless_starved(self, seg: _Segment, url: URL, origin: Origin,
                                    transfer: Transfer, writer: BlobWriter) -> None:
-        """The rest of the segment over one connection; _Starved if it starves."""
+        """The rest of the segment over one connection; _Starved if it starves. Not under a
+        local upstream_rate: the limit's own queue holds a segment that long (at 1 MB/s, the
+        fourth of four 1 MiB pieces waits 4 s)."""
         reading = asyncio.ensure_future(self._read_range(seg, url, origin, transfer, writer))
         try:
             while not reading.done():
                 await asyncio.wait({reading}, timeout=STARVED_SECONDS / 4)
-                if not reading.done() and seg.starved(transfer.bytes_upstream):
+                if (not reading.done() and not self.upstream.rate.rate
+                        and seg.starved(transfer.bytes_upstream)):
                     raise _Starved
             reading.result()
         finally:

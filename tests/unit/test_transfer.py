@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ from modelpeer.daemon.upstreamfetch import (
     PROBE_MAX_SECONDS,
     PROBE_SECONDS,
     SEGMENT,
+    STARVED_RETRIES,
+    STARVED_SECONDS,
     UpstreamFetch,
     _probed_enough,
+    _Segment,
     segment_bounds,
 )
 from tests.harness import MiB
@@ -145,3 +149,16 @@ def test_a_probe_reads_enough_to_measure_and_never_long() -> None:
     assert not _probed_enough(PROBE_BYTES, PROBE_SECONDS, PROBE_BYTES // 2)
     assert not _probed_enough(PROBE_BYTES, PROBE_MAX_SECONDS, PROBE_BYTES // 3)
     assert _probed_enough(PROBE_BYTES, PROBE_MAX_SECONDS, PROBE_BYTES)
+
+
+def test_a_segment_starves_only_while_its_siblings_get_bytes() -> None:
+    seg = _Segment(0, 8 * MiB)
+    quiet = time.monotonic() - STARVED_SECONDS - 0.1
+    seg.quiet_since = (quiet, 10 * MiB)
+    assert seg.starved(13 * MiB)
+    assert not seg.starved(10 * MiB + 100)  # nothing came to anyone: the upstream is slow
+    seg.quiet_since = (time.monotonic() - STARVED_SECONDS / 2, 10 * MiB)
+    assert not seg.starved(40 * MiB)  # not silent long enough
+    seg.quiet_since = (quiet, 10 * MiB)
+    seg.restarts = STARVED_RETRIES
+    assert not seg.starved(40 * MiB)  # asked again enough: it waits like any other read
