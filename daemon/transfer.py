@@ -90,6 +90,7 @@ class Transfer:
         self.peers_used: set[str] = set()  # node ids that sent bytes or torrents
         self.feeder = ""  # the node relaying the blob to this one now, if any
         self.probing = False  # reading a few MiB from the upstream to measure it
+        self.leaf = False  # handed its upstream read to a faster fetcher: it feeds no peer
         self.meter = RateMeter()  # how fast the prefix grows: what this node can relay
         self.intake = RateMeter()  # bytes arriving from the current source: see received()
         self._sources: list[tuple[int, TransferSource]] = [(0, TransferSource.STORE)]

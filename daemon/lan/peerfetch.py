@@ -153,7 +153,7 @@ class PeerFetch:
             node = plan.hand_over_to(held.transfers, own, writer.offset, held.upstream_rates,
                                      self._upstream_rate())
             if node is not None:
-                plan.handed_over = True
+                plan.handed_over = transfer.leaf = True
                 ahead = held.transfers[node]
                 log.info("%s: node %s reads it from the upstream too, at byte %d at %.1f MB/s "
                          "(this node: byte %d at %.1f MB/s); relaying the rest from it",

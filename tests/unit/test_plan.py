@@ -440,3 +440,17 @@ def test_an_overtaken_slow_fetcher_is_no_feeder_beside_its_overtaker() -> None:
     assert plan.decide(view, 9 * MB, {overtaker: 45 * MB}) == Relay(overtaker)
     # alone, the slow fetcher still feeds: nobody else has the bytes
     assert plan.decide({slow: view[slow]}, 9 * MB, {overtaker: 45 * MB}) == Relay(slow)
+
+
+def test_a_slow_node_that_handed_over_is_a_leaf_nobody_relays_from() -> None:
+    overtaker, slow, me = nodes_in_rank_order(n=3)  # the slow one is nearest ahead
+    # relaying from the overtaker, its rate anew and young: it counted at its feeder's rate
+    relaying = t(PEER, 5 * MB, 0, overtaker)
+    view = {overtaker: t(UP, 30 * MB, 0), slow: relaying}
+    plan = Plan(me, "d" * 64)
+    assert plan.decide(view, 3 * MB, {overtaker: 45 * MB}) == Relay(slow)
+    leaf = {**view, slow: dataclasses.replace(relaying, leaf=True)}
+    assert plan.decide(leaf, 3 * MB, {overtaker: 45 * MB}) == Relay(overtaker)
+    # a leaf that the upstream has back is a fetcher like any
+    back = {slow: dataclasses.replace(t(UP, 5 * MB, 0), leaf=True)}
+    assert plan.decide(back, 3 * MB, {overtaker: 45 * MB}) == Relay(slow)
