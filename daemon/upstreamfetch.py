@@ -30,9 +30,10 @@ PROBE_BYTES = 4 * 1024 * 1024  # a probe reads at least this much, for at least 
 PROBE_SECONDS = 0.25  # and at most PROBE_MAX_BYTES
 PROBE_MAX_BYTES = 16 * 1024 * 1024
 PROBE_MAX_SECONDS = 0.6  # and for at most this long, whatever it read by then
-# a segment that got no byte this long while its siblings got STARVED_SIBLING_BYTES is asked
-# again on a new connection, at most STARVED_RETRIES times
+# a segment that got less than 1/STARVED_SHARE of what its siblings got (STARVED_SIBLING_BYTES
+# at least) over STARVED_SECONDS is asked again on a new connection, STARVED_RETRIES times at most
 STARVED_SECONDS = 1.0
+STARVED_SHARE = 16
 STARVED_SIBLING_BYTES = 2 * 1024 * 1024
 STARVED_RETRIES = 3
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
@@ -50,22 +51,30 @@ class _Segment:
         self.finished = False
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
-        # when the last piece came (or the read began), and the blob's upstream bytes then
-        self.quiet_since = (time.monotonic(), 0)
+        # when the segment's window of STARVED_SECONDS began, its bytes and the blob's then
+        self.window = (time.monotonic(), 0, 0)
         self.restarts = 0  # reads of a starved connection asked again
 
-    def waiting(self, bytes_upstream: int) -> None:
-        self.quiet_since = (time.monotonic(), bytes_upstream)
+    def new_window(self, bytes_upstream: int) -> None:
+        self.window = (time.monotonic(), self.filled, bytes_upstream)
 
     def starved(self, bytes_upstream: int) -> bool:
-        """No byte for STARVED_SECONDS while the blob's other segments got their bytes: one
-        of many connections into a full drop-tail queue that TCP left waiting (in the lab,
-        one read 11 KB in 3 s beside siblings at full speed, and peers then took the whole
-        fetcher for a slow one)."""
-        since, then = self.quiet_since
-        return (self.restarts < STARVED_RETRIES
-                and time.monotonic() - since >= STARVED_SECONDS
-                and bytes_upstream - then >= STARVED_SIBLING_BYTES)
+        """Whether, over the window just ended, the segment got less than 1/STARVED_SHARE of
+        what the blob's other segments got; a new window begins when one ended otherwise.
+        One of many connections into a full drop-tail queue that TCP left waiting: in the
+        lab one read 11 KB in 3 s beside siblings at full speed, and an overtaker's first
+        segment trickled 1 MiB in 3 s; the prefix stops there, so peers took the whole
+        fetcher for a slow one, or had nothing to relay from it."""
+        since, filled, then = self.window
+        if time.monotonic() - since < STARVED_SECONDS:
+            return False
+        own = self.filled - filled
+        others = bytes_upstream - then - own
+        if (self.restarts < STARVED_RETRIES and others >= STARVED_SIBLING_BYTES
+                and own * STARVED_SHARE < others):
+            return True
+        self.new_window(bytes_upstream)
+        return False
 
     async def put(self, writer: BlobWriter, piece: bytes | memoryview) -> None:
         """A piece just received (a view of a reused buffer: put before the next is read)."""
@@ -302,9 +311,9 @@ class UpstreamFetch:
                     await self._read_unless_starved(seg, url, origin, transfer, writer)
                 except _Starved:
                     seg.restarts += 1
-                    log.info("fetching %s: the connection for bytes %d to %d got nothing for "
-                             "%.1fs while the others got theirs; asking again", transfer.label,
-                             seg.start + seg.filled, seg.end, STARVED_SECONDS)
+                    log.info("fetching %s: the connection for bytes %d to %d got under 1/%d "
+                             "of what the others got in %.1fs; asking again", transfer.label,
+                             seg.start + seg.filled, seg.end, STARVED_SHARE, STARVED_SECONDS)
                 except (RangeIgnored, _StoreFailed):
                     raise
                 except READ_ERRORS as e:
@@ -339,7 +348,7 @@ class UpstreamFetch:
 
     async def _read_range(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
                           writer: BlobWriter) -> None:
-        seg.waiting(transfer.bytes_upstream)
+        seg.new_window(transfer.bytes_upstream)
         pieces = self.upstream.read_range(url, seg.start + seg.filled, seg.end,
                                           token=origin.token)
         async with contextlib.aclosing(pieces):
@@ -347,7 +356,6 @@ class UpstreamFetch:
                 transfer.received(len(data))
                 self._on_bytes(len(data))
                 await seg.put(writer, data)
-                seg.waiting(transfer.bytes_upstream)
 
 
 def _probed_enough(nbytes: int, seconds: float, left: int) -> bool:

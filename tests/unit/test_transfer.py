@@ -29,6 +29,7 @@ from modelpeer.daemon.upstreamfetch import (
     SEGMENT,
     STARVED_RETRIES,
     STARVED_SECONDS,
+    STARVED_SHARE,
     UpstreamFetch,
     _probed_enough,
     _Segment,
@@ -153,12 +154,19 @@ def test_a_probe_reads_enough_to_measure_and_never_long() -> None:
 
 def test_a_segment_starves_only_while_its_siblings_get_bytes() -> None:
     seg = _Segment(0, 8 * MiB)
-    quiet = time.monotonic() - STARVED_SECONDS - 0.1
-    seg.quiet_since = (quiet, 10 * MiB)
-    assert seg.starved(13 * MiB)
+    ended = time.monotonic() - STARVED_SECONDS - 0.1
+    seg.window = (ended, 0, 10 * MiB)
+    assert seg.starved(13 * MiB)  # nothing here, 3 MiB to the others
+    seg.filled = 3 * MiB // STARVED_SHARE - 1
+    assert seg.starved(13 * MiB + seg.filled)  # a trickle beside them
+    seg.window = (ended, 0, 10 * MiB)
+    seg.filled = MiB
+    assert not seg.starved(14 * MiB)  # a quarter of what came: its share
+    assert seg.window[1:] == (MiB, 14 * MiB)  # and a new window begins
+    seg.window = (ended, MiB, 10 * MiB)
     assert not seg.starved(10 * MiB + 100)  # nothing came to anyone: the upstream is slow
-    seg.quiet_since = (time.monotonic() - STARVED_SECONDS / 2, 10 * MiB)
-    assert not seg.starved(40 * MiB)  # not silent long enough
-    seg.quiet_since = (quiet, 10 * MiB)
+    seg.window = (time.monotonic() - STARVED_SECONDS / 2, MiB, 10 * MiB)
+    assert not seg.starved(40 * MiB)  # the window has not ended
+    seg.window = (ended, MiB, 10 * MiB)
     seg.restarts = STARVED_RETRIES
     assert not seg.starved(40 * MiB)  # asked again enough: it waits like any other read
