@@ -172,8 +172,7 @@ class UpstreamFetch:
                     await self._write(transfer, writer, data)
                     if first is None:
                         first = (writer.offset, time.monotonic())
-                    elif _probed_enough(writer.offset - first[0], time.monotonic() - first[1],
-                                        end - writer.offset):
+                    elif _probed_enough(writer.offset - first[0], time.monotonic() - first[1]):
                         break
         except READ_ERRORS as e:
             log.info("probing the upstream for %s failed: %s", transfer.label, e)
@@ -358,12 +357,7 @@ class UpstreamFetch:
                 await seg.put(writer, data)
 
 
-def _probed_enough(nbytes: int, seconds: float, left: int) -> bool:
-    """Whether a probe that read `nbytes` in `seconds` stops, with `left` bytes of its range
-    still to come. Not when the rest comes within PROBE_SECONDS at the rate it read: the CDN
-    has sent most of it already, and a probe cut at 11 MB of 16 MiB cost the WAN 16 MiB."""
-    if left * seconds <= nbytes * PROBE_SECONDS:
-        return False
+def _probed_enough(nbytes: int, seconds: float) -> bool:
     return seconds >= PROBE_MAX_SECONDS or (nbytes >= PROBE_BYTES and seconds >= PROBE_SECONDS)
 
 

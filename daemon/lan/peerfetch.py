@@ -199,30 +199,16 @@ class PeerFetch:
         peer = self.sharing.peers.peers.get(node)
         if peer is None:
             plan.drop(node)
-        elif self._probes(plan, held, node, transfer.blob) and await self._still_probes(
-                plan, transfer, node):
+        elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self._upstream_rate())
+                and not plan.probed and not self.upstream.probing and not self._reads_upstream()
+                and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
+            # the others relaying from `node` see this one behind it: only one of them probes
+            transfer.feeder = node
             await self.upstream.probe(transfer, writer, origin)
         else:
             await self._relay_from(transfer, writer, plan, held.transfers, peer,
                                    self._relay_period(plan, held, node))
-
-    def _probes(self, plan: Plan, held: Holders, node: str, blob: BlobId) -> bool:
-        return (plan.needs_probe(held.transfers, node, held.upstream_rates,
-                                 self._upstream_rate())
-                and not plan.probed and not self.upstream.probing and not self._reads_upstream()
-                and blob.size >= PROBED_BLOB)
-
-    async def _still_probes(self, plan: Plan, transfer: Transfer, node: str) -> bool:
-        """Whether probing still stands after a pause of this node's own and fresh chunk
-        maps. Nodes that start the blob together do not know yet that the others relay from
-        `node`, and each took itself for the first behind it: three probed at once in CI and
-        their relays then waited on each other for a period. Through the pause this node
-        shows `node` as its feeder, so the later ones see it ahead in rendezvous order."""
-        transfer.feeder = node
-        await asyncio.sleep(plan.overtake_pause())
-        return self._probes(plan, await self.sharing.holders(transfer.blob), node,
-                            transfer.blob)
 
     def _relay_period(self, plan: Plan, held: Holders, node: str) -> float:
         """How long a relay runs before the plan is made again. A node that handed its

@@ -309,9 +309,13 @@ class Plan:
         link the job's fetchers were filling, read 4 MiB at 2 MB/s. Never by a node that
         handed its upstream read over: it is the slow one, and would measure its own link
         (an overtaken node probed its overtaker, whose rate only it knew, for 16 MiB). Nor
-        while another node probes: of nodes starting together, one that took itself for the
-        first behind the fetcher before a lower-ranked one had chosen its feeder probes, and
-        the lower-ranked one probed too when it looked."""
+        while another node probes the blob: of nodes starting together, each took itself for
+        the first behind the fetcher before the others had chosen their feeder, and in CI
+        three probed one blob at once (their relays then waited a period on each other's
+        missing bytes). Nodes behind the fetchers of different blobs do probe at once: each
+        then knows at once what the upstream gives it, and the overtakes of a slow node's four
+        blobs come together, before the first overtakers fill the link (with one probe among
+        them they came 2.2-4.5 s in, the later ones held by the full link: 1.45-1.66x T1)."""
         others_know = (any(r for n, r in upstream_rates.items() if n != source)
                        or any(t.probing for t in transfers.values()))
         fetcher = transfers.get(source)

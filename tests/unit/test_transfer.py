@@ -141,15 +141,10 @@ def test_segments_cover_the_rest_and_shrink_to_the_end(offset: int, length: int,
 
 
 def test_a_probe_reads_enough_to_measure_and_never_long() -> None:
-    left = 12 * PROBE_BYTES
-    assert not _probed_enough(PROBE_BYTES, 0.1, left)  # a busy machine's pause weighs too much
-    assert _probed_enough(PROBE_BYTES, PROBE_SECONDS, left)
-    assert not _probed_enough(PROBE_BYTES // 2, PROBE_SECONDS, left)
-    assert _probed_enough(PROBE_BYTES // 2, PROBE_MAX_SECONDS, left)  # crowded: stop anyway
-    # the rest of the range, due within PROBE_SECONDS at this rate, is read: it is on its way
-    assert not _probed_enough(PROBE_BYTES, PROBE_SECONDS, PROBE_BYTES // 2)
-    assert not _probed_enough(PROBE_BYTES, PROBE_MAX_SECONDS, PROBE_BYTES // 3)
-    assert _probed_enough(PROBE_BYTES, PROBE_MAX_SECONDS, PROBE_BYTES)
+    assert not _probed_enough(PROBE_BYTES, 0.1)  # a pause of a busy machine weighs too much
+    assert _probed_enough(PROBE_BYTES, PROBE_SECONDS)
+    assert not _probed_enough(PROBE_BYTES // 2, PROBE_SECONDS)
+    assert _probed_enough(PROBE_BYTES // 2, PROBE_MAX_SECONDS)  # a crowded link: stop anyway
 
 
 def test_a_segment_starves_only_while_its_siblings_get_bytes() -> None:
