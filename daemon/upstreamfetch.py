@@ -327,7 +327,6 @@ class UpstreamFetch:
         finally:
             seg.changed.set()
 
-
     async def _read_unless_starved(self, seg: _Segment, url: URL, origin: Origin,
                                    transfer: Transfer, writer: BlobWriter) -> None:
         """The rest of the segment over one connection; _Starved if it starves. Not under a
