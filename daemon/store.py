@@ -42,6 +42,10 @@ MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ..
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
 OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ROOM_RETRY = 1.0  # seconds between asks for room that fell short (the blobs to evict were read)
+# bytes put ahead of the order are written on the event loop's thread, the core that received
+# them, unless a write lately took longer than SLOW_WRITE: then in threads for SLOW_DISK_KEPT
+SLOW_WRITE = 0.02
+SLOW_DISK_KEPT = 30.0
 ALGOS = ("sha256", "gitsha1")
 _CHUNK_NAME = re.compile(r"([0-9a-f]{40,64})\.([0-9]+)(\.part)?")
 _HEX = {"sha256": re.compile(r"[0-9a-f]{64}"), "gitsha1": re.compile(r"[0-9a-f]{40}")}
@@ -116,7 +120,25 @@ class Store:
         # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
         # checked before its first read, and by check_unchecked() behind the start
         self.unchecked: dict[tuple[str, int], tuple[int, str]] = {}
+        self._slow_disk_until = 0.0  # writes go to threads until then (write_inline)
         (root / "chunks").mkdir(parents=True, exist_ok=True)
+
+    def write_inline(self, writes: list[tuple[int, int, memoryview]]) -> bool:
+        """Write on the calling (event loop) thread, while the disk keeps up: the bytes are
+        in this core's cache, and a copy made on another core was what the page-cache write
+        cost (docs/benchmarks.md, issue 15, session 11). False, writing nothing, while the
+        disk is slow lately: a write the kernel throttles must not hold the event loop."""
+        if time.monotonic() < self._slow_disk_until:
+            return False
+        started = time.monotonic()
+        _pwrite_all(writes)
+        took = time.monotonic() - started
+        if took > SLOW_WRITE:
+            self._slow_disk_until = time.monotonic() + SLOW_DISK_KEPT
+            log.info("writing %d bytes under %s took %.0f ms: the disk is behind; writing in "
+                     "threads for %.0f s", sum(len(d) for _, _, d in writes), self.root,
+                     took * 1000, SLOW_DISK_KEPT)
+        return True
 
     # --- pins -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -743,7 +765,8 @@ class BlobWriter:
     @_full_disk_is_store_full
     async def put(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
-        (while they are in the CPU cache); commit() takes them in order later."""
+        (while they are in the CPU cache: Store.write_inline); commit() takes them in order
+        later."""
         self._raise_durability_failure()
         if self._room_retry_at is not None:
             self._retry_room()
@@ -759,7 +782,8 @@ class BlobWriter:
                 n = min(len(view), self.store.chunk_size - at)
                 writes.append((self._chunk_fd(idx), at, view[:n]))
                 view, offset = view[n:], offset + n
-        await self._in_thread(_pwrite_all, writes)
+        if not self.store.write_inline(writes):
+            await self._in_thread(_pwrite_all, writes)
 
     @_full_disk_is_store_full
     async def commit(self, n: int) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from modelpeer.daemon import store as store_module
 from modelpeer.daemon.errors import ChunkDamaged, DigestMismatch
 from modelpeer.daemon.index import open_index
-from modelpeer.daemon.store import CHECKPOINT, BlobId, Store
+from modelpeer.daemon.store import CHECKPOINT, SLOW_WRITE, BlobId, Store
 from tests.harness import MiB
 
 
@@ -108,6 +111,37 @@ async def test_bytes_put_ahead_count_once_committed_in_order(tmp_path: Path,
     assert store.is_complete(blob.digest)
     assert store.read(blob, 0, len(data)) == data
     assert not list(tmp_path.glob("chunks/*/*.part"))
+
+
+async def test_puts_leave_the_event_loop_once_a_write_was_slow(
+        tmp_path: Path, data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes put ahead are written on the event loop's thread (the core that received them)
+    while the disk keeps up; once a write took longer than SLOW_WRITE (a disk the kernel
+    throttles), in threads, so the event loop is not held by the disk."""
+    loop_thread = threading.get_ident()
+    on_loop: list[bool] = []
+    pwrite_all = store_module._pwrite_all
+
+    def slow_second(writes: list[tuple[int, int, memoryview]]) -> None:
+        on_loop.append(threading.get_ident() == loop_thread)
+        if len(on_loop) == 2:
+            time.sleep(2 * SLOW_WRITE)
+        pwrite_all(writes)
+
+    monkeypatch.setattr(store_module, "_pwrite_all", slow_second)
+    store = make_store(tmp_path)
+    blob = blob_of(data)
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    cuts = [0, 2 * MiB, 5 * MiB, 7 * MiB, len(data)]
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        await writer.put(a, [data[a:b]])
+    await writer.commit(len(data))
+    await writer.verify()
+    await writer.finish()
+    await writer.close()
+    assert on_loop == [True, True, False, False]
+    assert store.read(blob, 0, len(data)) == data
 
 
 async def test_bytes_put_ahead_are_lost_unless_committed(tmp_path: Path, data: bytes) -> None:
