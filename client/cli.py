@@ -209,7 +209,9 @@ def _plan_view(blob: dict[str, Any]) -> list[RenderableType]:  # Any: the daemon
     def feed(n: dict[str, Any]) -> str:  # Any: the daemon's JSON
         source = (shown(n["feeder_name"]) if n["feeder"]
                   else "peers (BitTorrent)" if n["source"] == "peer" else shown(n["source"]))
-        return f"{source} -> {shown(n['name'] or n['node_id'][:12])}"
+        role = (" (probing the upstream)" if n.get("probing")
+                else " (leaf: feeds nobody)" if n.get("leaf") else "")
+        return f"{source} -> {shown(n['name'] or n['node_id'][:12])}{role}"
 
     size = blob["size"]
     return [Text(f"plan      {shown(blob['file'])} ({human_size(size)})"),

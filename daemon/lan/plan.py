@@ -382,6 +382,8 @@ class PlanNode:
     feeder_name: str
     available: int
     rate: int  # bytes/s
+    probing: bool  # it reads a few MiB from the upstream to measure it
+    leaf: bool  # it handed its upstream read over to a faster node: nobody relays from it
 
 
 @dataclasses.dataclass
@@ -404,7 +406,7 @@ def cluster_plan(members: Sequence[tuple[str, str, Sequence[BlobTransfer]]]) -> 
             feeder = t.state.feeder
             blob.nodes.append(PlanNode(node_id, name, t.state.source.value, feeder,
                                        names.get(feeder, feeder[:12]), t.state.available,
-                                       round(t.state.rate)))
+                                       round(t.state.rate), t.state.probing, t.state.leaf))
     return sorted(blobs.values(), key=lambda b: (b.file, b.digest))
 
 

@@ -116,8 +116,9 @@ function planGraph(blob) {
     }
     const pct = blob.size ? (100 * n.available) / blob.size : 100;
     const via = a ? "" : n.source === "peer" ? " · BitTorrent" : " · " + n.source;
-    box(n.node_id, n.name || n.node_id.slice(0, 12), pct.toFixed(0) + "%" + via,
-        slow ? "slow" : "");
+    const role = n.probing ? " · probing" : n.leaf ? " · leaf" : "";
+    box(n.node_id, n.name || n.node_id.slice(0, 12), pct.toFixed(0) + "%" + via + role,
+        (slow ? "slow" : "") + (n.leaf ? " leaf" : ""));
   }
   return g;
 }

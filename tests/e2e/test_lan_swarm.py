@@ -61,7 +61,7 @@ def story(cluster: Cluster, repo: str) -> str:
 
 @pytest.mark.parametrize("cluster", ["400mbit"], indirect=True)
 def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: Cluster) -> None:
-    start_every_host(cluster)
+    ids = start_every_host(cluster)
     size = 96 * MiB
     repo, digest = new_repo(cluster, "acme/slow-case", size)
     slow, fast = HOSTS[0], HOSTS[1:]
@@ -72,6 +72,11 @@ def test_a_slow_node_that_fetches_first_is_overtaken_and_feeds_nobody(cluster: C
     got = {h: f.result() for h, f in pull_everywhere(cluster, repo, fast).items()}
     assert set(got.values()) == {digest}
     assert not slow_pull.done(), "the fast nodes waited for the slow one"
+    # operators see it as a leaf in the plan (status --json, the status page, the CLI)
+    plan = cluster.nodes[slow].status()["plan"]
+    own = [n for b in plan for n in b["nodes"] if n["node_id"] == ids[slow]]
+    assert own and own[0]["leaf"] and not own[0]["probing"], plan
+    assert "(leaf: feeds nobody)" in cluster.cli(slow, "status").stdout
     sent = {h: sent_to_peers(cluster, h) for h in HOSTS}
     # it fed the others only until its rate told: at 50 Mbit/s, a few seconds' worth
     assert sent[slow] < size / 2, f"{sent}\n{story(cluster, repo)}"

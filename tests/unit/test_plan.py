@@ -176,13 +176,18 @@ def test_the_cluster_plan_groups_each_blob_and_names_the_feeders() -> None:
                                                                      60, 10.0))
     fed = dataclasses.replace(blob, label="", state=PeerTransfer(TransferSource.PEER, 40, 9.0, a))
     other = BlobTransfer("e" * 64, "acme/m/x.bin", 50, PeerTransfer(TransferSource.PEER, 5, 1.0,
-                                                                      "f" * 32))
-    plan = cluster_plan([(a, "h1", [blob]), (b, "h2", [fed, other]), (c, "h3", [])])
+                                                                      "f" * 32, leaf=True))
+    probing = dataclasses.replace(blob, state=PeerTransfer(TransferSource.PEER, 30, 8.0, a,
+                                                           probing=True))
+    plan = cluster_plan([(a, "h1", [blob]), (b, "h2", [fed, other]), (c, "h3", [probing])])
     assert [p.file for p in plan] == ["acme/m/w.bin", "acme/m/x.bin"]
     first, second = plan
-    assert [(n.name, n.source, n.feeder_name, n.available) for n in first.nodes] == [
-        ("h1", "upstream", "", 60), ("h2", "peer", "h1", 40)]
+    assert [(n.name, n.source, n.feeder_name, n.available, n.probing, n.leaf)
+            for n in first.nodes] == [("h1", "upstream", "", 60, False, False),
+                                      ("h2", "peer", "h1", 40, False, False),
+                                      ("h3", "peer", "h1", 30, True, False)]
     assert second.nodes[0].feeder_name == "f" * 12  # a feeder that is not a member: its id
+    assert second.nodes[0].leaf
 
 
 def test_nodes_confirming_an_overtake_wait_apart() -> None:
