@@ -146,6 +146,9 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
     """One relay measurement with fresh daemons; the run and the digest h2's client got.
     With `profile`, py-spy samples h2's daemon while it relays, into that file (collapsed
     stacks)."""
+    # the runs before left gigabytes of dirty pages; written back during this run, they
+    # slowed h2's page-cache writes (docs/benchmarks.md, issue 15, session 11)
+    os.sync()
     cluster = Cluster(lab, hub, work)
     try:
         for h in ("h1", "h2"):
@@ -185,6 +188,7 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
     finally:
         cluster.stop()
         hub.faults(cdn_rate=0)
+        shutil.rmtree(work, ignore_errors=True)  # 2 GiB a run
 
 
 @contextlib.contextmanager

@@ -40,10 +40,13 @@ CHECKPOINT = 16 * 1024 * 1024
 READ_BLOCK = 1024 * 1024
 MIN_FREE = 1024**3  # free space kept on the cache's filesystem while writing ...
 MIN_FREE_SHARE = 20  # ... or 1/20 of the filesystem when that is smaller
-OFFLOAD = 256 * 1024  # writes this large are written and hashed off the event loop
 ROOM_RETRY = 1.0  # seconds between asks for room that fell short (the blobs to evict were read)
-# bytes put ahead of the order are written on the event loop's thread, the core that received
-# them, unless a write lately took longer than SLOW_WRITE: then in threads for SLOW_DISK_KEPT
+# bytes received are written (and, in order, hashed) on the event loop's thread, the core that
+# received them, INLINE_MAX at a time at most, unless a write lately took longer than
+# SLOW_WRITE: then in threads for SLOW_DISK_KEPT. Bytes read back to be hashed (commit), and
+# smaller pieces than OFFLOAD whatever the disk does, the same as ever.
+INLINE_MAX = 4 * 1024 * 1024
+OFFLOAD = 256 * 1024
 SLOW_WRITE = 0.02
 SLOW_DISK_KEPT = 30.0
 ALGOS = ("sha256", "gitsha1")
@@ -120,24 +123,24 @@ class Store:
         # complete chunks not hashed since start, (digest, index) -> (length, xxh3): each is
         # checked before its first read, and by check_unchecked() behind the start
         self.unchecked: dict[tuple[str, int], tuple[int, str]] = {}
-        self._slow_disk_until = 0.0  # writes go to threads until then (write_inline)
+        self._slow_disk_until = 0.0  # writes go to threads until then (inline_write)
         (root / "chunks").mkdir(parents=True, exist_ok=True)
 
-    def write_inline(self, writes: list[tuple[int, int, memoryview]]) -> bool:
-        """Write on the calling (event loop) thread, while the disk keeps up: the bytes are
-        in this core's cache, and a copy made on another core was what the page-cache write
-        cost (docs/benchmarks.md, issue 15, session 11). False, writing nothing, while the
-        disk is slow lately: a write the kernel throttles must not hold the event loop."""
+    def inline_write(self, write: Callable[[], None]) -> bool:
+        """Run `write` (bytes into the page cache, perhaps hashed) on the calling thread, the
+        event loop's, while the disk keeps up: the bytes are in this core's cache, and reading
+        them on another core cost 10–25 % more CPU (docs/benchmarks.md, issue 15, session
+        11). False, running nothing, while the disk is slow lately: a write the kernel
+        throttles must not hold the event loop."""
         if time.monotonic() < self._slow_disk_until:
             return False
         started = time.monotonic()
-        _pwrite_all(writes)
+        write()
         took = time.monotonic() - started
         if took > SLOW_WRITE:
             self._slow_disk_until = time.monotonic() + SLOW_DISK_KEPT
-            log.info("writing %d bytes under %s took %.0f ms: the disk is behind; writing in "
-                     "threads for %.0f s", sum(len(d) for _, _, d in writes), self.root,
-                     took * 1000, SLOW_DISK_KEPT)
+            log.info("a write under %s took %.0f ms: the disk is behind; writing in threads "
+                     "for %.0f s", self.root, took * 1000, SLOW_DISK_KEPT)
         return True
 
     # --- pins -----------------------------------------------------------------------------
@@ -757,15 +760,16 @@ class BlobWriter:
 
     @_full_disk_is_store_full
     async def write(self, data: bytes | memoryview) -> None:
-        """Bytes in order, at `offset`."""
+        """Bytes in order, at `offset`, written and hashed where they were received (see
+        Store.inline_write)."""
         view = memoryview(data)
         await self._in_order(len(view), lambda fd, at, done, n: self._append(
-            fd, at, view[done:done + n]))
+            fd, at, view[done:done + n]), received_here=True)
 
     @_full_disk_is_store_full
     async def put(self, offset: int, pieces: Sequence[bytes | memoryview]) -> None:
         """Bytes at `offset`, at or past what is written in order, into the chunk files now
-        (while they are in the CPU cache: Store.write_inline); commit() takes them in order
+        (while they are in the CPU cache: Store.inline_write); commit() takes them in order
         later."""
         self._raise_durability_failure()
         if self._room_retry_at is not None:
@@ -782,7 +786,7 @@ class BlobWriter:
                 n = min(len(view), self.store.chunk_size - at)
                 writes.append((self._chunk_fd(idx), at, view[:n]))
                 view, offset = view[n:], offset + n
-        if not self.store.write_inline(writes):
+        if size > INLINE_MAX or not self.store.inline_write(lambda: _pwrite_all(writes)):
             await self._in_thread(_pwrite_all, writes)
 
     @_full_disk_is_store_full
@@ -790,9 +794,11 @@ class BlobWriter:
         """The next n bytes in order, put() before: hash them and count them as written."""
         await self._in_order(n, self._hash_back)
 
-    async def _in_order(self, total: int, step: Callable[[int, int, int, int], None]) -> None:
+    async def _in_order(self, total: int, step: Callable[[int, int, int, int], None], *,
+                        received_here: bool = False) -> None:
         """Take `total` bytes in order, chunk by chunk: step(fd, offset in the chunk file,
-        bytes taken before, length) writes and hashes, or hashes what was put."""
+        bytes taken before, length) writes and hashes, or hashes what was put. Bytes
+        `received_here` are taken on this thread while the disk keeps up."""
         self._raise_durability_failure()
         if self._room_retry_at is not None:
             self._retry_room()
@@ -805,10 +811,11 @@ class BlobWriter:
             assert self._chunk is not None and self._fd is not None
             at = self.offset - self._chunk.offset
             n = min(total - done, self._chunk.length - at)
-            if n >= OFFLOAD:
-                await self._in_thread(step, self._fd, at, done, n)
-            else:
-                step(self._fd, at, done, n)
+            take = functools.partial(step, self._fd, at, done, n)
+            if n < OFFLOAD:
+                take()
+            elif not (received_here and n <= INLINE_MAX and self.store.inline_write(take)):
+                await self._in_thread(take)
             self.offset += n
             self._since_checkpoint += n
             done += n
