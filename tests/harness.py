@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -177,6 +178,15 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 10) -> Any:
                 return last
         time.sleep(0.1)
     raise TimeoutError(f"{what}: not true after {timeout}s (last: {last!r:.300})")
+
+
+def durable_bytes(cache: Path) -> int:
+    """The bytes the store under `cache` has made durable (its index says), all blobs."""
+    db = sqlite3.connect(f"file:{cache / 'index.sqlite3'}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COALESCE(SUM(durable), 0) FROM chunks").fetchone()[0])
+    finally:
+        db.close()
 
 
 def transferring(d: Modelpeerd, at_least: int = 1) -> bool:

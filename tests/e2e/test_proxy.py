@@ -19,6 +19,7 @@ from tests.harness import (
     StartDaemon,
     assert_no_leaks,
     download,
+    durable_bytes,
     get_body,
     hf_client,
     snapshot,
@@ -159,11 +160,13 @@ def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
 def test_sigkill_mid_download_resumes_without_refetching(
         start_daemon: StartDaemon, hub: FakeHub, tmp_path: Path) -> None:
     d = start_daemon()
-    hub.faults(cdn_rate=16 * MiB)
+    hub.faults(cdn_rate=8 * MiB)  # per connection: 1.5 s for the 48 MiB
     url = f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}"
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(get_body, url)
-        wait_for(lambda: transferring(d, 30 * MiB), "30 MiB of the download in", timeout=20)
+        # killed once the second checkpoint (every 16 MiB) is durable
+        wait_for(lambda: durable_bytes(d.cache_dir) >= 32 * MiB, "32 MiB of it durable",
+                 timeout=20)
         d.kill()
         with pytest.raises(Exception):  # noqa: B017 - the connection just dies
             pending.result()

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from tests.harness import (
     ROOT,
     MiB,
     Modelpeerd,
+    durable_bytes,
     free_port,
     get_body,
     http_json,
@@ -186,7 +186,7 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
     finally:
         d.stop()
         ns.close()
-    durable = _durable_bytes(tmp_path / "cache")
+    durable = durable_bytes(tmp_path / "cache")
     assert durable > 1 * MiB, "the stop should have checkpointed what was written"
     hub.reset()
     d2 = Modelpeerd(tmp_path / "cache", hub.url, extra=["--chunk-size", "8MiB"]).start()
@@ -197,14 +197,6 @@ def test_notify_ready_then_stopping_and_a_graceful_sigterm_mid_download(
         assert refetched == 48 * MiB - durable, (durable, refetched)
     finally:
         d2.stop()
-
-
-def _durable_bytes(cache: Path) -> int:
-    db = sqlite3.connect(cache / "index.sqlite3")
-    try:
-        return db.execute("SELECT COALESCE(SUM(durable), 0) FROM chunks").fetchone()[0]
-    finally:
-        db.close()
 
 
 def test_profile_snippet_and_modelpeer_env_agree() -> None:
