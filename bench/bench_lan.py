@@ -146,8 +146,9 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
     """One relay measurement with fresh daemons; the run and the digest h2's client got.
     With `profile`, py-spy samples h2's daemon while it relays, into that file (collapsed
     stacks)."""
-    # the runs before left gigabytes of dirty pages; written back during this run, they
-    # slowed h2's page-cache writes (docs/benchmarks.md, issue 15, session 11)
+    # what the runs before wrote is on disk before this one begins, and their caches are gone
+    # (below): with them the runs after the first relayed at half the rate (docs/benchmarks.md,
+    # issue 15, session 11)
     os.sync()
     cluster = Cluster(lab, hub, work)
     try:
@@ -188,7 +189,7 @@ def relay_run(lab: Lab, hub: FakeHub, work: Path, size: int, code: str,
     finally:
         cluster.stop()
         hub.faults(cdn_rate=0)
-        shutil.rmtree(work, ignore_errors=True)  # 2 GiB a run
+        shutil.rmtree(work, ignore_errors=True)  # the two caches: 2 GiB
 
 
 @contextlib.contextmanager
