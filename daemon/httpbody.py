@@ -49,18 +49,18 @@ _kept_buffers: list[memoryview] = []
 
 @contextlib.contextmanager
 def _body_buffer(expected: int) -> Iterator[memoryview]:
-    """A buffer for a body's pieces: one kept from a finished body when the body fills one
-    (the pieces of a finished body are no longer used: each was good until the next was
-    asked for)."""
+    """A buffer for a body's pieces: one kept from a body read to its end when the body
+    fills one. Only such a body gives its buffer back: its reader asked for the piece after
+    the last, so it no longer uses any. A body left early (an error, a cancelled read) may
+    still have a piece in use, such as a write of it gone to a thread, so its buffer is
+    dropped."""
     if expected < BUFFER:
         yield memoryview(bytearray(max(1, expected)))
         return
     buf = _kept_buffers.pop() if _kept_buffers else memoryview(bytearray(BUFFER))
-    try:
-        yield buf
-    finally:
-        if len(_kept_buffers) < KEPT_BUFFERS:
-            _kept_buffers.append(buf)
+    yield buf
+    if len(_kept_buffers) < KEPT_BUFFERS:
+        _kept_buffers.append(buf)
 
 
 class Unsupported(Exception):

@@ -248,6 +248,21 @@ async def test_a_read_left_early_does_not_leave_its_connection_for_the_next() ->
     assert len(server.connections) == 2
 
 
+async def test_only_a_body_read_to_its_end_gives_its_buffer_to_the_next() -> None:
+    """A piece of a body left early may still be in use (a write gone to a thread): its
+    buffer must not receive the next body's bytes."""
+    async with blob_server() as server, upstream() as up:
+        pieces = cast(AsyncGenerator[memoryview], up.read_range(URL(f"{server.url}/blob"), 0,
+                                                                 3 * MiB))
+        async with contextlib.aclosing(pieces):
+            held = await anext(pieces)
+        _, after_abandoned = await read(up, f"{server.url}/blob", 0, 3 * MiB)
+        _, after_whole = await read(up, f"{server.url}/blob", 0, 3 * MiB)
+    first_buffer = {id(cast(memoryview, p).obj) for p in after_abandoned}
+    assert id(held.obj) not in first_buffer
+    assert {id(cast(memoryview, p).obj) for p in after_whole} == first_buffer
+
+
 async def test_a_whole_body_for_a_range_is_range_ignored_unless_it_is_the_range() -> None:
     async with blob_server("ignore") as server, upstream() as up:
         url = f"{server.url}/blob"
