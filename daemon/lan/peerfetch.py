@@ -30,6 +30,9 @@ CHECK_EVERY = 1.0  # a rate measured over a shorter time says little
 MIN_RELAY_RATE = 64 * 1024  # a source with bytes to send that gives less is dropped
 REPLAN_EVERY = 1.5  # how long a relay runs before the plan is made again with fresh news
 REPLAN_SLOW = 0.5  # the same from a slow source: the plan may soon move to a faster one
+# the same from an upstream fetcher with no byte yet, by the node that probes the upstream as
+# soon as it has some: with 0.5 s, the slow-first bench's probes began 0.7 s into the pull
+REPLAN_FIRST = 0.25
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
 OUTPACED_EVERY = 1.0  # how often an upstream fetch looks for a peer ahead of it
 TAIL_RELAYED = 64 * 1024 * 1024  # at most this much is relayed from a feeder that completed
@@ -71,8 +74,10 @@ class PeerFetch:
         plan = self._plan(transfer)
         held_failed_at = -1  # where getting complete chunks from their holders broke last
         looked_again = False  # before going to the upstream, the holders are asked twice
+        fresh = False  # this round waits for every peer's answer (chunkmaps.py)
         while writer.offset < blob.size:
-            held = await self.sharing.holders(blob)
+            held = await self.sharing.holders(blob, fresh=fresh)
+            asked_fresh, fresh = fresh, False
             if held.small:
                 data = await self.sharing.small_blob(blob, held.small)
                 if data is not None:
@@ -114,7 +119,10 @@ class PeerFetch:
                 # nobody fetches it yet, or no peer knew of it: a node that started it at the
                 # same instant may be first, or may not have asked for it yet when asked; look
                 # once more, after SETTLE, before going to the upstream (unless this node leads
-                # the nodes arranged to start it)
+                # the nodes that may start it), each time on what every peer says now
+                fresh = True
+                if not asked_fresh:
+                    continue
                 if looked_again or plan.leads(origin.cohort, (
                         p.node_id for p in self.sharing.peers.usable())):
                     break
@@ -122,7 +130,8 @@ class PeerFetch:
                 await asyncio.sleep(max(0.0, SETTLE - (time.monotonic() - transfer.started)))
             else:
                 if overtake and isinstance(decision, Relay):
-                    if not await self._still_overtakes(plan, transfer, decision.node):
+                    if not await self._still_overtakes(plan, transfer, decision.node,
+                                                       held.transfers):
                         continue
                     plan.overtaken.add(decision.node)
                     log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
@@ -169,13 +178,16 @@ class PeerFetch:
             self.sharing.peers.ban(node_id, BAN_SECONDS, f"{transfer.label} built with its "
                                    "bytes failed the blob digest")
 
-    async def _still_overtakes(self, plan: Plan, transfer: Transfer,
-                               node: str) -> bool:
+    async def _still_overtakes(self, plan: Plan, transfer: Transfer, node: str,
+                               transfers: dict[str, PeerTransfer]) -> bool:
         """Whether overtaking `node` still stands after a pause of this node's own and fresh
         chunk maps: two nodes that each took themselves for the first behind it (their news
         a round apart) do not both go to the upstream; the later one sees the earlier one
-        fetching and relays from it."""
-        await asyncio.sleep(plan.overtake_pause())
+        fetching and relays from it. The first in order does not pause or look again."""
+        pause = plan.overtake_pause(transfers)
+        if pause == 0:
+            return True
+        await asyncio.sleep(pause)
         return self._overtakes(plan, await self.sharing.holders(transfer.blob), node,
                                transfer.blob)
 
@@ -219,7 +231,12 @@ class PeerFetch:
         if plan.handed_over:
             return math.inf
         slow = plan.slow(node, held.transfers, held.upstream_rates, self._upstream_rate())
-        return REPLAN_SLOW if slow or plan.judging(node, held.transfers) else REPLAN_EVERY
+        judging = plan.judging(node, held.transfers, self.upstream.probing)
+        source = held.transfers.get(node)
+        if judging and source is not None and source.source == TransferSource.UPSTREAM \
+                and source.available == 0:
+            return REPLAN_FIRST  # the probe waits for the fetcher's first bytes, not longer
+        return REPLAN_SLOW if slow or judging else REPLAN_EVERY
 
     async def _chunks_held(self, transfer: Transfer, writer: BlobWriter,
                            chunks: dict[int, list[tuple[Peer, str]]], held: Holders) -> bool:
@@ -245,10 +262,17 @@ class PeerFetch:
         meter = RateMeter()
         stream = self.relay.stream(peer, transfer.blob, before, end)
         # a source that has bytes for this node and sends none is dropped after the stall
-        # window; one that waits for its own bytes is only looked at again with fresh news
+        # window; one that waits for its own bytes is only looked at again with fresh news,
+        # soon once it sent all it had (two nodes behind a node that froze relayed from each
+        # other, each waiting for the other's bytes, for the rest of a 1.5 s period)
         source = transfers.get(peer.node_id)
-        silence = (STALL_WINDOW if source is not None and source.available > before
-                   else min(period, REPLAN_EVERY))
+        had = source.available if source is not None else before
+
+        def allowed_silence() -> float:
+            return (STALL_WINDOW if writer.offset < had
+                    else min(period, REPLAN_EVERY if writer.offset == before else REPLAN_SLOW))
+
+        silence = allowed_silence()
         quiet_since = time.monotonic()
         ends = period  # one more period for a relay about to bring the blob's last byte
         try:
@@ -273,6 +297,7 @@ class PeerFetch:
                     quiet_since = time.monotonic()
                     meter.add(len(piece))
                     await _write(transfer, writer, piece)  # a view: used before the next read
+                    silence = allowed_silence()
         except TimeoutError:
             dropped = plan.stalled(peer.node_id, transfers, writer.offset)
             (log.warning if dropped else log.info)(

@@ -41,6 +41,7 @@ OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once c
 # an upstream fetch this close to its end (at its rate) no longer counts in the intake: the
 # next overtake takes about this long to start reading
 ENDING_SOON = 1.5
+CATCH_UP = 1.0  # s: a fetcher behind by what it reads in this long counts as ahead (hand-over)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Plan:
         self.overtaken: set[str] = set()  # the fetchers this node overtook in this transfer
         # node -> (its source, available, seen since): what it sat at, since when
         self._progress: dict[str, tuple[TransferSource, int, float]] = {}
+        # node -> the source it had a rate with: at 0 since, it is not young but delivers
+        # nothing (a slow node's starved blob read 0 for 3 s, held as young, not overtaken)
+        self._paced: dict[str, TransferSource] = {}
 
     def rank(self, node: str) -> str:
         return hashlib.sha256(f"{node}:{self.digest}".encode()).hexdigest()
@@ -128,10 +132,13 @@ class Plan:
 
     def leads(self, cohort: Iterable[str], live: Iterable[str]) -> bool:
         """Whether this node is the first, in rendezvous order, of the live nodes of a cohort
-        that start the blob together by arrangement (a warm job's): no other node of it can
-        be ahead, so it goes to the upstream without waiting to see who else starts."""
-        members = (set(cohort) & set(live)) | {self.node_id}
-        return self.node_id in cohort and min(members, key=self.rank) == self.node_id
+        that start the blob together by arrangement (a warm job's), or without a cohort, of
+        all live members: no node that may start it too can be ahead, so it goes to the
+        upstream without waiting to see who else starts (every pull of nodes starting
+        together waited SETTLE for it, which T1 does not)."""
+        live = set(live) | {self.node_id}
+        cohort = set(cohort) or live
+        return self.node_id in cohort and min(cohort & live, key=self.rank) == self.node_id
 
     def stalled(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int) -> bool:
         """A source sent nothing for the stall window. One that had bytes for this node is
@@ -204,8 +211,13 @@ class Plan:
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
-        other overtakes ended, then took the link alone and ended 2 s after them). Once one
-        node overtook, the others prefer it."""
+        other overtakes ended, then took the link alone and ended 2 s after them). A fetcher
+        is judged by what arrives (after 0.5 s) before its prefix has a rate (1 s) only while
+        its node is the only one reading the upstream (a slow node fetching every blob):
+        where other nodes read the link too, a young fetcher's connections may be starved by
+        its queue, which the starved-connection rule mends after 1 s (judged at 0.5 s, the
+        nodes that took over a frozen node's blobs were each overtaken within a second, and
+        handed over: 1.58x T1). Once one node overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
@@ -213,6 +225,10 @@ class Plan:
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         intakes = intakes or {}
+        t = transfers[source]
+        if (t.rate <= 0 and not self._stuck(source, t)
+                and any(rate > 0 for n, rate in intakes.items() if n != source)):
+            return False  # judged by what arrives alone, while others read the link too
         # what the cluster reads from the upstream now, all together, it gives at least:
         # probes taken at once read a share each (two at 20 MB/s of a 50 MB/s link)
         known = max(_best_upstream_rate(upstream_rates, own_upstream_rate, but=source),
@@ -242,16 +258,24 @@ class Plan:
         at the best rate the upstream gave any node (an overtaker often reads a blob in less
         than a rate window; waiting for its rate, the slow node read on until the blob was
         complete elsewhere and then took it over BitTorrent on its full link). None while
-        this node's rate has not settled."""
+        this node's rate has not settled. One whose prefix trails this node's offset by what
+        it reads in CATCH_UP counts as ahead: it reads four segments at once, so its prefix
+        moves in 8 MiB jumps, and a slow node overtaken in the slow-first bench read on for 3 s
+        before the overtaker's prefix passed it, taking its share of the upstream link from
+        the overtakers (this node then waits for bytes it has already); at a rate measured,
+        never a presumed one (a slow node's blob with no rate yet, behind, was handed back to
+        at the best upstream rate, 8.4x T1)."""
         if own_rate <= 0:
             return None
         presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
         rates = {n: self._effective_rate(n, _pace(t), presumed) for n, t in transfers.items()
                  if n != self.node_id and not self.dropped(n)
                  and (n not in self.overtaken or _pace(t) > 0)
-                 and t.source == TransferSource.UPSTREAM and t.available > offset
+                 and t.source == TransferSource.UPSTREAM
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
-        ahead = {n: rate for n, rate in rates.items() if rate >= own_rate}
+        ahead = {n: rate for n, rate in rates.items() if rate >= own_rate
+                 and (transfers[n].available > offset or offset - transfers[n].available
+                      <= CATCH_UP * min(rate, _pace(transfers[n])))}
         return max(ahead, key=lambda n: ahead[n], default=None)
 
     def chunks_beat(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int,
@@ -273,29 +297,43 @@ class Plan:
         return (t is not None and _pace(t) > 0
                 and self._effective_rate(node, _pace(t)) < SLOW_SOURCE * known)
 
-    def judging(self, source: str, transfers: Mapping[str, PeerTransfer]) -> bool:
-        """Whether the rate of `source` is about to settle, and this node is the one to probe
-        or overtake it: the first behind an upstream fetcher, or right behind the first of
+    def judging(self, source: str, transfers: Mapping[str, PeerTransfer],
+                probe_under_way: bool = False) -> bool:
+        """Whether the rate of `source` is about to settle, or that of the upstream to be
+        known (this node probes it with another blob), and this node is the one to probe or
+        overtake it: the first behind an upstream fetcher, or right behind the first of
         nodes starting together, which goes to the upstream within SETTLE. The plan is made
         again soon, not after a whole relay period (in the slow-first bench the first
-        overtake waited up to 1.5 s for it, and the probe 1.5 s for the fetcher to start).
+        overtake waited up to 1.5 s for it, and the probe 1.5 s for the fetcher to start;
+        with the fetcher's rate settled and the upstream's not known yet, an overtake
+        waited 1.5 s).
         Only then: a relay period shorter than a source's first byte, or than CHECK_EVERY,
         never drops a silent source or measures a drip (the stall window and the drip check
         count within one relay; a source stuck for the stall window is settled, at 0); and
         nodes that all re-planned every 0.5 s while young left their chain for the fetcher
         (each a few KB behind the node ahead, which then had no byte for it)."""
         t = transfers.get(source)
-        if t is None or self.delivered(source, transfers) is not None:
+        if t is None:
             return False
+        settled = self.delivered(source, transfers) is not None
         if t.source == TransferSource.UPSTREAM:
-            return self._first_behind(transfers, source)
+            return self._first_behind(transfers, source) and (not settled or probe_under_way)
+        if settled:
+            return False
         chain = self.chain(transfers)
         return chain[:2] == [source, self.node_id]
 
-    def overtake_pause(self) -> float:
-        """How long this node waits before it confirms an overtake: spread over
+    def overtake_pause(self, transfers: Mapping[str, PeerTransfer]) -> float:
+        """How long this node waits before it confirms an overtake: none for the first, in
+        rendezvous order, of the nodes that do not fetch the blob from the upstream (the one
+        the others look to; they confirm after it and find it fetching), else spread over
         OVERTAKE_SPREAD seconds by its rank for the blob, so that nodes deciding at once do
-        not confirm at once."""
+        not confirm at once. Each confirmation is a chunk-map round, 0.26 s when the slow
+        fetcher's link is full both ways: with everyone pausing, the slow-first bench
+        overtook 1.9-2.1 s into the pull."""
+        followers = [n for n, t in transfers.items() if t.source != TransferSource.UPSTREAM]
+        if min([*followers, self.node_id], key=self.rank) == self.node_id:
+            return 0.0
         return int(self.rank(self.node_id)[:4], 16) / 0xFFFF * OVERTAKE_SPREAD
 
     def needs_probe(self, transfers: Mapping[str, PeerTransfer], source: str,
@@ -325,14 +363,16 @@ class Plan:
 
     def delivered(self, source: str, transfers: Mapping[str, PeerTransfer]) -> float | None:
         """What a source gives once its rate has settled over a whole rate window (None
-        before: a transfer ramping up says little): the better of what it says and what it
-        delivered here. A slow source settles as soon as a fast one: waiting for it to bring
-        some amount of bytes first would make the slowest the last to be found out."""
+        before: a transfer ramping up says little; 0 once it had a rate and has none now):
+        the better of what it says and what it delivered here. A slow source settles as
+        soon as a fast one: waiting for it to bring some amount of bytes first would make
+        the slowest the last to be found out."""
         t = transfers.get(source)
         if t is None:
             return None
         if _pace(t) <= 0:  # young, or stuck: a source seen at one byte for the stall window
-            return 0.0 if self._stuck(source, t) else None
+            return 0.0 if self._stuck(source, t) or self._paced.get(source) == t.source else None
+        self._paced[source] = t.source
         return max(_pace(t), self.measured.get(source, 0.0))
 
     def _stuck(self, node: str, t: PeerTransfer) -> bool:

@@ -17,15 +17,14 @@ from .. import hubnames
 from ..errors import InvalidName, PeerError, SwarmError, SwarmStalled
 from ..peermsg import (
     MAX_STATUS_TRANSFERS,
-    ChunkMap,
     PeerTransfer,
-    parse_chunk_map,
     transfer_fields,
 )
 from ..ratelimit import PeerUploadCap
 from ..registry import Transfers
 from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
+from .chunkmaps import ChunkMaps
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
 from .plan import blob_transfers, own_upstream_rate, peer_view, upstream_intake
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
@@ -57,6 +56,7 @@ class Sharing:
         self.upload = upload  # peer_upload_rate: small blobs are sent within it
         self.swarm = swarm
         self.peers = peers
+        self._maps = ChunkMaps(peers, store.chunk_size)
         self.node_name = node_name
         self.version = version
         self.bt_port = bt_port
@@ -188,12 +188,14 @@ class Sharing:
         return web.Response(body=data, content_type="application/octet-stream")
 
     # --- fetching from peers --------------------------------------------------------------
-    async def holders(self, blob: BlobId) -> Holders:
+    async def holders(self, blob: BlobId, *, fresh: bool = False) -> Holders:
         """Which live peers hold which chunks or the whole small blob, and which are
         transferring the blob right now (by source). A peer that does not answer within its
-        deadline (PeerSet.quick_json) is left out rather than holding up everyone."""
+        deadline (PeerSet.quick_json) is left out rather than holding up everyone; one that
+        is late while transferring it stands in with its recent answer (chunkmaps.py),
+        unless `fresh`."""
         peers = self.peers.usable()
-        maps = await asyncio.gather(*(self._map_of(p, blob) for p in peers))
+        maps = await asyncio.gather(*(self._maps.of(p, blob, fresh=fresh) for p in peers))
         out = Holders()
         for peer, m in zip(peers, maps, strict=True):
             if m is None:
@@ -208,16 +210,6 @@ class Sharing:
                 out.upstream_rates[peer.node_id] = m.upstream_rate
             out.upstream_intakes[peer.node_id] = m.upstream_intake
         return out
-
-    async def _map_of(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
-        chunks = max(1, -(-blob.size // self.store.chunk_size))
-        try:
-            return await self.peers.quick_json(
-                peer, f"/chunks/{blob.digest}", lambda v: parse_chunk_map(v, blob.digest, chunks),
-                f"chunk map of {blob.digest[:12]}")
-        except PeerError as e:
-            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id, e)
-            return None
 
     async def small_blob(self, blob: BlobId, holders: list[Peer]) -> bytes | None:
         for peer in holders:

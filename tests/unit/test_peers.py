@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import time
@@ -18,9 +19,12 @@ import pytest
 from aiohttp import web
 
 from modelpeer.daemon.errors import PeerError
+from modelpeer.daemon.lan.chunkmaps import LATE_AFTER, ChunkMaps
 from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
 from modelpeer.daemon.lan.peers import API, Peer, PeerApi, PeerSet
-from modelpeer.daemon.peermsg import parse_status
+from modelpeer.daemon.peermsg import PeerTransfer, parse_status, transfer_fields
+from modelpeer.daemon.store import BlobId
+from modelpeer.daemon.transfer import TransferSource
 from tests.harness import free_port
 
 KEY = b"k" * 32
@@ -315,3 +319,54 @@ async def test_a_stream_whose_answer_is_not_signed_fails_before_any_byte(
     async with peer_set(a) as peers:
         with pytest.raises(PeerError, match=f"peer {c.node_id[:16]} .*unsigned answer"):
             await streamed(peers, Peer(c.node_id, "127.0.0.1", b.port), "/big", len(BIG))
+
+
+async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    """A plan round waits LATE_AFTER, not the peer's deadline, for a peer that answered
+    recently that it transfers the blob; the late answer serves the next round. A peer that
+    did not transfer the blob is waited for (it may have just started it)."""
+    blob = BlobId("e" * 64, "sha256", 64 * 1024 * 1024)
+    node = Node(tmp_path, "b")
+    answers = itertools.count(1)
+    delay = 0.0
+    transfers = True
+
+    async def chunk_map(request: web.Request, sender: str) -> web.Response:
+        available = next(answers)
+        await asyncio.sleep(delay)
+        state = (transfer_fields(PeerTransfer(TransferSource.UPSTREAM, available, 0.0))
+                 if transfers else {})
+        return web.json_response({"digest": blob.digest, "chunks": [], **state})
+
+    node.api.route("GET", "/chunks/{digest}", chunk_map)
+    await started(node)
+    async with peer_set(Node(tmp_path, "a")) as peers:
+        b = peers.peers[node.node_id] = Peer(node.node_id, "127.0.0.1", node.port, alive=True)
+        maps = ChunkMaps(peers, 8 * 1024 * 1024)
+
+        async def available() -> int | None:
+            m = await maps.of(b, blob)
+            return None if m is None or m.transfer is None else m.transfer.available
+
+        assert await available() == 1
+        delay = 0.4
+        started_at = time.monotonic()
+        assert await available() == 1  # late: the recent answer stands in
+        assert time.monotonic() - started_at < LATE_AFTER + 0.1
+        assert await available() == 1  # the question under way is not asked again
+        await asyncio.sleep(0.4)
+        delay = 0.0
+        assert await available() == 3  # the late answer (2) came, a new question is asked
+        delay = 0.3
+        started_at = time.monotonic()
+        fresh = await maps.of(b, blob, fresh=True)  # before going to the upstream: waited for
+        assert fresh is not None and fresh.transfer is not None
+        assert fresh.transfer.available == 4 and time.monotonic() - started_at >= 0.3
+        transfers, delay = False, 0.3
+        started_at = time.monotonic()
+        assert await available() == 4  # still stood in for: the last answer had a transfer
+        await asyncio.sleep(0.4)
+        started_at = time.monotonic()
+        assert await available() is None  # it no longer transfers it: waited for
+        assert time.monotonic() - started_at >= 0.3

@@ -6,6 +6,7 @@ import dataclasses
 
 from modelpeer.daemon.lan.peerfetch import nearly_done
 from modelpeer.daemon.lan.plan import (
+    CATCH_UP,
     DROP_FOR,
     OVERTAKE_SPREAD,
     STALL_WINDOW,
@@ -59,7 +60,14 @@ def test_the_first_live_node_of_a_cohort_leads_without_waiting() -> None:
     assert not Plan(b, "d" * 64).leads(cohort, [a, c])
     assert Plan(b, "d" * 64).leads(cohort, [c])  # the first is gone: the next leads
     assert not Plan(c, "d" * 64).leads({a, b}, [a, b])  # not in the cohort: it waits and sees
-    assert not Plan(a, "d" * 64).leads(set(), [b])
+
+
+def test_without_a_cohort_the_first_of_all_live_members_leads() -> None:
+    a, b, c = nodes_in_rank_order(n=3)
+    assert Plan(a, "d" * 64).leads(set(), [b, c])
+    assert not Plan(b, "d" * 64).leads(set(), [a, c])  # a may start it too: b waits and sees
+    assert Plan(b, "d" * 64).leads(set(), [c])
+    assert Plan(c, "d" * 64).leads(set(), [])  # alone
 
 
 def test_a_source_that_stalls_with_bytes_to_send_is_dropped_one_starved_is_not() -> None:
@@ -129,6 +137,8 @@ def test_a_slow_upstream_fetcher_is_overtaken_once_its_rate_settled_and_by_one_n
     assert not Plan(second, "d" * 64).judging(fetcher, {fetcher: t(PEER), first: t(PEER)})
     view = {fetcher: t(UP, 20 * MB, 6 * MB), second: t(PEER, 0, 0, fetcher)}
     assert not plan.judging(fetcher, view)  # settled: the plan goes back to its pace
+    # unless this node probes the upstream with another blob: its rate is known soon
+    assert plan.judging(fetcher, view, probe_under_way=True)
     assert plan.needs_probe(view, fetcher, slow_fetcher_only, 0)
     assert not plan.overtakes(view, fetcher, slow_fetcher_only, 0)
     assert plan.overtakes(view, fetcher, slow_fetcher_only, own_upstream_rate=40 * MB)
@@ -190,11 +200,16 @@ def test_the_cluster_plan_groups_each_blob_and_names_the_feeders() -> None:
     assert second.nodes[0].leaf
 
 
-def test_nodes_confirming_an_overtake_wait_apart() -> None:
-    pauses = [Plan(node, "d" * 64, Clock()).overtake_pause() for node in ("a", "b", "c", "d")]
+def test_nodes_confirming_an_overtake_wait_apart_but_the_first_in_order() -> None:
+    fetcher, first, *others = nodes_in_rank_order(n=5)
+    view = {n: t() for n in [first, *others]} | {fetcher: t(UP)}
+    assert Plan(first, "d" * 64).overtake_pause(view) == 0  # the others wait and see it
+    pauses = [Plan(n, "d" * 64).overtake_pause(view) for n in others]
     assert all(0 <= p <= OVERTAKE_SPREAD for p in pauses)
-    assert len(set(pauses)) == 4
-    assert Plan("a", "d" * 64).overtake_pause() == pauses[0]  # the same for a node and blob
+    assert len(set(pauses)) == 3
+    assert Plan(others[0], "d" * 64).overtake_pause(view) == pauses[0]  # the same each time
+    # the fetcher is not one of those it waits for
+    assert Plan(first, "d" * 64).overtake_pause({fetcher: t(UP)}) == 0
 
 
 def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
@@ -212,6 +227,15 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     slow_view = {fetcher: t(UP, 20 * MB, MB * 3 // 2)}
     assert plan.overtakes(slow_view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "b": 43 * MB})
     assert not plan.overtakes(slow_view, fetcher, {}, 12 * MB, {fetcher: 3 * MB, "b": 9 * MB})
+    # what arrives counts after 0.5 s, its prefix's rate after 1 s: in between, a fetcher
+    # that got little while other nodes read the link too may have connections the queue
+    # starved (asked again after 1 s): not overtaken yet; alone on the link, it is (a slow
+    # node fetching every blob)
+    young = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0)}
+    assert not plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
+    assert plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB})
+    settled = {fetcher: PeerTransfer(UP, 20 * MB, 100_000.0, "", 100_000.0)}
+    assert plan.overtakes(settled, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
 
 
 def test_what_the_cluster_reads_at_once_counts_as_what_the_upstream_gives() -> None:
@@ -249,7 +273,10 @@ def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
     view = {fast: t(UP, 30 * MB, 40 * MB), other: t(PEER, 29 * MB, 40 * MB, fast)}
     assert hand_over(view, 1 * MB, 10 * MB) == fast
     assert hand_over(view, 0, 10 * MB) is None  # this node's rate has not settled
-    assert hand_over(view, 1 * MB, 30 * MB) is None  # not ahead of this node yet
+    # behind by more than it reads in CATCH_UP: not yet
+    assert hand_over(view, 1 * MB, 30 * MB + int(CATCH_UP * 40 * MB) + 1) is None
+    # behind by less (its prefix moves in segment jumps): handed over to now
+    assert hand_over(view, 1 * MB, 60 * MB) == fast
     assert hand_over({fast: t(UP, 30 * MB, 10 * MB)}, 20 * MB, 10 * MB) is None  # slower
     # two nodes that went to the upstream at once, at a share of it each: the one behind
     assert hand_over({fast: t(UP, 30 * MB, 10 * MB)}, 9 * MB, 10 * MB) == fast

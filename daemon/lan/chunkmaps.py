@@ -1,0 +1,86 @@
+"""Peers' chunk maps for the transfer plan, asked once at a time per peer and blob, with a
+recent answer standing in for one that is late.
+
+A node whose link is full both ways (a slow node fetching, and relaying what it gets) answers
+through queues that drop packets: in the slow-first bench each plan round waited 0.25 s for its
+chunk map, and one 1.6 s (a request resent after a drop), while every other peer had answered in
+milliseconds. A round now waits LATE_AFTER for a peer that answered within MAP_FRESH that it
+fetches or relays the blob, then takes that answer; the question goes on and its answer serves
+the next round. A peer with no recent answer, or one that was not fetching or relaying the blob
+then, is waited for as before (up to its deadline, peers.py), and so is every peer when a node is
+about to go to the upstream: it must see what the others do now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from ..errors import PeerError
+from ..peermsg import ChunkMap, parse_chunk_map
+from ..store import BlobId
+from ..transfer import TransferSource
+from .peers import Peer, PeerSet
+
+log = logging.getLogger(__name__)
+
+LATE_AFTER = 0.1  # s a round waits for a peer it has a recent map of
+MAP_FRESH = 1.0  # s an answer may stand in for a late one
+Key = tuple[str, str]  # (node id, blob digest)
+
+
+class ChunkMaps:
+    def __init__(self, peers: PeerSet, chunk_size: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.peers = peers
+        self.chunk_size = chunk_size
+        self._clock = clock
+        self._asking: dict[Key, asyncio.Future[ChunkMap | None]] = {}
+        self._recent: dict[Key, tuple[float, ChunkMap]] = {}
+
+    async def of(self, peer: Peer, blob: BlobId, *, fresh: bool = False) -> ChunkMap | None:
+        """The peer's chunk map of the blob: its answer to a question asked now (or still
+        under way), or, when that is late and not `fresh`, its answer of less than MAP_FRESH
+        ago."""
+        key = (peer.node_id, blob.digest)
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = self._asking[key] = asyncio.ensure_future(self._ask(peer, blob))
+            asking.add_done_callback(lambda f: self._answered(key, f))
+        recent = self._recent.get(key)
+        if fresh or recent is None or not _stands_in(recent[1], self._clock() - recent[0]):
+            return await asyncio.shield(asking)
+        done, _ = await asyncio.wait({asking}, timeout=LATE_AFTER)
+        return asking.result() if done else recent[1]
+
+    async def _ask(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
+        chunks = max(1, -(-blob.size // self.chunk_size))
+        try:
+            return await self.peers.quick_json(
+                peer, f"/chunks/{blob.digest}", lambda v: parse_chunk_map(v, blob.digest, chunks),
+                f"chunk map of {blob.digest[:12]}")
+        except PeerError as e:
+            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id, e)
+            return None
+
+    def _answered(self, key: Key, asking: asyncio.Future[ChunkMap | None]) -> None:
+        del self._asking[key]
+        now = self._clock()
+        for old in [k for k, (at, _) in self._recent.items() if now - at > MAP_FRESH]:
+            del self._recent[old]
+        answer = None if asking.cancelled() or asking.exception() else asking.result()
+        if answer is None:  # silent or broken: the next round waits for it
+            self._recent.pop(key, None)
+        else:
+            self._recent[key] = (now, answer)
+
+
+def _stands_in(answer: ChunkMap, age: float) -> bool:
+    """Whether an answer this old may stand in for a late one: it is recent and the peer was
+    fetching or relaying the blob then. One from the moment the peer started it (no source
+    yet) said it had no byte, and a node went to the upstream beside it."""
+    t = answer.transfer
+    return (age <= MAP_FRESH and t is not None
+            and t.source in (TransferSource.UPSTREAM, TransferSource.PEER))
