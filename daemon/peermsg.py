@@ -101,13 +101,14 @@ class PeerTransfer:
     received: float = 0.0
     probing: bool = False  # reading a few MiB from the upstream to measure it
     leaf: bool = False  # a slow node, overtaken: it relays to no peer
+    young: bool = False  # it took its source less than a second ago (its rates ramp up)
 
 
 def transfer_fields(state: PeerTransfer) -> dict[str, object]:
     """A transfer as peers send it (read back by _peer_transfer)."""
     return {"transfer": state.source.value, "available": state.available,
             "rate": round(state.rate), "feeder": state.feeder, "received": round(state.received),
-            "probing": state.probing, "leaf": state.leaf}
+            "probing": state.probing, "leaf": state.leaf, "young": state.young}
 
 
 def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
@@ -119,7 +120,7 @@ def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
         raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
     return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder,
                         float(_count(d, "received", 0)), _get(d, "probing", bool, False),
-                        _get(d, "leaf", bool, False))
+                        _get(d, "leaf", bool, False), _get(d, "young", bool, False))
 
 
 @dataclasses.dataclass(frozen=True)

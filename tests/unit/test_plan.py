@@ -231,11 +231,12 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     # that got little while other nodes read the link too may have connections the queue
     # starved (asked again after 1 s): not overtaken yet; alone on the link, it is (a slow
     # node fetching every blob)
-    young = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0)}
+    young = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0, young=True)}
     assert not plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
     assert plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB})
-    settled = {fetcher: PeerTransfer(UP, 20 * MB, 100_000.0, "", 100_000.0)}
-    assert plan.overtakes(settled, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
+    # older, its prefix still (a slow node's blob starved on its own full link): judged
+    older = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0)}
+    assert plan.overtakes(older, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
 
 
 def test_what_the_cluster_reads_at_once_counts_as_what_the_upstream_gives() -> None:
