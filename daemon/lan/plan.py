@@ -292,11 +292,14 @@ class Plan:
     def slow(self, node: str, transfers: Mapping[str, PeerTransfer],
              upstream_rates: Mapping[str, float], own_upstream_rate: float) -> bool:
         """Whether `node` gives the blob at less than SLOW_SOURCE of what the upstream
-        gives (as far as anyone measured it); a source whose rate has not settled is not."""
+        gives (as far as anyone measured it); a source whose rate has not settled is not, one
+        that had a rate and delivers nothing now is (a slow node's blob starved on its own
+        link stayed a fast node's feeder for 3.5 s after it was overtaken)."""
         t = transfers.get(node)
+        pace = None if t is None else self._pace_seen(node, t)
         known = _best_upstream_rate(upstream_rates, own_upstream_rate)
-        return (t is not None and _pace(t) > 0
-                and self._effective_rate(node, _pace(t)) < SLOW_SOURCE * known)
+        return (pace is not None and known > 0
+                and self._effective_rate(node, pace) < SLOW_SOURCE * known)
 
     def judging(self, source: str, transfers: Mapping[str, PeerTransfer],
                 probe_under_way: bool = False) -> bool:
@@ -369,12 +372,19 @@ class Plan:
         soon as a fast one: waiting for it to bring some amount of bytes first would make
         the slowest the last to be found out."""
         t = transfers.get(source)
-        if t is None:
-            return None
-        if _pace(t) <= 0:  # young, or stuck: a source seen at one byte for the stall window
-            return 0.0 if self._stuck(source, t) or self._paced.get(source) == t.source else None
-        self._paced[source] = t.source
-        return max(_pace(t), self.measured.get(source, 0.0))
+        pace = None if t is None else self._pace_seen(source, t)
+        if pace is None or pace == 0:
+            return pace
+        return max(pace, self.measured.get(source, 0.0))
+
+    def _pace_seen(self, node: str, t: PeerTransfer) -> float | None:
+        """The node's pace (_pace); None while it is young, 0 when it delivers nothing: seen
+        at one byte for the stall window, or with a rate before as the source it has now."""
+        pace = _pace(t)
+        if pace > 0:
+            self._paced[node] = t.source
+            return pace
+        return 0.0 if self._stuck(node, t) or self._paced.get(node) == t.source else None
 
     def _stuck(self, node: str, t: PeerTransfer) -> bool:
         """Whether the node's prefix sat still for the stall window as the source it has now

@@ -295,9 +295,12 @@ def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
     assert hand_over(view, 1 * MB, 10 * MB) is None
     clock.now += DROP_FOR + 1
     assert hand_over(view, 1 * MB, 10 * MB) == fast
-    # an overtaker never hands back to the node it overtook: one whose blob did not move in
-    # a rate window reads as young, at the best upstream rate, not as slow
+    # seen with a rate before, a fetcher that reports none delivers nothing: no target
     stalled_slow = {fast: t(UP, 11 * MB, 0)}
+    assert hand_over(stalled_slow, 1 * MB, 10 * MB) is None
+    # an overtaker never hands back to the node it overtook: one never seen with a rate
+    # reads as young, at the best upstream rate, not as slow
+    plan = Plan(me, "d" * 64, clock)
     assert hand_over(stalled_slow, 1 * MB, 10 * MB) == fast
     plan.overtaken.add(fast)
     assert hand_over(stalled_slow, 1 * MB, 10 * MB) is None
@@ -347,6 +350,9 @@ def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
     # four blobs fetched at once each get a quarter of the 40 MB/s the upstream gives
     assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 10 * MB)}, {"x": 40 * MB}, 0)
     assert plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {"x": 40 * MB}, 0)
+    # with a rate before, none now: it delivers nothing (a blob starved on a slow link)
+    assert plan.slow(feeder, {feeder: t(UP, 30 * MB, 0)}, {"x": 40 * MB}, 0)
+    plan = Plan(me, "d" * 64)
     assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 0)}, {"x": 40 * MB}, 0)  # young
     assert not plan.slow(feeder, {feeder: t(UP, 30 * MB, 1 * MB)}, {}, 0)  # nothing known
 
