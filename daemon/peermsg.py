@@ -19,6 +19,7 @@ MAX_FILES = 100_000
 MAX_MEMBERS = 4096  # nodes of one warm job
 MAX_SIZE = 1 << 50  # 1 PiB: larger is a lie
 MAX_LABEL = 1024  # repo/path of a transfer
+MAX_SINCE = 1e9  # seconds: a transfer's age in a message
 MAX_STATUS_TRANSFERS = 64  # a node lists at most this many of its transfers in its status
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -72,6 +73,13 @@ def _number(d: dict[str, object], key: str, default: float = 0.0) -> float:
     return float(value)
 
 
+def _seconds(d: dict[str, object], key: str, default: float) -> float:
+    value = _number(d, key, default)
+    if not 0 <= value <= MAX_SINCE:
+        raise BadMessage(f"field {key!r}: {value} is out of range")
+    return value
+
+
 def _choice(d: dict[str, object], key: str, kind: Callable[[str], T], default: str | None = None
             ) -> T:
     value = _get(d, key, str, default)
@@ -101,14 +109,16 @@ class PeerTransfer:
     received: float = 0.0
     probing: bool = False  # reading a few MiB from the upstream to measure it
     leaf: bool = False  # a slow node, overtaken: it relays to no peer
-    young: bool = False  # it took its source less than a second ago (its rates ramp up)
+    # seconds since it took its source (its rates ramp up for a while); a node that does not
+    # say counts as long ago
+    since: float = MAX_SINCE
 
 
 def transfer_fields(state: PeerTransfer) -> dict[str, object]:
     """A transfer as peers send it (read back by _peer_transfer)."""
     return {"transfer": state.source.value, "available": state.available,
             "rate": round(state.rate), "feeder": state.feeder, "received": round(state.received),
-            "probing": state.probing, "leaf": state.leaf, "young": state.young}
+            "probing": state.probing, "leaf": state.leaf, "since": round(state.since, 2)}
 
 
 def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
@@ -120,7 +130,7 @@ def _peer_transfer(d: dict[str, object]) -> PeerTransfer | None:
         raise BadMessage(f"field 'feeder': {feeder!r:.60} is not a node id")
     return PeerTransfer(source, _count(d, "available", 0), float(_count(d, "rate", 0)), feeder,
                         float(_count(d, "received", 0)), _get(d, "probing", bool, False),
-                        _get(d, "leaf", bool, False), _get(d, "young", bool, False))
+                        _get(d, "leaf", bool, False), _seconds(d, "since", MAX_SINCE))
 
 
 @dataclasses.dataclass(frozen=True)

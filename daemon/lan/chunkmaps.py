@@ -14,6 +14,7 @@ about to go to the upstream: it must see what the others do now.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -53,7 +54,7 @@ class ChunkMaps:
         if fresh or recent is None or not _stands_in(recent[1], self._clock() - recent[0]):
             return await asyncio.shield(asking)
         done, _ = await asyncio.wait({asking}, timeout=LATE_AFTER)
-        return asking.result() if done else recent[1]
+        return asking.result() if done else _aged(recent[1], self._clock() - recent[0])
 
     async def _ask(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
         chunks = max(1, -(-blob.size // self.chunk_size))
@@ -84,3 +85,11 @@ def _stands_in(answer: ChunkMap, age: float) -> bool:
     t = answer.transfer
     return (age <= MAP_FRESH and t is not None
             and t.source in (TransferSource.UPSTREAM, TransferSource.PEER))
+
+
+def _aged(answer: ChunkMap, age: float) -> ChunkMap:
+    """An answer standing in `age` seconds after it came: its transfer that much older."""
+    t = answer.transfer
+    if t is None:
+        return answer
+    return dataclasses.replace(answer, transfer=dataclasses.replace(t, since=t.since + age))

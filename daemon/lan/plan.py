@@ -212,14 +212,14 @@ class Plan:
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
         other overtakes ended, then took the link alone and ended 2 s after them). A fetcher
-        in its first second (`young`) is judged by what arrives (after 0.5 s) only while its
-        node is the only one reading the upstream (a slow node fetching every blob): where
-        other nodes read the link too, a young fetcher's connections may be starved by its
-        queue, which the starved-connection rule mends after 1 s (judged at 0.5 s, the nodes
-        that took over a frozen node's blobs were each overtaken within a second, and handed
-        over: 1.58x T1; judged by its prefix's rate instead, a slow node's blob whose prefix
-        sat still on its full link waited 0.6 s more). Once one node overtook, the others
-        prefer it."""
+        in its first second (`since` in its chunk maps) is judged by what arrives (after
+        0.5 s) only while its node is the only one reading the upstream (a slow node fetching
+        every blob): where other nodes read the link too, a young fetcher's connections may be
+        starved by its queue, which the starved-connection rule mends after 1 s (judged at
+        0.5 s, the nodes that took over a frozen node's blobs were each overtaken within a
+        second, and handed over: 1.58x T1; judged by its prefix's rate instead, a slow node's
+        blob whose prefix sat still on its full link waited 0.6 s more). Once one node
+        overtook, the others prefer it."""
         delivered = self.delivered(source, transfers)
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
@@ -227,8 +227,8 @@ class Plan:
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         intakes = intakes or {}
-        if transfers[source].young and any(rate > 0 for n, rate in intakes.items()
-                                           if n != source):
+        if transfers[source].since < RATE_SETTLES and any(rate > 0 for n, rate in intakes.items()
+                                                          if n != source):
             return False  # judged by what arrives alone, while others read the link too
         # what the cluster reads from the upstream now, all together, it gives at least:
         # probes taken at once read a share each (two at 20 MB/s of a 50 MB/s link)
@@ -466,7 +466,7 @@ def peer_view(t: Transfer) -> PeerTransfer:
     an upstream fetcher to them."""
     source = TransferSource.PEER if t.probing else t.source
     return PeerTransfer(source, t.available, t.meter.settled_rate, t.feeder,
-                        t.intake.settled_rate, t.probing, t.leaf, t.meter.age < RATE_SETTLES)
+                        t.intake.settled_rate, t.probing, t.leaf, t.meter.age)
 
 
 def own_upstream_rate(measured: float, transfers: Iterable[Transfer]) -> float:

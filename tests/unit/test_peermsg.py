@@ -28,7 +28,7 @@ NODE = "0123456789abcdef" * 2
 GOOD_FILE = {"path": "model.bin", "digest": D, "algo": "sha256", "size": 10, "lfs": True}
 GOOD_TRANSFER = {"digest": D, "label": "acme/tts/model.bin", "size": 10, "transfer": "peer",
                  "available": 4, "rate": 2, "feeder": NODE, "received": 3,
-                 "probing": False, "leaf": False, "young": True}
+                 "probing": False, "leaf": False, "since": 0.25}
 GOOD_SPEC = {"id": "0123456789ab", "repo_type": "model", "repo_id": "acme/tts",
              "revision": "main", "commit": "c" * 40, "sealed_token": None, "files": [GOOD_FILE]}
 
@@ -126,7 +126,9 @@ def test_malformed_repo_listings_are_refused(message: Any) -> None:
     {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "size": "10"}]},
     {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "probing": 1}]},
     {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "leaf": "yes"}]},
-    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "young": 1}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "since": -1}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "since": float("inf")}]},
+    {"node_id": NODE, "transfers": [{**GOOD_TRANSFER, "since": "1"}]},
 ])
 def test_malformed_status_is_refused(message: Any) -> None:
     with pytest.raises(BadMessage):

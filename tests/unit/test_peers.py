@@ -335,7 +335,7 @@ async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
     async def chunk_map(request: web.Request, sender: str) -> web.Response:
         available = next(answers)
         await asyncio.sleep(delay)
-        state = (transfer_fields(PeerTransfer(TransferSource.UPSTREAM, available, 0.0))
+        state = (transfer_fields(PeerTransfer(TransferSource.UPSTREAM, available, 0.0, since=0))
                  if transfers else {})
         return web.json_response({"digest": blob.digest, "chunks": [], **state})
 
@@ -352,7 +352,9 @@ async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
         assert await available() == 1
         delay = 0.4
         started_at = time.monotonic()
-        assert await available() == 1  # late: the recent answer stands in
+        stood_in = await maps.of(b, blob)  # late: the recent answer stands in, aged
+        assert stood_in is not None and stood_in.transfer is not None
+        assert stood_in.transfer.available == 1 and stood_in.transfer.since >= LATE_AFTER
         assert time.monotonic() - started_at < LATE_AFTER + 0.1
         assert await available() == 1  # the question under way is not asked again
         await asyncio.sleep(0.4)

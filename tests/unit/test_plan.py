@@ -231,7 +231,7 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     # that got little while other nodes read the link too may have connections the queue
     # starved (asked again after 1 s): not overtaken yet; alone on the link, it is (a slow
     # node fetching every blob)
-    young = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0, young=True)}
+    young = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0, since=0.6)}
     assert not plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
     assert plan.overtakes(young, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB})
     # older, its prefix still (a slow node's blob starved on its own full link): judged
