@@ -233,8 +233,8 @@ class PeerFetch:
         slow = plan.slow(node, held.transfers, held.upstream_rates, self._upstream_rate())
         judging = plan.judging(node, held.transfers, self.upstream.probing)
         source = held.transfers.get(node)
-        if judging and source is not None and source.source == TransferSource.UPSTREAM \
-                and source.available == 0:
+        if (judging and source is not None and source.source == TransferSource.UPSTREAM
+                and source.available == 0):
             return REPLAN_FIRST  # the probe waits for the fetcher's first bytes, not longer
         return REPLAN_SLOW if slow or judging else REPLAN_EVERY
 
@@ -262,17 +262,10 @@ class PeerFetch:
         meter = RateMeter()
         stream = self.relay.stream(peer, transfer.blob, before, end)
         # a source that has bytes for this node and sends none is dropped after the stall
-        # window; one that waits for its own bytes is only looked at again with fresh news,
-        # soon once it sent all it had (two nodes behind a node that froze relayed from each
-        # other, each waiting for the other's bytes, for the rest of a 1.5 s period)
+        # window; one that waits for its own bytes is only looked at again with fresh news
         source = transfers.get(peer.node_id)
-        had = source.available if source is not None else before
-
-        def allowed_silence() -> float:
-            return (STALL_WINDOW if writer.offset < had
-                    else min(period, REPLAN_EVERY if writer.offset == before else REPLAN_SLOW))
-
-        silence = allowed_silence()
+        silence = (STALL_WINDOW if source is not None and source.available > before
+                   else min(period, REPLAN_EVERY))
         quiet_since = time.monotonic()
         ends = period  # one more period for a relay about to bring the blob's last byte
         try:
@@ -297,7 +290,6 @@ class PeerFetch:
                     quiet_since = time.monotonic()
                     meter.add(len(piece))
                     await _write(transfer, writer, piece)  # a view: used before the next read
-                    silence = allowed_silence()
         except TimeoutError:
             dropped = plan.stalled(peer.node_id, transfers, writer.offset)
             (log.warning if dropped else log.info)(
