@@ -130,8 +130,7 @@ class PeerFetch:
                 await asyncio.sleep(max(0.0, SETTLE - (time.monotonic() - transfer.started)))
             else:
                 if overtake and isinstance(decision, Relay):
-                    if not await self._still_overtakes(plan, transfer, decision.node,
-                                                       held.transfers):
+                    if not await self._still_overtakes(plan, transfer, decision.node, held):
                         continue
                     plan.overtaken.add(decision.node)
                     log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
@@ -179,12 +178,13 @@ class PeerFetch:
                                    "bytes failed the blob digest")
 
     async def _still_overtakes(self, plan: Plan, transfer: Transfer, node: str,
-                               transfers: dict[str, PeerTransfer]) -> bool:
+                               held: Holders) -> bool:
         """Whether overtaking `node` still stands after a pause of this node's own and fresh
         chunk maps: two nodes that each took themselves for the first behind it (their news
         a round apart) do not both go to the upstream; the later one sees the earlier one
         fetching and relays from it. The first in order does not pause or look again."""
-        pause = plan.overtake_pause(transfers)
+        pause = plan.overtake_pause(held.transfers, node,
+                                    self._intakes(plan, held.upstream_intakes))
         if pause == 0:
             return True
         await asyncio.sleep(pause)
@@ -199,10 +199,13 @@ class PeerFetch:
         fetcher = held.transfers.get(node)
         if fetcher is None or blob.size - fetcher.available < RACED_BLOB:
             return False
-        intakes = {**held.upstream_intakes,
-                   plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
-                              intakes)
+                              self._intakes(plan, held.upstream_intakes))
+
+    def _intakes(self, plan: Plan, peers: dict[str, float]) -> dict[str, float]:
+        """What each node of the cluster reads from the upstream now: what each peer said
+        with its chunk map, and this node's upstream fetches."""
+        return {**peers, plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:

@@ -203,13 +203,16 @@ def test_the_cluster_plan_groups_each_blob_and_names_the_feeders() -> None:
 def test_nodes_confirming_an_overtake_wait_apart_but_the_first_in_order() -> None:
     fetcher, first, *others = nodes_in_rank_order(n=5)
     view = {n: t() for n in [first, *others]} | {fetcher: t(UP)}
-    assert Plan(first, "d" * 64).overtake_pause(view) == 0  # the others wait and see it
-    pauses = [Plan(n, "d" * 64).overtake_pause(view) for n in others]
+    alone = {fetcher: 6 * MB}  # the fetcher's node alone reads the upstream
+    assert Plan(first, "d" * 64).overtake_pause(view, fetcher, alone) == 0  # the others see it
+    pauses = [Plan(n, "d" * 64).overtake_pause(view, fetcher, alone) for n in others]
     assert all(0 <= p <= OVERTAKE_SPREAD for p in pauses)
     assert len(set(pauses)) == 3
-    assert Plan(others[0], "d" * 64).overtake_pause(view) == pauses[0]  # the same each time
+    assert Plan(others[0], "d" * 64).overtake_pause(view, fetcher, alone) == pauses[0]
     # the fetcher is not one of those it waits for
-    assert Plan(first, "d" * 64).overtake_pause({fetcher: t(UP)}) == 0
+    assert Plan(first, "d" * 64).overtake_pause({fetcher: t(UP)}, fetcher, alone) == 0
+    # others read the link too: a starved fetcher may recover during the pause
+    assert Plan(first, "d" * 64).overtake_pause(view, fetcher, {**alone, "b": 9 * MB}) > 0
 
 
 def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
