@@ -70,7 +70,7 @@ class Plan:
         self.overtaken: set[str] = set()  # the fetchers this node overtook in this transfer
         # node -> (its source, available, seen since): what it sat at, since when
         self._progress: dict[str, tuple[TransferSource, int, float]] = {}
-        # node -> the source it had a rate with: at 0 since, it is not young but delivers
+        # node -> the source it had a rate with: at 0 later, it is not young but delivers
         # nothing (a slow node's starved blob read 0 for 3 s, held as young, not overtaken)
         self._paced: dict[str, TransferSource] = {}
 
@@ -227,8 +227,7 @@ class Plan:
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         intakes = intakes or {}
-        if transfers[source].since < RATE_SETTLES and any(rate > 0 for n, rate in intakes.items()
-                                                          if n != source):
+        if transfers[source].since < RATE_SETTLES and _others_read(intakes, source):
             return False  # judged by what arrives alone, while others read the link too
         # what the cluster reads from the upstream now, all together, it gives at least:
         # probes taken at once read a share each (two at 20 MB/s of a 50 MB/s link)
@@ -340,8 +339,8 @@ class Plan:
         1.9-2.1 s into the pull. With no pause where others read the link too, 12 nodes at
         once overtook starved fetchers (upstream 1.12-1.15x the repo)."""
         followers = [n for n, t in transfers.items() if t.source != TransferSource.UPSTREAM]
-        alone = not any(rate > 0 for n, rate in intakes.items() if n != source)
-        if alone and min([*followers, self.node_id], key=self.rank) == self.node_id:
+        if (not _others_read(intakes, source)
+                and min([*followers, self.node_id], key=self.rank) == self.node_id):
             return 0.0
         return int(self.rank(self.node_id)[:4], 16) / 0xFFFF * OVERTAKE_SPREAD
 
@@ -411,6 +410,11 @@ def _without_leaves(feeders: dict[str, float], live: Mapping[str, PeerTransfer]
     fed = {n: rate for n, rate in feeders.items()
            if not (live[n].leaf and live[n].source != TransferSource.UPSTREAM)}
     return fed or feeders
+
+
+def _others_read(intakes: Mapping[str, float], fetcher: str) -> bool:
+    """Whether a node other than the fetcher's reads the upstream now."""
+    return any(rate > 0 for n, rate in intakes.items() if n != fetcher)
 
 
 def _pace(t: PeerTransfer) -> float:
