@@ -182,9 +182,9 @@ class PeerFetch:
         """Whether overtaking `node` still stands after a pause of this node's own and fresh
         chunk maps: two nodes that each took themselves for the first behind it (their news
         a round apart) do not both go to the upstream; the later one sees the earlier one
-        fetching and relays from it. The first in order does not pause or look again."""
-        pause = plan.overtake_pause(held.transfers, node,
-                                    self._intakes(plan, held.upstream_intakes))
+        fetching and relays from it. The first in order does not pause or look again while
+        the fetcher's node alone reads the upstream (Plan.overtake_pause)."""
+        pause = plan.overtake_pause(held.transfers, node, self._intakes(held))
         if pause == 0:
             return True
         await asyncio.sleep(pause)
@@ -200,12 +200,13 @@ class PeerFetch:
         if fetcher is None or blob.size - fetcher.available < RACED_BLOB:
             return False
         return plan.overtakes(held.transfers, node, held.upstream_rates, self._upstream_rate(),
-                              self._intakes(plan, held.upstream_intakes))
+                              self._intakes(held))
 
-    def _intakes(self, plan: Plan, peers: dict[str, float]) -> dict[str, float]:
+    def _intakes(self, held: Holders) -> dict[str, float]:
         """What each node of the cluster reads from the upstream now: what each peer said
         with its chunk map, and this node's upstream fetches."""
-        return {**peers, plan.node_id: upstream_intake(self.sharing.transfers.running.values())}
+        own = upstream_intake(self.sharing.transfers.running.values())
+        return {**held.upstream_intakes, self.sharing.peers.node_id: own}
 
     async def _relay_decided(self, transfer: Transfer, writer: BlobWriter, plan: Plan,
                              held: Holders, node: str, origin: Origin) -> None:
