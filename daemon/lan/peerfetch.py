@@ -95,6 +95,7 @@ class PeerFetch:
             relay = decision.node if isinstance(decision, Relay) and not overtake else ""
             if relay and not (run and writer.offset != held_failed_at
                               and plan.chunks_beat(relay, held.transfers, writer.offset,
+                                                   self._held_bytes(blob, writer.offset, run),
                                                    held.upstream_rates, self._upstream_rate())):
                 await self._relay_decided(transfer, writer, plan, held, relay, origin)
             elif run and (tail := self._feeder_that_completed(transfer, writer, plan,
@@ -336,6 +337,10 @@ class PeerFetch:
         run = self._held_run(blob, offset, chunks)
         return bool(run) and run[-1] == len(self.store.chunks(blob)) - 1
 
+    def _held_bytes(self, blob: BlobId, offset: int, run: list[int]) -> int:
+        """How many bytes from `offset` on the held run of chunks brings."""
+        return min((run[-1] + 1) * self.store.chunk_size, blob.size) - offset if run else 0
+
     def _held_run(self, blob: BlobId, offset: int,
                   chunks: dict[int, list[tuple[Peer, str]]]) -> list[int]:
         """The chunks from the one holding `offset` on that some peer holds, in a row."""
@@ -353,6 +358,7 @@ class PeerFetch:
                              co_downloaders: list[Peer]) -> bool:
         blob = transfer.blob
         pos = run[0] * self.store.chunk_size  # the blob offset of the bytes coming next
+        before, started = writer.offset, time.monotonic()
         try:
             async for data in self.sharing.chunks_in_order(blob, run, chunks, co_downloaders):
                 skip = max(0, writer.offset - pos)
@@ -364,6 +370,9 @@ class PeerFetch:
             return False
         finally:
             transfer.peers_used.update(chunks[i][0][0].node_id for i in run if chunks.get(i))
+            log.info("took %d bytes of %s over BitTorrent (chunks %d to %d), bytes %d to %d, "
+                     "in %.1fs", writer.offset - before, transfer.label, run[0], run[-1],
+                     before, writer.offset, time.monotonic() - started)
         return True
 
 

@@ -10,6 +10,7 @@ from modelpeer.daemon.lan.plan import (
     DROP_FOR,
     OVERTAKE_SPREAD,
     STALL_WINDOW,
+    TORRENT_START,
     GoUpstream,
     Plan,
     Relay,
@@ -315,19 +316,41 @@ def test_complete_chunks_beat_a_feeder_that_waits_or_is_slow() -> None:
     me, feeder = nodes_in_rank_order(n=2)
     plan = Plan(me, "d" * 64)
     upstream_rates = {"prober": 40 * MB}
+
+    def beat(view: dict[str, PeerTransfer], held: int = 8 * MB,
+             rates: dict[str, float] = upstream_rates, own: float = 0) -> bool:
+        return plan.chunks_beat(feeder, view, 10 * MB, held, rates, own)
+
     # a fast feeder with bytes past this node's offset is kept
-    assert not plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 40 * MB)}, 10 * MB,
-                                upstream_rates, 0)
+    assert not beat({feeder: t(PEER, 30 * MB, 40 * MB)})
     # one with nothing past it yet, or gone
-    assert plan.chunks_beat(feeder, {feeder: t(PEER, 10 * MB, 40 * MB)}, 10 * MB,
-                            upstream_rates, 0)
-    assert plan.chunks_beat(feeder, {}, 10 * MB, upstream_rates, 0)
+    assert beat({feeder: t(PEER, 10 * MB, 6 * MB)})
+    assert beat({})
     # a slow node relaying what it gets itself: 1 MB/s where the upstream gives 40
-    assert plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 1 * MB)}, 10 * MB,
-                            upstream_rates, 0)
+    assert beat({feeder: t(PEER, 30 * MB, 1 * MB)})
     # what it delivered here counts too
     plan.measured[feeder] = 1 * MB
-    assert plan.chunks_beat(feeder, {feeder: t(PEER, 30 * MB, 40 * MB)}, 10 * MB, {}, 40 * MB)
+    assert beat({feeder: t(PEER, 30 * MB, 40 * MB)}, rates={}, own=40 * MB)
+    del plan.measured[feeder]
+
+
+def test_a_feeder_this_node_caught_up_with_beats_starting_a_torrent() -> None:
+    me, feeder = nodes_in_rank_order(n=2)
+    plan = Plan(me, "d" * 64)
+    caught_up = {feeder: t(PEER, 10 * MB, 10 * MB)}  # at this node's offset, 10 MB/s coming
+
+    def beat(view: dict[str, PeerTransfer], held: int) -> bool:
+        return plan.chunks_beat(feeder, view, 10 * MB, held, {"prober": 40 * MB}, 0)
+
+    # the rest of a chunk comes from it before a torrent would start
+    assert not beat(caught_up, held=400_000)
+    assert not beat(caught_up, held=int(10 * MB * TORRENT_START))
+    # more than it brings meanwhile goes over BitTorrent
+    assert beat(caught_up, held=int(10 * MB * TORRENT_START) + 1)
+    # an upstream fetcher's prefix moves in segment jumps: its pace says nothing of when
+    assert beat({feeder: t(UP, 10 * MB, 10 * MB)}, held=400_000)
+    # nor does a feeder with no rate yet
+    assert beat({feeder: t(PEER, 10 * MB, 0)}, held=400_000)
 
 
 def test_an_upstream_fetcher_stuck_at_one_byte_is_overtaken() -> None:
