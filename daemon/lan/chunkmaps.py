@@ -5,7 +5,8 @@ A node whose link is full both ways (a slow node fetching, and relaying what it 
 through queues that drop packets: in the slow-first bench each plan round waited 0.25 s for its
 chunk map, and one 1.6 s (a request resent after a drop), while every other peer had answered in
 milliseconds. A round now waits LATE_AFTER for a peer that answered within MAP_FRESH that it
-fetches or relays the blob, then takes that answer; the question goes on and its answer serves
+fetches or relays the blob, then takes that answer's transfer (not its complete chunks: no
+torrent is started on a peer that may be frozen); the question goes on and its answer serves
 the next round. A peer with no recent answer, or one that was not fetching or relaying the blob
 then, is waited for as before (up to its deadline, peers.py), and so is every peer when a node is
 about to go to the upstream: it must see what the others do now.
@@ -88,8 +89,10 @@ def _stands_in(answer: ChunkMap, age: float) -> bool:
 
 
 def _aged(answer: ChunkMap, age: float) -> ChunkMap:
-    """An answer standing in `age` seconds after it came: its transfer that much older."""
+    """An answer standing in `age` seconds after it came: its transfer that much older, and
+    none of its complete chunks. A late peer is busy or frozen, and a torrent waits on it as
+    long: in the frozen-fetcher bench the others asked the frozen node for its first chunks
+    over BitTorrent and got nothing in 2-3 s."""
     t = answer.transfer
-    if t is None:
-        return answer
-    return dataclasses.replace(answer, transfer=dataclasses.replace(t, since=t.since + age))
+    aged = None if t is None else dataclasses.replace(t, since=t.since + age)
+    return dataclasses.replace(answer, chunks=[], transfer=aged)
