@@ -186,7 +186,8 @@ OPTIONS: tuple[Option, ...] = (
            "how long a branch or tag resolution is trusted before asking upstream again",
            reloadable=True),
     Option("upstream_connections", int, lambda: 4,
-           "parallel Range requests per blob to the upstream", reloadable=True),
+           "parallel Range requests per blob to the upstream, once a blob's read has the "
+           "link to itself (one while other blobs or nodes read it)", reloadable=True),
     Option("upstream_rate", parse_rate, lambda: 0,
            "at most this many bytes per second of files from the upstream, all downloads "
            "together (e.g. 20MB or 100mbit; 0 = no limit)", reloadable=True),

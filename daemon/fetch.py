@@ -43,6 +43,9 @@ class PeerSource(Protocol):
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted."""
 
+    async def upstream_shared(self, transfer: Transfer) -> bool:
+        """Whether another node reads from the upstream now: the link is shared."""
+
 
 class NoPeers:
     """No LAN: every byte not in the store comes from the upstream."""
@@ -55,6 +58,9 @@ class NoPeers:
 
     def blame(self, transfer: Transfer) -> None:
         return None
+
+    async def upstream_shared(self, transfer: Transfer) -> bool:
+        return False
 
 
 class Fetcher:
@@ -136,7 +142,8 @@ class Fetcher:
         then back to the peers, so the WAN carries the blob once."""
         outpaced = asyncio.create_task(self.peers.outpaced(transfer, writer))
         try:
-            await self.upstream.fetch_rest(transfer, writer, origin, until=outpaced)
+            await self.upstream.fetch_rest(transfer, writer, origin, until=outpaced,
+                                           shared=self.peers.upstream_shared)
         finally:
             outpaced.cancel()
             watched = (await asyncio.gather(outpaced, return_exceptions=True))[0]

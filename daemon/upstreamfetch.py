@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from yarl import URL
@@ -36,6 +36,11 @@ STARVED_SECONDS = 1.0
 STARVED_SHARE = 16
 STARVED_SIBLING_BYTES = 2 * 1024 * 1024
 STARVED_RETRIES = 3
+# a blob's read starts on one connection and opens the others after this long, when it has
+# the upstream link to itself (UpstreamFetch._alone): beside other reads, more connections
+# into the link's queue only starve each other (the 4- and 12-node lab benches, 4 per blob:
+# fetchers stuck at their first 2 packets for 1-2 s, overtaken, the blob read twice)
+RAMP_AFTER = 1.0
 UPSTREAM_RATE_KEPT = 600.0  # how long a measured upstream rate is believed
 READ_ERRORS = (UpstreamError, OSError, TimeoutError, aiohttp.ClientError)
 
@@ -110,6 +115,10 @@ class _Starved(Exception):
     """A segment's connection starved beside its siblings (_Segment.starved)."""
 
 
+# whether another node reads from the upstream now (the LAN's answer; fetch.PeerSource)
+Shared = Callable[[Transfer], Awaitable[bool]]
+
+
 class UpstreamFetch:
     def __init__(self, upstream: Upstream, *, connections: int = 4, offline: bool = False,
                  max_transfers: int = 8, on_bytes: Callable[[int], None] = lambda n: None,
@@ -123,11 +132,13 @@ class UpstreamFetch:
         self._on_error = on_error  # metrics: a read that broke, by the error's kind
         self._rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
         self.probing = False  # one probe at a time: its rate serves every transfer
+        self._reading: set[Transfer] = set()  # blobs read from the upstream now
 
     async def fetch_rest(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
-                         until: asyncio.Future[None] | None = None) -> None:
+                         until: asyncio.Future[None] | None = None,
+                         shared: Shared | None = None) -> None:
         """The blob from the writer's offset to its end, or to where `until` returned (an
-        error in it stops nothing)."""
+        error in it stops nothing). `shared` says whether other nodes read the upstream."""
         stop = _Stop(until)
         blob = transfer.blob
         if self.offline:
@@ -136,7 +147,11 @@ class UpstreamFetch:
             log.info("fetching %s (%s) from upstream at byte %d of %d",
                      origin.label, blob.digest[:12], writer.offset, blob.size)
             started, before = time.monotonic(), writer.offset
-            await self._from_upstream(transfer, writer, origin, stop)
+            self._reading.add(transfer)
+            try:
+                await self._from_upstream(transfer, writer, origin, stop, shared)
+            finally:
+                self._reading.discard(transfer)
             self._note_rate(writer.offset - before, time.monotonic() - started)
 
     def rate(self) -> float:
@@ -201,43 +216,64 @@ class UpstreamFetch:
         raise UpstreamError(f"upstream answered HTTP {answer.status} for {origin.label}")
 
     async def _from_upstream(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
-                             stop: _Stop) -> None:
+                             stop: _Stop, shared: Shared | None) -> None:
         url = await self._locate(origin)
         transfer.upstream_origin = origin
         transfer.mark_source(writer.offset, TransferSource.UPSTREAM)
         if self.upstream.serves_ranges(url):
             try:
-                await self._read_segments(transfer, writer, origin, url, stop)
+                await self._read_segments(transfer, writer, origin, url, stop, shared)
                 return
             except RangeIgnored as e:
                 log.warning("fetching %s: %s; reading it as one stream", origin.label, e)
         await self._read_sequentially(transfer, writer, origin, url, stop)
 
     async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
-                             url: URL, stop: _Stop) -> None:
-        """The rest of the blob over several connections at once, one Range each."""
+                             url: URL, stop: _Stop, shared: Shared | None) -> None:
+        """The rest of the blob in Range reads of a segment each: one at a time, then
+        `connections` at once if the read has the upstream link to itself after RAMP_AFTER."""
         bounds = segment_bounds(writer.offset, transfer.blob.size, self.connections)
         segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
+        parallel, i = 1, 0
+
+        def open_segments() -> None:
+            while len(segments) < min(len(bounds), i + parallel):
+                segments.append(_Segment(*bounds[len(segments)]))
+                tasks.append(asyncio.create_task(
+                    self._fill(segments[-1], url, origin, transfer, writer)))
+
+        async def ramp() -> None:
+            nonlocal parallel
+            await asyncio.sleep(RAMP_AFTER)
+            if await self._alone(transfer, shared):
+                log.debug("fetching %s: the upstream link is its own; %d connections",
+                          transfer.label, self.connections)
+                parallel = self.connections
+                open_segments()
 
         def wake() -> None:  # a commit waiting on a starved segment sees the stop too
             for seg in segments:
                 seg.changed.set()
 
         stop.on_stop(wake)
+        ramping = [asyncio.create_task(ramp())] if self.connections > 1 else []
         try:
-            for i in range(len(bounds)):
-                while len(segments) < min(len(bounds), i + self.connections):
-                    segments.append(_Segment(*bounds[len(segments)]))
-                    tasks.append(asyncio.create_task(
-                        self._fill(segments[-1], url, origin, transfer, writer)))
+            for i in range(len(bounds)):  # open_segments reads i
+                open_segments()
                 if not await self._commit(segments[i], writer, transfer, stop):
                     return
         finally:
-            for t in tasks:
+            for t in ramping + tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*ramping, *tasks, return_exceptions=True)
             await writer.quiesce()
+
+    async def _alone(self, transfer: Transfer, shared: Shared | None) -> bool:
+        """Whether the read has the upstream link to itself: this node reads no other blob
+        from it, and no other node reads from it."""
+        return self._reading == {transfer} and not (shared is not None
+                                                    and await shared(transfer))
 
     async def _read_sequentially(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
                                  url: URL, stop: _Stop) -> None:

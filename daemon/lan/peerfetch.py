@@ -171,6 +171,16 @@ class PeerFetch:
                 return
             await asyncio.sleep(OUTPACED_EVERY)
 
+    async def upstream_shared(self, transfer: Transfer) -> bool:
+        """Whether another node reads from the upstream now: its chunk map of the blob says
+        it fetches the blob or reads other blobs from the upstream, or its last status lists
+        a blob it reads from there."""
+        held = await self.sharing.holders(transfer.blob, fresh=True)
+        return (any(intake > 0 for intake in held.upstream_intakes.values())
+                or any(t.source == TransferSource.UPSTREAM for t in held.transfers.values())
+                or any(b.state.source == TransferSource.UPSTREAM
+                       for p in self.sharing.peers.usable() for b in p.transfers))
+
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted again
         for a while (the upstream alone cannot produce a wrong blob twice)."""

@@ -129,6 +129,21 @@ def test_nodes_starting_at_once_read_each_blob_from_the_upstream_once(cluster: C
         assert cdn <= 1.01 * 48 * MiB, f"{cdn / (48 * MiB):.3f} x the blob from the CDN"
 
 
+@pytest.mark.parametrize("cluster", ["200mbit"], indirect=True)
+def test_nodes_reading_different_blobs_at_once_keep_to_one_connection_each(
+        cluster: Cluster) -> None:
+    start_every_host(cluster)
+    repos = {h: new_repo(cluster, f"acme/own-{h}", 32 * MiB) for h in HOSTS[:2]}
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    got = {h: pool.submit(pull, cluster, h, repo) for h, (repo, _) in repos.items()}
+    assert {h: f.result() for h, f in got.items()} == {h: d for h, (_, d) in repos.items()}
+    # each read shares the link with the other node's: more connections would only take
+    # from it (a lone read opens upstream_connections, test_proxy.py)
+    stats = cluster.hub.stats()
+    assert stats["cdn_sending_max"] == 2, stats
+    assert stats["cdn_bytes"] <= 1.01 * 64 * MiB, stats
+
+
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
 def test_the_status_shows_who_feeds_whom_across_the_cluster(cluster: Cluster) -> None:
     ids = start_every_host(cluster)

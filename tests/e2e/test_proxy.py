@@ -157,6 +157,18 @@ def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
         f"the first byte came only once the file was in: {transfers}"
 
 
+def test_a_read_alone_on_the_upstream_opens_its_connections_after_a_second(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    d = start_daemon()
+    hub.faults(cdn_rate=6 * MiB)  # per connection: one alone takes 8 s for the 48 MiB
+    started = time.monotonic()
+    body = get_body(f"{d.url}/{MODEL}/resolve/main/{BIG_FILE}")
+    took = time.monotonic() - started
+    assert body == expected_files(MODEL)[BIG_FILE]
+    assert hub.stats()["cdn_sending_max"] == 4  # upstream_connections
+    assert took < 5, f"{took:.1f}s for 48 MiB at 6 MiB/s per connection"
+
+
 def test_sigkill_mid_download_resumes_without_refetching(
         start_daemon: StartDaemon, hub: FakeHub, tmp_path: Path) -> None:
     d = start_daemon()

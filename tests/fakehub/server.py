@@ -88,13 +88,15 @@ class FakeHub:
         self.faults = Faults()
         self.stats: dict[str, Any] = {}
         self.hub_url = self.cdn_url = ""
+        self.cdn_sending = 0  # CDN bodies being sent now
         self.reset()
 
     def reset(self) -> None:
         self.faults = Faults()
+        # cdn_sending_max: the most CDN bodies being sent at once (connections reading)
         self.stats = {"cdn_bytes": 0, "cdn_requests": 0, "cdn_requests_with_auth": 0,
-                      "cdn_range_requests": 0, "hub_requests": 0, "xet_requests": 0,
-                      "requests": []}
+                      "cdn_range_requests": 0, "cdn_sending_max": 0, "hub_requests": 0,
+                      "xet_requests": 0, "requests": []}
 
     def prepare(self) -> None:
         """Write every LFS blob into the data dir so the CDN can serve it from disk."""
@@ -417,6 +419,8 @@ class FakeHub:
         if span is not None:
             resp.headers["Content-Range"] = f"bytes {a}-{b - 1}/{size}"
         send = self.cdn_stream if self.faults.cdn_streaming else self.cdn_sendfile
+        self.cdn_sending += 1
+        self.stats["cdn_sending_max"] = max(self.stats["cdn_sending_max"], self.cdn_sending)
         try:
             await resp.prepare(request)
             await send(request, resp, path, a, b)
@@ -424,6 +428,8 @@ class FakeHub:
             return resp
         except ConnectionError:  # the client went away
             abort(request)
+        finally:
+            self.cdn_sending -= 1
 
     async def cdn_sendfile(self, request: web.Request, resp: web.StreamResponse, path: Path,
                            a: int, b: int) -> None:
