@@ -43,6 +43,9 @@ class PeerSource(Protocol):
     def blame(self, transfer: Transfer) -> None:
         """The blob failed its digest: the peers that sent parts of it are not trusted."""
 
+    def has_members(self) -> bool:
+        """Whether other nodes are live on the LAN (they may read the upstream too)."""
+
     async def upstream_shared(self, transfer: Transfer) -> bool:
         """Whether another node reads from the upstream now: the link is shared."""
 
@@ -58,6 +61,9 @@ class NoPeers:
 
     def blame(self, transfer: Transfer) -> None:
         return None
+
+    def has_members(self) -> bool:
+        return False
 
     async def upstream_shared(self, transfer: Transfer) -> bool:
         return False
@@ -142,8 +148,9 @@ class Fetcher:
         then back to the peers, so the WAN carries the blob once."""
         outpaced = asyncio.create_task(self.peers.outpaced(transfer, writer))
         try:
+            shared = self.peers.upstream_shared if self.peers.has_members() else None
             await self.upstream.fetch_rest(transfer, writer, origin, until=outpaced,
-                                           shared=self.peers.upstream_shared)
+                                           shared=shared)
         finally:
             outpaced.cancel()
             watched = (await asyncio.gather(outpaced, return_exceptions=True))[0]

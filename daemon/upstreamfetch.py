@@ -60,12 +60,13 @@ class _Segment:
         self.window = (time.monotonic(), 0, 0)
         self.restarts = 0  # reads of a starved connection asked again
 
-    def new_window(self, bytes_upstream: int) -> None:
-        self.window = (time.monotonic(), self.filled, bytes_upstream)
+    def new_window(self, bytes_read: int) -> None:
+        self.window = (time.monotonic(), self.filled, bytes_read)
 
-    def starved(self, bytes_upstream: int) -> bool:
+    def starved(self, bytes_read: int) -> bool:
         """Whether, over the window just ended, the segment got less than 1/STARVED_SHARE of
-        what the blob's other segments got; a new window begins when one ended otherwise.
+        what this node's other upstream connections got (`bytes_read`: every blob's; a blob
+        read beside others has one connection); a new window begins when one ended otherwise.
         One of many connections into a full drop-tail queue that TCP left waiting: in the
         lab one read 11 KB in 3 s beside siblings at full speed, and an overtaker's first
         segment trickled 1 MiB in 3 s; the prefix stops there, so peers took the whole
@@ -74,11 +75,11 @@ class _Segment:
         if time.monotonic() - since < STARVED_SECONDS:
             return False
         own = self.filled - filled
-        others = bytes_upstream - then - own
+        others = bytes_read - then - own
         if (self.restarts < STARVED_RETRIES and others >= STARVED_SIBLING_BYTES
                 and own * STARVED_SHARE < others):
             return True
-        self.new_window(bytes_upstream)
+        self.new_window(bytes_read)
         return False
 
     async def put(self, writer: BlobWriter, piece: bytes | memoryview) -> None:
@@ -133,12 +134,14 @@ class UpstreamFetch:
         self._rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
         self.probing = False  # one probe at a time: its rate serves every transfer
         self._reading: set[Transfer] = set()  # blobs read from the upstream now
+        self.bytes_read = 0  # from the upstream, every blob: what a starved segment is held to
 
     async def fetch_rest(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
                          until: asyncio.Future[None] | None = None,
                          shared: Shared | None = None) -> None:
         """The blob from the writer's offset to its end, or to where `until` returned (an
-        error in it stops nothing). `shared` says whether other nodes read the upstream."""
+        error in it stops nothing). `shared` says whether other nodes read the upstream
+        (None: no other node is live)."""
         stop = _Stop(until)
         blob = transfer.blob
         if self.offline:
@@ -231,7 +234,9 @@ class UpstreamFetch:
     async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
                              url: URL, stop: _Stop, shared: Shared | None) -> None:
         """The rest of the blob in Range reads of a segment each: one at a time, then
-        `connections` at once if the read has the upstream link to itself after RAMP_AFTER."""
+        `connections` at once if the read has the upstream link to itself, after RAMP_AFTER
+        (what nodes starting at the same moment do shows by then; with no other node live,
+        at once)."""
         bounds = segment_bounds(writer.offset, transfer.blob.size, self.connections)
         segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
@@ -245,7 +250,7 @@ class UpstreamFetch:
 
         async def ramp() -> None:
             nonlocal parallel
-            await asyncio.sleep(RAMP_AFTER)
+            await asyncio.sleep(RAMP_AFTER if shared is not None else 0.0)
             if await self._alone(transfer, shared):
                 log.debug("fetching %s: the upstream link is its own; %d connections",
                           transfer.label, self.connections)
@@ -299,8 +304,7 @@ class UpstreamFetch:
         """Bytes read in order (a stream, a probe)."""
         if data:
             await writer.write(data)
-            transfer.received(len(data))
-            self._on_bytes(len(data))
+            self._received(transfer, len(data))
             transfer.advance(writer.offset)
 
     async def _after_break(self, origin: Origin, url: URL, failures: int, pos: int,
@@ -373,7 +377,7 @@ class UpstreamFetch:
             while not reading.done():
                 await asyncio.wait({reading}, timeout=STARVED_SECONDS / 4)
                 if (not reading.done() and not self.upstream.rate.rate
-                        and seg.starved(transfer.bytes_upstream)):
+                        and seg.starved(self.bytes_read)):
                     raise _Starved
             reading.result()
         finally:
@@ -382,14 +386,18 @@ class UpstreamFetch:
 
     async def _read_range(self, seg: _Segment, url: URL, origin: Origin, transfer: Transfer,
                           writer: BlobWriter) -> None:
-        seg.new_window(transfer.bytes_upstream)
+        seg.new_window(self.bytes_read)
         pieces = self.upstream.read_range(url, seg.start + seg.filled, seg.end,
                                           token=origin.token)
         async with contextlib.aclosing(pieces):
             async for data in pieces:
-                transfer.received(len(data))
-                self._on_bytes(len(data))
+                self._received(transfer, len(data))
                 await seg.put(writer, data)
+
+    def _received(self, transfer: Transfer, n: int) -> None:
+        transfer.received(n)
+        self.bytes_read += n
+        self._on_bytes(n)
 
 
 def _probed_enough(nbytes: int, seconds: float) -> bool:

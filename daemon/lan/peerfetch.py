@@ -171,6 +171,9 @@ class PeerFetch:
                 return
             await asyncio.sleep(OUTPACED_EVERY)
 
+    def has_members(self) -> bool:
+        return bool(self.sharing.peers.usable())
+
     async def upstream_shared(self, transfer: Transfer) -> bool:
         """Whether another node reads from the upstream now: its chunk map of the blob says
         it fetches the blob or reads other blobs from the upstream, or its last status lists

@@ -144,6 +144,27 @@ def test_a_connection_starved_beside_its_siblings_is_asked_again(
     assert hub.stats()["cdn_bytes"] <= len(want) + MiB
 
 
+def test_a_stalled_connection_beside_another_blobs_read_is_asked_again(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    # one connection per blob, as when other nodes read the upstream too: the other blob's
+    # read is the only one to compare with
+    d = start_daemon("--upstream-connections", "1")
+    repo = "acme/two-at-once"
+    hub.add_repo(repo, {"a.bin": {"size": 32 * MiB, "lfs": True},
+                        "b.bin": {"size": 32 * MiB, "lfs": True}})
+    # 4 s a blob at 8 MiB/s; the first read to reach this offset sends nothing for a minute
+    hub.faults(cdn_rate=8 * MiB, cdn_stall_at=12 * MiB + 12345)
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        bodies = dict(zip("ab", pool.map(
+            lambda f: get_body(f"{d.url}/{repo}/resolve/main/{f}.bin"), "ab"), strict=True))
+    took = time.monotonic() - started
+    want = expected_files(repo)
+    assert bodies == {f: want[f"{f}.bin"] for f in "ab"}
+    assert took < 15, f"{took:.1f}s: the download waited on the stalled connection"
+    assert "of what the others got in 1.0s; asking again" in d.log()
+
+
 def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
         start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
@@ -157,7 +178,7 @@ def test_first_bytes_arrive_before_the_whole_cold_file_is_in(
         f"the first byte came only once the file was in: {transfers}"
 
 
-def test_a_read_alone_on_the_upstream_opens_its_connections_after_a_second(
+def test_a_read_alone_on_the_upstream_opens_its_connections(
         start_daemon: StartDaemon, hub: FakeHub) -> None:
     d = start_daemon()
     hub.faults(cdn_rate=6 * MiB)  # per connection: one alone takes 8 s for the 48 MiB

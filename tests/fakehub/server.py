@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -89,9 +90,14 @@ class FakeHub:
         self.stats: dict[str, Any] = {}
         self.hub_url = self.cdn_url = ""
         self.cdn_sending = 0  # CDN bodies being sent now
+        self.held = asyncio.Event()  # set: connections stalled on purpose end (reset)
         self.reset()
 
     def reset(self) -> None:
+        """No fault, no count; a connection a fault stalled ends now (the next test must not
+        find it open)."""
+        self.held.set()
+        self.held = asyncio.Event()
         self.faults = Faults()
         # cdn_sending_max: the most CDN bodies being sent at once (connections reading)
         self.stats = {"cdn_bytes": 0, "cdn_requests": 0, "cdn_requests_with_auth": 0,
@@ -469,7 +475,8 @@ class FakeHub:
                 if pos <= f.cdn_stall_at < pos + n:
                     if pos == f.cdn_stall_at:
                         f.cdn_stall_at = -1
-                        await asyncio.sleep(60)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.held.wait(), 60)
                         abort(request)
                     n = f.cdn_stall_at - pos
                 data = bytearray(fh.read(n))
