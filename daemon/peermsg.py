@@ -20,6 +20,7 @@ MAX_MEMBERS = 4096  # nodes of one warm job
 MAX_SIZE = 1 << 50  # 1 PiB: larger is a lie
 MAX_LABEL = 1024  # repo/path of a transfer
 MAX_SINCE = 1e9  # seconds: a transfer's age in a message
+MAX_READS = 4096  # blobs one node reads from the upstream at once
 MAX_STATUS_TRANSFERS = 64  # a node lists at most this many of its transfers in its status
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -194,6 +195,7 @@ class ChunkMap:
     transfer: PeerTransfer | None  # None: the peer does not transfer the blob
     upstream_rate: float  # what the upstream gave that node lately, bytes/s (0: not known)
     upstream_intake: float = 0.0  # what that node reads from the upstream now, all blobs, B/s
+    upstream_reads: int = 0  # how many blobs that node reads from the upstream now
 
 
 def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
@@ -213,7 +215,8 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
             raise BadMessage(f"field 'info_hash': {info_hash!r:.60} is not an info-hash")
         chunks.append(HeldChunk(index, info_hash))
     return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
-                    float(_count(d, "upstream_rate", 0)), float(_count(d, "upstream_intake", 0)))
+                    float(_count(d, "upstream_rate", 0)), float(_count(d, "upstream_intake", 0)),
+                    _count(d, "upstream_reads", 0, hi=MAX_READS))
 
 
 # --- warm jobs ----------------------------------------------------------------------------

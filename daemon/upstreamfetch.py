@@ -234,9 +234,9 @@ class UpstreamFetch:
     async def _read_segments(self, transfer: Transfer, writer: BlobWriter, origin: Origin,
                              url: URL, stop: _Stop, shared: Shared | None) -> None:
         """The rest of the blob in Range reads of a segment each: one at a time, then
-        `connections` at once if the read has the upstream link to itself, after RAMP_AFTER
-        (what nodes starting at the same moment do shows by then; with no other node live,
-        at once)."""
+        `connections` at once once the read has the upstream link to itself, asked every
+        RAMP_AFTER (what nodes starting at the same moment do shows by then; with no other
+        node live, asked at once first)."""
         bounds = segment_bounds(writer.offset, transfer.blob.size, self.connections)
         segments: list[_Segment] = []
         tasks: list[asyncio.Task[None]] = []
@@ -250,12 +250,16 @@ class UpstreamFetch:
 
         async def ramp() -> None:
             nonlocal parallel
-            await asyncio.sleep(RAMP_AFTER if shared is not None else 0.0)
-            if await self._alone(transfer, shared):
-                log.debug("fetching %s: the upstream link is its own; %d connections",
-                          transfer.label, self.connections)
-                parallel = self.connections
-                open_segments()
+            delay = RAMP_AFTER if shared is not None else 0.0
+            while True:
+                await asyncio.sleep(delay)
+                if await self._alone(transfer, shared):
+                    break
+                delay = RAMP_AFTER
+            log.debug("fetching %s: the upstream link is its own; %d connections",
+                      transfer.label, self.connections)
+            parallel = self.connections
+            open_segments()
 
         def wake() -> None:  # a commit waiting on a starved segment sees the stop too
             for seg in segments:

@@ -176,11 +176,9 @@ class PeerFetch:
 
     async def upstream_shared(self, transfer: Transfer) -> bool:
         """Whether another node reads from the upstream now: its chunk map of the blob says
-        it fetches the blob or reads other blobs from the upstream, or its last status lists
-        a blob it reads from there."""
+        it reads blobs from the upstream, or its last status lists one it reads from there."""
         held = await self.sharing.holders(transfer.blob, fresh=True)
-        return (any(intake > 0 for intake in held.upstream_intakes.values())
-                or any(t.source == TransferSource.UPSTREAM for t in held.transfers.values())
+        return (any(n > 0 for n in held.upstream_reads.values())
                 or any(b.state.source == TransferSource.UPSTREAM
                        for p in self.sharing.peers.usable() for b in p.transfers))
 

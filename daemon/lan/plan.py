@@ -513,6 +513,12 @@ def upstream_intake(transfers: Iterable[Transfer]) -> float:
                and t.blob.size - t.available > ENDING_SOON * rate)
 
 
+def upstream_reads(transfers: Iterable[Transfer]) -> int:
+    """How many blobs this node reads from the upstream now (probes left out): whether the
+    link is shared, whatever their rates (upstream_intake leaves out what ends soon)."""
+    return sum(1 for t in transfers if t.source == TransferSource.UPSTREAM and not t.probing)
+
+
 def blob_transfers(transfers: Transfers) -> list[BlobTransfer]:
     """Every running transfer as the cluster sees it, for the plan view."""
     return [BlobTransfer(t.blob.digest, t.label, t.blob.size, peer_view(t))

@@ -26,7 +26,13 @@ from ..store import BlobId, Store, blob_hasher, xxh3_of_file
 from ..upstreamfetch import UpstreamFetch
 from .chunkmaps import ChunkMaps
 from .peers import BAN_SECONDS, Peer, PeerRoute, PeerSet
-from .plan import blob_transfers, own_upstream_rate, peer_view, upstream_intake
+from .plan import (
+    blob_transfers,
+    own_upstream_rate,
+    peer_view,
+    upstream_intake,
+    upstream_reads,
+)
 from .swarm import ChunkTorrent, Swarm, chunk_torrent, info_hash_of, torrent_file
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ class Holders:
     upstream_rates: dict[str, float] = dataclasses.field(default_factory=dict)  # by node id
     # what each peer reads from the upstream now, all blobs together, bytes/s
     upstream_intakes: dict[str, float] = dataclasses.field(default_factory=dict)
+    # how many blobs each peer reads from the upstream now
+    upstream_reads: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class Sharing:
@@ -163,6 +171,7 @@ class Sharing:
                                   "upstream_rate": round(own_upstream_rate(
                                       self.upstream.rate(), every)),
                                   "upstream_intake": round(upstream_intake(every)),
+                                  "upstream_reads": upstream_reads(every),
                                   **transfer})
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
@@ -209,6 +218,7 @@ class Sharing:
             if m.upstream_rate:
                 out.upstream_rates[peer.node_id] = m.upstream_rate
             out.upstream_intakes[peer.node_id] = m.upstream_intake
+            out.upstream_reads[peer.node_id] = m.upstream_reads
         return out
 
     async def small_blob(self, blob: BlobId, holders: list[Peer]) -> bytes | None:

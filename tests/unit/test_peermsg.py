@@ -43,17 +43,21 @@ def test_good_messages_parse() -> None:
     assert t.to_json() == GOOD_TRANSFER
     m = parse_chunk_map({"digest": D, "chunks": [{"index": 1, "info_hash": "b" * 40}],
                          "small": False, "transfer": "upstream", "available": 5, "rate": 7,
-                         "received": 8, "upstream_rate": 9, "upstream_intake": 11}, D, 4)
+                         "received": 8, "upstream_rate": 9, "upstream_intake": 11,
+                         "upstream_reads": 2}, D, 4)
     assert m.chunks[0].index == 1 and m.transfer is not None
     assert (m.transfer.source, m.transfer.available, m.transfer.rate, m.transfer.received) == (
         TransferSource.UPSTREAM, 5, 7, 8)
     # a node that does not say what it receives
     old = parse_chunk_map({"digest": D, "transfer": "upstream", "rate": 7}, D, 4).transfer
     assert old is not None and old.received == 0
-    assert (m.upstream_rate, m.upstream_intake) == (9, 11)
+    assert (m.upstream_rate, m.upstream_intake, m.upstream_reads) == (9, 11, 2)
+    assert parse_chunk_map({"digest": D}, D, 4).upstream_reads == 0  # an older node
     for bad in (-1, "fast", 2**80, True):
         with pytest.raises(BadMessage):
             parse_chunk_map({"digest": D, "upstream_intake": bad}, D, 4)
+        with pytest.raises(BadMessage):
+            parse_chunk_map({"digest": D, "upstream_reads": bad}, D, 4)
     assert parse_chunk_map({"digest": D}, D, 4).transfer is None
     spec = parse_warm_spec(GOOD_SPEC)
     assert spec.files[0].path == "model.bin" and spec.to_json()["files"][0] == GOOD_FILE
