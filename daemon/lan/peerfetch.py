@@ -381,9 +381,9 @@ class PeerFetch:
             return False
         finally:
             transfer.peers_used.update(chunks[i][0][0].node_id for i in run if chunks.get(i))
-            log.info("took %d bytes of %s over BitTorrent (chunks %d to %d), bytes %d to %d, "
-                     "in %.1fs", writer.offset - before, transfer.label, run[0], run[-1],
-                     before, writer.offset, time.monotonic() - started)
+        log.info("took %d bytes of %s over BitTorrent (chunks %d to %d), bytes %d to %d, in "
+                 "%.1fs", writer.offset - before, transfer.label, run[0], run[-1], before,
+                 writer.offset, time.monotonic() - started)
         return True
 
 
