@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from . import hubnames
@@ -22,6 +22,7 @@ MAX_LABEL = 1024  # repo/path of a transfer
 MAX_SINCE = 1e9  # seconds: a transfer's age in a message
 MAX_READS = 4096  # blobs one node reads from the upstream at once
 MAX_STATUS_TRANSFERS = 64  # a node lists at most this many of its transfers in its status
+MAX_MAPS = 32  # chunk maps asked of one peer in one request (the URL stays under 4 KB)
 _HEX40 = re.compile(r"[0-9a-f]{40}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 NODE_ID_RE = _HEX32
@@ -196,6 +197,7 @@ class ChunkMap:
     upstream_rate: float  # what the upstream gave that node lately, bytes/s (0: not known)
     upstream_intake: float = 0.0  # what that node reads from the upstream now, all blobs, B/s
     upstream_reads: int = 0  # how many blobs that node reads from the upstream now
+    stood_in: bool = False  # never sent: an earlier answer given for a late one (chunkmaps.py)
 
 
 def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
@@ -217,6 +219,33 @@ def parse_chunk_map(value: object, digest: str, max_chunks: int) -> ChunkMap:
     return ChunkMap(chunks, _get(d, "small", bool, False), _peer_transfer(d),
                     float(_count(d, "upstream_rate", 0)), float(_count(d, "upstream_intake", 0)),
                     _count(d, "upstream_reads", 0, hi=MAX_READS))
+
+
+def parse_map_query(digests: list[str]) -> list[str]:
+    """The blobs a peer asks the chunk maps of in one request: 1 to MAX_MAPS distinct digests."""
+    if not 0 < len(digests) <= MAX_MAPS:
+        raise BadMessage(f"{len(digests)} blobs asked at once; 1 to {MAX_MAPS}, please")
+    if len(set(digests)) < len(digests):
+        raise BadMessage("a blob was asked twice")
+    for d in digests:
+        _named(hubnames.any_digest, d, "digest")
+    return digests
+
+
+def parse_chunk_maps(value: object, chunks: Mapping[str, int]) -> dict[str, ChunkMap]:
+    """The chunk maps of exactly the blobs asked for, by digest (`chunks`: digest -> how
+    many chunks the blob has), in one answer: {"maps": [map, ...]}."""
+    items = _get(_obj(value, "chunk maps"), "maps", list)
+    if len(items) != len(chunks):
+        raise BadMessage(f"field 'maps': {len(items)} maps for {len(chunks)} blobs asked")
+    maps: dict[str, ChunkMap] = {}
+    for item in items:
+        digest = _obj(item, "chunk map").get("digest")
+        if not isinstance(digest, str) or digest not in chunks or digest in maps:
+            raise BadMessage(f"field 'digest': {str(digest)[:64]!r} was not asked for, or "
+                             "came twice")
+        maps[digest] = parse_chunk_map(item, digest, chunks[digest])
+    return maps
 
 
 # --- warm jobs ----------------------------------------------------------------------------

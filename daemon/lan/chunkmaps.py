@@ -10,6 +10,9 @@ torrent is started on a peer that may be frozen); the question goes on and its a
 the next round. A peer with no recent answer, or one that was not fetching or relaying the blob
 then, is waited for as before (up to its deadline, peers.py), and so is every peer when a node is
 about to go to the upstream: it must see what the others do now.
+
+Questions to one peer that arise in the same turn of the event loop travel as one request: a
+warm job starts all its files at once, and each asks every peer.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 from ..errors import PeerError
-from ..peermsg import ChunkMap, parse_chunk_map
+from ..peermsg import MAX_MAPS, ChunkMap, parse_chunk_map, parse_chunk_maps
 from ..store import BlobId
 from ..transfer import TransferSource
 from .peers import Peer, PeerSet
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 LATE_AFTER = 0.1  # s a round waits for a peer it has a recent map of
 MAP_FRESH = 1.0  # s an answer may stand in for a late one
 Key = tuple[str, str]  # (node id, blob digest)
+Question = tuple[BlobId, asyncio.Future["ChunkMap | None"]]
 
 
 class ChunkMaps:
@@ -41,15 +46,17 @@ class ChunkMaps:
         self._clock = clock
         self._asking: dict[Key, asyncio.Future[ChunkMap | None]] = {}
         self._recent: dict[Key, tuple[float, ChunkMap]] = {}
+        self._queued: dict[str, list[Question]] = {}  # by node id: asked in this turn
+        self._requests: set[asyncio.Task[None]] = set()
 
     async def of(self, peer: Peer, blob: BlobId, *, fresh: bool = False) -> ChunkMap | None:
         """The peer's chunk map of the blob: its answer to a question asked now (or still
         under way), or, when that is late and not `fresh`, its answer of less than MAP_FRESH
-        ago."""
+        ago (marked `stood_in`)."""
         key = (peer.node_id, blob.digest)
         asking = self._asking.get(key)
         if asking is None:
-            asking = self._asking[key] = asyncio.ensure_future(self._ask(peer, blob))
+            asking = self._asking[key] = self._queue(peer, blob)
             asking.add_done_callback(lambda f: self._answered(key, f))
         recent = self._recent.get(key)
         if fresh or recent is None or not _stands_in(recent[1], self._clock() - recent[0]):
@@ -57,15 +64,48 @@ class ChunkMaps:
         done, _ = await asyncio.wait({asking}, timeout=LATE_AFTER)
         return asking.result() if done else _aged(recent[1], self._clock() - recent[0])
 
-    async def _ask(self, peer: Peer, blob: BlobId) -> ChunkMap | None:
-        chunks = max(1, -(-blob.size // self.chunk_size))
+    def _queue(self, peer: Peer, blob: BlobId) -> asyncio.Future[ChunkMap | None]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[ChunkMap | None] = loop.create_future()
+        queued = self._queued.get(peer.node_id)
+        if queued is None:
+            queued = self._queued[peer.node_id] = []
+            loop.call_soon(self._send, peer, queued)
+        queued.append((blob, answer))
+        if len(queued) == MAX_MAPS:
+            self._send(peer, queued)
+        return answer
+
+    def _send(self, peer: Peer, queued: list[Question]) -> None:
+        if self._queued.get(peer.node_id) is not queued:
+            return  # sent when it was full
+        del self._queued[peer.node_id]
+        request = asyncio.get_running_loop().create_task(self._ask(peer, queued))
+        self._requests.add(request)
+        request.add_done_callback(self._requests.discard)
+
+    async def _ask(self, peer: Peer, queued: list[Question]) -> None:
+        chunks = {blob.digest: max(1, -(-blob.size // self.chunk_size)) for blob, _ in queued}
+        maps: dict[str, ChunkMap] | None = None
         try:
-            return await self.peers.quick_json(
-                peer, f"/chunks/{blob.digest}", lambda v: parse_chunk_map(v, blob.digest, chunks),
-                f"chunk map of {blob.digest[:12]}")
+            if len(queued) == 1:
+                blob = queued[0][0]
+                one = await self.peers.quick_json(
+                    peer, f"/chunks/{blob.digest}",
+                    lambda v: parse_chunk_map(v, blob.digest, chunks[blob.digest]),
+                    f"chunk map of {blob.digest[:12]}")
+                maps = None if one is None else {blob.digest: one}
+            else:
+                maps = await self.peers.quick_json(
+                    peer, "/chunks?" + urlencode([("digest", d) for d in chunks]),
+                    lambda v: parse_chunk_maps(v, chunks), f"chunk maps of {len(chunks)} blobs")
         except PeerError as e:
-            log.info("no chunk map of %s from peer %s: %s", blob.digest[:12], peer.node_id, e)
-            return None
+            log.info("no chunk map of %s from peer %s: %s",
+                     ", ".join(d[:12] for d in chunks), peer.node_id, e)
+        finally:
+            for blob, answer in queued:
+                if not answer.done():
+                    answer.set_result(None if maps is None else maps.get(blob.digest))
 
     def _answered(self, key: Key, asking: asyncio.Future[ChunkMap | None]) -> None:
         del self._asking[key]
@@ -95,4 +135,4 @@ def _aged(answer: ChunkMap, age: float) -> ChunkMap:
     over BitTorrent and got nothing in 2-3 s."""
     t = answer.transfer
     aged = None if t is None else dataclasses.replace(t, since=t.since + age)
-    return dataclasses.replace(answer, chunks=[], transfer=aged)
+    return dataclasses.replace(answer, chunks=[], transfer=aged, stood_in=True)

@@ -77,7 +77,9 @@ class PeerFetch:
         fresh = False  # this round waits for every peer's answer (chunkmaps.py)
         while writer.offset < blob.size:
             held = await self.sharing.holders(blob, fresh=fresh)
-            asked_fresh, fresh = fresh, False
+            # a round in which no earlier answer stood in heard every peer now: the leader of
+            # a warm job's blob went to the upstream after a second round that told it nothing
+            asked_fresh, fresh = fresh or not held.stood_in, False
             if held.small:
                 data = await self.sharing.small_blob(blob, held.small)
                 if data is not None:

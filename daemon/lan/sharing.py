@@ -14,10 +14,11 @@ from pathlib import Path
 from aiohttp import web
 
 from .. import hubnames
-from ..errors import InvalidName, PeerError, SwarmError, SwarmStalled
+from ..errors import BadMessage, InvalidName, PeerError, SwarmError, SwarmStalled
 from ..peermsg import (
     MAX_STATUS_TRANSFERS,
     PeerTransfer,
+    parse_map_query,
     transfer_fields,
 )
 from ..ratelimit import PeerUploadCap
@@ -53,6 +54,7 @@ class Holders:
     upstream_intakes: dict[str, float] = dataclasses.field(default_factory=dict)
     # how many blobs each peer reads from the upstream now
     upstream_reads: dict[str, int] = dataclasses.field(default_factory=dict)
+    stood_in: int = 0  # peers whose earlier answer stood in for a late one
 
 
 class Sharing:
@@ -143,6 +145,7 @@ class Sharing:
     def peer_routes(self) -> list[PeerRoute]:
         return [PeerRoute("GET", "/status", self._status, any_receiver=True),
                 PeerRoute("GET", "/chunks/{digest}", self._chunk_map),
+                PeerRoute("GET", "/chunks", self._chunk_maps),
                 PeerRoute("GET", "/torrent/{digest}/{idx}", self._torrent),
                 PeerRoute("GET", "/blob/{digest}", self._blob)]
 
@@ -158,21 +161,31 @@ class Sharing:
         digest = request.match_info["digest"]
         if not _is_digest(digest):
             return web.json_response({"error": "not a blob digest"}, status=400)
+        return web.json_response(self._map_of(digest))
+
+    async def _chunk_maps(self, request: web.Request, sender: str) -> web.Response:
+        """The maps of several blobs at once: nodes that start a warm job's files together
+        asked every peer for each file's map, 528 requests at 12 nodes and 4 files, which
+        took 0.4 s on 2 cores."""
+        try:
+            digests = parse_map_query(request.query.getall("digest", []))
+        except BadMessage as e:
+            return web.json_response({"error": str(e)}, status=400)
+        return web.json_response({"maps": [self._map_of(d) for d in digests]})
+
+    def _map_of(self, digest: str) -> dict[str, object]:
         if not self.may_share(digest):
-            return web.json_response({"digest": digest, "chunks": [], "small": False,
-                                      "transfer": ""})
+            return {"digest": digest, "chunks": [], "small": False, "transfer": ""}
         chunks = [{"index": c.idx, "info_hash": self._seeded.get((digest, c.idx), "")}
                   for c in self.store.complete_chunks(digest=digest, min_blob_size=SHARED_BLOB)]
         small = self.store.is_complete(digest) and not chunks
         running = self.transfers.running.get(digest)
         transfer = {} if running is None else transfer_fields(peer_view(running))
         every = self.transfers.running.values()
-        return web.json_response({"digest": digest, "chunks": chunks, "small": small,
-                                  "upstream_rate": round(own_upstream_rate(
-                                      self.upstream.rate(), every)),
-                                  "upstream_intake": round(upstream_intake(every)),
-                                  "upstream_reads": upstream_reads(every),
-                                  **transfer})
+        return {"digest": digest, "chunks": chunks, "small": small,
+                "upstream_rate": round(own_upstream_rate(self.upstream.rate(), every)),
+                "upstream_intake": round(upstream_intake(every)),
+                "upstream_reads": upstream_reads(every), **transfer}
 
     async def _torrent(self, request: web.Request, sender: str) -> web.Response:
         idx, digest = request.match_info["idx"], request.match_info["digest"]
@@ -209,6 +222,7 @@ class Sharing:
         for peer, m in zip(peers, maps, strict=True):
             if m is None:
                 continue
+            out.stood_in += m.stood_in
             if m.small:
                 out.small.append(peer)
             for c in m.chunks:

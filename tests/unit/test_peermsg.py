@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 
 from modelpeer.daemon.errors import BadMessage
 from modelpeer.daemon.peermsg import (
+    MAX_MAPS,
     JobState,
     TransferSource,
     parse_chunk_map,
+    parse_chunk_maps,
     parse_job_id,
     parse_job_status,
+    parse_map_query,
     parse_repo_listing,
     parse_sealed_token,
     parse_status,
@@ -152,6 +155,37 @@ def test_malformed_chunk_maps_are_refused(message: Any) -> None:
         parse_chunk_map(message, D, 4)
 
 
+E = "e" * 64
+
+
+def test_chunk_maps_of_several_blobs_come_by_digest() -> None:
+    maps = parse_chunk_maps({"maps": [{"digest": E, "small": True},
+                                      {"digest": D, "chunks": [{"index": 3}]}]}, {D: 4, E: 1})
+    assert maps[D].chunks[0].index == 3 and maps[E].small and not maps[D].stood_in
+
+
+@pytest.mark.parametrize("message", [
+    {"maps": [{"digest": D}]},  # one missing
+    {"maps": [{"digest": D}, {"digest": D}]},  # one twice
+    {"maps": [{"digest": D}, {"digest": "b" * 64}]},  # one not asked for
+    {"maps": [{"digest": D}, {"digest": E}, {"digest": E}]},
+    {"maps": [{"digest": D}, {"digest": E, "chunks": [{"index": 1}]}]},  # E has one chunk
+    {"maps": {D: {}, E: {}}}, {"maps": [D, E]}, [], {},
+])
+def test_malformed_answers_of_several_chunk_maps_are_refused(message: Any) -> None:
+    with pytest.raises(BadMessage):
+        parse_chunk_maps(message, {D: 4, E: 1})
+
+
+@pytest.mark.parametrize("digests", [
+    [], [D, D], [D, "../etc"], [D.upper()], ["a" * 63], [f"{i:064x}" for i in range(MAX_MAPS + 1)],
+])
+def test_a_bad_question_for_several_chunk_maps_is_refused(digests: list[str]) -> None:
+    with pytest.raises(BadMessage):
+        parse_map_query(digests)
+    assert parse_map_query([D, E, "b" * 40]) == [D, E, "b" * 40]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
@@ -162,7 +196,8 @@ json_values = st.recursive(
 @given(json_values)
 def test_no_json_value_breaks_a_parser_otherwise(value: Any) -> None:
     for parse in (parse_status, parse_warm_spec, parse_job_status, parse_sealed_token, parse_job_id,
-                  parse_repo_listing, lambda v: parse_chunk_map(v, D, 4)):
+                  parse_repo_listing, lambda v: parse_chunk_map(v, D, 4),
+                  lambda v: parse_chunk_maps(v, {D: 4, E: 2})):
         with contextlib.suppress(BadMessage):
             parse(value)
 

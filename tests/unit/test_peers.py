@@ -357,6 +357,7 @@ async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
         assert stood_in is not None and stood_in.transfer is not None
         assert stood_in.transfer.available == 1 and stood_in.transfer.since >= LATE_AFTER
         assert stood_in.chunks == []  # no torrent from a late peer: it may be frozen
+        assert stood_in.stood_in  # so the round did not hear every peer now
         assert time.monotonic() - started_at < LATE_AFTER + 0.1
         assert await available() == 1  # the question under way is not asked again
         await asyncio.sleep(0.4)
@@ -374,3 +375,42 @@ async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
         started_at = time.monotonic()
         assert await available() is None  # it no longer transfers it: waited for
         assert time.monotonic() - started_at >= 0.3
+
+
+async def test_chunk_maps_asked_of_one_peer_in_the_same_turn_travel_as_one_request(
+        tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
+    """A warm job starts its files at once and each asks every peer for its map: one request
+    per peer carries them all; a question alone keeps the one-blob route, which older nodes
+    answer too. A peer that refuses the request gives no map for any of its blobs."""
+    blobs = [BlobId(c * 64, "sha256", 64 * 1024 * 1024) for c in "abc"]
+    asked: list[list[str]] = []
+    node = Node(tmp_path, "b")
+
+    def map_of(digest: str) -> dict[str, object]:
+        return {"digest": digest, "chunks": [{"index": "abc".index(digest[0])}]}
+
+    async def one(request: web.Request, sender: str) -> web.Response:
+        asked.append([request.match_info["digest"]])
+        return web.json_response(map_of(request.match_info["digest"]))
+
+    async def several(request: web.Request, sender: str) -> web.Response:
+        digests = request.query.getall("digest")
+        asked.append(digests)
+        if len(digests) > 2:
+            return web.json_response({"error": "older node"}, status=404)
+        return web.json_response({"maps": [map_of(d) for d in reversed(digests)]})
+
+    node.api.route("GET", "/chunks/{digest}", one)
+    node.api.route("GET", "/chunks", several)
+    await started(node)
+    async with peer_set(Node(tmp_path, "a")) as peers:
+        b = peers.peers[node.node_id] = Peer(node.node_id, "127.0.0.1", node.port, alive=True)
+        maps = ChunkMaps(peers, 8 * 1024 * 1024)
+        together = await asyncio.gather(*(maps.of(b, blob) for blob in blobs[:2]))
+        assert [m.chunks[0].index for m in together if m is not None] == [0, 1]
+        assert asked == [[blobs[0].digest, blobs[1].digest]]
+        alone = await maps.of(b, blobs[2])
+        assert alone is not None and alone.chunks[0].index == 2
+        assert asked[1:] == [[blobs[2].digest]]
+        refused = await asyncio.gather(*(maps.of(b, blob) for blob in blobs))
+        assert refused == [None, None, None] and len(asked) == 3
