@@ -11,7 +11,7 @@ the next round. A peer with no recent answer, or one that was not fetching or re
 then, is waited for as before (up to its deadline, peers.py), and so is every peer when a node is
 about to go to the upstream: it must see what the others do now.
 
-Questions to one peer that arise in the same turn of the event loop travel as one request: a
+Questions to one peer that arise within BATCH_WINDOW of each other travel as one request: a
 warm job starts all its files at once, and each asks every peer.
 """
 
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 LATE_AFTER = 0.1  # s a round waits for a peer it has a recent map of
 MAP_FRESH = 1.0  # s an answer may stand in for a late one
+# s a question waits for others to the same peer: a warm job's files reach their first round
+# over a few turns of the event loop (their writers are prepared in threads), 1-2 ms apart
+BATCH_WINDOW = 0.01
 Key = tuple[str, str]  # (node id, blob digest)
 Question = tuple[BlobId, asyncio.Future["ChunkMap | None"]]
 
@@ -46,7 +49,7 @@ class ChunkMaps:
         self._clock = clock
         self._asking: dict[Key, asyncio.Future[ChunkMap | None]] = {}
         self._recent: dict[Key, tuple[float, ChunkMap]] = {}
-        self._queued: dict[str, list[Question]] = {}  # by node id: asked in this turn
+        self._queued: dict[str, list[Question]] = {}  # by node id: not sent yet
         self._requests: set[asyncio.Task[None]] = set()
 
     async def of(self, peer: Peer, blob: BlobId, *, fresh: bool = False) -> ChunkMap | None:
@@ -70,7 +73,7 @@ class ChunkMaps:
         queued = self._queued.get(peer.node_id)
         if queued is None:
             queued = self._queued[peer.node_id] = []
-            loop.call_soon(self._send, peer, queued)
+            loop.call_later(BATCH_WINDOW, self._send, peer, queued)
         queued.append((blob, answer))
         if len(queued) == MAX_MAPS:
             self._send(peer, queued)

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from modelpeer.daemon.errors import PeerError
-from modelpeer.daemon.lan.chunkmaps import LATE_AFTER, ChunkMaps
+from modelpeer.daemon.lan.chunkmaps import BATCH_WINDOW, LATE_AFTER, ChunkMaps
 from modelpeer.daemon.lan.cluster import ClusterKey, Credentials, NodeIdentity
 from modelpeer.daemon.lan.peers import API, Peer, PeerApi, PeerSet
 from modelpeer.daemon.peermsg import PeerTransfer, parse_status, transfer_fields
@@ -377,7 +377,7 @@ async def test_a_late_chunk_map_of_a_transfer_is_stood_in_for_by_a_recent_one(
         assert time.monotonic() - started_at >= 0.3
 
 
-async def test_chunk_maps_asked_of_one_peer_in_the_same_turn_travel_as_one_request(
+async def test_chunk_maps_asked_of_one_peer_at_once_travel_as_one_request(
         tmp_path: Path, started: Callable[[Node], Awaitable[Node]]) -> None:
     """A warm job starts its files at once and each asks every peer for its map: one request
     per peer carries them all; a question alone keeps the one-blob route, which older nodes
@@ -406,7 +406,10 @@ async def test_chunk_maps_asked_of_one_peer_in_the_same_turn_travel_as_one_reque
     async with peer_set(Node(tmp_path, "a")) as peers:
         b = peers.peers[node.node_id] = Peer(node.node_id, "127.0.0.1", node.port, alive=True)
         maps = ChunkMaps(peers, 8 * 1024 * 1024)
-        together = await asyncio.gather(*(maps.of(b, blob) for blob in blobs[:2]))
+        first = asyncio.ensure_future(maps.of(b, blobs[0]))
+        await asyncio.sleep(BATCH_WINDOW / 4)  # a few turns of the event loop later
+        second = asyncio.ensure_future(maps.of(b, blobs[1]))
+        together = [await first, await second]
         assert [m.chunks[0].index for m in together if m is not None] == [0, 1]
         assert asked == [[blobs[0].digest, blobs[1].digest]]
         alone = await maps.of(b, blobs[2])
