@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DAEMON = "http://127.0.0.1:6580"
 API = "/_modelpeer/v1"
-JOB_POLL = 0.25  # seconds between looks at a job --wait follows (what a warm-up waits past its end)
+JOB_POLL = 0.25  # seconds between looks at a job --wait follows
 EXIT_PROBLEM, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_NOT_FOUND = 1, 2, 3, 4
 
 
@@ -427,11 +427,13 @@ def _wait_for_job(d: Daemon, job: str, as_json: bool) -> int:
     tasks: dict[str | None, TaskID] = {}  # node -> its row; None: the total
     with view.transfer_progress(view.console(), disable=as_json) as progress:
         while True:
-            status = d.call("GET", f"/jobs/{job}")
+            asked = time.monotonic()
+            # the daemon answers at once when a node's part of the job ends
+            status = d.call("GET", f"/jobs/{job}?wait={JOB_POLL}")
             _show_job(progress, tasks, status)
             if status["state"] != "running":
                 break
-            time.sleep(JOB_POLL)
+            time.sleep(max(0.0, JOB_POLL - (time.monotonic() - asked)))
     if as_json:
         _print_json(status)
     failed = {n: s.get("error", "") for n, s in status["nodes"].items() if s["state"] != "done"}

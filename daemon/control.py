@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from .lan.plan import PlanBlob, blob_transfers, cluster_plan
 from .metrics import Metrics
 from .signatures import Signatures
 from .store import Store
-from .warmup import Warmup
+from .warmup import MAX_STATUS_WAIT, Warmup
 
 STATIC = Path(__file__).parent / "static"
 
@@ -141,7 +142,16 @@ class Control:
         return web.json_response(self.warmup.summary())
 
     async def job(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.warmup.status(request.match_info["job"]))
+        """`?wait=S`: answer once a node's part of a running job ends, or after S seconds (5
+        at most)."""
+        try:
+            wait = float(request.query.get("wait", "0"))
+        except ValueError:
+            wait = math.nan
+        if not 0 <= wait <= MAX_STATUS_WAIT:
+            return web.json_response({"error": f"wait: 0 to {MAX_STATUS_WAIT:g} seconds, "
+                                               "please"}, status=400)
+        return web.json_response(await self.warmup.status(request.match_info["job"], wait))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         await self.warmup.cancel(request.match_info["job"])

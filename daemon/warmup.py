@@ -14,6 +14,7 @@ go into the catalog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 PARALLEL_FILES = 4
 TOKEN_KEPT = 24 * 3600.0
 TOKEN_WAIT = 15.0  # how long a resumed job looks for a peer holding its token
+MAX_STATUS_WAIT = 5.0  # s a status may wait for a node's part of the job to end
 
 
 @dataclasses.dataclass
@@ -75,6 +77,7 @@ class Job:
     token: str | None = None  # memory only
     pin: bool = False  # `warm --pin`: every node of the job pins the revision
     members: tuple[str, ...] = ()  # the nodes the job was given to
+    coordinator: str = ""  # the node that gave it to this one ("": this node, or not known)
     confirmed: bool = False  # the file entries came from the upstream (not from a peer)
     state: JobState = JobState.RUNNING
     error: str = ""
@@ -119,6 +122,10 @@ class Warmup:
         self.jobs: dict[str, Job] = {}
         self.members: dict[str, list[str]] = {}  # job id -> node ids (on the coordinator)
         self._tokens: dict[str, tuple[str, float]] = {}  # job id -> token, forget-by time
+        # on the coordinator: the nodes whose part of a job ended, and news of the next one
+        self._ended: dict[str, set[str]] = {}
+        self._news: dict[str, asyncio.Event] = {}
+        self._notices: set[asyncio.Task[None]] = set()
         # signatures.py's policy: raises HubError when the file may not be served
         self.check_signature = check_signature or _no_policy
 
@@ -126,7 +133,8 @@ class Warmup:
         return [PeerRoute("POST", "/warm", self._peer_start),
                 PeerRoute("GET", "/warm/{job}", self._peer_status),
                 PeerRoute("GET", "/warm/{job}/token", self._peer_token),
-                PeerRoute("POST", "/warm/{job}/cancel", self._peer_cancel)]
+                PeerRoute("POST", "/warm/{job}/cancel", self._peer_cancel),
+                PeerRoute("POST", "/warm/{job}/ended", self._peer_ended)]
 
     # --- the coordinator ------------------------------------------------------------------
     async def create(self, body: dict[str, object], token: str | None) -> dict[str, object]:
@@ -224,10 +232,16 @@ class Warmup:
                                     "(see `modelpeer peers`)")
         return [(n, p) for n, _, p in chosen]
 
-    async def status(self, job_id: str) -> dict[str, object]:
+    async def status(self, job_id: str, wait: float = 0.0) -> dict[str, object]:
         """The job on every node it was given to; a node that does not answer, or answers
-        nonsense, has failed."""
+        nonsense, has failed. With `wait`, first until a node's part of the job ends (each
+        tells the coordinator) or `wait` seconds pass: `warm --wait` polled every 0.25 s
+        and learned of the job's end 0.125 s late on average."""
         members = self.members.get(job_id, [self.node_id])
+        if wait > 0 and not set(members) <= self._ended.get(job_id, set()):
+            news = self._news.setdefault(job_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(news.wait(), min(wait, MAX_STATUS_WAIT))
         answers = await asyncio.gather(*(self._status_on(job_id, n) for n in members))
         nodes = dict(answers)
         states = {n["state"] for n in nodes.values()}
@@ -290,6 +304,7 @@ class Warmup:
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         for job in self.jobs.values():
             job.shutting_down = True
+        tasks += self._notices
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -305,6 +320,35 @@ class Warmup:
         them is evicted on its way in (not on resume: an unpin meanwhile stands)."""
         if job.pin and self.pins is not None:
             self.pins.add(job.repo, job.revision, job.commit)
+
+    def _part_ended(self, job_id: str, node_id: str) -> None:
+        """On the coordinator: a node's part of the job ended; a status waiting learns now."""
+        self._ended.setdefault(job_id, set()).add(node_id)
+        news = self._news.pop(job_id, None)
+        if news is not None:
+            news.set()
+
+    def _tell_coordinator(self, job: Job) -> None:
+        """This node's part ended: the coordinator hears it (best effort; a status that
+        waits for it ends at its own time otherwise)."""
+        if job.id in self.members:
+            self._part_ended(job.id, self.node_id)
+            return
+        coordinator = self.peers.peers.get(job.coordinator) if self.peers is not None else None
+        if coordinator is None:
+            return
+
+        async def tell(peers: PeerSet, peer: Peer) -> None:
+            try:
+                await peers.request_json(peer, "POST", f"/warm/{job.id}/ended", parse_job_id, {})
+            except PeerError as e:
+                log.info("warm job %s: telling node %s this node's part ended failed: %s",
+                         job.id, peer.node_id, e)
+
+        assert self.peers is not None
+        notice = asyncio.get_running_loop().create_task(tell(self.peers, coordinator))
+        self._notices.add(notice)
+        notice.add_done_callback(self._notices.discard)
 
     def _start(self, job: Job) -> None:
         if job.id in self.jobs:
@@ -338,6 +382,7 @@ class Warmup:
             job.token = None
             if not job.shutting_down:
                 self._save(job)
+                self._tell_coordinator(job)
             log.info("warm job %s on this node: %s (%d of %d files)%s", job.id, job.state,
                      job.done_files, len(job.files), f": {job.error}" if job.error else "")
 
@@ -469,6 +514,7 @@ class Warmup:
         except (ValueError, RecursionError, SignatureError) as e:
             log.warning("warm job from node %s refused: %s", sender, e)
             return web.json_response({"error": f"bad warm job: {e}"}, status=400)
+        job.coordinator = sender
         if job.id not in self.jobs:
             self._pin_if_asked(job)
         self._start(job)
@@ -497,6 +543,14 @@ class Warmup:
             return web.json_response({"error": "no token held for this job"}, status=404)
         log.info("warm job %s: token handed to node %s, sealed", job_id, sender)
         return web.json_response({"sealed_token": self._seal(job_id, token)})
+
+    async def _peer_ended(self, request: web.Request, sender: str) -> web.Response:
+        job_id = request.match_info["job"]
+        if sender not in self.members.get(job_id, []):
+            return web.json_response({"error": "not a node of a job this node coordinates"},
+                                     status=404)
+        self._part_ended(job_id, sender)
+        return web.json_response({"job": job_id})
 
     async def _peer_cancel(self, request: web.Request, sender: str) -> web.Response:
         self._cancel_local(request.match_info["job"])

@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 from modelpeer.client.cli import human_size
 from tests.fakehub import MODEL, FakeHub, expected_files
@@ -19,6 +20,8 @@ from tests.harness import (
     cli,
     free_port,
     get_body,
+    http_json,
+    raw,
     transferring,
     wait_for,
 )
@@ -90,6 +93,29 @@ def test_warm_wait_shows_each_node_and_the_total_then_jobs_lists_it(
     listed = [line.split() for line in cli(d, "jobs").stdout.splitlines()]
     assert listed[0] == ["JOB", "STATE", "REPO", "FILES", "BYTES"]
     assert listed[1][:4] == [job["job"], "done", job["repo"], f"{job['files']}/{job['files']}"]
+
+
+def test_a_job_status_that_waits_answers_when_the_job_ends(
+        start_daemon: StartDaemon, hub: FakeHub) -> None:
+    """`warm --wait` asks with ?wait=S: the answer comes as the job ends, not S later."""
+    d = start_daemon()
+    hub.faults(cdn_rate=4 * 1024 * 1024)  # per connection: the 54 MB repo takes about 3 s
+    job = json.loads(cli(d, "warm", MODEL, "--nodes", "local", "--json").stdout)["job"]
+    url = f"{d.url}/_modelpeer/v1/jobs/{job}"
+    asked = time.time()
+    status = http_json("GET", url + "?wait=0.2")
+    assert status["state"] == "running" and time.time() - asked >= 0.2
+    asked = time.time()
+    status = http_json("GET", url + "?wait=5")
+    seen = time.time()
+    finished = status["nodes"][next(iter(status["nodes"]))]["finished"]
+    assert status["state"] == "done" and asked < finished, status
+    assert seen - finished < 1.0, f"the end was answered {seen - finished:.2f} s late"
+    asked = time.time()
+    assert http_json("GET", url + "?wait=5")["state"] == "done"  # over: no wait
+    assert time.time() - asked < 1.0
+    for bad in ("-1", "6", "nan", "soon"):
+        assert raw(d, "GET", f"/_modelpeer/v1/jobs/{job}?wait={bad}")[0] == 400, bad
 
 
 def test_status_watch_redraws_in_place_in_a_terminal(start_daemon: StartDaemon) -> None:

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,16 +179,36 @@ def test_warm_fills_every_node_with_one_upstream_download(cluster: Cluster) -> N
 
 
 def test_a_client_during_a_warm_joins_its_transfer(cluster: Cluster) -> None:
+    """...and the coordinator hears of each node's end: a status that waits answers then."""
     cluster.start_all("h1", "h2")
     cluster.hub.faults(cdn_rate=8 * MiB)
-    assert cluster.cli("h1", "warm", MODEL, "--nodes", "all").returncode == 0
+    started = cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
     want = expected_files(MODEL)["model.safetensors"]
-    assert cluster.download("h2", MODEL, "model.safetensors") == want
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ended = pool.submit(job_end_seen, cluster, "h1", job)
+        assert cluster.download("h2", MODEL, "model.safetensors") == want
+        status, asked, seen = ended.result()
+    ended_at = max(asked, *(n["finished"] for n in status["nodes"].values()))
+    assert status["state"] == "done", status
+    assert seen - ended_at < 1.5, f"the job's end was answered {seen - ended_at:.2f} s late"
     # a second warm joins the first one's transfers and returns when both nodes hold the repo
     assert cluster.cli("h1", "warm", MODEL, "--nodes", "all", "--wait").returncode == 0
     cdn = cluster.hub.stats()["cdn_bytes"]
     lfs_bytes = sum(len(v) for v in expected_files(MODEL).values() if len(v) > 64 * 1024)
     assert cdn <= 1.05 * lfs_bytes, f"{cdn} CDN bytes for {lfs_bytes} bytes of LFS files"
+
+
+def job_end_seen(cluster: Cluster, host: str, job: str) -> tuple[dict[str, Any], float, float]:
+    """The job's status once it ended, asked with ?wait=5 until then; when the last question
+    was asked, and when its answer came (time.time())."""
+    url = f"{cluster.nodes[host].url}/_modelpeer/v1/jobs/{job}?wait=5"
+    while True:
+        asked = time.time()
+        status = cluster.lab.get_json(host, url, timeout=15)
+        if status["state"] != "running":
+            return status, asked, time.time()
 
 
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
