@@ -238,7 +238,8 @@ class Warmup:
         tells the coordinator) or `wait` seconds pass: `warm --wait` polled every 0.25 s
         and learned of the job's end 0.125 s late on average."""
         members = self.members.get(job_id, [self.node_id])
-        if wait > 0 and not set(members) <= self._ended.get(job_id, set()):
+        coordinated = job_id in self.members  # a job another node gave out: no news comes here
+        if wait > 0 and coordinated and not set(members) <= self._ended.get(job_id, set()):
             news = self._news.setdefault(job_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(news.wait(), min(wait, MAX_STATUS_WAIT))
@@ -334,21 +335,21 @@ class Warmup:
         if job.id in self.members:
             self._part_ended(job.id, self.node_id)
             return
-        coordinator = self.peers.peers.get(job.coordinator) if self.peers is not None else None
-        if coordinator is None:
+        if self.peers is None or (coordinator := self.peers.peers.get(job.coordinator)) is None:
             return
-
-        async def tell(peers: PeerSet, peer: Peer) -> None:
-            try:
-                await peers.request_json(peer, "POST", f"/warm/{job.id}/ended", parse_job_id, {})
-            except PeerError as e:
-                log.info("warm job %s: telling node %s this node's part ended failed: %s",
-                         job.id, peer.node_id, e)
-
-        assert self.peers is not None
-        notice = asyncio.get_running_loop().create_task(tell(self.peers, coordinator))
+        notice = asyncio.get_running_loop().create_task(
+            self._tell_ended(self.peers, coordinator, job.id))
         self._notices.add(notice)
         notice.add_done_callback(self._notices.discard)
+
+    @staticmethod
+    async def _tell_ended(peers: PeerSet, coordinator: Peer, job_id: str) -> None:
+        try:
+            await peers.request_json(coordinator, "POST", f"/warm/{job_id}/ended", parse_job_id,
+                                     {})
+        except PeerError as e:
+            log.info("warm job %s: telling node %s this node's part ended failed: %s", job_id,
+                     coordinator.node_id, e)
 
     def _start(self, job: Job) -> None:
         if job.id in self.jobs:
