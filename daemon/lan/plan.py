@@ -38,6 +38,11 @@ DROP_FOR = 10.0  # how long a dropped source stays out of this transfer
 OVERTAKE_FACTOR = 3.0  # the upstream must be this much faster than a fetcher to overtake it
 INTAKE_SHARE = 0.5  # no overtake while the cluster takes this share of the known upstream rate
 OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once confirm it
+# s a young fetcher that gets almost nothing of a full upstream link is left to it: a flow that
+# joins a full drop-tail queue loses its first packets and waits out their timeouts (2,896
+# bytes in 1-3 s, a new connection no better), then takes its share as the others end; 12
+# nodes at once overtook such fetchers 1.1-1.7 s in, and both read on (upstream 1.06-1.20x)
+LOCKED_OUT_FOR = 2.5
 # an upstream fetch this close to its end (at its rate) no longer counts in the intake: the
 # next overtake takes about this long to start reading
 ENDING_SOON = 1.5
@@ -214,7 +219,8 @@ class Plan:
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
         OVERTAKE_FACTOR times what it delivers (a slow node's last blob had waited until the
-        other overtakes ended, then took the link alone and ended 2 s after them). A fetcher
+        other overtakes ended, then took the link alone and ended 2 s after them), and not
+        in its first LOCKED_OUT_FOR seconds (a late flow the queue locks out). A fetcher
         in its first second (`since` in its chunk maps) is judged by what arrives (after
         0.5 s) only while its node is the only one reading the upstream (a slow node fetching
         every blob): where other nodes read the link too, a young fetcher's connections may be
@@ -240,6 +246,8 @@ class Plan:
             return False
         if sum(intakes.values()) < INTAKE_SHARE * known:
             return True
+        if transfers[source].since < LOCKED_OUT_FOR:
+            return False  # a late flow into a full drop-tail queue: it gets the link later
         readers = sum(1 for rate in intakes.values() if rate > 0)
         return (delivered < SLOW_SOURCE * known
                 and known / (readers + 1) >= OVERTAKE_FACTOR * delivered)

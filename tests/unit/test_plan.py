@@ -241,6 +241,13 @@ def test_no_overtake_while_the_cluster_fills_the_upstream_link() -> None:
     # older, its prefix still (a slow node's blob starved on its own full link): judged
     older = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0)}
     assert plan.overtakes(older, fetcher, {}, 50 * MB, {fetcher: 0.1 * MB, "b": 3 * MB})
+    # on a full link, a fetcher that gets almost nothing in its first seconds is a late flow
+    # the queue locked out: it gets its share as the others end, an overtaker would read
+    # beside it
+    full = {fetcher: 0.1 * MB, "b": 45 * MB}
+    locked_out = {fetcher: PeerTransfer(UP, 20 * MB, 0.0, "", 100_000.0, since=1.5)}
+    assert not plan.overtakes(locked_out, fetcher, {}, 50 * MB, full)
+    assert plan.overtakes(older, fetcher, {}, 50 * MB, full)
 
 
 def test_what_the_cluster_reads_at_once_counts_as_what_the_upstream_gives() -> None:
