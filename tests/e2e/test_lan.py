@@ -204,11 +204,13 @@ def job_end_seen(cluster: Cluster, host: str, job: str) -> tuple[dict[str, Any],
     """The job's status once it ended, asked with ?wait=5 until then; when the last question
     was asked, and when its answer came (time.time())."""
     url = f"{cluster.nodes[host].url}/_modelpeer/v1/jobs/{job}?wait=5"
-    while True:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
         asked = time.time()
         status = cluster.lab.get_json(host, url, timeout=15)
         if status["state"] != "running":
             return status, asked, time.time()
+    raise AssertionError(f"warm job {job} still running after 120 s")
 
 
 @pytest.mark.parametrize("cluster", ["100mbit"], indirect=True)
