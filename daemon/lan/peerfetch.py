@@ -34,7 +34,7 @@ REPLAN_SLOW = 0.5  # the same from a slow source: the plan may soon move to a fa
 # soon as it has some: with 0.5 s, the slow-first bench's probes began 0.7 s into the pull
 REPLAN_FIRST = 0.25
 PROBED_BLOB = 64 * 1024 * 1024  # smaller blobs are not worth reading twice in part
-OUTPACED_EVERY = 1.0  # how often an upstream fetch looks for a peer ahead of it
+OUTPACED_EVERY = 0.5  # how often an upstream fetch looks for a peer ahead of it
 TAIL_RELAYED = 64 * 1024 * 1024  # at most this much is relayed from a feeder that completed
 
 
@@ -162,7 +162,7 @@ class PeerFetch:
                 return
             own = transfer.intake.settled_rate
             node = plan.hand_over_to(held.transfers, own, writer.offset, held.upstream_rates,
-                                     self._upstream_rate())
+                                     self._upstream_rate(), transfer.intake.age)
             if node is not None:
                 plan.handed_over = transfer.leaf = True
                 ahead = held.transfers[node]

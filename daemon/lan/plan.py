@@ -214,7 +214,9 @@ class Plan:
         The fetcher's rate has settled, and the upstream gave some other node (or this one),
         or gives the cluster now, OVERTAKE_FACTOR times what the fetcher delivers of this
         blob and what its node reads of all blobs (a node reading several blobs at a good
-        rate is not slow when one of them gets a small share). While the cluster's upstream
+        rate is not slow when one of them gets a small share; its upstream rate counts the
+        reads that end soon, which its intake leaves out: a blob starved of its share beside
+        them was overtaken as they ended, and both read 15 MB of it). While the cluster's upstream
         fetchers together take INTAKE_SHARE of that rate, the upstream link is full and a
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
@@ -242,7 +244,8 @@ class Plan:
         # probes taken at once read a share each (two at 20 MB/s of a 50 MB/s link)
         known = max(_best_upstream_rate(upstream_rates, own_upstream_rate, but=source),
                     sum(intakes.values()))
-        if known < OVERTAKE_FACTOR * max(delivered, intakes.get(source, 0.0), 1.0):
+        if known < OVERTAKE_FACTOR * max(delivered, intakes.get(source, 0.0),
+                                         upstream_rates.get(source, 0.0), 1.0):
             return False
         if sum(intakes.values()) < INTAKE_SHARE * known:
             return True
@@ -254,7 +257,7 @@ class Plan:
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
                      offset: int, upstream_rates: Mapping[str, float],
-                     own_upstream_rate: float) -> str | None:
+                     own_upstream_rate: float, own_since: float = 0.0) -> str | None:
         """The node this one, itself fetching the blob from the upstream, should relay the
         rest from instead, so that the WAN carries the blob once: another upstream fetcher
         of the blob, ahead of this one, at least as fast and not slow itself (the node that
@@ -269,25 +272,45 @@ class Plan:
         at the best rate the upstream gave any node (an overtaker often reads a blob in less
         than a rate window; waiting for its rate, the slow node read on until the blob was
         complete elsewhere and then took it over BitTorrent on its full link). None while
-        this node's rate has not settled. One whose prefix trails this node's offset by what
-        it reads in CATCH_UP counts as ahead: it reads four segments at once, so its prefix
-        moves in 8 MiB jumps, and a slow node overtaken in the slow-first bench read on for 3 s
-        before the overtaker's prefix passed it, taking its share of the upstream link from
-        the overtakers (this node then waits for bytes it has already); at a rate measured,
-        never a presumed one (a slow node's blob with no rate yet, behind, was handed back to
-        at the best upstream rate, 8.4x T1)."""
-        if own_rate <= 0:
-            return None
+        this node has no rate, but to an overtaker (below). One whose prefix trails this
+        node's offset by what it reads in CATCH_UP counts as ahead: it reads four segments
+        at once, so its prefix moves in 8 MiB jumps, and a slow node overtaken in the
+        slow-first bench read on for 3 s before the overtaker's prefix passed it, taking its
+        share of the upstream link from the overtakers (this node then waits for bytes it
+        has already); at a rate measured, never a presumed one (a slow node's blob with no
+        rate yet, behind, was handed back to at the best upstream rate, 8.4x T1).
+
+        Between an overtaker and the fetcher it overtook, the cluster already judged: the
+        overtaken one (`own_since`: how long this node has read the blob from the upstream;
+        an overtaker took the upstream at least RATE_SETTLES after it) yields to an overtaker
+        that reads at SLOW_FRACTION of its rate, and the overtaker hands back only to one
+        twice as fast, so that never both yield; either yields while it delivers nothing. A
+        fetcher locked out of the link for 3 s recovered as it was overtaken; at about the
+        same rate, each waited for the other to be faster, and both read 19 MB of the blob.
+        An overtaker whose own new connection was locked out read nothing, the fetcher it
+        overtook 10 MB/s, and both read 17 MB."""
         presumed = _best_upstream_rate(upstream_rates, own_upstream_rate)
         rates = {n: self._effective_rate(n, _pace(t), presumed) for n, t in transfers.items()
                  if n != self.node_id and not self.dropped(n)
                  and (n not in self.overtaken or _pace(t) > 0)
                  and t.source == TransferSource.UPSTREAM
+                 and (own_rate > 0 or _overtook(t, own_since) or n in self.overtaken)
                  and not self.slow(n, transfers, upstream_rates, own_upstream_rate)}
-        ahead = {n: rate for n, rate in rates.items() if rate >= own_rate
+        ahead = {n: rate for n, rate in rates.items()
+                 if rate >= self._rate_to_yield(n, transfers[n], own_rate, own_since)
                  and (transfers[n].available > offset or offset - transfers[n].available
                       <= CATCH_UP * min(rate, _pace(transfers[n])))}
         return max(ahead, key=lambda n: ahead[n], default=None)
+
+    def _rate_to_yield(self, node: str, t: PeerTransfer, own_rate: float,
+                       own_since: float) -> float:
+        """The rate at which another upstream fetcher of the blob takes it over from this
+        node (hand_over_to)."""
+        if node in self.overtaken:
+            return own_rate / SLOW_FRACTION
+        if _overtook(t, own_since):
+            return own_rate * SLOW_FRACTION
+        return own_rate
 
     def chunks_beat(self, node: str, transfers: Mapping[str, PeerTransfer], offset: int,
                     held: int, upstream_rates: Mapping[str, float],
@@ -431,6 +454,13 @@ def _without_leaves(feeders: dict[str, float], live: Mapping[str, PeerTransfer]
     fed = {n: rate for n, rate in feeders.items()
            if not (live[n].leaf and live[n].source != TransferSource.UPSTREAM)}
     return fed or feeders
+
+
+def _overtook(t: PeerTransfer, own_since: float) -> bool:
+    """Whether a node took the upstream for the blob after this node's own read had a
+    rate: it judged this node slow and overtook it (nodes going to the upstream at once do
+    not)."""
+    return t.since + RATE_SETTLES <= own_since
 
 
 def _others_read(intakes: Mapping[str, float], fetcher: str) -> bool:

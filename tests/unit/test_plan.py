@@ -319,6 +319,40 @@ def test_an_upstream_fetcher_hands_over_to_one_ahead_and_faster() -> None:
     assert hand_over({fast: t(UP, 11 * MB, 20 * MB)}, 1 * MB, 10 * MB) == fast
 
 
+def test_an_overtaken_fetcher_yields_to_its_overtaker_at_about_its_rate() -> None:
+    me, overtaker = nodes_in_rank_order(n=2)
+    plan = Plan(me, "d" * 64)
+
+    def hand_over(view: PeerTransfer, own_rate: float, rates: dict[str, float] | None = None
+                  ) -> str | None:
+        # this node has read the blob from the upstream for 3.5 s, and is at byte 4 MB
+        return plan.hand_over_to({overtaker: view}, own_rate, 4 * MB, rates or {}, 0, 3.5)
+
+    # it took the upstream 0.8 s ago, 1 MB behind this node, at 9 MB/s against this one's 10
+    # (a fetcher locked out of a full link that recovered as it was overtaken)
+    late = PeerTransfer(UP, 3 * MB, 9 * MB, since=0.8)
+    assert hand_over(late, 10 * MB) == overtaker
+    assert hand_over(late, 0) == overtaker  # still locked out: no rate of its own
+    assert hand_over(late, 19 * MB) is None  # over twice as fast: this node reads on
+    # one that went to the upstream about when this node did must be as fast
+    alike = dataclasses.replace(late, since=3.0)
+    assert hand_over(alike, 10 * MB) is None
+    assert hand_over(alike, 0) is None
+    # an overtaker that has read nothing yet, behind this node, is not yielded to
+    assert hand_over(PeerTransfer(UP, 2 * MB, 0, since=0.3), 0, {"x": 50 * MB}) is None
+    # the overtaker hands back only to one twice as fast, so that they never both yield
+    back = Plan(overtaker, "d" * 64)
+    back.overtaken.add(me)
+    ahead = PeerTransfer(UP, 4 * MB, 10 * MB, since=3.5)
+    assert back.hand_over_to({me: ahead}, 9 * MB, 3 * MB, {}, 0, 0.8) is None
+    assert back.hand_over_to({me: dataclasses.replace(ahead, rate=20 * MB)}, 9 * MB, 3 * MB,
+                             {}, 0, 0.8) == me
+    # an overtaker locked out itself hands back to the one it overtook, which reads again
+    assert back.hand_over_to({me: ahead}, 0, 3 * MB, {}, 0, 0.8) == me
+    assert back.hand_over_to({me: dataclasses.replace(ahead, rate=0)}, 0, 3 * MB, {}, 0,
+                             0.8) is None
+
+
 def test_complete_chunks_beat_a_feeder_that_waits_or_is_slow() -> None:
     me, feeder = nodes_in_rank_order(n=2)
     plan = Plan(me, "d" * 64)
@@ -398,6 +432,9 @@ def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_shar
     assert not plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 30 * MB})
     # a slow node: all its blobs together are slow
     assert plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "x": 4 * MB})
+    # its other reads end soon, so its intake leaves them out; its upstream rate does not:
+    # once they end, this blob takes the link
+    assert not plan.overtakes(view, fetcher, {fetcher: 30 * MB}, 50 * MB, {fetcher: 2 * MB})
 
 
 async def test_an_upstream_fetch_about_to_end_leaves_the_intake() -> None:
