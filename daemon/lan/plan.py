@@ -15,7 +15,8 @@ what this node measured; fetch.py carries them out.
   stall window, it stops answering or is dropped, and the next one goes.
 - An upstream fetcher much slower than what the upstream gives the cluster is overtaken: the
   next node in order fetches the rest from the upstream itself. The overtaken fetcher stops
-  reading the upstream once the overtaker is ahead of it, and relays the rest from it.
+  reading the upstream once the overtaker reads at about its rate and is ahead of it or
+  close behind, and relays the rest from it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 MIN_PIECE = 16 * 1024
 MAX_PIECE = 4 * 1024 * 1024
 PIECES_PER_CHUNK = 16
+# s without a byte before a chunk's fetch is given up (its caller goes on another way): a
+# connection locked out by a full queue waits out its retransmission timeouts, 1 s, 2 s...
+STALL_TIMEOUT = 5.0
 _FLAGS = lt.create_torrent.no_attributes | lt.create_torrent.v1_only
 
 
@@ -102,10 +105,20 @@ class _Fetch:
         self.last_progress = time.monotonic()
         self.changed = asyncio.Event()
         self.num_pieces = num_pieces
+        self.received = 0  # payload bytes the torrent got from its peers
 
     def progress(self) -> None:
         self.last_progress = time.monotonic()
         self.changed.set()
+
+    def note_received(self, total: int) -> None:
+        """Bytes arriving count as progress, not only whole pieces: on a slow node's full
+        link a 4 MiB piece takes seconds, so a stall timeout by pieces must be long, and
+        torrents whose connections the link's queue locked out waited it out (10 s, three
+        times in one slow-middle run: the slow node took 1.4x what its link allows)."""
+        if total > self.received:
+            self.received = total
+            self.last_progress = time.monotonic()
 
 
 class Swarm:
@@ -237,10 +250,10 @@ class Swarm:
 
     # --- fetching -----------------------------------------------------------------------------
     async def fetch(self, torrent: bytes, peers: list[tuple[str, int]], *,
-                    stall_timeout: float = 10.0,
+                    stall_timeout: float = STALL_TIMEOUT,
                     sources_left: Callable[[], bool] = lambda: True) -> AsyncIterator[bytes]:
         """The chunk's bytes in order, piece by piece, as soon as each piece is verified.
-        Ends with SwarmStalled after stall_timeout without progress, or as soon as
+        Ends with SwarmStalled after stall_timeout without a byte, or as soon as
         `sources_left` says no peer that holds the chunk is left to get it from."""
         ti = lt.torrent_info(_decoded(torrent))
         ih = str(ti.info_hashes().v1)
@@ -259,7 +272,8 @@ class Swarm:
                 if p != self.listen:
                     handle.connect_peer(p)
             for piece in range(fetch.num_pieces):
-                yield await self._next_piece(ih, fetch, piece, stall_timeout, sources_left)
+                yield await self._next_piece(handle, fetch, piece, stall_timeout,
+                                             sources_left)
         finally:
             self._fetches.pop(ih, None)
             self._handles.pop(ih, None)
@@ -267,9 +281,11 @@ class Swarm:
                 self._ses.remove_torrent(handle, lt.session.delete_files)
             shutil.rmtree(scratch, ignore_errors=True)
 
-    async def _next_piece(self, ih: str, fetch: _Fetch, piece: int, stall_timeout: float,
-                          sources_left: Callable[[], bool]) -> bytes:
+    async def _next_piece(self, handle: lt.torrent_handle, fetch: _Fetch, piece: int,
+                          stall_timeout: float, sources_left: Callable[[], bool]) -> bytes:
+        ih = str(handle.info_hashes().v1)
         while piece not in fetch.pieces:
+            fetch.note_received(handle.status(0).total_payload_download)
             if fetch.error:
                 raise SwarmError(f"torrent {ih}: {fetch.error}")
             if not sources_left():

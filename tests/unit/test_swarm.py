@@ -60,3 +60,28 @@ async def test_a_fetch_ends_as_soon_as_no_holder_is_left(
                                      sources_left=lambda: not gone.is_set()):
             pass
     assert time.monotonic() - started < 2.5
+
+
+async def test_bytes_arriving_keep_a_fetch_whose_pieces_are_slower_than_its_stall_timeout(
+        swarms: tuple[Swarm, Swarm], tmp_path: Path) -> None:
+    seeder, fetcher = swarms
+    path = a_chunk(tmp_path)
+    made = chunk_torrent(path, piece_size=512 * 1024)
+    seeder.seed(made.torrent, path)
+    # the first bytes come about 2.3 s in, then some every 0.5-1 s: a piece takes over 5 s
+    seeder.limit_upload(100_000)
+    pieces = fetcher.fetch(made.torrent, [seeder.listen], stall_timeout=3.5)
+    first = await anext(pieces)
+    await pieces.aclose()
+    assert first == path.read_bytes()[:512 * 1024]
+
+
+async def test_a_fetch_that_gets_no_byte_ends_after_its_stall_timeout(
+        swarms: tuple[Swarm, Swarm], tmp_path: Path) -> None:
+    _, fetcher = swarms
+    made = chunk_torrent(a_chunk(tmp_path))
+    started = time.monotonic()
+    with pytest.raises(SwarmStalled, match="no progress for"):
+        async for _ in fetcher.fetch(made.torrent, [], stall_timeout=1.0):
+            pass
+    assert time.monotonic() - started < 3
