@@ -1,6 +1,7 @@
 """BitTorrent sessions in-process, on loopback: a chunk goes from a seeding session to a fetching
 one, piece by piece, and a fetch ends as soon as no peer holding its chunk is left, not after its
-stall timeout (a frozen holder held a node 9 s in the frozen-first bench)."""
+stall timeout (a frozen holder held a node 9 s in the frozen-first bench); the stall timeout
+counts bytes, not whole pieces."""
 
 from __future__ import annotations
 
