@@ -71,7 +71,7 @@ async def test_bytes_arriving_keep_a_fetch_whose_pieces_are_slower_than_its_stal
     seeder.seed(made.torrent, path)
     # the first bytes come about 2.3 s in, then some every 0.5-1 s: a piece takes over 5 s
     seeder.limit_upload(100_000)
-    pieces = fetcher.fetch(made.torrent, [seeder.listen], stall_timeout=3.5)
+    pieces = fetcher.fetch(made.torrent, [seeder.listen], stall_timeout=4.5)
     first = await anext(pieces)
     await pieces.aclose()
     assert first == path.read_bytes()[:512 * 1024]
