@@ -30,6 +30,10 @@ PROBE_BYTES = 4 * 1024 * 1024  # a probe reads at least this much, for at least 
 PROBE_SECONDS = 0.25  # and at most PROBE_MAX_BYTES
 PROBE_MAX_BYTES = 16 * 1024 * 1024
 PROBE_MAX_SECONDS = 0.6  # and for at most this long, whatever it read by then
+# s: after a probe that got under PROBE_BYTES (the link full of the cluster's own reads), no
+# other probe: a 2-node warm's second node probed its four blobs in turn, each locked out of
+# the full link (0.6-8.8 MB/s), and every probe's bytes in flight went over the WAN twice
+PROBE_HELD_FOR = 10.0
 # a segment that got less than 1/STARVED_SHARE of what its siblings got (STARVED_SIBLING_BYTES
 # at least) over STARVED_SECONDS is asked again on a new connection, STARVED_RETRIES times at most
 STARVED_SECONDS = 1.0
@@ -133,6 +137,7 @@ class UpstreamFetch:
         self._on_error = on_error  # metrics: a read that broke, by the error's kind
         self._rate = (0.0, 0.0)  # bytes/s the upstream gave this node, and when
         self.probing = False  # one probe at a time: its rate serves every transfer
+        self._probe_held_until = 0.0  # a probe found the link full: none until then
         self._reading: set[Transfer] = set()  # blobs read from the upstream now
         self.bytes_read = 0  # from the upstream, every blob: what a starved segment is held to
 
@@ -163,6 +168,10 @@ class UpstreamFetch:
         rate, when = self._rate
         return rate if time.monotonic() - when < UPSTREAM_RATE_KEPT else 0.0
 
+    def may_probe(self) -> bool:
+        """Whether a probe may start now: none runs, and none found the link full lately."""
+        return not self.probing and time.monotonic() >= self._probe_held_until
+
     def _note_rate(self, nbytes: int, seconds: float) -> None:
         if nbytes >= PROBE_BYTES and seconds > 0:  # a smaller read says little of the rate
             self._rate = (nbytes / seconds, time.monotonic())
@@ -174,7 +183,8 @@ class UpstreamFetch:
         busy machine weighed that much (below 3x a slow fetcher, nobody overtakes it). At
         most PROBE_MAX_SECONDS: three nodes probing a fast node's four blobs at once read
         2.8 MB/s each, 1.5 s for their 4 MiB, and slowed the fetcher all that time. A probe
-        that read less than PROBE_BYTES is not kept as what the upstream gives."""
+        that read less than PROBE_BYTES is not kept as what the upstream gives, and holds the next
+        probes for PROBE_HELD_FOR."""
         start = writer.offset
         end = min(transfer.blob.size, start + PROBE_MAX_BYTES)
         transfer.mark_source(start, TransferSource.UPSTREAM)
@@ -202,6 +212,8 @@ class UpstreamFetch:
             return
         nbytes, seconds = writer.offset - first[0], time.monotonic() - first[1]
         self._note_rate(nbytes, seconds)
+        if nbytes < PROBE_BYTES:
+            self._probe_held_until = time.monotonic() + PROBE_HELD_FOR
         log.info("%s: the upstream gave %.1f MB/s for %d bytes", transfer.label,
                  nbytes / max(seconds, 1e-3) / 1e6, writer.offset - start)
 

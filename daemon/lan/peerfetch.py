@@ -230,7 +230,7 @@ class PeerFetch:
         if peer is None:
             plan.drop(node)
         elif (plan.needs_probe(held.transfers, node, held.upstream_rates, self._upstream_rate())
-                and not plan.probed and not self.upstream.probing and not self._reads_upstream()
+                and not plan.probed and self.upstream.may_probe() and not self._reads_upstream()
                 and transfer.blob.size >= PROBED_BLOB):
             plan.probed = True
             # the others relaying from `node` see this one behind it: only one of them probes

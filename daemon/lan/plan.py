@@ -44,9 +44,6 @@ OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once c
 # bytes in 1-3 s, a new connection no better), then takes its share as the others end; 12
 # nodes at once overtook such fetchers 1.1-1.7 s in, and both read on (upstream 1.06-1.20x)
 LOCKED_OUT_FOR = 2.5
-# an upstream fetch this close to its end (at its rate) no longer counts in the intake: the
-# next overtake takes about this long to start reading
-ENDING_SOON = 1.5
 CATCH_UP = 1.0  # s: a fetcher behind by what it reads in this long counts as ahead (hand-over)
 # s: until a chunk's torrent brings its first bytes (the torrent file, handshakes); the rest
 # of one chunk, a few hundred KB, took 0.6-1.3 s over BitTorrent at 12 nodes on 2 cores
@@ -215,9 +212,7 @@ class Plan:
         The fetcher's rate has settled, and the upstream gave some other node (or this one),
         or gives the cluster now, OVERTAKE_FACTOR times what the fetcher delivers of this
         blob and what its node reads of all blobs (a node reading several blobs at a good
-        rate is not slow when one of them gets a small share; its upstream rate counts the
-        reads that end soon, which its intake leaves out: a blob starved of its share beside
-        them was overtaken as they ended, and both read 15 MB of it). While the cluster's upstream
+        rate is not slow when one of them gets a small share). While the cluster's upstream
         fetchers together take INTAKE_SHARE of that rate, the upstream link is full and a
         second reader would only halve the first: then only a slow fetcher (SLOW_SOURCE) is
         overtaken, and only when the share of the link a new reader would get is
@@ -534,27 +529,25 @@ def own_upstream_rate(measured: float, transfers: Iterable[Transfer]) -> float:
     """What the upstream gives this node: what it measured lately (UpstreamFetch.rate), or
     at least what it reads from the upstream now, all blobs and probes together (a node
     reading it well tells as much as a probe would; without, each node relaying from a
-    fetcher probed: 4 MiB more each). upstream_intake leaves out what ends soon."""
+    fetcher probed: 4 MiB more each)."""
     return max(measured, sum(t.intake.rate for t in transfers
                              if t.source == TransferSource.UPSTREAM))
 
 
 def upstream_intake(transfers: Iterable[Transfer]) -> float:
     """What this node reads from the upstream now, all blobs together, bytes/s. Probes are
-    left out (they are short), and so are fetches that end within ENDING_SOON at their rate:
-    they leave the link before a new overtake would be reading it, and counting them held
-    the next overtake of a slow fetcher until they ended, with the link idle between. A
-    fetcher younger than a rate window counts at what it has read so far: it fills the link
-    as much as an older one."""
-    return sum(rate for t in transfers
-               if t.source == TransferSource.UPSTREAM and not t.probing
-               and (rate := t.intake.rate) > 0
-               and t.blob.size - t.available > ENDING_SOON * rate)
+    left out (they are short). A fetcher younger than a rate window counts at what it has
+    read so far: it fills the link as much as an older one. Fetches about to end count
+    whole: left out, the link looked free while they filled it, and a fetcher starved beside
+    them was overtaken just before it would have had the link (benchmarks.md, issue 12,
+    session 16)."""
+    return sum(t.intake.rate for t in transfers
+               if t.source == TransferSource.UPSTREAM and not t.probing)
 
 
 def upstream_reads(transfers: Iterable[Transfer]) -> int:
     """How many blobs this node reads from the upstream now (probes left out): whether the
-    link is shared, whatever their rates (upstream_intake leaves out what ends soon)."""
+    link is shared, whatever their rates (a fetcher locked out of the link reads nothing)."""
     return sum(1 for t in transfers if t.source == TransferSource.UPSTREAM and not t.probing)
 
 

@@ -432,12 +432,12 @@ def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_shar
     assert not plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 30 * MB})
     # a slow node: all its blobs together are slow
     assert plan.overtakes(view, fetcher, {}, 50 * MB, {fetcher: 6 * MB, "x": 4 * MB})
-    # its other reads end soon, so its intake leaves them out; its upstream rate does not:
-    # once they end, this blob takes the link
+    # its node's upstream rate says the same (it reads the other blobs well): once they
+    # end, this blob takes the link
     assert not plan.overtakes(view, fetcher, {fetcher: 30 * MB}, 50 * MB, {fetcher: 2 * MB})
 
 
-async def test_an_upstream_fetch_about_to_end_leaves_the_intake() -> None:
+async def test_an_upstream_fetch_about_to_end_counts_in_the_intake() -> None:
     def fetching(size: int, available: int, nbytes_last_window: int) -> Transfer:
         blob = BlobId(f"{size:064x}", "sha256", size)
         transfer = Transfer(blob, "acme/model:w.bin")
@@ -449,7 +449,8 @@ async def test_an_upstream_fetch_about_to_end_leaves_the_intake() -> None:
     far = fetching(64 * MB, 4 * MB, 4 * MB)  # 60 MB to go at 16 MB/s (4 MB over 0.25 s)
     near = fetching(64 * MB, 60 * MB, 4 * MB)  # 4 MB to go: ends in a quarter of a second
     assert upstream_intake([far]) == 16 * MB
-    assert upstream_intake([far, near]) == 16 * MB
+    # it fills the link until it ends: left out, a fetcher locked out beside it was overtaken
+    assert upstream_intake([far, near]) == 32 * MB
     near.probing = True
     far.probing = True
     assert upstream_intake([far, near]) == 0  # probes do not count either

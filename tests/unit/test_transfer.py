@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
+from yarl import URL
 
 from modelpeer.daemon.errors import TransferFailed
 from modelpeer.daemon.fetch import Fetcher, NoPeers
@@ -84,6 +86,44 @@ class BrokenUpstream(Upstream):
 
     def read_range(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
         raise AssertionError("never reached")
+
+
+class PacedUpstream(Upstream):
+    """An upstream that gives `piece` bytes every `every` seconds."""
+
+    def __init__(self, piece: int, every: float) -> None:
+        super().__init__(["http://hub.invalid"])
+        self.piece, self.every = piece, every
+
+    async def hub(self, *args: Any, **kwargs: Any) -> Answer:
+        return Answer(200, CIMultiDict(), b"", URL("http://cdn.invalid/blob"))
+
+    async def read_range(self, url: URL, start: int, end: int, *,
+                         token: str | None = None) -> AsyncIterator[bytes]:
+        for pos in range(start, end, self.piece):
+            await asyncio.sleep(self.every)
+            yield bytes(min(self.piece, end - pos))
+
+
+@pytest.mark.parametrize(("piece", "held"), [(64 * 1024, True), (MiB, False)])
+async def test_a_probe_that_finds_the_link_full_holds_the_next_probes(
+        tmp_path: Path, piece: int, held: bool) -> None:
+    store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=16 * MiB)
+    blob = BlobId("e" * 64, "sha256", 64 * MiB)
+    fetch = UpstreamFetch(PacedUpstream(piece, 0.02))  # 3.2 MB/s: a small share of a full link
+    writer = store.open_writer(blob)
+    await writer.prepare()
+    try:
+        assert fetch.may_probe()
+        started = time.monotonic()
+        await fetch.probe(Transfer(blob, "t/f"), writer, Origin("/t/f/resolve/main/f", None,
+                                                                 "t/f"))
+        assert time.monotonic() - started < PROBE_MAX_SECONDS + 0.5
+        assert fetch.may_probe() is not held
+        assert (fetch.rate() == 0) is held  # a short read is not what the upstream gives
+    finally:
+        await writer.close()
+        store.db.close()
 
 
 async def test_an_unexpected_exception_fails_the_transfer_and_its_readers(
