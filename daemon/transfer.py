@@ -100,6 +100,7 @@ class Transfer:
         self.feeder = ""  # the node relaying the blob to this one now, if any
         self.probing = False  # reading a few MiB from the upstream to measure it
         self.leaf = False  # handed its upstream read to a faster fetcher: it feeds no peer
+        self.overtook = False  # reads from the upstream since it overtook a slow fetcher
         self.meter = RateMeter()  # how fast the prefix grows: what this node can relay
         self.intake = _intake_meter()  # bytes arriving from the current source: see received()
         self._sources: list[tuple[int, TransferSource]] = [(0, TransferSource.STORE)]

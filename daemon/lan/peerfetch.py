@@ -136,6 +136,7 @@ class PeerFetch:
                     if not await self._still_overtakes(plan, transfer, decision.node, held):
                         continue
                     plan.overtaken.add(decision.node)
+                    transfer.overtook = True
                     log.info("%s: node %s gets it from the upstream at %.1f MB/s, the upstream "
                              "gives more; fetching the rest from there", transfer.label,
                              decision.node,

@@ -44,6 +44,9 @@ OVERTAKE_SPREAD = 0.6  # seconds over which nodes deciding to overtake at once c
 # bytes in 1-3 s, a new connection no better), then takes its share as the others end; 12
 # nodes at once overtook such fetchers 1.1-1.7 s in, and both read on (upstream 1.06-1.20x)
 LOCKED_OUT_FOR = 2.5
+# s: an overtake this close to its end (at its rate) no longer counts in the intake; the
+# next overtake of a slow node's blob takes about this long to start reading
+ENDING_SOON = 1.5
 CATCH_UP = 1.0  # s: a fetcher behind by what it reads in this long counts as ahead (hand-over)
 # s: until a chunk's torrent brings its first bytes (the torrent file, handshakes); the rest
 # of one chunk, a few hundred KB, took 0.6-1.3 s over BitTorrent at 12 nodes on 2 cores
@@ -537,12 +540,19 @@ def own_upstream_rate(measured: float, transfers: Iterable[Transfer]) -> float:
 def upstream_intake(transfers: Iterable[Transfer]) -> float:
     """What this node reads from the upstream now, all blobs together, bytes/s. Probes are
     left out (they are short). A fetcher younger than a rate window counts at what it has
-    read so far: it fills the link as much as an older one. Fetches about to end count
-    whole: left out, the link looked free while they filled it, and a fetcher starved beside
-    them was overtaken just before it would have had the link (benchmarks.md, issue 12,
-    session 16)."""
-    return sum(t.intake.rate for t in transfers
-               if t.source == TransferSource.UPSTREAM and not t.probing)
+    read so far: it fills the link as much as an older one.
+
+    An overtake that ends within ENDING_SOON at its rate is left out: it leaves the link
+    about when the next overtake would start reading, and counting it held the overtakes of
+    a slow node's other blobs until it ended (they wait out LOCKED_OUT_FOR on a full link).
+    Other fetches about to end count: the fetchers beside them, starved or locked out of
+    the link, speed up once they end, and with them left out the link looked free while it
+    was full, and such fetchers were overtaken just before they would have had the link
+    (benchmarks.md, issue 12, session 16)."""
+    return sum(rate for t in transfers
+               if t.source == TransferSource.UPSTREAM and not t.probing
+               and (rate := t.intake.rate) > 0
+               and not (t.overtook and t.blob.size - t.available <= ENDING_SOON * rate))
 
 
 def upstream_reads(transfers: Iterable[Transfer]) -> int:

@@ -437,7 +437,7 @@ def test_a_fetcher_reading_several_blobs_well_is_not_overtaken_for_one_slow_shar
     assert not plan.overtakes(view, fetcher, {fetcher: 30 * MB}, 50 * MB, {fetcher: 2 * MB})
 
 
-async def test_an_upstream_fetch_about_to_end_counts_in_the_intake() -> None:
+async def test_an_overtake_about_to_end_leaves_the_intake_other_fetches_do_not() -> None:
     def fetching(size: int, available: int, nbytes_last_window: int) -> Transfer:
         blob = BlobId(f"{size:064x}", "sha256", size)
         transfer = Transfer(blob, "acme/model:w.bin")
@@ -451,6 +451,11 @@ async def test_an_upstream_fetch_about_to_end_counts_in_the_intake() -> None:
     assert upstream_intake([far]) == 16 * MB
     # it fills the link until it ends: left out, a fetcher locked out beside it was overtaken
     assert upstream_intake([far, near]) == 32 * MB
+    # an overtake leaves the link about when the next overtake of the slow node would start
+    near.overtook = True
+    assert upstream_intake([far, near]) == 16 * MB
+    far.overtook = True
+    assert upstream_intake([far, near]) == 16 * MB  # one far from its end counts
     near.probing = True
     far.probing = True
     assert upstream_intake([far, near]) == 0  # probes do not count either
