@@ -62,7 +62,8 @@ class PeerFetch:
 
     def _plan(self, transfer: Transfer) -> Plan:
         if (plan := self._plans.get(transfer)) is None:
-            plan = self._plans[transfer] = Plan(self.sharing.peers.node_id, transfer.blob.digest)
+            plan = self._plans[transfer] = Plan(self.sharing.peers.node_id, transfer.blob.digest,
+                                                size=transfer.blob.size)
         return plan
 
     async def fill(self, transfer: Transfer, writer: BlobWriter, origin: Origin) -> None:

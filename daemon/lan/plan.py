@@ -68,9 +68,11 @@ Decision = Relay | GoUpstream | None  # None: no other node transfers the blob
 
 class Plan:
     def __init__(self, node_id: str, digest: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, size: int | None = None
+                 ) -> None:
         self.node_id = node_id
         self.digest = digest
+        self.size = size  # the blob's; None: not known, no fetcher is taken to end soon
         self._clock = clock
         self._dropped: dict[str, float] = {}
         self.measured: dict[str, float] = {}  # what each source delivered to this node, B/s
@@ -234,6 +236,8 @@ class Plan:
         if (delivered is None or self.handed_over
                 or not self._first_behind(transfers, source)):
             return False  # one that handed over knows the upstream gives it less
+        if self._ends_soon(transfers[source], delivered):
+            return False
         if any(t.source == TransferSource.UPSTREAM for n, t in transfers.items() if n != source):
             return False  # someone overtook it already: the plan moves to that one
         intakes = intakes or {}
@@ -253,6 +257,12 @@ class Plan:
         readers = sum(1 for rate in intakes.values() if rate > 0)
         return (delivered < SLOW_SOURCE * known
                 and known / (readers + 1) >= OVERTAKE_FACTOR * delivered)
+
+    def _ends_soon(self, t: PeerTransfer, delivered: float) -> bool:
+        """Whether an upstream fetcher will have the blob within ENDING_SOON at its pace: an
+        overtake would read little before it ends, and that twice (a 2-node warm overtook a
+        blob 9 MB from its end as the other blobs ended; it had the link from then on)."""
+        return self.size is not None and self.size - t.available <= ENDING_SOON * delivered
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
                      offset: int, upstream_rates: Mapping[str, float],

@@ -411,6 +411,16 @@ def test_an_upstream_fetcher_stuck_at_one_byte_is_overtaken() -> None:
                           {fetcher: 0.0, "b": 45 * MB})
 
 
+def test_a_fetcher_about_to_end_is_not_overtaken() -> None:
+    fetcher, first = nodes_in_rank_order(n=2)
+    near_end = {fetcher: t(UP, 58 * MB, 11 * MB)}  # 9 MB to go at 11 MB/s
+    far = {fetcher: t(UP, 20 * MB, 11 * MB)}
+    # the link is free (the other blobs ended) and the upstream gives 50 MB/s
+    assert not Plan(first, "d" * 64, size=67 * MB).overtakes(near_end, fetcher, {}, 50 * MB)
+    assert Plan(first, "d" * 64, size=67 * MB).overtakes(far, fetcher, {}, 50 * MB)
+    assert Plan(first, "d" * 64).overtakes(near_end, fetcher, {}, 50 * MB)  # size unknown
+
+
 def test_a_share_of_the_upstream_is_not_slow_a_drip_of_it_is() -> None:
     me, feeder = nodes_in_rank_order(n=2)
     plan = Plan(me, "d" * 64)
