@@ -262,7 +262,7 @@ class Plan:
         """Whether an upstream fetcher will have the blob within ENDING_SOON at its pace: an
         overtake would read little before it ends, and that twice (a 2-node warm overtook a
         blob 9 MB from its end as the other blobs ended; it had the link from then on)."""
-        return self.size is not None and self.size - t.available <= ENDING_SOON * delivered
+        return self.size is not None and _ends_within(self.size, t.available, delivered)
 
     def hand_over_to(self, transfers: Mapping[str, PeerTransfer], own_rate: float,
                      offset: int, upstream_rates: Mapping[str, float],
@@ -472,6 +472,12 @@ def _overtook(t: PeerTransfer, own_since: float) -> bool:
     return t.since + RATE_SETTLES <= own_since
 
 
+def _ends_within(size: int, available: int, rate: float) -> bool:
+    """Whether a fetch of a blob of `size`, `available` bytes in, ends within ENDING_SOON at
+    `rate`."""
+    return size - available <= ENDING_SOON * rate
+
+
 def _others_read(intakes: Mapping[str, float], fetcher: str) -> bool:
     """Whether a node other than the fetcher's reads the upstream now."""
     return any(rate > 0 for n, rate in intakes.items() if n != fetcher)
@@ -562,7 +568,7 @@ def upstream_intake(transfers: Iterable[Transfer]) -> float:
     return sum(rate for t in transfers
                if t.source == TransferSource.UPSTREAM and not t.probing
                and (rate := t.intake.rate) > 0
-               and not (t.overtook and t.blob.size - t.available <= ENDING_SOON * rate))
+               and not (t.overtook and _ends_within(t.blob.size, t.available, rate)))
 
 
 def upstream_reads(transfers: Iterable[Transfer]) -> int:
