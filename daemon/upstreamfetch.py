@@ -183,8 +183,8 @@ class UpstreamFetch:
         busy machine weighed that much (below 3x a slow fetcher, nobody overtakes it). At
         most PROBE_MAX_SECONDS: three nodes probing a fast node's four blobs at once read
         2.8 MB/s each, 1.5 s for their 4 MiB, and slowed the fetcher all that time. A probe
-        that read less than PROBE_BYTES is not kept as what the upstream gives, and holds the next
-        probes for PROBE_HELD_FOR."""
+        that read less than PROBE_BYTES is not kept as what the upstream gives, and holds the
+        next probes for PROBE_HELD_FOR."""
         start = writer.offset
         end = min(transfer.blob.size, start + PROBE_MAX_BYTES)
         transfer.mark_source(start, TransferSource.UPSTREAM)

@@ -110,7 +110,8 @@ async def test_a_probe_that_finds_the_link_full_holds_the_next_probes(
         tmp_path: Path, piece: int, held: bool) -> None:
     store = Store(tmp_path, open_index(tmp_path / "index.sqlite3"), chunk_size=16 * MiB)
     blob = BlobId("e" * 64, "sha256", 64 * MiB)
-    fetch = UpstreamFetch(PacedUpstream(piece, 0.02))  # 3.2 MB/s: a small share of a full link
+    # 64 KiB every 20 ms: 3.2 MB/s, a small share of a full link; 1 MiB: 50 MB/s, the link
+    fetch = UpstreamFetch(PacedUpstream(piece, 0.02))
     writer = store.open_writer(blob)
     await writer.prepare()
     try:
